@@ -1,0 +1,168 @@
+// Backend: the seam between the model code (engine/model) and the hardware.
+// One method per model op; the model never knows which backend runs it.
+// CpuBackend (cpu_backend.h) is the oracle every other backend is tested against.
+//
+// Memory contract: every float* passed to an op points into the backend's own
+// memory space (host memory for the CPU backend, device memory for CUDA).
+// Activations come from Alloc(); weights from UploadWeight(). Ops are
+// synchronous from the caller's point of view (a CUDA backend may queue work on
+// its stream, but a later op or Download() observes the results).
+#ifndef KL_ENGINE_BACKEND_BACKEND_H_
+#define KL_ENGINE_BACKEND_BACKEND_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/common/dtype.h"
+
+namespace kl {
+
+enum class Op {
+  kLinear, kRmsNorm, kEmbedding, kShortConvSilu, kKdaGate, kL2NormScale, kSigmoid,
+  kKdaChunk, kKdaRecurrent, kGatedRmsNorm, kMlaAttention, kMoe, kSwiGlu,
+};
+
+// Host-side view of a parameter tensor to upload ([rows][cols] row-major; a
+// vector is rows = 1).
+struct HostTensor {
+  DType dtype = DType::kF32;
+  const void* data = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+};
+
+// A parameter in backend memory. Owned by the backend that made it; valid
+// until that backend is destroyed. Linear weights are PyTorch [out][in].
+struct Weight {
+  DType dtype = DType::kF32;
+  void* data = nullptr;
+  int64_t rows = 0;  // out_features
+  int64_t cols = 0;  // in_features
+  bool empty() const { return data == nullptr; }
+};
+
+// A scratch buffer of fp32 in backend memory (RAII).
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(float* data, int64_t elems, std::shared_ptr<void> owner)
+      : data_(data), elems_(elems), owner_(std::move(owner)) {}
+  float* data() const { return data_; }
+  int64_t elems() const { return elems_; }
+
+ private:
+  float* data_ = nullptr;
+  int64_t elems_ = 0;
+  std::shared_ptr<void> owner_;
+};
+
+// KDA layer parameters as the ops need them (see spec §3).
+struct KdaOpWeights {
+  const Weight* conv_q;   // [KdaDim][W]
+  const Weight* conv_k;
+  const Weight* conv_v;
+  const Weight* a_log;    // [1][H] fp32
+  const Weight* dt_bias;  // [1][H*K] fp32
+};
+
+// One sequence's slice of a batch for the stateful ops.
+struct SeqSlice {
+  int64_t row_begin = 0;  // first row of this sequence in the packed batch
+  int64_t rows = 0;       // new tokens of this sequence in the batch (may be 0)
+  int64_t pos = 0;        // tokens already in the sequence's state before this batch
+};
+
+// Per-sequence pointers into a KDA layer's state (backend memory).
+struct KdaStateRef {
+  float* recurrent = nullptr;  // [H][K][V] fp32
+  float* conv_q = nullptr;     // [W-1][KdaDim]
+  float* conv_k = nullptr;
+  float* conv_v = nullptr;
+};
+
+// Per-sequence latent cache of one MLA layer: rows [0, pos + rows) must fit;
+// the op writes the new rows at [pos, pos + rows). Row = [c (kv_lora_rank) ; k_pe].
+struct MlaCacheRef {
+  float* rows = nullptr;
+};
+
+struct MlaDims {
+  int64_t heads, kv_lora_rank, qk_nope, qk_rope, v_head;
+};
+
+// MoE routing parameters (spec §7).
+struct MoeParams {
+  int64_t num_experts = 0;
+  int64_t top_k = 0;
+  bool renormalize = true;
+  double routed_scaling_factor = 1.0;
+  bool biased_weights = false;  // HF-parity convention (weights from p + bias)
+};
+
+struct MoeOpWeights {
+  const Weight* router;                    // [E][D]
+  const Weight* correction_bias;           // [1][E] fp32
+  const std::vector<Weight>* w1;           // E × [I][D] gate
+  const std::vector<Weight>* w3;           // E × [I][D] up
+  const std::vector<Weight>* w2;           // E × [D][I] down
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string Name() const = 0;
+  virtual bool Supports(Op op) const = 0;
+
+  // --- memory
+  virtual absl::StatusOr<Weight> UploadWeight(const HostTensor& t) = 0;
+  virtual absl::StatusOr<Buffer> Alloc(int64_t elems) = 0;
+  virtual absl::Status Upload(const float* host, int64_t elems, float* dst) = 0;
+  virtual absl::Status Download(const float* src, int64_t elems, float* host) = 0;
+
+  // --- dense ops (rows = tokens in the packed batch)
+  // y[rows][w.rows] = x[rows][w.cols] · wᵀ
+  virtual absl::Status Linear(const float* x, int64_t rows, const Weight& w, float* y) = 0;
+  // y = w ⊙ x / sqrt(mean(x²) + eps) over the first `dim` values of each row;
+  // x and y rows are `stride` apart (x may alias y; other columns are untouched).
+  virtual absl::Status RmsNorm(const float* x, int64_t rows, int64_t dim, int64_t stride,
+                               const Weight& w, double eps, float* y) = 0;
+  virtual absl::Status Embedding(const int32_t* ids, int64_t n, const Weight& table, float* y) = 0;
+  // y += x (elementwise over n)
+  virtual absl::Status Add(const float* x, int64_t n, float* y) = 0;
+  // out[r][i] = silu(gate_up[r][i]) * gate_up[r][I + i] for a [rows][2I] input.
+  virtual absl::Status SwiGlu(const float* gate, const float* up, int64_t rows, int64_t inter,
+                              float* out) = 0;
+
+  // --- KDA (spec §3): in-place on the packed [rows][H*K] projections.
+  // Applies per-sequence causal conv + SiLU to q̃, k̃, ṽ with the carried tails,
+  // the gate (f → g), β = sigmoid(b), L2 norm (+ scale K^-1/2 on q), then the
+  // recurrence / chunk algorithm, writing o [rows][H*V].
+  virtual absl::Status KdaMix(float* q, float* k, float* v, float* f, float* b,
+                              const std::vector<SeqSlice>& seqs,
+                              const std::vector<KdaStateRef>& states, const KdaOpWeights& w,
+                              int64_t heads, int64_t head_dim, int64_t conv_width,
+                              int64_t chunk, float* o) = 0;
+  // Per head: o[h] = RMSNorm_dim(o[h]) ⊙ w ⊙ sigmoid(z[h]), rows × heads × dim.
+  virtual absl::Status GatedRmsNorm(const float* o, const float* z, int64_t rows, int64_t heads,
+                                    int64_t dim, const Weight& w, double eps, float* y) = 0;
+
+  // --- MLA (spec §6). q [rows][H][nope+rope], latent [rows][kv_lora+rope] (new
+  // rows, c already normalised). Writes the latents into each sequence's cache
+  // and attends causally; out [rows][H][v_head].
+  virtual absl::Status MlaAttention(const float* q, const float* latent,
+                                    const std::vector<SeqSlice>& seqs,
+                                    const std::vector<MlaCacheRef>& caches, const MlaDims& d,
+                                    const Weight& kv_b, float* out) = 0;
+
+  // --- MoE (spec §7): y[rows][D] = Σ_i w_i E_{idx_i}(x) (routed part only).
+  virtual absl::Status Moe(const float* x, int64_t rows, int64_t dim, const MoeParams& p,
+                           const MoeOpWeights& w, float* y) = 0;
+};
+
+}  // namespace kl
+
+#endif  // KL_ENGINE_BACKEND_BACKEND_H_

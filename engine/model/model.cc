@@ -1,0 +1,227 @@
+#include "engine/model/model.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/common/status_macros.h"
+
+namespace kl {
+
+absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
+                                                     const TensorSource& source, Backend* backend,
+                                                     const ModelOptions& options) {
+  RETURN_IF_ERROR(config.Validate());
+  if (options.kda_chunk < 1) return absl::InvalidArgumentError("kda_chunk must be >= 1");
+  std::unique_ptr<Model> m(new Model(config, options, backend));
+  ASSIGN_OR_RETURN(m->weights_, LoadWeights(config, source, backend));
+  return m;
+}
+
+absl::Status Model::Validate(absl::Span<ForwardItem> items) const {
+  const auto& c = config_;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const ForwardItem& it = items[i];
+    if (it.state == nullptr) return absl::InvalidArgumentError(absl::StrCat("item ", i, ": no state"));
+    const SequenceState& s = *it.state;
+    if (static_cast<int64_t>(s.kda.size()) != c.NumKdaLayers() ||
+        static_cast<int64_t>(s.mla.size()) != c.NumMlaLayers()) {
+      return absl::InvalidArgumentError(absl::StrCat("item ", i, ": state has ", s.kda.size(),
+                                                     " KDA and ", s.mla.size(),
+                                                     " MLA layers, model has ", c.NumKdaLayers(),
+                                                     " and ", c.NumMlaLayers()));
+    }
+    for (const auto& l : s.kda) {
+      if (static_cast<int64_t>(l.recurrent.size()) != c.KdaStateElems() ||
+          static_cast<int64_t>(l.conv_q.size()) != c.ConvTailElems() ||
+          static_cast<int64_t>(l.conv_k.size()) != c.ConvTailElems() ||
+          static_cast<int64_t>(l.conv_v.size()) != c.ConvTailElems()) {
+        return absl::InvalidArgumentError(absl::StrCat("item ", i, ": KDA state of wrong size"));
+      }
+    }
+    for (const auto& l : s.mla) {
+      if (static_cast<int64_t>(l.latent.size()) < s.num_tokens * c.MlaLatentDim()) {
+        return absl::InvalidArgumentError(absl::StrCat("item ", i, ": MLA cache shorter than ",
+                                                       s.num_tokens, " tokens"));
+      }
+    }
+    for (int32_t t : it.tokens) {
+      if (t < 0 || t >= c.vocab_size) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("token id ", t, " out of range [0, ", c.vocab_size, ")"));
+      }
+    }
+    if (s.num_tokens + static_cast<int64_t>(it.tokens.size()) > c.model_max_length) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence would exceed model_max_length ",
+                                                     c.model_max_length));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Model::Forward(absl::Span<ForwardItem> items, ForwardOutput* out) {
+  RETURN_IF_ERROR(Validate(items));
+  const auto& c = config_;
+  const int64_t D = c.hidden_size;
+  // Pack the batch: rows of item i are [seqs[i].row_begin, + rows).
+  std::vector<SeqSlice> seqs(items.size());
+  std::vector<int32_t> ids;
+  int64_t rows = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    seqs[i].row_begin = rows;
+    seqs[i].rows = static_cast<int64_t>(items[i].tokens.size());
+    seqs[i].pos = items[i].state->num_tokens;
+    rows += seqs[i].rows;
+    ids.insert(ids.end(), items[i].tokens.begin(), items[i].tokens.end());
+  }
+  out->logits.assign(items.size(), {});
+  if (rows == 0) return absl::OkStatus();
+
+  Backend* be = backend_;
+  ASSIGN_OR_RETURN(Buffer x, be->Alloc(rows * D));
+  ASSIGN_OR_RETURN(Buffer h, be->Alloc(rows * D));
+  ASSIGN_OR_RETURN(Buffer a, be->Alloc(rows * D));
+  RETURN_IF_ERROR(be->Embedding(ids.data(), rows, weights_.embed, x.data()));
+  int64_t kda_index = 0, mla_index = 0;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const LayerWeights& L = weights_.layers[l];
+    RETURN_IF_ERROR(be->RmsNorm(x.data(), rows, D, D, L.input_norm, c.rms_norm_eps, h.data()));
+    if (c.IsKda(l)) {
+      RETURN_IF_ERROR(KdaLayer(l, kda_index++, h.data(), rows, items, seqs, a.data()));
+    } else {
+      RETURN_IF_ERROR(MlaLayer(l, mla_index++, h.data(), rows, items, seqs, a.data()));
+    }
+    RETURN_IF_ERROR(be->Add(a.data(), rows * D, x.data()));
+    RETURN_IF_ERROR(be->RmsNorm(x.data(), rows, D, D, L.post_norm, c.rms_norm_eps, h.data()));
+    RETURN_IF_ERROR(Ffn(l, h.data(), rows, a.data()));
+    RETURN_IF_ERROR(be->Add(a.data(), rows * D, x.data()));
+  }
+  for (size_t i = 0; i < items.size(); ++i) items[i].state->num_tokens += seqs[i].rows;
+
+  // Final norm + lm_head on the rows that need logits.
+  std::vector<int64_t> want;  // packed row indices
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (seqs[i].rows == 0) continue;
+    if (items[i].all_logits) {
+      for (int64_t r = 0; r < seqs[i].rows; ++r) want.push_back(seqs[i].row_begin + r);
+    } else {
+      want.push_back(seqs[i].row_begin + seqs[i].rows - 1);
+    }
+  }
+  const int64_t nw = static_cast<int64_t>(want.size());
+  std::vector<float> host_rows(nw * D), row(D);
+  for (int64_t j = 0; j < nw; ++j) {
+    RETURN_IF_ERROR(be->Download(x.data() + want[j] * D, D, host_rows.data() + j * D));
+  }
+  ASSIGN_OR_RETURN(Buffer sel, be->Alloc(nw * D));
+  ASSIGN_OR_RETURN(Buffer logits, be->Alloc(nw * c.vocab_size));
+  RETURN_IF_ERROR(be->Upload(host_rows.data(), nw * D, sel.data()));
+  RETURN_IF_ERROR(be->RmsNorm(sel.data(), nw, D, D, weights_.final_norm, c.rms_norm_eps,
+                              sel.data()));
+  RETURN_IF_ERROR(be->Linear(sel.data(), nw, weights_.lm_head, logits.data()));
+  int64_t j = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (seqs[i].rows == 0) continue;
+    const int64_t n = items[i].all_logits ? seqs[i].rows : 1;
+    out->logits[i].resize(n * c.vocab_size);
+    RETURN_IF_ERROR(be->Download(logits.data() + j * c.vocab_size, n * c.vocab_size,
+                                 out->logits[i].data()));
+    j += n;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Model::KdaLayer(int64_t layer, int64_t kda_index, const float* h, int64_t rows,
+                             absl::Span<ForwardItem> items, const std::vector<SeqSlice>& seqs,
+                             float* out) {
+  const auto& c = config_;
+  const KdaLayerWeights& w = weights_.layers[layer].kda;
+  const int64_t KD = c.KdaDim(), K = c.kda_head_dim, H = c.kda_num_heads;
+  Backend* be = backend_;
+  ASSIGN_OR_RETURN(Buffer q, be->Alloc(rows * KD));
+  ASSIGN_OR_RETURN(Buffer k, be->Alloc(rows * KD));
+  ASSIGN_OR_RETURN(Buffer v, be->Alloc(rows * KD));
+  ASSIGN_OR_RETURN(Buffer f, be->Alloc(rows * KD));
+  ASSIGN_OR_RETURN(Buffer z, be->Alloc(rows * KD));
+  ASSIGN_OR_RETURN(Buffer low, be->Alloc(rows * K));
+  ASSIGN_OR_RETURN(Buffer b, be->Alloc(rows * H));
+  ASSIGN_OR_RETURN(Buffer o, be->Alloc(rows * KD));
+  RETURN_IF_ERROR(be->Linear(h, rows, w.q, q.data()));
+  RETURN_IF_ERROR(be->Linear(h, rows, w.k, k.data()));
+  RETURN_IF_ERROR(be->Linear(h, rows, w.v, v.data()));
+  RETURN_IF_ERROR(be->Linear(h, rows, w.f_a, low.data()));
+  RETURN_IF_ERROR(be->Linear(low.data(), rows, w.f_b, f.data()));
+  RETURN_IF_ERROR(be->Linear(h, rows, w.b, b.data()));
+  RETURN_IF_ERROR(be->Linear(h, rows, w.g_a, low.data()));
+  RETURN_IF_ERROR(be->Linear(low.data(), rows, w.g_b, z.data()));
+  std::vector<KdaStateRef> refs(items.size());
+  for (size_t i = 0; i < items.size(); ++i) {
+    KdaLayerState& st = items[i].state->kda[kda_index];
+    refs[i] = {st.recurrent.data(), st.conv_q.data(), st.conv_k.data(), st.conv_v.data()};
+  }
+  const KdaOpWeights ow{&w.conv_q, &w.conv_k, &w.conv_v, &w.a_log, &w.dt_bias};
+  RETURN_IF_ERROR(be->KdaMix(q.data(), k.data(), v.data(), f.data(), b.data(), seqs, refs, ow, H,
+                             K, c.short_conv_kernel_size, options_.kda_chunk, o.data()));
+  RETURN_IF_ERROR(be->GatedRmsNorm(o.data(), z.data(), rows, H, K, w.o_norm, c.rms_norm_eps,
+                                   o.data()));
+  return be->Linear(o.data(), rows, w.o, out);
+}
+
+absl::Status Model::MlaLayer(int64_t layer, int64_t mla_index, const float* h, int64_t rows,
+                             absl::Span<ForwardItem> items, const std::vector<SeqSlice>& seqs,
+                             float* out) {
+  const auto& c = config_;
+  const MlaLayerWeights& w = weights_.layers[layer].mla;
+  const int64_t H = c.num_attention_heads, lat = c.MlaLatentDim();
+  Backend* be = backend_;
+  ASSIGN_OR_RETURN(Buffer q, be->Alloc(rows * H * c.MlaQHeadDim()));
+  ASSIGN_OR_RETURN(Buffer kv, be->Alloc(rows * lat));
+  ASSIGN_OR_RETURN(Buffer attn, be->Alloc(rows * H * c.v_head_dim));
+  RETURN_IF_ERROR(be->Linear(h, rows, w.q, q.data()));
+  RETURN_IF_ERROR(be->Linear(h, rows, w.kv_a, kv.data()));
+  // c = RMSNorm(c_raw) in place on the first kv_lora_rank columns of each row.
+  RETURN_IF_ERROR(be->RmsNorm(kv.data(), rows, c.kv_lora_rank, lat, w.kv_a_norm,
+                              c.mla_kv_norm_eps, kv.data()));
+  std::vector<MlaCacheRef> caches(items.size());
+  for (size_t i = 0; i < items.size(); ++i) {
+    MlaLayerCache& mc = items[i].state->mla[mla_index];
+    mc.latent.resize((seqs[i].pos + seqs[i].rows) * lat);
+    caches[i].rows = mc.latent.data();
+  }
+  const MlaDims d{H, c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim};
+  RETURN_IF_ERROR(be->MlaAttention(q.data(), kv.data(), seqs, caches, d, w.kv_b, attn.data()));
+  return be->Linear(attn.data(), rows, w.o, out);
+}
+
+absl::Status Model::Ffn(int64_t layer, const float* h, int64_t rows, float* out) {
+  const auto& c = config_;
+  const FfnWeights& w = weights_.layers[layer].ffn;
+  const int64_t D = c.hidden_size;
+  Backend* be = backend_;
+  const bool has_dense = !w.gate.empty();
+  if (has_dense) {
+    const int64_t I = w.gate.rows;
+    ASSIGN_OR_RETURN(Buffer g, be->Alloc(rows * I));
+    ASSIGN_OR_RETURN(Buffer u, be->Alloc(rows * I));
+    RETURN_IF_ERROR(be->Linear(h, rows, w.gate, g.data()));
+    RETURN_IF_ERROR(be->Linear(h, rows, w.up, u.data()));
+    RETURN_IF_ERROR(be->SwiGlu(g.data(), u.data(), rows, I, g.data()));
+    RETURN_IF_ERROR(be->Linear(g.data(), rows, w.down, out));
+  }
+  if (!w.moe) {
+    if (!has_dense) return absl::InternalError(absl::StrCat("layer ", layer, " has no FFN"));
+    return absl::OkStatus();
+  }
+  MoeParams p;
+  p.num_experts = c.num_experts;
+  p.top_k = c.num_experts_per_token;
+  p.renormalize = c.moe_renormalize;
+  p.routed_scaling_factor = c.routed_scaling_factor;
+  p.biased_weights = options_.moe_convention == MoeWeightConvention::kBiased;
+  const MoeOpWeights mw{&w.router, &w.correction_bias, &w.w1, &w.w3, &w.w2};
+  if (!has_dense) return be->Moe(h, rows, D, p, mw, out);
+  ASSIGN_OR_RETURN(Buffer routed, be->Alloc(rows * D));
+  RETURN_IF_ERROR(be->Moe(h, rows, D, p, mw, routed.data()));
+  return be->Add(routed.data(), rows * D, out);
+}
+
+}  // namespace kl

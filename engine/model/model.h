@@ -1,0 +1,81 @@
+// Model: the Kimi-Linear forward pass (spec §3, §6, §7) over a packed batch of
+// sequences, written against the Backend seam. One call handles prefill,
+// decode and mixed batches: each item appends its new tokens to its own state.
+#ifndef KL_ENGINE_MODEL_MODEL_H_
+#define KL_ENGINE_MODEL_MODEL_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "engine/backend/backend.h"
+#include "engine/config/model_config.h"
+#include "engine/model/weights.h"
+#include "engine/state/sequence_state.h"
+
+namespace kl {
+
+struct ModelOptions {
+  MoeWeightConvention moe_convention = MoeWeightConvention::kUnbiased;  // spec §7: vLLM's
+  int64_t kda_chunk = 64;  // C of the chunkwise prefill
+};
+
+// One sequence of a batch.
+struct ForwardItem {
+  SequenceState* state = nullptr;      // advanced in place by the call
+  absl::Span<const int32_t> tokens;    // new tokens (may be empty: no-op for this item)
+  bool all_logits = false;             // logits for every new token, not just the last
+};
+
+struct ForwardOutput {
+  // Per item: [rows][vocab] with rows = tokens.size() if all_logits, else 1
+  // (0 when the item had no tokens).
+  std::vector<std::vector<float>> logits;
+};
+
+class Model {
+ public:
+  // Builds the model from tensors supplied by `source` (a checkpoint or random
+  // weights); `backend` must outlive the model.
+  static absl::StatusOr<std::unique_ptr<Model>> Create(const ModelConfig& config,
+                                                       const TensorSource& source,
+                                                       Backend* backend,
+                                                       const ModelOptions& options = {});
+
+  const ModelConfig& config() const { return config_; }
+  const ModelOptions& options() const { return options_; }
+  Backend* backend() const { return backend_; }
+
+  // Runs the batch. Inputs are validated before any state is touched (bad token
+  // id, state of the wrong shape → INVALID_ARGUMENT, nothing modified). A
+  // failure after that (a backend error) leaves the items' states undefined:
+  // the caller must drop those sequences.
+  absl::Status Forward(absl::Span<ForwardItem> items, ForwardOutput* out);
+
+  // A fresh, zero state for a new sequence.
+  SequenceState NewState() const { return SequenceState::Zero(config_); }
+
+ private:
+  Model(const ModelConfig& config, const ModelOptions& options, Backend* backend)
+      : config_(config), options_(options), backend_(backend) {}
+  absl::Status Validate(absl::Span<ForwardItem> items) const;
+  absl::Status KdaLayer(int64_t layer, int64_t kda_index, const float* h, int64_t rows,
+                        absl::Span<ForwardItem> items, const std::vector<SeqSlice>& seqs,
+                        float* out);
+  absl::Status MlaLayer(int64_t layer, int64_t mla_index, const float* h, int64_t rows,
+                        absl::Span<ForwardItem> items, const std::vector<SeqSlice>& seqs,
+                        float* out);
+  absl::Status Ffn(int64_t layer, const float* h, int64_t rows, float* out);
+
+  ModelConfig config_;
+  ModelOptions options_;
+  Backend* backend_;
+  ModelWeights weights_;
+};
+
+}  // namespace kl
+
+#endif  // KL_ENGINE_MODEL_MODEL_H_
