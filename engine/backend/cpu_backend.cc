@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -107,9 +108,28 @@ absl::Status CpuBackend::Download(const float* src, int64_t elems, float* host) 
 }
 
 absl::Status CpuBackend::Linear(const float* x, int64_t rows, const Weight& w, float* y) {
+  const auto t0 = linear_stats_on_ ? std::chrono::steady_clock::now()
+                                   : std::chrono::steady_clock::time_point();
   Sgemm(/*trans_b=*/true, rows, w.rows, w.cols, 1.0f, x, w.cols, static_cast<const float*>(w.data),
         w.cols, 0.0f, y, w.rows);
+  if (linear_stats_on_) {
+    const double s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::lock_guard<std::mutex> l(mu_);
+    linear_stats_.seconds += s;
+    linear_stats_.flops += 2.0 * rows * w.rows * w.cols;
+  }
   return absl::OkStatus();
+}
+
+CpuBackend::LinearStats CpuBackend::linear_stats() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return linear_stats_;
+}
+
+void CpuBackend::ResetLinearStats() {
+  std::lock_guard<std::mutex> l(mu_);
+  linear_stats_ = {};
 }
 
 absl::Status CpuBackend::RmsNorm(const float* x, int64_t rows, int64_t dim, int64_t stride,

@@ -57,6 +57,16 @@ class CpuBackend final : public Backend {
   // Bytes held by uploaded weights.
   int64_t weight_bytes() const;
 
+  // Time and FLOPs spent in Linear() (all dense GEMMs incl. experts), for the
+  // benchmark's "fraction of GEMM peak". Collected only when enabled.
+  struct LinearStats {
+    double seconds = 0;
+    double flops = 0;
+  };
+  void EnableLinearStats(bool on) { linear_stats_on_ = on; }
+  LinearStats linear_stats() const;
+  void ResetLinearStats();
+
  private:
   absl::Status MlaOneSeqAbsorbed(const float* q, const SeqSlice& s, const float* cache,
                                  const MlaDims& d, const Weight& kv_b, float* out);
@@ -67,6 +77,8 @@ class CpuBackend final : public Backend {
   mutable std::mutex mu_;
   std::deque<std::vector<float>> weights_;  // stable addresses
   int64_t weight_bytes_ = 0;
+  bool linear_stats_on_ = false;
+  LinearStats linear_stats_;  // guarded by mu_
 };
 
 // Top-k expert selection of spec §7 for one token: sigmoid scores, selection by
