@@ -37,7 +37,7 @@ int Fail(const absl::Status& s) {
   return 1;
 }
 
-int Generate() {
+int RunGenerate() {
   std::string dir = absl::GetFlag(FLAGS_model);
   if (dir.empty()) {
     std::string cache = absl::GetFlag(FLAGS_cache_dir);
@@ -99,7 +99,7 @@ int main(int argc, char** argv) {
       "Run `kl --help` for the flags.");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   const std::string cmd = args.size() > 1 ? args[1] : "";
-  if (cmd == "generate") return kl::Generate();
+  if (cmd == "generate") return kl::RunGenerate();
   std::fprintf(stderr, "%s\n", absl::ProgramUsageMessage());
   return cmd.empty() ? 2 : 2;
 }
