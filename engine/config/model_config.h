@@ -97,8 +97,21 @@ std::string ModelConfigToJson(const ModelConfig& c);
 ModelConfig Kimi48BConfig();
 // The embedded demo model: 4 layers (3 KDA + 1 MLA), hidden 256, small MoE.
 ModelConfig TinyConfig();
-// About 100M parameters, for CPU benchmarks.
+// About 100M parameters (109,999,708), for CPU benchmarks.
 ModelConfig Small100MConfig();
+
+// Number of parameters (tensor elements) of a checkpoint for `c`, counted as in
+// spec §1.1: embedding, lm_head (unless tied), decoder norms, every mixer tensor
+// (incl. A_log, dt_bias, conv, o_norm, kv_a_layernorm), dense MLPs, routers
+// (weight + e_score_correction_bias), shared and routed experts.
+// Kimi48BConfig() gives exactly 49,122,681,728. `c` must be valid.
+int64_t ParameterCount(const ModelConfig& c);
+
+// Stable 64-bit FNV-1a hash of a canonical text of the fields that determine the
+// shape of the per-sequence state (layer kinds, hidden size, KDA heads, head dim,
+// conv width, kv_lora_rank, qk_rope_head_dim). Two configs with equal fingerprints
+// can exchange state bundles; the value never changes across builds or platforms.
+uint64_t StateFingerprint(const ModelConfig& c);
 
 }  // namespace kl
 
