@@ -58,7 +58,8 @@ absl::Status Model::Validate(absl::Span<ForwardItem> items) const {
   return absl::OkStatus();
 }
 
-absl::Status Model::Forward(absl::Span<ForwardItem> items, ForwardOutput* out) {
+absl::Status Model::Forward(absl::Span<ForwardItem> items, ForwardOutput* out,
+                            const LayerDoneCallback& on_layer_done) {
   RETURN_IF_ERROR(Validate(items));
   const auto& c = config_;
   const int64_t D = c.hidden_size;
@@ -90,6 +91,7 @@ absl::Status Model::Forward(absl::Span<ForwardItem> items, ForwardOutput* out) {
     } else {
       RETURN_IF_ERROR(MlaLayer(l, mla_index++, h.data(), rows, items, seqs, a.data()));
     }
+    if (on_layer_done) on_layer_done(l);
     RETURN_IF_ERROR(be->Add(a.data(), rows * D, x.data()));
     RETURN_IF_ERROR(be->RmsNorm(x.data(), rows, D, D, L.post_norm, c.rms_norm_eps, h.data()));
     RETURN_IF_ERROR(Ffn(l, h.data(), rows, a.data()));

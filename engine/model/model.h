@@ -5,6 +5,7 @@
 #define KL_ENGINE_MODEL_MODEL_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -30,6 +31,12 @@ struct ForwardItem {
   bool all_logits = false;             // logits for every new token, not just the last
 };
 
+// Called during Forward right after layer `layer`'s mixer has updated every
+// item's state for that layer (KDA state + conv tails, or MLA latent rows), so
+// a prefill worker can ship that layer while the next ones compute. Runs on
+// the forward thread: hand heavy work to another thread.
+using LayerDoneCallback = std::function<void(int64_t layer)>;
+
 struct ForwardOutput {
   // Per item: [rows][vocab] with rows = tokens.size() if all_logits, else 1
   // (0 when the item had no tokens).
@@ -53,7 +60,8 @@ class Model {
   // id, state of the wrong shape → INVALID_ARGUMENT, nothing modified). A
   // failure after that (a backend error) leaves the items' states undefined:
   // the caller must drop those sequences.
-  absl::Status Forward(absl::Span<ForwardItem> items, ForwardOutput* out);
+  absl::Status Forward(absl::Span<ForwardItem> items, ForwardOutput* out,
+                       const LayerDoneCallback& on_layer_done = nullptr);
 
   // A fresh, zero state for a new sequence.
   SequenceState NewState() const { return SequenceState::Zero(config_); }

@@ -437,6 +437,23 @@ TEST(Model, BadInputIsRejectedBeforeStateChanges) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(Model, LayerDoneCallbackReportsEveryLayerInOrderWithItsStateFinal) {
+  const ModelConfig c = MicroConfig();
+  Engine eng(c);
+  const auto toks = Tokens(20, 12, 64);
+  SequenceState st = eng.model->NewState();
+  ForwardItem it{&st, toks, false};
+  ForwardOutput out;
+  std::vector<int64_t> seen;
+  std::vector<float> kda0_at_callback;
+  ASSERT_TRUE(eng.model->Forward(absl::MakeSpan(&it, 1), &out, [&](int64_t layer) {
+    seen.push_back(layer);
+    if (layer == 0) kda0_at_callback = st.kda[0].recurrent;
+  }).ok());
+  EXPECT_EQ(seen, (std::vector<int64_t>{0, 1, 2, 3}));
+  EXPECT_EQ(kda0_at_callback, st.kda[0].recurrent);  // layer 0's state was already final
+}
+
 TEST(Model, CausalityChangingATokenLeavesEarlierLogits) {
   const ModelConfig c = MicroConfig();
   Engine eng(c);

@@ -65,6 +65,11 @@ Sampler::Sampler(const SamplingParams& params) : params_(params) {
   rng_state_ = seed_;
 }
 
+Sampler::Sampler(const SamplingParams& params, int64_t next_index) : Sampler(params) {
+  // SplitMix64's state advances by a constant per draw: skip ahead in O(1).
+  rng_state_ = seed_ + static_cast<uint64_t>(next_index) * 0x9E3779B97F4A7C15ull;
+}
+
 double Sampler::NextUniform() { return (SplitMix64Next(&rng_state_) >> 11) * 0x1.0p-53; }
 
 int32_t Sampler::Sample(const float* logits, int64_t vocab) {

@@ -40,6 +40,10 @@ class Sampler {
  public:
   // `params` must have passed ValidateSamplingParams.
   explicit Sampler(const SamplingParams& params);
+  // Resumes a request's sampling at generated-token index `next_index`: the same
+  // seed and index give the same draw on any worker (every stochastic Sample
+  // consumes exactly one draw), so prefill, decode and migrations agree.
+  Sampler(const SamplingParams& params, int64_t next_index);
   uint64_t seed() const { return seed_; }
 
   // Picks the next token from raw logits [vocab]. Advances the RNG only when

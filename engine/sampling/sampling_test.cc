@@ -40,6 +40,20 @@ TEST(Sampler, SeededIsReproducibleAndSeedsDiffer) {
   EXPECT_NE(ta, tc);
 }
 
+TEST(Sampler, ResumingAtAnIndexContinuesTheSameStream) {
+  std::vector<float> logits(30);
+  for (int i = 0; i < 30; ++i) logits[i] = std::cos(i * 1.3f);
+  SamplingParams p;
+  p.seed = 99;
+  Sampler full(p);
+  std::vector<int> seq;
+  for (int i = 0; i < 50; ++i) seq.push_back(full.Sample(logits.data(), 30));
+  for (int start : {1, 17, 49}) {
+    Sampler resumed(p, start);
+    for (int i = start; i < 50; ++i) ASSERT_EQ(resumed.Sample(logits.data(), 30), seq[i]) << start;
+  }
+}
+
 TEST(Sampler, MatchesSoftmaxDistribution) {
   const float logits[] = {0.0f, 1.0f, 2.0f, -1.0f};
   SamplingParams p;

@@ -1,0 +1,38 @@
+#include "services/common/server_util.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "absl/strings/str_cat.h"
+
+namespace kl {
+
+void RunningServer::SetServing(bool serving) {
+  if (server && server->GetHealthCheckService()) server->GetHealthCheckService()->SetServingStatus(serving);
+}
+
+absl::StatusOr<RunningServer> StartServer(const ServerOptions& options,
+                                          const std::vector<grpc::Service*>& services) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder b;
+  RunningServer rs;
+  b.AddListeningPort(options.address, grpc::InsecureServerCredentials(), &rs.port);
+  b.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+  b.SetMaxSendMessageSize(options.max_send_message_bytes);
+  for (grpc::Service* s : services) b.RegisterService(s);
+  rs.server = b.BuildAndStart();
+  if (!rs.server || rs.port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.address));
+  }
+  return rs;
+}
+
+std::string RequestIdFromContext(const grpc::ServerContext& ctx) {
+  const auto& md = ctx.client_metadata();
+  auto it = md.find(kRequestIdKey);
+  if (it == md.end()) return "";
+  return std::string(it->second.data(), it->second.size());
+}
+
+}  // namespace kl
