@@ -76,6 +76,7 @@ int RunGenerate() {
     return true;
   });
   std::fputc('\n', stdout);
+  std::fflush(stdout);
   if (!res.ok()) return Fail(res.status());
   if (!quiet) {
     const double decode_s = res->total_seconds - res->ttft_seconds;
