@@ -12,7 +12,7 @@ PKGS=(
   libopenblas-pthread-dev               # CPU GEMM
   libpcre2-dev                          # tokenizer pre-split (lookahead)
   nlohmann-json3-dev                    # config.json / safetensors headers
-  python3 python3-grpcio python3-protobuf  # Python client test
+  python3 python3-pip python3-grpcio python3-protobuf  # Python client test, tiktoken parity
 )
 missing=()
 for p in "${PKGS[@]}"; do
@@ -24,6 +24,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# tiktoken (PyPI) is the oracle of the tokenizer parity test; the test skips,
+# saying why, when it cannot be installed.
+if ! /usr/bin/python3 -c "import tiktoken" 2>/dev/null; then
+  /usr/bin/python3 -m pip install -q --break-system-packages tiktoken >/dev/null 2>&1 ||
+    echo "install_deps: note: could not pip install tiktoken; the tokenizer parity test will skip" >&2
 fi
 if [ ! -x /usr/local/cuda/bin/nvcc ]; then
   echo "install_deps: note: no CUDA toolkit at /usr/local/cuda; CUDA targets will not build" >&2

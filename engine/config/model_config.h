@@ -77,7 +77,7 @@ struct ModelConfig {
   int64_t MlaLatentDim() const { return kv_lora_rank + qk_rope_head_dim; }     // 576
   // Bytes of one KDA layer's recurrent state (fp32 [H][K][V]).
   int64_t KdaStateElems() const { return kda_num_heads * kda_head_dim * kda_head_dim; }
-  // Elements of one conv tail (one of q/k/v): [KdaDim][W-1].
+  // Elements of one conv tail (one of q/k/v): [W-1][KdaDim] (time-major).
   int64_t ConvTailElems() const { return KdaDim() * (short_conv_kernel_size - 1); }
 
   // Checks every field and cross-field constraint; the error names the field.
