@@ -1,7 +1,14 @@
 // kl: the command-line front end.
-//   kl generate [--model DIR] --prompt TEXT [sampling flags]   stream a generation
+//   kl local    [--prefill_workers N --decode_workers M] [--serve] [--prompt TEXT]
+//               start router + workers on loopback, stream a generation through them
+//   kl generate --router HOST:PORT --prompt TEXT   stream through a running router
+//   kl generate --prompt TEXT                      in process, no cluster
+//   kl bench    --router HOST:PORT | --local  [load flags]   load generator, JSON report
 // Without --model, the embedded tiny model is used (made on first use).
+#include <atomic>
+#include <chrono>
 #include <cstdio>
+#include <thread>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -13,7 +20,13 @@
 #include "absl/strings/str_split.h"
 #include "engine/runtime/generator.h"
 #include "engine/runtime/local_engine.h"
+#include "tools/kl/bench.h"
+#include "tools/kl/client.h"
 #include "tools/kl/embedded_model.h"
+#include "tools/kl/local_cluster.h"
+
+#include <csignal>
+#include <fstream>
 
 ABSL_FLAG(std::string, model, "", "model folder (HF layout); empty = the embedded tiny model");
 ABSL_FLAG(std::string, cache_dir, "", "where the embedded model is made (default: ~/.cache/kimi-serve)");
@@ -28,24 +41,181 @@ ABSL_FLAG(std::vector<std::string>, stop, {}, "stop strings (comma separated)");
 ABSL_FLAG(bool, ignore_eos, false, "keep generating after the end-of-turn token");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads; 0 = all cores");
 ABSL_FLAG(bool, quiet, false, "print only the generated text");
+ABSL_FLAG(std::string, router, "", "router address host:port (generate, bench)");
+ABSL_FLAG(double, deadline_seconds, 300, "request deadline");
+ABSL_FLAG(int32_t, prefill_workers, 1, "local: prefill worker processes");
+ABSL_FLAG(int32_t, decode_workers, 1, "local: decode worker processes");
+ABSL_FLAG(int32_t, decode_slots, 16, "local: state slots per decode worker");
+ABSL_FLAG(bool, serve, false, "local: keep the cluster running until Ctrl-C");
+ABSL_FLAG(std::string, log_dir, "", "local: write each process's log to DIR/<name>.log");
+ABSL_FLAG(bool, local, false, "bench: start a local cluster and benchmark it");
+ABSL_FLAG(double, rate, 0, "bench: requests/s (Poisson); 0 = fixed concurrency");
+ABSL_FLAG(int32_t, concurrency, 4, "bench: concurrent clients (cap under Poisson)");
+ABSL_FLAG(int32_t, num_requests, 64, "bench: measured requests");
+ABSL_FLAG(int32_t, warmup, 4, "bench: warm-up requests");
+ABSL_FLAG(std::string, prompt_len, "16:256", "bench: prompt tokens min:max");
+ABSL_FLAG(std::string, output_len, "16:64", "bench: output tokens min:max");
+ABSL_FLAG(double, slo_ttft, 1.0, "bench: TTFT SLO, seconds");
+ABSL_FLAG(double, slo_tpot, 0.1, "bench: TPOT SLO, seconds");
+ABSL_FLAG(std::string, json_out, "", "bench: also write the JSON report here");
 
 namespace kl {
 namespace {
+
+const char* GrpcCodeName(grpc::StatusCode c) {
+  static const char* kNames[] = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT",
+                                 "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+                                 "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+                                 "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL",
+                                 "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"};
+  const int i = static_cast<int>(c);
+  return i >= 0 && i <= 16 ? kNames[i] : "?";
+}
 
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "kl: %s\n", s.ToString().c_str());
   return 1;
 }
 
-int RunGenerate() {
+absl::StatusOr<std::string> ModelDir() {
   std::string dir = absl::GetFlag(FLAGS_model);
-  if (dir.empty()) {
-    std::string cache = absl::GetFlag(FLAGS_cache_dir);
-    if (cache.empty()) cache = DefaultCacheDir();
-    auto made = EnsureEmbeddedModel(cache);
-    if (!made.ok()) return Fail(made.status());
-    dir = *made;
+  if (!dir.empty()) return dir;
+  std::string cache = absl::GetFlag(FLAGS_cache_dir);
+  if (cache.empty()) cache = DefaultCacheDir();
+  return EnsureEmbeddedModel(cache);
+}
+
+kl::v1::GenerateRequest RequestFromFlags() {
+  kl::v1::GenerateRequest req;
+  if (absl::GetFlag(FLAGS_chat)) {
+    auto* m = req.mutable_chat()->add_messages();
+    m->set_role("user");
+    m->set_content(absl::GetFlag(FLAGS_prompt));
+  } else {
+    req.set_text(absl::GetFlag(FLAGS_prompt));
   }
+  auto* s = req.mutable_sampling();
+  s->set_max_tokens(absl::GetFlag(FLAGS_max_tokens));
+  s->set_temperature(absl::GetFlag(FLAGS_temperature));
+  s->set_top_p(absl::GetFlag(FLAGS_top_p));
+  s->set_top_k(absl::GetFlag(FLAGS_top_k));
+  if (absl::GetFlag(FLAGS_seed) >= 0) s->set_seed(static_cast<uint64_t>(absl::GetFlag(FLAGS_seed)));
+  for (const auto& st : absl::GetFlag(FLAGS_stop)) s->add_stop(st);
+  s->set_ignore_eos(absl::GetFlag(FLAGS_ignore_eos));
+  return req;
+}
+
+// Streams one request through a router, printing text as it arrives.
+int StreamThroughRouter(const std::string& address) {
+  GenerationClient client(address);
+  const bool quiet = absl::GetFlag(FLAGS_quiet);
+  if (!quiet) std::fprintf(stdout, "%s", absl::GetFlag(FLAGS_prompt).c_str());
+  StreamResult r = client.Generate(RequestFromFlags(), absl::GetFlag(FLAGS_deadline_seconds),
+                                   [](const kl::v1::GenerateResponse& c) {
+                                     std::fwrite(c.text().data(), 1, c.text().size(), stdout);
+                                     std::fflush(stdout);
+                                   });
+  std::fputc('\n', stdout);
+  std::fflush(stdout);
+  if (!r.status.ok()) {
+    std::fprintf(stderr, "kl: %s: %s\n", GrpcCodeName(r.status.error_code()),
+                 r.status.error_message().c_str());
+    return 1;
+  }
+  if (!quiet) {
+    const auto& u = r.usage;
+    std::fprintf(stderr,
+                 "[%lld prompt tokens, %lld generated, finish=%s, seed=%llu, TTFT %.1f ms at the "
+                 "router (%.1f ms at the client), %.1f tokens/s, migrations %d]\n",
+                 static_cast<long long>(u.prompt_tokens()),
+                 static_cast<long long>(u.completion_tokens()),
+                 kl::v1::FinishReason_Name(r.finish).c_str(),
+                 static_cast<unsigned long long>(u.seed()), u.ttft_seconds() * 1e3,
+                 r.ttft_seconds * 1e3,
+                 r.tokens.size() > 1 ? (r.tokens.size() - 1) / (r.e2e_seconds - r.ttft_seconds) : 0.0,
+                 u.migrations());
+  }
+  return 0;
+}
+
+absl::StatusOr<std::unique_ptr<LocalCluster>> StartLocal() {
+  auto dir = ModelDir();
+  if (!dir.ok()) return dir.status();
+  LocalClusterOptions o;
+  o.model_dir = *dir;
+  o.prefill_workers = absl::GetFlag(FLAGS_prefill_workers);
+  o.decode_workers = absl::GetFlag(FLAGS_decode_workers);
+  o.decode_slots = absl::GetFlag(FLAGS_decode_slots);
+  o.log_dir = absl::GetFlag(FLAGS_log_dir);
+  auto c = std::make_unique<LocalCluster>(o);
+  if (auto s = c->Start(); !s.ok()) return s;
+  return c;
+}
+
+std::atomic<bool> g_stop{false};
+
+int RunLocal() {
+  auto cluster = StartLocal();
+  if (!cluster.ok()) return Fail(cluster.status());
+  std::fprintf(stderr, "[cluster up: router %s, %d prefill, %d decode worker(s)]\n",
+               (*cluster)->router_address().c_str(), absl::GetFlag(FLAGS_prefill_workers),
+               absl::GetFlag(FLAGS_decode_workers));
+  int rc = StreamThroughRouter((*cluster)->router_address());
+  if (absl::GetFlag(FLAGS_serve)) {
+    std::signal(SIGINT, [](int) { g_stop = true; });
+    std::signal(SIGTERM, [](int) { g_stop = true; });
+    std::fprintf(stderr, "[serving on %s; Ctrl-C stops]\n", (*cluster)->router_address().c_str());
+    while (!g_stop) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  (*cluster)->Stop();
+  return rc;
+}
+
+bool ParseRange(const std::string& s, int* lo, int* hi) {
+  std::vector<std::string> parts = absl::StrSplit(s, ':');
+  if (parts.size() != 2) return false;
+  *lo = std::stoi(parts[0]);
+  *hi = std::stoi(parts[1]);
+  return *lo >= 1 && *hi >= *lo;
+}
+
+int RunBenchCommand() {
+  std::unique_ptr<LocalCluster> cluster;
+  std::string address = absl::GetFlag(FLAGS_router);
+  if (absl::GetFlag(FLAGS_local)) {
+    auto c = StartLocal();
+    if (!c.ok()) return Fail(c.status());
+    cluster = std::move(*c);
+    address = cluster->router_address();
+  }
+  if (address.empty()) return Fail(absl::InvalidArgumentError("bench needs --router or --local"));
+  BenchOptions o;
+  o.address = address;
+  o.request_rate = absl::GetFlag(FLAGS_rate);
+  o.concurrency = absl::GetFlag(FLAGS_concurrency);
+  o.num_requests = absl::GetFlag(FLAGS_num_requests);
+  o.warmup_requests = absl::GetFlag(FLAGS_warmup);
+  o.seed = absl::GetFlag(FLAGS_seed) >= 0 ? absl::GetFlag(FLAGS_seed) : 0;
+  o.slo_ttft_seconds = absl::GetFlag(FLAGS_slo_ttft);
+  o.slo_tpot_seconds = absl::GetFlag(FLAGS_slo_tpot);
+  o.deadline_seconds = absl::GetFlag(FLAGS_deadline_seconds);
+  if (!ParseRange(absl::GetFlag(FLAGS_prompt_len), &o.prompt_tokens_min, &o.prompt_tokens_max) ||
+      !ParseRange(absl::GetFlag(FLAGS_output_len), &o.output_tokens_min, &o.output_tokens_max)) {
+    return Fail(absl::InvalidArgumentError("--prompt_len / --output_len must be MIN:MAX"));
+  }
+  auto report = RunBench(o);
+  if (cluster) cluster->Stop();
+  if (!report.ok()) return Fail(report.status());
+  std::printf("%s\n", report->c_str());
+  if (!absl::GetFlag(FLAGS_json_out).empty()) std::ofstream(absl::GetFlag(FLAGS_json_out)) << *report;
+  return 0;
+}
+
+int RunGenerate() {
+  if (!absl::GetFlag(FLAGS_router).empty()) return StreamThroughRouter(absl::GetFlag(FLAGS_router));
+  auto dir_or = ModelDir();
+  if (!dir_or.ok()) return Fail(dir_or.status());
+  const std::string dir = *dir_or;
   LocalEngineOptions opts;
   opts.model_dir = dir;
   opts.threads = absl::GetFlag(FLAGS_threads);
@@ -96,11 +266,16 @@ int RunGenerate() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "kl <command> [flags]\n  generate   stream a generation from a model folder (in process)\n"
+      "kl <command> [flags]\n"
+      "  local      start router + workers on loopback and stream a generation through them\n"
+      "  generate   stream a generation (through --router, or in process)\n"
+      "  bench      load generator against --router or a --local cluster (JSON report)\n"
       "Run `kl --help` for the flags.");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   const std::string cmd = args.size() > 1 ? args[1] : "";
   if (cmd == "generate") return kl::RunGenerate();
+  if (cmd == "local") return kl::RunLocal();
+  if (cmd == "bench") return kl::RunBenchCommand();
   std::fprintf(stderr, "%s\n", absl::ProgramUsageMessage());
   return cmd.empty() ? 2 : 2;
 }
