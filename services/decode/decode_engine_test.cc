@@ -1,0 +1,222 @@
+// DecodeEngine without gRPC: a sequence whose consumer does not read is paused
+// without stalling the others, resumes when it reads again, and is dropped
+// (slot freed) when its lease expires; tokens equal the single-process engine.
+#include "services/decode/decode_engine.h"
+
+#include <memory>
+#include <vector>
+
+#include "absl/synchronization/mutex.h"
+#include "engine/runtime/generator.h"
+#include "gtest/gtest.h"
+#include "services/decode/test_util.h"
+
+namespace kl {
+namespace {
+
+constexpr absl::Duration kTtl = absl::Seconds(30);
+
+// A TokenSink + lease consumer whose room is switched by the test.
+class FakeSink : public TokenSink, public StateConsumer {
+ public:
+  explicit FakeSink(DecodeEngine** engine) : engine_(engine) {}
+  bool HasRoom() override {
+    absl::MutexLock l(&mu_);
+    return room_;
+  }
+  bool Cancelled() override {
+    absl::MutexLock l(&mu_);
+    return cancelled_;
+  }
+  void Emit(int32_t token, int64_t index, bool finished) override {
+    absl::MutexLock l(&mu_);
+    if (index != next_index_) contiguous_ = false;
+    next_index_ = index + 1;
+    tokens_.push_back(token);
+    finished_ = finished;
+  }
+  void End(const absl::Status& status) override {
+    absl::MutexLock l(&mu_);
+    end_ = status;
+  }
+  void OnStateReady(SequenceState) override {}
+  void OnLeaseRevoked(const absl::Status&) override {
+    {
+      absl::MutexLock l(&mu_);
+      cancelled_ = true;
+    }
+    (*engine_)->Wake();
+  }
+  void SetRoom(bool room) {
+    {
+      absl::MutexLock l(&mu_);
+      room_ = room;
+    }
+    (*engine_)->Wake();
+  }
+  std::vector<int32_t> tokens() {
+    absl::MutexLock l(&mu_);
+    return tokens_;
+  }
+  std::optional<absl::Status> end() {
+    absl::MutexLock l(&mu_);
+    return end_;
+  }
+  bool finished() {
+    absl::MutexLock l(&mu_);
+    return finished_ && contiguous_;
+  }
+
+ private:
+  DecodeEngine** engine_;
+  absl::Mutex mu_;
+  bool room_ = true;
+  bool cancelled_ = false;
+  bool finished_ = false;
+  bool contiguous_ = true;
+  int64_t next_index_ = 1;
+  std::vector<int32_t> tokens_;
+  std::optional<absl::Status> end_;
+};
+
+class DecodeEngineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    model_ = OpenTinyEngine(kTinySeed);
+    ASSERT_NE(model_, nullptr);
+    LeaseManagerOptions lo;
+    lo.ttl = kTtl;
+    leases_ = std::make_unique<LeaseManager>(lo, [this] { return now_; });
+    DecodeEngineOptions eo;
+    eo.max_batch = 8;
+    eo.eos_token_id = static_cast<int32_t>(model_->config().eos_token_id);
+    engine_ = std::make_unique<DecodeEngine>(&model_->model(), leases_.get(), eo);
+    raw_engine_ = engine_.get();
+  }
+  void TearDown() override {
+    engine_.reset();
+    leases_.reset();
+  }
+
+  std::vector<int32_t> Prompt(int n, int salt) {
+    std::vector<int32_t> p;
+    for (int i = 0; i < n; ++i) p.push_back((i * 29 + salt * 13 + 3) % 4000);
+    return p;
+  }
+
+  // Prefills `prompt`, reserves a lease claimed by `sink`, joins the batch.
+  // Returns the first (prefill) token.
+  int32_t JoinSequence(const std::vector<int32_t>& prompt, int64_t max_new,
+                       const std::shared_ptr<FakeSink>& sink) {
+    SequenceState st = model_->model().NewState();
+    ForwardItem it{&st, prompt, false};
+    ForwardOutput out;
+    EXPECT_TRUE(model_->model().Forward(absl::MakeSpan(&it, 1), &out).ok());
+    const int32_t first = Argmax(out.logits[0].data(), model_->config().vocab_size);
+    auto grant = leases_->Reserve("r", 0);
+    EXPECT_TRUE(grant.ok());
+    EXPECT_TRUE(leases_->Claim(grant->lease_id, sink).ok());
+    DecodeSpec spec;
+    spec.lease_id = grant->lease_id;
+    spec.params.temperature = 0;
+    spec.params.ignore_eos = true;
+    spec.params.max_tokens = max_new;
+    spec.last_token = first;
+    spec.next_index = 1;
+    spec.max_new_tokens = max_new;
+    EXPECT_TRUE(engine_->Join(spec, std::move(st), sink).ok());
+    return first;
+  }
+
+  std::vector<int32_t> Reference(const std::vector<int32_t>& prompt, int n) {
+    SamplingParams p;
+    p.temperature = 0;
+    p.max_tokens = n;
+    p.ignore_eos = true;
+    auto r = Generate(model_->model(), model_->tokenizer(), prompt, p);
+    EXPECT_TRUE(r.ok());
+    return r.ok() ? r->tokens : std::vector<int32_t>();
+  }
+
+  std::unique_ptr<LocalEngine> model_;
+  absl::Time now_ = absl::FromUnixSeconds(1000);
+  std::unique_ptr<LeaseManager> leases_;
+  std::unique_ptr<DecodeEngine> engine_;
+  DecodeEngine* raw_engine_ = nullptr;
+};
+
+TEST_F(DecodeEngineTest, ASlowConsumerPausesOnlyItsOwnSequence) {
+  auto fast = std::make_shared<FakeSink>(&raw_engine_);
+  auto slow = std::make_shared<FakeSink>(&raw_engine_);
+  slow->SetRoom(false);
+  const auto p_fast = Prompt(17, 1), p_slow = Prompt(33, 2);
+  const int32_t f0 = JoinSequence(p_fast, 20, fast);
+  const int32_t s0 = JoinSequence(p_slow, 10, slow);
+
+  ASSERT_TRUE(WaitFor([&] { return fast->end().has_value(); }));
+  EXPECT_TRUE(fast->end()->ok());
+  EXPECT_TRUE(fast->finished());
+  std::vector<int32_t> got = {f0};
+  for (int32_t t : fast->tokens()) got.push_back(t);
+  EXPECT_EQ(got, Reference(p_fast, 21));
+  EXPECT_TRUE(slow->tokens().empty());  // paused the whole time
+  EXPECT_FALSE(slow->end().has_value());
+  EXPECT_EQ(leases_->Stats().slots_used, 1);  // the fast one's lease is gone
+
+  slow->SetRoom(true);
+  ASSERT_TRUE(WaitFor([&] { return slow->end().has_value(); }));
+  EXPECT_TRUE(slow->end()->ok());
+  got = {s0};
+  for (int32_t t : slow->tokens()) got.push_back(t);
+  EXPECT_EQ(got, Reference(p_slow, 11));
+  EXPECT_EQ(leases_->Stats().slots_used, 0);
+  EXPECT_EQ(engine_->Stats().completed, 2);
+}
+
+TEST_F(DecodeEngineTest, APausedSequenceIsDroppedWhenItsLeaseExpires) {
+  auto stuck = std::make_shared<FakeSink>(&raw_engine_);
+  stuck->SetRoom(false);
+  JoinSequence(Prompt(9, 3), 50, stuck);
+  ASSERT_TRUE(WaitFor([&] { return engine_->Stats().running == 1; }));
+  now_ += kTtl + absl::Seconds(1);  // no progress for a whole TTL
+  EXPECT_EQ(leases_->ExpireOverdue(), 1);
+  ASSERT_TRUE(WaitFor([&] { return stuck->end().has_value(); }));
+  EXPECT_FALSE(stuck->end()->ok());
+  EXPECT_TRUE(stuck->tokens().empty());
+  EXPECT_TRUE(WaitFor([&] { return engine_->Stats().running == 0; }));
+  EXPECT_EQ(leases_->Stats().slots_used, 0);
+}
+
+TEST_F(DecodeEngineTest, StopTokenEndsTheSequenceWithFinished) {
+  auto sink = std::make_shared<FakeSink>(&raw_engine_);
+  const auto prompt = Prompt(21, 4);
+  const auto ref = Reference(prompt, 8);
+  // Stop at the 4th generated token (index 3): the decode emits indices 1..3.
+  SequenceState st = model_->model().NewState();
+  ForwardItem it{&st, prompt, false};
+  ForwardOutput out;
+  ASSERT_TRUE(model_->model().Forward(absl::MakeSpan(&it, 1), &out).ok());
+  auto grant = leases_->Reserve("r", 0);
+  ASSERT_TRUE(grant.ok());
+  DecodeSpec spec;
+  spec.lease_id = grant->lease_id;
+  spec.params.temperature = 0;
+  spec.params.stop_token_ids = {ref[3]};
+  spec.params.ignore_eos = true;
+  spec.last_token = ref[0];
+  spec.max_new_tokens = 100;
+  ASSERT_TRUE(engine_->Join(spec, std::move(st), sink).ok());
+  ASSERT_TRUE(WaitFor([&] { return sink->end().has_value(); }));
+  EXPECT_TRUE(sink->finished());
+  // The tokens follow the reference up to the first occurrence of the stop id
+  // (ref[3], or earlier if it occurs before), which ends the stream.
+  const auto got = sink->tokens();
+  ASSERT_FALSE(got.empty());
+  ASSERT_LE(got.size(), 3u);
+  EXPECT_EQ(got, std::vector<int32_t>(ref.begin() + 1, ref.begin() + 1 + got.size()));
+  EXPECT_EQ(got.back(), ref[3]);
+  EXPECT_EQ(leases_->Stats().slots_used, 0);
+}
+
+}  // namespace
+}  // namespace kl

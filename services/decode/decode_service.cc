@@ -1,0 +1,134 @@
+#include "services/decode/decode_service.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "services/common/status_util.h"
+#include "services/decode/worker_codec.h"
+
+namespace kl {
+
+DecodeService::DecodeService(Model* model, uint64_t checkpoint_fingerprint,
+                             DecodeServiceOptions options)
+    : model_(model), checkpoint_fingerprint_(checkpoint_fingerprint), options_(options) {
+  LeaseManagerOptions lo;
+  lo.slots = options_.slots;
+  lo.ttl = options_.lease_ttl;
+  lo.latent_rows_capacity = options_.latent_rows_capacity;
+  leases_ = std::make_unique<LeaseManager>(lo, options_.clock);
+  DecodeEngineOptions eo;
+  eo.max_batch = options_.max_batch > 0 ? options_.max_batch : options_.slots;
+  eo.eos_token_id = static_cast<int32_t>(model_->config().eos_token_id);
+  engine_ = std::make_unique<DecodeEngine>(model_, leases_.get(), eo);
+  stream_deps_.leases = leases_.get();
+  stream_deps_.engine = engine_.get();
+  stream_deps_.vocab_size = model_->config().vocab_size;
+  stream_deps_.waiting = &decodes_waiting_;
+  stream_deps_.stream_buffer_tokens = std::max<int64_t>(1, options_.stream_buffer_tokens);
+  push_deps_.leases = leases_.get();
+  push_deps_.config = &model_->config();
+  push_deps_.checkpoint_fingerprint = checkpoint_fingerprint_;
+  push_deps_.integrity_failures = &integrity_failures_;
+  reaper_ = std::thread([this] { ReapLoop(); });
+}
+
+DecodeService::~DecodeService() {
+  {
+    absl::MutexLock l(&reap_mu_);
+    stop_reaper_ = true;
+  }
+  reaper_.join();
+  engine_.reset();  // ends running sequences, releasing their leases
+  leases_.reset();  // revokes what is left
+}
+
+void DecodeService::ReapLoop() {
+  absl::Duration every = options_.reap_interval;
+  if (every <= absl::ZeroDuration()) every = std::min(options_.lease_ttl / 4, absl::Seconds(1));
+  absl::MutexLock l(&reap_mu_);
+  while (!stop_reaper_) {
+    reap_mu_.AwaitWithTimeout(absl::Condition(&stop_reaper_), every);
+    if (stop_reaper_) break;
+    reap_mu_.Unlock();
+    leases_->ExpireOverdue();
+    reap_mu_.Lock();
+  }
+}
+
+void DecodeService::Drain() { leases_->SetDraining(true); }
+
+bool DecodeService::WaitIdle(absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (true) {
+    const LeaseStats s = leases_->Stats();
+    if (s.slots_used == 0 && engine_->Stats().running == 0) return true;
+    if (absl::Now() >= deadline) return false;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+}
+
+v1::WorkerStats DecodeService::Snapshot() const {
+  const LeaseStats ls = leases_->Stats();
+  const DecodeEngineStats es = engine_->Stats();
+  v1::WorkerStats s;
+  s.set_role("decode");
+  s.set_ready(!ls.draining);
+  s.set_draining(ls.draining);
+  s.set_slots_total(ls.slots_total);
+  s.set_slots_used(ls.slots_used);
+  s.set_leases_active(ls.leases_waiting);
+  s.set_running(es.running);
+  s.set_waiting(es.joining + decodes_waiting_.load());
+  s.set_transfers_in_flight(ls.pushes_in_flight);
+  s.set_latent_rows_used(ls.latent_rows_used);
+  s.set_latent_rows_capacity(ls.latent_rows_capacity);
+  s.set_requests_completed(es.completed);
+  s.set_integrity_failures(integrity_failures_.load());
+  s.set_state_fingerprint(FingerprintHex(StateFingerprint(model_->config())));
+  s.set_checkpoint_fingerprint(FingerprintHex(checkpoint_fingerprint_));
+  return s;
+}
+
+grpc::ServerUnaryReactor* DecodeService::Reserve(grpc::CallbackServerContext* ctx,
+                                                 const v1::ReserveRequest* request,
+                                                 v1::ReserveResponse* response) {
+  auto* reactor = ctx->DefaultReactor();
+  absl::StatusOr<LeaseGrant> grant =
+      leases_->Reserve(request->request_id(), request->max_total_tokens());
+  if (grant.ok()) {
+    response->set_lease_id(grant->lease_id);
+    response->set_ttl_seconds(absl::ToDoubleSeconds(grant->ttl));
+  }
+  reactor->Finish(ToGrpcStatus(grant.status()));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* DecodeService::Release(grpc::CallbackServerContext* ctx,
+                                                 const v1::ReleaseRequest* request,
+                                                 v1::ReleaseResponse* /*response*/) {
+  auto* reactor = ctx->DefaultReactor();
+  leases_->Release(request->lease_id());  // idempotent: unknown ids are fine
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerReadReactor<v1::StatePart>* DecodeService::PushState(grpc::CallbackServerContext* ctx,
+                                                                 v1::PushStateResponse* response) {
+  return StartPushCall(ctx, response, push_deps_);
+}
+
+grpc::ServerWriteReactor<v1::DecodeResponse>* DecodeService::Decode(
+    grpc::CallbackServerContext* ctx, const v1::DecodeRequest* request) {
+  return StartDecodeCall(ctx, *request, stream_deps_);
+}
+
+grpc::ServerUnaryReactor* DecodeService::Stats(grpc::CallbackServerContext* ctx,
+                                               const v1::WorkerStatsRequest* /*request*/,
+                                               v1::WorkerStats* response) {
+  auto* reactor = ctx->DefaultReactor();
+  *response = Snapshot();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace kl

@@ -1,0 +1,98 @@
+// kl-decode: a decode worker. Serves kl.v1.Decode (leases, state push, decode
+// streams with continuous batching, stats), grpc.health.v1 and reflection.
+//   kl-decode --model DIR --listen 0.0.0.0:50061 [--slots 16] [--lease_ttl_seconds 30]
+// SIGTERM/SIGINT drain: health NOT_SERVING, Reserve refused, running streams
+// finish (at most --drain_grace_seconds), then the server shuts down.
+#include <pthread.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/time/time.h"
+#include "engine/common/log.h"
+#include "engine/runtime/local_engine.h"
+#include "services/common/server_util.h"
+#include "services/decode/decode_service.h"
+
+ABSL_FLAG(std::string, model, "", "model folder (config.json, safetensors, tokenizer)");
+ABSL_FLAG(std::string, listen, "0.0.0.0:50061", "host:port to serve on");
+ABSL_FLAG(int64_t, slots, 16, "state slots (concurrent leases)");
+ABSL_FLAG(double, lease_ttl_seconds, 30, "lease TTL without progress");
+ABSL_FLAG(int64_t, max_batch, 0, "sequences per decode step (0 = slots)");
+ABSL_FLAG(int, threads, 0, "CPU compute threads (0 = all cores)");
+ABSL_FLAG(int64_t, latent_rows, 0, "latent rows (tokens) all leases may reserve (0 = unbounded)");
+ABSL_FLAG(double, drain_grace_seconds, 30, "how long running streams may finish on SIGTERM");
+
+namespace kl {
+namespace {
+
+int Main() {
+  // Block the stop signals in every thread; the main thread waits for them.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  if (absl::GetFlag(FLAGS_model).empty()) {
+    std::fprintf(stderr, "kl-decode: --model is required\n");
+    return 2;
+  }
+  DecodeServiceOptions opts;
+  opts.slots = absl::GetFlag(FLAGS_slots);
+  opts.lease_ttl = absl::Seconds(absl::GetFlag(FLAGS_lease_ttl_seconds));
+  opts.max_batch = absl::GetFlag(FLAGS_max_batch);
+  opts.latent_rows_capacity = absl::GetFlag(FLAGS_latent_rows);
+  if (opts.slots < 1 || opts.lease_ttl <= absl::ZeroDuration() || opts.max_batch < 0 ||
+      opts.latent_rows_capacity < 0) {
+    std::fprintf(stderr,
+                 "kl-decode: --slots must be >= 1, --lease_ttl_seconds > 0, --max_batch >= 0, "
+                 "--latent_rows >= 0\n");
+    return 2;
+  }
+  LocalEngineOptions eo;
+  eo.model_dir = absl::GetFlag(FLAGS_model);
+  eo.threads = absl::GetFlag(FLAGS_threads);
+  auto engine = LocalEngine::Open(eo);
+  if (!engine.ok()) {
+    std::fprintf(stderr, "kl-decode: %s\n", engine.status().ToString().c_str());
+    return 1;
+  }
+  auto service = std::make_unique<DecodeService>(&(*engine)->model(),
+                                                 (*engine)->checkpoint_fingerprint(), opts);
+  ServerOptions so;
+  so.address = absl::GetFlag(FLAGS_listen);
+  auto server = StartServer(so, {service.get()});
+  if (!server.ok()) {
+    std::fprintf(stderr, "kl-decode: %s\n", server.status().ToString().c_str());
+    return 1;
+  }
+  server->SetServing(true);
+  KL_LOG(INFO).Field("port", server->port).Field("slots", opts.slots) << "kl-decode serving";
+
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  KL_LOG(INFO).Field("signal", sig) << "draining";
+  server->SetServing(false);
+  service->Drain();
+  const absl::Duration grace = absl::Seconds(absl::GetFlag(FLAGS_drain_grace_seconds));
+  if (!service->WaitIdle(grace)) {
+    KL_LOG(WARNING) << "grace period over; cancelling streams";
+  }
+  server->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  service.reset();
+  KL_LOG(INFO) << "kl-decode stopped";
+  return 0;
+}
+
+}  // namespace
+}  // namespace kl
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  return kl::Main();
+}

@@ -1,0 +1,176 @@
+#include "services/decode/push_stream.h"
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "engine/common/log.h"
+#include "engine/state/bundle_assembler.h"
+#include "services/common/status_util.h"
+
+namespace kl {
+namespace {
+
+// Registered with the lease while the push is in flight. On revocation (lease
+// expired or released, push superseded) it aborts the assembly at once, which
+// frees the partial state even if the client never sends another frame; the
+// reactor learns the reason at its next reaction.
+class PushListener final : public LeaseListener {
+ public:
+  void OnLeaseRevoked(const absl::Status& why) override {
+    std::shared_ptr<BundleAssembler> assembler;
+    {
+      absl::MutexLock l(&mu_);
+      revoked_ = why;
+      assembler = std::move(assembler_);
+    }
+    if (assembler) assembler->Abort();
+  }
+  // False if already revoked.
+  bool Attach(std::shared_ptr<BundleAssembler> assembler) {
+    absl::MutexLock l(&mu_);
+    if (revoked_.has_value()) return false;
+    assembler_ = std::move(assembler);
+    return true;
+  }
+  std::optional<absl::Status> revoked() {
+    absl::MutexLock l(&mu_);
+    return revoked_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::optional<absl::Status> revoked_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<BundleAssembler> assembler_ ABSL_GUARDED_BY(mu_);
+};
+
+// Reactions run one at a time (one read outstanding), so members need no lock.
+class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
+ public:
+  PushReactor(grpc::CallbackServerContext* ctx, v1::PushStateResponse* response,
+              const PushStreamDeps& deps)
+      : ctx_(ctx), response_(response), deps_(deps) {
+    StartRead(&part_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      Complete();
+      return;
+    }
+    absl::Status s = Absorb();
+    if (!s.ok()) return;  // Absorb finished the call
+    StartRead(&part_);
+  }
+
+  void OnDone() override {
+    if (push_id_ != 0) deps_.leases->EndPush(lease_id_, push_id_);  // no-op once adopted
+    delete this;
+  }
+
+ private:
+  // Handles one message; on error finishes the call and returns the error.
+  absl::Status Absorb() {
+    if (push_id_ == 0) {
+      if (part_.lease_id().empty()) {
+        return Fail(absl::InvalidArgumentError("the first StatePart must carry lease_id"), false);
+      }
+      lease_id_ = part_.lease_id();
+      listener_ = std::make_shared<PushListener>();
+      absl::StatusOr<PushTicket> ticket = deps_.leases->BeginPush(lease_id_, listener_);
+      if (!ticket.ok()) return Fail(ticket.status(), false);
+      push_id_ = ticket->push_id;
+      AssemblerOptions ao;
+      ao.expected_checkpoint_fingerprint = deps_.checkpoint_fingerprint;
+      ao.max_tokens = ticket->max_total_tokens;  // 0: the model's context
+      assembler_ = std::make_shared<BundleAssembler>(*deps_.config, ao);
+      if (!listener_->Attach(assembler_)) return Fail(*listener_->revoked(), false);
+    } else if (!part_.lease_id().empty() && part_.lease_id() != lease_id_) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat("StatePart for lease ", part_.lease_id(),
+                                                          " on the stream of lease ", lease_id_)),
+                  false);
+    }
+    if (absl::Status s = deps_.leases->RenewPush(lease_id_, push_id_); !s.ok()) {
+      return Fail(s, false);
+    }
+    if (absl::Status s = assembler_->Add(part_.frame()); !s.ok()) {
+      if (auto why = listener_->revoked()) return Fail(*why, false);
+      return Fail(s, true);
+    }
+    ++frames_;
+    bytes_ += static_cast<int64_t>(part_.frame().size());
+    return absl::OkStatus();
+  }
+
+  // The client closed its side (or the call broke): finish the bundle.
+  void Complete() {
+    if (ctx_->IsCancelled()) {
+      Fail(absl::CancelledError("PushState cancelled by the client"), false);
+      return;
+    }
+    if (push_id_ == 0) {
+      Fail(absl::InvalidArgumentError("PushState stream carried no StatePart"), false);
+      return;
+    }
+    absl::StatusOr<SequenceState> state = assembler_->Finish();
+    if (!state.ok()) {
+      if (auto why = listener_->revoked()) {
+        Fail(*why, false);
+      } else if (state.status().code() == absl::StatusCode::kFailedPrecondition) {
+        // Incomplete: the sender closed the stream early.
+        Fail(absl::DataLossError(absl::StrCat("PushState ended before the bundle was complete: ",
+                                              state.status().message())),
+             true);
+      } else {
+        Fail(state.status(), true);
+      }
+      return;
+    }
+    if (absl::Status s = deps_.leases->AdoptState(lease_id_, push_id_, *std::move(state));
+        !s.ok()) {
+      Fail(s, false);
+      return;
+    }
+    push_id_ = 0;  // adopted: nothing for OnDone to end
+    response_->set_frames(frames_);
+    response_->set_bytes(bytes_);
+    Finish(grpc::Status::OK);
+  }
+
+  absl::Status Fail(const absl::Status& status, bool integrity) {
+    if (integrity) {
+      deps_.integrity_failures->fetch_add(1);
+      KL_LOG(WARNING).Field("lease", lease_id_).Field("frames", frames_)
+          << "state bundle refused: " << status.ToString();
+    }
+    if (assembler_) assembler_->Abort();  // free the partial state now
+    if (push_id_ != 0) deps_.leases->EndPush(lease_id_, push_id_);
+    push_id_ = 0;
+    Finish(ToGrpcStatus(status));
+    return status;
+  }
+
+  grpc::CallbackServerContext* const ctx_;
+  v1::PushStateResponse* const response_;
+  const PushStreamDeps deps_;
+  v1::StatePart part_;
+  std::string lease_id_;
+  uint64_t push_id_ = 0;  // nonzero while this push is registered with the lease
+  std::shared_ptr<PushListener> listener_;
+  std::shared_ptr<BundleAssembler> assembler_;
+  int64_t frames_ = 0;
+  int64_t bytes_ = 0;
+};
+
+}  // namespace
+
+grpc::ServerReadReactor<v1::StatePart>* StartPushCall(grpc::CallbackServerContext* ctx,
+                                                      v1::PushStateResponse* response,
+                                                      const PushStreamDeps& deps) {
+  return new PushReactor(ctx, response, deps);
+}
+
+}  // namespace kl

@@ -1,0 +1,98 @@
+// kl-prefill: a prefill worker. Serves kl.v1.Prefill (batched prefill whose
+// state is pushed layer by layer to a reserved decode slot), grpc.health.v1 and
+// reflection.
+//   kl-prefill --model DIR --listen 0.0.0.0:50051 [--max_batch_tokens 8192]
+// SIGTERM/SIGINT drain: health NOT_SERVING, new Prefill refused (UNAVAILABLE),
+// queued work finishes (at most --drain_grace_seconds), then shutdown.
+#include <pthread.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/time/time.h"
+#include "engine/common/log.h"
+#include "engine/runtime/local_engine.h"
+#include "services/common/server_util.h"
+#include "services/prefill/prefill_service.h"
+
+ABSL_FLAG(std::string, model, "", "model folder (config.json, safetensors, tokenizer)");
+ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "host:port to serve on");
+ABSL_FLAG(int64_t, max_batch_tokens, 8192, "tokens per prefill forward (longer prompts are chunked)");
+ABSL_FLAG(int64_t, max_queue, 64, "queued requests before RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, threads, 0, "CPU compute threads (0 = all cores)");
+ABSL_FLAG(std::string, bundle_dtype, "f32", "wire dtype of conv tails and MLA latents: f32|bf16");
+ABSL_FLAG(double, drain_grace_seconds, 30, "how long queued work may finish on SIGTERM");
+
+namespace kl {
+namespace {
+
+int Main() {
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  PrefillServiceOptions opts;
+  opts.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
+  opts.max_queue = absl::GetFlag(FLAGS_max_queue);
+  const std::string dtype = absl::GetFlag(FLAGS_bundle_dtype);
+  if (dtype == "f32") {
+    opts.bundle_dtype = DType::kF32;
+  } else if (dtype == "bf16") {
+    opts.bundle_dtype = DType::kBF16;
+  } else {
+    std::fprintf(stderr, "kl-prefill: --bundle_dtype must be f32 or bf16, got %s\n", dtype.c_str());
+    return 2;
+  }
+  if (absl::GetFlag(FLAGS_model).empty() || opts.max_batch_tokens < 1 || opts.max_queue < 1) {
+    std::fprintf(stderr,
+                 "kl-prefill: --model is required; --max_batch_tokens and --max_queue >= 1\n");
+    return 2;
+  }
+  LocalEngineOptions eo;
+  eo.model_dir = absl::GetFlag(FLAGS_model);
+  eo.threads = absl::GetFlag(FLAGS_threads);
+  auto engine = LocalEngine::Open(eo);
+  if (!engine.ok()) {
+    std::fprintf(stderr, "kl-prefill: %s\n", engine.status().ToString().c_str());
+    return 1;
+  }
+  auto service = std::make_unique<PrefillService>(&(*engine)->model(),
+                                                  (*engine)->checkpoint_fingerprint(), opts);
+  ServerOptions so;
+  so.address = absl::GetFlag(FLAGS_listen);
+  auto server = StartServer(so, {service.get()});
+  if (!server.ok()) {
+    std::fprintf(stderr, "kl-prefill: %s\n", server.status().ToString().c_str());
+    return 1;
+  }
+  server->SetServing(true);
+  KL_LOG(INFO).Field("port", server->port).Field("max_batch_tokens", opts.max_batch_tokens)
+      << "kl-prefill serving";
+
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  KL_LOG(INFO).Field("signal", sig) << "draining";
+  server->SetServing(false);
+  service->Drain();
+  if (!service->WaitIdle(absl::Seconds(absl::GetFlag(FLAGS_drain_grace_seconds)))) {
+    KL_LOG(WARNING) << "grace period over; cancelling prefills";
+  }
+  server->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  service.reset();
+  KL_LOG(INFO) << "kl-prefill stopped";
+  return 0;
+}
+
+}  // namespace
+}  // namespace kl
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  return kl::Main();
+}

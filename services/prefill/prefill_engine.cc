@@ -1,0 +1,293 @@
+#include "services/prefill/prefill_engine.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/common/log.h"
+
+namespace kl {
+
+PrefillJob::PrefillJob(Spec spec, Done done) : spec_(std::move(spec)), done_fn_(std::move(done)) {}
+
+void PrefillJob::Cancel(const absl::Status& why) { Complete(why); }
+
+bool PrefillJob::Complete(const absl::StatusOr<PrefillResult>& result) {
+  if (completed_.exchange(true)) return false;
+  Done done = std::move(done_fn_);
+  done(result);
+  std::shared_ptr<StatePusher> pusher;
+  {
+    absl::MutexLock l(&mu_);
+    pusher = std::move(pusher_);
+  }
+  if (pusher && !result.ok()) pusher->Cancel(result.status());
+  return true;
+}
+
+PrefillEngine::PrefillEngine(Model* model, PrefillEngineOptions options)
+    : model_(model), options_(std::move(options)) {
+  const ModelConfig& c = model_->config();
+  int64_t kda = 0, mla = 0;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) ordinal_.push_back(c.IsKda(l) ? kda++ : mla++);
+  thread_ = std::thread([this] { Loop(); });
+}
+
+PrefillEngine::~PrefillEngine() {
+  {
+    absl::MutexLock l(&mu_);
+    stop_ = true;
+  }
+  thread_.join();
+  std::vector<std::weak_ptr<StatePusher>> live;
+  {
+    absl::MutexLock l(&mu_);
+    live.swap(live_pushers_);
+  }
+  for (auto& w : live) {
+    if (auto p = w.lock()) p->Cancel(absl::UnavailableError("prefill worker stopping"));
+  }
+  senders_.WaitAllExited();
+}
+
+absl::Status PrefillEngine::Submit(std::shared_ptr<PrefillJob> job) {
+  absl::MutexLock l(&mu_);
+  if (stop_ || draining_) return absl::UnavailableError("prefill worker is draining");
+  if (static_cast<int64_t>(queue_.size()) >= options_.max_queue) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("prefill queue full (", options_.max_queue, " waiting)"));
+  }
+  queue_.push_back(std::move(job));
+  return absl::OkStatus();
+}
+
+void PrefillEngine::Drain() {
+  absl::MutexLock l(&mu_);
+  draining_ = true;
+}
+
+bool PrefillEngine::WaitIdle(absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (true) {
+    const PrefillEngineStats s = Stats();
+    if (s.waiting == 0 && s.running == 0 && s.transfers_in_flight == 0) return true;
+    if (absl::Now() >= deadline) return false;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+}
+
+PrefillEngineStats PrefillEngine::Stats() const {
+  PrefillEngineStats s;
+  {
+    absl::MutexLock l(&mu_);
+    s.waiting = static_cast<int64_t>(queue_.size());
+    s.draining = draining_;
+  }
+  s.running = running_.load();
+  s.transfers_in_flight = senders_.live();
+  s.completed = completed_.load();
+  s.forwards = forwards_.load();
+  return s;
+}
+
+std::vector<std::shared_ptr<PrefillJob>> PrefillEngine::NextBatch() {
+  std::vector<std::shared_ptr<PrefillJob>> batch;
+  int64_t total = 0;
+  while (!queue_.empty()) {
+    std::shared_ptr<PrefillJob>& job = queue_.front();
+    if (job->done()) {  // cancelled while waiting
+      queue_.pop_front();
+      continue;
+    }
+    const int64_t n = static_cast<int64_t>(job->spec().tokens.size());
+    if (batch.empty() && n > options_.max_batch_tokens) {  // runs alone, chunked
+      batch.push_back(std::move(job));
+      queue_.pop_front();
+      break;
+    }
+    if (n > options_.max_batch_tokens || total + n > options_.max_batch_tokens) break;
+    total += n;
+    batch.push_back(std::move(job));
+    queue_.pop_front();
+  }
+  return batch;
+}
+
+void PrefillEngine::Loop() {
+  for (;;) {
+    std::vector<std::shared_ptr<PrefillJob>> batch;
+    {
+      absl::MutexLock l(&mu_);
+      mu_.Await(absl::Condition(
+          +[](PrefillEngine* e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(e->mu_) {
+            return e->stop_ || !e->queue_.empty();
+          },
+          this));
+      if (stop_) {
+        for (auto& job : queue_) job->Complete(absl::UnavailableError("prefill worker stopping"));
+        queue_.clear();
+        return;
+      }
+      batch = NextBatch();
+    }
+    if (batch.empty()) continue;
+    running_ = static_cast<int64_t>(batch.size());
+    if (static_cast<int64_t>(batch[0]->spec().tokens.size()) > options_.max_batch_tokens) {
+      RunChunked(batch[0]);
+    } else {
+      RunBatch(batch);
+    }
+    running_ = 0;
+  }
+}
+
+std::shared_ptr<StatePusher> PrefillEngine::StartJob(const std::shared_ptr<PrefillJob>& job) {
+  if (job->done()) return nullptr;
+  const PrefillJob::Spec& spec = job->spec();
+  job->started_ = absl::Now();
+  job->result_.queue_seconds = absl::ToDoubleSeconds(job->started_ - job->enqueued_);
+  job->result_.num_tokens = static_cast<int64_t>(spec.tokens.size());
+  job->state_ = std::make_shared<SequenceState>(model_->NewState());
+  BundleMeta meta;
+  meta.request_id = spec.request_id.substr(0, kMaxRequestIdBytes);
+  // The header goes out before the token is sampled, so it carries none; the
+  // Decode request carries it (last_token).
+  meta.first_token = -1;
+  meta.checkpoint_fingerprint = options_.checkpoint_fingerprint;
+  absl::StatusOr<std::unique_ptr<BundleWriter>> writer =
+      BundleWriter::Create(model_->config(), job->result_.num_tokens, meta, options_.bundle);
+  if (!writer.ok()) {
+    FailJob(*job, absl::InternalError(absl::StrCat("bundle writer: ", writer.status().message())));
+    return nullptr;
+  }
+  PushTarget target;
+  target.channel = channels_.Get(spec.target_address);
+  target.address = spec.target_address;
+  target.lease_id = spec.lease_id;
+  target.request_id = spec.request_id;
+  target.deadline = spec.deadline;
+  // `done` holds the job until the push ends (the pusher drops it after the call).
+  auto done = [this, job](absl::StatusOr<PushResult> push) {
+    if (!push.ok()) {
+      job->Complete(push.status());
+      return;
+    }
+    // result_ was written before pusher->Finish(), which this follows.
+    PrefillResult result = job->result_;
+    result.transfer_seconds = push->transfer_seconds;
+    result.transfer_bytes = push->bytes;
+    if (job->Complete(result)) completed_.fetch_add(1);
+  };
+  std::shared_ptr<StatePusher> pusher =
+      StatePusher::Start(model_->config(), *std::move(writer), job->state_, std::move(target),
+                         std::move(done), &senders_);
+  {
+    absl::MutexLock l(&mu_);
+    live_pushers_.erase(std::remove_if(live_pushers_.begin(), live_pushers_.end(),
+                                       [](const auto& w) { return w.expired(); }),
+                        live_pushers_.end());
+    live_pushers_.push_back(pusher);
+  }
+  bool cancelled;
+  {
+    absl::MutexLock l(&job->mu_);
+    job->pusher_ = pusher;
+    cancelled = job->done();
+  }
+  if (cancelled) {  // Cancel ran before pusher_ was set: it could not reach the push
+    pusher->Cancel(absl::CancelledError("prefill cancelled"));
+    return nullptr;
+  }
+  return pusher;
+}
+
+void PrefillEngine::RunBatch(const std::vector<std::shared_ptr<PrefillJob>>& batch) {
+  std::vector<std::shared_ptr<PrefillJob>> jobs;
+  std::vector<std::shared_ptr<StatePusher>> pushers;
+  for (const auto& job : batch) {
+    if (auto p = StartJob(job)) {
+      jobs.push_back(job);
+      pushers.push_back(std::move(p));
+    }
+  }
+  if (jobs.empty()) return;
+  std::vector<ForwardItem> items;
+  for (const auto& job : jobs) items.push_back({job->state_.get(), job->spec().tokens, false});
+  const ModelConfig& c = model_->config();
+  // Runs on this thread between layers: queue references only.
+  auto on_layer = [&](int64_t layer) {
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      if (pushers[i]->failed()) continue;
+      if (c.IsKda(layer)) {
+        pushers[i]->ShipKdaLayer(layer, ordinal_[layer]);
+      } else {
+        const int64_t n = static_cast<int64_t>(jobs[i]->spec().tokens.size());
+        pushers[i]->ShipMlaRows(layer, ordinal_[layer], 0, n, /*copy_now=*/false);
+      }
+    }
+  };
+  ForwardOutput out;
+  const absl::Status s = model_->Forward(absl::MakeSpan(items), &out, on_layer);
+  forwards_.fetch_add(1);
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    if (!s.ok()) {
+      FailJob(*jobs[i], absl::InternalError(absl::StrCat("prefill forward: ", s.message())));
+    } else {
+      FinishJob(*jobs[i], out.logits[i]);
+    }
+  }
+}
+
+void PrefillEngine::RunChunked(const std::shared_ptr<PrefillJob>& job) {
+  std::shared_ptr<StatePusher> pusher = StartJob(job);
+  if (!pusher) return;
+  const ModelConfig& c = model_->config();
+  const std::vector<int32_t>& tokens = job->spec().tokens;
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  const int64_t chunk = options_.max_batch_tokens;
+  ForwardOutput out;
+  for (int64_t begin = 0; begin < n; begin += chunk) {
+    // A cancelled job, or one whose push already failed, stops here.
+    if (job->done() || pusher->failed()) return;
+    const int64_t end = std::min(n, begin + chunk);
+    const bool last = end == n;
+    ForwardItem item{job->state_.get(), absl::MakeConstSpan(tokens.data() + begin, end - begin),
+                     false};
+    auto on_layer = [&](int64_t layer) {
+      if (pusher->failed()) return;
+      if (c.IsKda(layer)) {
+        if (last) pusher->ShipKdaLayer(layer, ordinal_[layer]);  // final state only
+      } else {
+        // Rows of this chunk; copied unless no later chunk can move them.
+        pusher->ShipMlaRows(layer, ordinal_[layer], begin, end, /*copy_now=*/!last);
+      }
+    };
+    const absl::Status s = model_->Forward(absl::MakeSpan(&item, 1), &out, on_layer);
+    forwards_.fetch_add(1);
+    if (!s.ok()) {
+      FailJob(*job, absl::InternalError(absl::StrCat("prefill forward: ", s.message())));
+      return;
+    }
+  }
+  FinishJob(*job, out.logits[0]);
+}
+
+void PrefillEngine::FailJob(PrefillJob& job, const absl::Status& status) {
+  KL_LOG(WARNING).Field("request", job.spec().request_id) << "prefill failed: " << status.ToString();
+  job.Complete(status);
+}
+
+void PrefillEngine::FinishJob(PrefillJob& job, const std::vector<float>& last_logits) {
+  std::shared_ptr<StatePusher> pusher;
+  {
+    absl::MutexLock l(&job.mu_);
+    pusher = job.pusher_;
+  }
+  if (job.done() || pusher == nullptr) return;
+  Sampler sampler(job.spec().params, job.spec().sample_index);
+  job.result_.token = sampler.Sample(last_logits.data(), model_->config().vocab_size);
+  job.result_.prefill_seconds = absl::ToDoubleSeconds(absl::Now() - job.started_);
+  pusher->Finish();
+}
+
+}  // namespace kl

@@ -1,0 +1,223 @@
+#include "services/prefill/state_pusher.h"
+
+#include <thread>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "proto/worker.grpc.pb.h"
+#include "services/common/server_util.h"
+#include "services/common/status_util.h"
+
+namespace kl {
+
+void SenderTracker::Enter() {
+  absl::MutexLock l(&mu_);
+  ++live_;
+}
+
+void SenderTracker::Exit() {
+  absl::MutexLock l(&mu_);
+  --live_;
+}
+
+int64_t SenderTracker::live() const {
+  absl::MutexLock l(&mu_);
+  return live_;
+}
+
+void SenderTracker::WaitAllExited() {
+  absl::MutexLock l(&mu_);
+  mu_.Await(absl::Condition(
+      +[](int64_t* live) { return *live == 0; }, &live_));
+}
+
+absl::Status PushErrorToPrefillStatus(const absl::Status& push, const std::string& address) {
+  const std::string msg = absl::StrCat("state push to ", address, ": ", push.message());
+  switch (push.code()) {
+    case absl::StatusCode::kNotFound:
+    case absl::StatusCode::kFailedPrecondition:
+    case absl::StatusCode::kDataLoss:
+    case absl::StatusCode::kUnavailable:
+    case absl::StatusCode::kAlreadyExists:
+    case absl::StatusCode::kAborted:
+    case absl::StatusCode::kDeadlineExceeded:
+    case absl::StatusCode::kCancelled:
+    case absl::StatusCode::kResourceExhausted:
+      return absl::Status(push.code(), msg);
+    default:
+      return absl::InternalError(msg);
+  }
+}
+
+StatePusher::StatePusher(const ModelConfig& config, std::unique_ptr<BundleWriter> writer,
+                         std::shared_ptr<const SequenceState> state, PushTarget target, Done done)
+    : config_(config),
+      writer_(std::move(writer)),
+      state_(std::move(state)),
+      target_(std::move(target)),
+      done_(std::move(done)) {}
+
+std::shared_ptr<StatePusher> StatePusher::Start(const ModelConfig& config,
+                                                std::unique_ptr<BundleWriter> writer,
+                                                std::shared_ptr<const SequenceState> state,
+                                                PushTarget target, Done done,
+                                                SenderTracker* tracker) {
+  auto p = std::make_shared<StatePusher>(config, std::move(writer), std::move(state),
+                                         std::move(target), std::move(done));
+  tracker->Enter();
+  std::thread([self = p, tracker]() mutable {
+    self->Run();
+    self.reset();
+    tracker->Exit();  // last: the tracker's owner may be waiting to go away
+  }).detach();
+  return p;
+}
+
+void StatePusher::Enqueue(Item item) {
+  absl::MutexLock l(&mu_);
+  if (finish_ || cancel_.has_value()) return;
+  items_.push_back(std::move(item));
+}
+
+void StatePusher::ShipKdaLayer(int64_t layer, int64_t ordinal) {
+  Item it;
+  it.kda = true;
+  it.layer = layer;
+  it.ordinal = ordinal;
+  Enqueue(std::move(it));
+}
+
+void StatePusher::ShipMlaRows(int64_t layer, int64_t ordinal, int64_t begin, int64_t end,
+                              bool copy_now) {
+  if (end <= begin || failed()) return;
+  Item it;
+  it.layer = layer;
+  it.ordinal = ordinal;
+  it.begin = begin;
+  it.end = end;
+  if (copy_now) {
+    const int64_t dim = config_.MlaLatentDim();
+    const float* rows = state_->mla[ordinal].latent.data() + begin * dim;
+    it.copy.assign(rows, rows + (end - begin) * dim);
+  }
+  Enqueue(std::move(it));
+}
+
+void StatePusher::Finish() {
+  absl::MutexLock l(&mu_);
+  finish_ = true;
+}
+
+void StatePusher::Cancel(const absl::Status& why) {
+  {
+    absl::MutexLock l(&mu_);
+    if (!cancel_.has_value()) cancel_ = why;
+    items_.clear();
+  }
+  failed_ = true;
+  ctx_.TryCancel();  // unblocks a Write waiting on flow control
+}
+
+absl::StatusOr<std::vector<BundleFrame>> StatePusher::Serialize(const Item& item) {
+  if (item.kda) return writer_->AddKdaLayer(item.layer, state_->kda[item.ordinal]);
+  const int64_t dim = config_.MlaLatentDim();
+  const float* rows = item.copy.empty()
+                          ? state_->mla[item.ordinal].latent.data() + item.begin * dim
+                          : item.copy.data();
+  return writer_->AddMlaRows(item.layer, item.begin,
+                             absl::MakeConstSpan(rows, (item.end - item.begin) * dim));
+}
+
+void StatePusher::Run() {
+  auto stub = v1::Decode::NewStub(target_.channel);
+  ctx_.set_deadline(target_.deadline);
+  if (!target_.request_id.empty()) ctx_.AddMetadata(kRequestIdKey, target_.request_id);
+  v1::PushStateResponse response;
+  std::unique_ptr<grpc::ClientWriter<v1::StatePart>> stream = stub->PushState(&ctx_, &response);
+
+  PushResult result;
+  absl::Time first_sent;
+  auto send = [&](BundleFrame frame) {
+    v1::StatePart part;
+    if (result.frames == 0) {
+      part.set_lease_id(target_.lease_id);
+      part.set_request_id(target_.request_id);
+      first_sent = absl::Now();
+    }
+    ++result.frames;
+    result.bytes += static_cast<int64_t>(frame.bytes.size());
+    part.set_frame(std::move(frame.bytes));
+    if (stream->Write(part)) return true;
+    failed_ = true;  // the decode worker ended the stream: its status says why
+    return false;
+  };
+
+  absl::Status local;     // an error of ours (serialisation)
+  bool closed = false;    // the final record went out and the stream was half-closed
+  bool ok = send(writer_->HeaderFrame());
+  while (ok) {
+    Item item;
+    bool finishing = false;
+    {
+      absl::MutexLock l(&mu_);
+      mu_.Await(absl::Condition(
+          +[](StatePusher* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) {
+            return !p->items_.empty() || p->finish_ || p->cancel_.has_value();
+          },
+          this));
+      if (cancel_.has_value()) break;
+      if (!items_.empty()) {
+        item = std::move(items_.front());
+        items_.pop_front();
+      } else {
+        finishing = true;
+      }
+    }
+    if (finishing) {
+      absl::StatusOr<BundleFrame> final = writer_->Finish();
+      if (!final.ok()) {
+        local = absl::InternalError(absl::StrCat("bundle incomplete: ", final.status().message()));
+        break;
+      }
+      ok = send(*std::move(final)) && stream->WritesDone();
+      closed = ok;
+      break;
+    }
+    absl::StatusOr<std::vector<BundleFrame>> frames = Serialize(item);
+    if (!frames.ok()) {
+      local = absl::InternalError(absl::StrCat("bundle writer: ", frames.status().message()));
+      break;
+    }
+    for (BundleFrame& f : *frames) {
+      if (!(ok = send(std::move(f)))) break;
+    }
+  }
+  if (!local.ok()) ctx_.TryCancel();
+  const grpc::Status gs = stream->Finish();
+
+  std::optional<absl::Status> cancelled;
+  {
+    absl::MutexLock l(&mu_);
+    cancelled = cancel_;
+  }
+  absl::StatusOr<PushResult> outcome;
+  if (cancelled.has_value()) {
+    outcome = *cancelled;
+  } else if (!local.ok()) {
+    outcome = local;
+  } else if (!gs.ok()) {
+    outcome = PushErrorToPrefillStatus(FromGrpcStatus(gs), target_.address);
+  } else if (!closed) {
+    outcome = absl::InternalError(
+        absl::StrCat("state push to ", target_.address, " ended before the bundle was sent"));
+  } else {
+    result.transfer_seconds = absl::ToDoubleSeconds(absl::Now() - first_sent);
+    outcome = result;
+  }
+  if (!outcome.ok()) failed_ = true;
+  Done done = std::move(done_);
+  done(std::move(outcome));
+}
+
+}  // namespace kl

@@ -1,0 +1,138 @@
+// kl-router: the cluster's front door (kl.v1.Generation) in front of prefill
+// and decode worker pools. See docs/cluster.md for the request flow.
+//
+//   kl-router --model DIR --listen 0.0.0.0:8000
+//       --prefill_dns kl-prefill.ns.svc:9000 --decode_dns kl-decode.ns.svc:9001
+//
+// SIGTERM / SIGINT drain: health goes NOT_SERVING, new requests get
+// UNAVAILABLE, running streams get --drain_grace_seconds to finish, exit 0.
+#include <signal.h>
+
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/time/time.h"
+#include "engine/common/log.h"
+#include "services/common/server_util.h"
+#include "services/router/dns_resolver.h"
+#include "services/router/model_meta.h"
+#include "services/router/router_service.h"
+
+ABSL_FLAG(std::string, model, "", "model folder (config.json + tokenizer; weights optional)");
+ABSL_FLAG(std::string, listen, "0.0.0.0:8000", "host:port to serve kl.v1.Generation on");
+ABSL_FLAG(std::string, prefill, "", "static prefill workers, host:port,...");
+ABSL_FLAG(std::string, prefill_dns, "", "prefill DNS names, name:port,... (every A record)");
+ABSL_FLAG(std::string, decode, "", "static decode workers, host:port,...");
+ABSL_FLAG(std::string, decode_dns, "", "decode DNS names, name:port,... (every A record)");
+ABSL_FLAG(int64_t, max_queue, 256, "admitted requests waiting for a driver thread");
+ABSL_FLAG(int64_t, max_inflight, 64, "requests running at once (driver threads)");
+ABSL_FLAG(double, default_deadline_seconds, 300, "deadline of requests that set none");
+ABSL_FLAG(int64_t, max_prompt_tokens, 0, "prompt length limit (0: model_max_length)");
+ABSL_FLAG(int64_t, max_tokens_limit, 0, "largest sampling.max_tokens (0: model_max_length)");
+ABSL_FLAG(int64_t, default_max_tokens, 256, "sampling.max_tokens when unset");
+ABSL_FLAG(int, retries, 3, "extra worker-pair attempts before the first token");
+ABSL_FLAG(int, max_migrations, 3, "decode-worker moves after the first token");
+ABSL_FLAG(int, health_interval_ms, 1000, "worker health / Stats polling period");
+ABSL_FLAG(int, dns_interval_ms, 5000, "DNS re-resolution period");
+ABSL_FLAG(double, drain_grace_seconds, 30, "how long running streams may take on SIGTERM");
+
+namespace kl {
+namespace {
+
+// Flags -> validated options (RouterService::Create checks the rest).
+absl::StatusOr<RouterOptions> OptionsFromFlags() {
+  RouterOptions o;
+  o.max_queue = absl::GetFlag(FLAGS_max_queue);
+  o.max_inflight = absl::GetFlag(FLAGS_max_inflight);
+  o.default_deadline = absl::Seconds(absl::GetFlag(FLAGS_default_deadline_seconds));
+  o.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
+  o.max_tokens_limit = absl::GetFlag(FLAGS_max_tokens_limit);
+  o.default_max_tokens = absl::GetFlag(FLAGS_default_max_tokens);
+  o.retries = absl::GetFlag(FLAGS_retries);
+  o.max_migrations = absl::GetFlag(FLAGS_max_migrations);
+  const int health_ms = absl::GetFlag(FLAGS_health_interval_ms);
+  const int dns_ms = absl::GetFlag(FLAGS_dns_interval_ms);
+  if (health_ms < 10 || dns_ms < 10) {
+    return absl::InvalidArgumentError("--health_interval_ms and --dns_interval_ms must be >= 10");
+  }
+  for (WorkerPoolOptions* p : {&o.prefill, &o.decode}) {
+    p->health_interval = absl::Milliseconds(health_ms);
+    p->dns_interval = absl::Milliseconds(dns_ms);
+    p->check_timeout = std::min(absl::Milliseconds(health_ms), absl::Seconds(2));
+  }
+  o.prefill.addresses = SplitAddressList(absl::GetFlag(FLAGS_prefill));
+  o.prefill.dns_targets = SplitAddressList(absl::GetFlag(FLAGS_prefill_dns));
+  o.decode.addresses = SplitAddressList(absl::GetFlag(FLAGS_decode));
+  o.decode.dns_targets = SplitAddressList(absl::GetFlag(FLAGS_decode_dns));
+  if (o.prefill.addresses.empty() && o.prefill.dns_targets.empty()) {
+    return absl::InvalidArgumentError("give --prefill and/or --prefill_dns");
+  }
+  if (o.decode.addresses.empty() && o.decode.dns_targets.empty()) {
+    return absl::InvalidArgumentError("give --decode and/or --decode_dns");
+  }
+  return o;
+}
+
+int Main() {
+  // Block the stop signals before any thread exists, so that every thread
+  // inherits the mask and only sigwait below receives them.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  if (absl::GetFlag(FLAGS_model).empty()) {
+    KL_LOG(ERROR) << "--model is required";
+    return 2;
+  }
+  absl::StatusOr<RouterOptions> options = OptionsFromFlags();
+  if (!options.ok()) {
+    KL_LOG(ERROR) << options.status().message();
+    return 2;
+  }
+  absl::StatusOr<std::unique_ptr<ModelMeta>> model = ModelMeta::Open(absl::GetFlag(FLAGS_model));
+  if (!model.ok()) {
+    KL_LOG(ERROR) << model.status().ToString();
+    return 1;
+  }
+  absl::StatusOr<std::unique_ptr<RouterService>> service =
+      RouterService::Create(*std::move(options), std::shared_ptr<const ModelMeta>(*std::move(model)));
+  if (!service.ok()) {
+    KL_LOG(ERROR) << service.status().ToString();
+    return 2;
+  }
+  ServerOptions server_options;
+  server_options.address = absl::GetFlag(FLAGS_listen);
+  absl::StatusOr<RunningServer> server = StartServer(server_options, {service->get()});
+  if (!server.ok()) {
+    KL_LOG(ERROR) << server.status().ToString();
+    return 1;
+  }
+  server->SetServing(true);
+  KL_LOG(INFO).Field("listen", server_options.address).Field("port", server->port)
+      << "kl-router serving";
+
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  KL_LOG(INFO).Field("signal", sig) << "stop signal: draining";
+  server->SetServing(false);
+  const bool clean = (*service)->Drain(absl::Seconds(absl::GetFlag(FLAGS_drain_grace_seconds)));
+  server->server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+  service->reset();
+  KL_LOG(INFO).Field("all_finished", clean) << "kl-router stopped";
+  return 0;
+}
+
+}  // namespace
+}  // namespace kl
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("kl-router --model DIR --prefill[_dns] ... --decode[_dns] ...");
+  absl::ParseCommandLine(argc, argv);
+  return kl::Main();
+}

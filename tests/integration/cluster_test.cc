@@ -1,0 +1,303 @@
+// End-to-end tests of the cluster: real kl-router, kl-prefill and kl-decode
+// processes on loopback (tools/kl/local_cluster.h), the embedded tiny model, and
+// the single-process engine as the oracle.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+
+#include "gtest/gtest.h"
+#include "engine/runtime/generator.h"
+#include "engine/runtime/local_engine.h"
+#include "proto/worker.grpc.pb.h"
+#include "tools/kl/client.h"
+#include "tools/kl/local_cluster.h"
+#include "tools/make_checkpoint/maker.h"
+
+namespace kl {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string ModelDir() { return std::string(std::getenv("TEST_TMPDIR")) + "/tiny"; }
+
+// The single-process oracle, built once.
+class Oracle {
+ public:
+  static Oracle& Get() {
+    static Oracle* o = new Oracle();
+    return *o;
+  }
+  std::vector<int32_t> Greedy(const std::string& prompt, int64_t max_tokens, bool ignore_eos) {
+    std::lock_guard<std::mutex> l(mu_);
+    SamplingParams p;
+    p.temperature = 0;
+    p.max_tokens = max_tokens;
+    p.ignore_eos = ignore_eos;
+    auto ids = engine_->tokenizer().Encode(prompt, /*allow_special=*/false);
+    auto r = Generate(engine_->model(), engine_->tokenizer(), ids, p);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? r->tokens : std::vector<int32_t>{};
+  }
+
+ private:
+  Oracle() {
+    MakerOptions mo;
+    mo.seed = 7;
+    EXPECT_TRUE(MakeCheckpoint(TinyConfig(), ModelDir(), mo).ok());
+    LocalEngineOptions o;
+    o.model_dir = ModelDir();
+    engine_ = std::move(LocalEngine::Open(o).value());
+  }
+  std::mutex mu_;
+  std::unique_ptr<LocalEngine> engine_;
+};
+
+std::string LongPrompt(int words, int seed) {
+  std::string s;
+  const char* vocab[] = {"alpha", "beta", "KDA", "state", "decode", "prefill", "的", "模型", "42", "\n"};
+  for (int i = 0; i < words; ++i) {
+    s += vocab[(i * 7 + seed * 13 + i / 3) % 10];
+    s += ' ';
+  }
+  return s;
+}
+
+kl::v1::GenerateRequest Req(const std::string& prompt, int64_t max_tokens, bool ignore_eos = false) {
+  kl::v1::GenerateRequest r;
+  r.set_text(prompt);
+  r.mutable_sampling()->set_temperature(0);
+  r.mutable_sampling()->set_max_tokens(max_tokens);
+  r.mutable_sampling()->set_ignore_eos(ignore_eos);
+  return r;
+}
+
+// Indices 0..n-1 exactly once, in order.
+void ExpectContiguous(const StreamResult& r) {
+  for (size_t i = 0; i < r.indices.size(); ++i) ASSERT_EQ(r.indices[i], static_cast<int64_t>(i));
+}
+
+kl::v1::WorkerStats DecodeStats(const std::string& addr) {
+  auto stub = kl::v1::Decode::NewStub(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  kl::v1::WorkerStats s;
+  EXPECT_TRUE(stub->Stats(&ctx, kl::v1::WorkerStatsRequest(), &s).ok());
+  return s;
+}
+
+// Waits until every decode worker of `c` holds no slot, lease or transfer.
+bool DecodeIdle(LocalCluster& c, int n, double seconds) {
+  const auto until = Clock::now() + std::chrono::duration<double>(seconds);
+  while (Clock::now() < until) {
+    bool idle = true;
+    for (int i = 0; i < n; ++i) {
+      auto s = DecodeStats(c.decode_address(i));
+      idle &= s.slots_used() == 0 && s.leases_active() == 0 && s.transfers_in_flight() == 0 &&
+              s.running() == 0;
+    }
+    if (idle) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return false;
+}
+
+std::unique_ptr<LocalCluster> StartCluster(int prefill, int decode,
+                                           std::vector<std::string> router_args = {}) {
+  Oracle::Get();  // makes the model
+  LocalClusterOptions o;
+  o.model_dir = ModelDir();
+  o.prefill_workers = prefill;
+  o.decode_workers = decode;
+  o.decode_slots = 8;
+  o.router_args = std::move(router_args);
+  o.log_dir = std::getenv("TEST_UNDECLARED_OUTPUTS_DIR") ? std::getenv("TEST_UNDECLARED_OUTPUTS_DIR")
+                                                         : std::getenv("TEST_TMPDIR");
+  auto c = std::make_unique<LocalCluster>(o);
+  absl::Status s = c->Start();
+  EXPECT_TRUE(s.ok()) << s;
+  return c;
+}
+
+TEST(Cluster, GreedyEqualsSingleProcessShortAndLongPrompts) {
+  auto c = StartCluster(1, 1);
+  GenerationClient client(c->router_address());
+  for (const std::string& prompt : {std::string("Once upon a time"), LongPrompt(150, 1)}) {
+    StreamResult r = client.Generate(Req(prompt, 24), 60);
+    ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+    EXPECT_EQ(r.tokens, Oracle::Get().Greedy(prompt, 24, false)) << prompt.size();
+    ExpectContiguous(r);
+    EXPECT_GT(r.usage.ttft_seconds(), 0);
+    EXPECT_EQ(r.usage.completion_tokens(), static_cast<int64_t>(r.tokens.size()));
+  }
+  EXPECT_TRUE(DecodeIdle(*c, 1, 5));
+}
+
+TEST(Cluster, ConcurrentLoadOnSeveralWorkersMatchesOracle) {
+  auto c = StartCluster(2, 2);
+  GenerationClient client(c->router_address());
+  const int n = 10;
+  std::vector<StreamResult> results(n);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < n; ++i) {
+    threads.emplace_back([&, i] {
+      results[i] = client.Generate(Req(LongPrompt(5 + 25 * i, i), 16 + i, true), 120);
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < n; ++i) {
+    ASSERT_TRUE(results[i].status.ok()) << i << ": " << results[i].status.error_message();
+    EXPECT_EQ(results[i].tokens, Oracle::Get().Greedy(LongPrompt(5 + 25 * i, i), 16 + i, true)) << i;
+    ExpectContiguous(results[i]);
+  }
+  EXPECT_TRUE(DecodeIdle(*c, 2, 5));
+}
+
+TEST(Cluster, DecodeWorkerKilledMidStreamMigrates) {
+  auto c = StartCluster(1, 2);
+  GenerationClient client(c->router_address());
+  const std::string prompt = LongPrompt(40, 3);
+  std::atomic<int> seen{0};
+  std::atomic<bool> killed{false};
+  StreamResult r = client.Generate(Req(prompt, 120, true), 120, [&](const kl::v1::GenerateResponse& ch) {
+    seen += ch.token_ids_size();
+    if (seen >= 10 && !killed.exchange(true)) {
+      for (int i = 0; i < 2; ++i) {
+        if (DecodeStats(c->decode_address(i)).running() > 0) c->KillDecode(i);
+      }
+    }
+  });
+  ASSERT_TRUE(killed);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.tokens, Oracle::Get().Greedy(prompt, 120, true));
+  ExpectContiguous(r);
+  EXPECT_GE(r.usage.migrations(), 1);
+}
+
+TEST(Cluster, PrefillWorkerKilledBeforeFirstTokenIsRetried) {
+  auto c = StartCluster(2, 1);
+  c->KillPrefill(0);  // the router may still pick it until its health check notices
+  GenerationClient client(c->router_address());
+  for (int i = 0; i < 4; ++i) {
+    const std::string prompt = LongPrompt(20 + i, i);
+    StreamResult r = client.Generate(Req(prompt, 8), 60);
+    ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+    EXPECT_EQ(r.tokens, Oracle::Get().Greedy(prompt, 8, false));
+  }
+}
+
+TEST(Cluster, CancelDeadlineAndVanishedClientFreeEverything) {
+  auto c = StartCluster(1, 1);
+  GenerationClient client(c->router_address());
+  // Deadline expiry mid-stream.
+  StreamResult r = client.Generate(Req(LongPrompt(30, 4), 100000, true), 0.5);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_TRUE(DecodeIdle(*c, 1, 10));
+  // A client process that vanishes mid-stream (a separate Python client: forking
+  // this gRPC-using process would not give an independent client).
+  const std::string root = std::string(std::getenv("TEST_SRCDIR")) + "/kimi_serve";
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const std::string router = c->router_address();
+    execl("/usr/bin/python3", "python3", (root + "/tests/integration/python_client.py").c_str(),
+          "--router", router.c_str(), "--proto_dir", (root + "/proto").c_str(), "--max_tokens",
+          "100000", "--ignore_eos", static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  // Wait until the request is decoding, then kill the client.
+  bool running = false;
+  for (int i = 0; i < 200 && !running; ++i) {
+    running = DecodeStats(c->decode_address(0)).running() > 0;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_TRUE(running);
+  kill(pid, SIGKILL);
+  waitpid(pid, nullptr, 0);
+  EXPECT_TRUE(DecodeIdle(*c, 1, 10));
+  // The cluster still serves.
+  StreamResult ok = client.Generate(Req("after", 4), 60);
+  EXPECT_TRUE(ok.status.ok()) << ok.status.error_message();
+}
+
+TEST(Cluster, BadRequestsGetPreciseStatusesAndHarmNothing) {
+  auto c = StartCluster(1, 1, {"--max_prompt_tokens=256", "--max_tokens_limit=1000"});
+  GenerationClient client(c->router_address());
+  auto expect = [&](const kl::v1::GenerateRequest& req, grpc::StatusCode code, const std::string& field) {
+    StreamResult r = client.Generate(req, 10);
+    EXPECT_EQ(r.status.error_code(), code) << field << ": " << r.status.error_message();
+    EXPECT_NE(r.status.error_message().find(field), std::string::npos) << r.status.error_message();
+  };
+  kl::v1::GenerateRequest empty = Req("", 4);
+  expect(empty, grpc::StatusCode::INVALID_ARGUMENT, "prompt");
+  kl::v1::GenerateRequest bad_id;
+  bad_id.mutable_token_ids()->add_ids(1);
+  bad_id.mutable_token_ids()->add_ids(1 << 20);
+  expect(bad_id, grpc::StatusCode::INVALID_ARGUMENT, "token");
+  expect(Req(LongPrompt(400, 6), 4), grpc::StatusCode::INVALID_ARGUMENT, "prompt");
+  auto t = Req("x", 4);
+  t.mutable_sampling()->set_temperature(-1);
+  expect(t, grpc::StatusCode::INVALID_ARGUMENT, "temperature");
+  auto p = Req("x", 4);
+  p.mutable_sampling()->set_top_p(2);
+  expect(p, grpc::StatusCode::INVALID_ARGUMENT, "top_p");
+  expect(Req("x", 0), grpc::StatusCode::INVALID_ARGUMENT, "max_tokens");
+  expect(Req("x", 5000), grpc::StatusCode::INVALID_ARGUMENT, "max_tokens");
+  StreamResult ok = client.Generate(Req("still fine", 4), 60);
+  EXPECT_TRUE(ok.status.ok()) << ok.status.error_message();
+  EXPECT_TRUE(DecodeIdle(*c, 1, 5));
+}
+
+TEST(Cluster, FullQueueIsRejectedAtOnceAndNoWorkerIsUnavailable) {
+  auto c = StartCluster(1, 1, {"--max_queue=1", "--max_inflight=1"});
+  GenerationClient client(c->router_address());
+  std::thread busy([&] { client.Generate(Req(LongPrompt(30, 7), 100000, true), 3); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  std::thread busy2([&] { client.Generate(Req(LongPrompt(30, 8), 100000, true), 3); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const auto t0 = Clock::now();
+  StreamResult r = client.Generate(Req("one too many", 4), 10);
+  const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << r.status.error_message();
+  EXPECT_LT(dt, 0.2);
+  busy.join();
+  busy2.join();
+  c->KillDecode(0);
+  // Once the router's health check notices, new requests get UNAVAILABLE.
+  grpc::StatusCode code = grpc::StatusCode::OK;
+  for (int i = 0; i < 50 && code != grpc::StatusCode::UNAVAILABLE; ++i) {
+    code = client.Generate(Req("x", 2), 5).status.error_code();
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_EQ(code, grpc::StatusCode::UNAVAILABLE);
+}
+
+TEST(Cluster, PythonClientStreamsUsingOnlyTheProtoFiles) {
+  auto c = StartCluster(1, 1);
+  const std::string root = std::string(std::getenv("TEST_SRCDIR")) + "/kimi_serve";
+  const std::string out = std::string(std::getenv("TEST_TMPDIR")) + "/py.json";
+  const std::string cmd = "/usr/bin/python3 " + root + "/tests/integration/python_client.py --router " +
+                          c->router_address() + " --proto_dir " + root + "/proto --prompt 'Once upon a time' > " + out;
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  std::ifstream f(out);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  const std::string json = ss.str();
+  // The same greedy tokens as the oracle, as JSON text.
+  EXPECT_NE(json.find("\"tokens\": ["), std::string::npos) << json;
+  EXPECT_NE(json.find("\"finish\": \"FINISH_REASON_"), std::string::npos) << json;
+  std::string expect_tokens = "\"tokens\": [";
+  const auto greedy = Oracle::Get().Greedy("Once upon a time", 12, false);
+  for (size_t i = 0; i < greedy.size(); ++i) expect_tokens += (i ? ", " : "") + std::to_string(greedy[i]);
+  EXPECT_NE(json.find(expect_tokens + "]"), std::string::npos) << json << "\nwant " << expect_tokens;
+}
+
+}  // namespace
+}  // namespace kl
