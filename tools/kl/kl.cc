@@ -26,6 +26,7 @@
 #include "tools/kl/local_cluster.h"
 
 #include <csignal>
+#include <filesystem>
 #include <fstream>
 
 ABSL_FLAG(std::string, model, "", "model folder (HF layout); empty = the embedded tiny model");
@@ -47,7 +48,7 @@ ABSL_FLAG(int32_t, prefill_workers, 1, "local: prefill worker processes");
 ABSL_FLAG(int32_t, decode_workers, 1, "local: decode worker processes");
 ABSL_FLAG(int32_t, decode_slots, 16, "local: state slots per decode worker");
 ABSL_FLAG(bool, serve, false, "local: keep the cluster running until Ctrl-C");
-ABSL_FLAG(std::string, log_dir, "", "local: write each process's log to DIR/<name>.log");
+ABSL_FLAG(std::string, log_dir, "", "local: each process's log goes to DIR/<name>.log (default: <cache>/logs)");
 ABSL_FLAG(bool, local, false, "bench: start a local cluster and benchmark it");
 ABSL_FLAG(double, rate, 0, "bench: requests/s (Poisson); 0 = fixed concurrency");
 ABSL_FLAG(int32_t, concurrency, 4, "bench: concurrent clients (cap under Poisson)");
@@ -147,6 +148,13 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> StartLocal() {
   o.decode_workers = absl::GetFlag(FLAGS_decode_workers);
   o.decode_slots = absl::GetFlag(FLAGS_decode_slots);
   o.log_dir = absl::GetFlag(FLAGS_log_dir);
+  if (o.log_dir.empty()) {  // keep the terminal for the generated text
+    std::string cache = absl::GetFlag(FLAGS_cache_dir);
+    o.log_dir = (cache.empty() ? DefaultCacheDir() : cache) + "/logs";
+  }
+  std::filesystem::create_directories(o.log_dir);
+  std::fprintf(stderr, "[starting router + %d prefill + %d decode worker(s); logs in %s]\n",
+               o.prefill_workers, o.decode_workers, o.log_dir.c_str());
   auto c = std::make_unique<LocalCluster>(o);
   if (auto s = c->Start(); !s.ok()) return s;
   return c;
