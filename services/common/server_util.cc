@@ -1,5 +1,8 @@
 #include "services/common/server_util.h"
 
+#include <pthread.h>
+#include <signal.h>
+
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 
@@ -26,6 +29,28 @@ absl::StatusOr<RunningServer> StartServer(const ServerOptions& options,
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.address));
   }
   return rs;
+}
+
+namespace {
+sigset_t StopSignalSet() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  return set;
+}
+}  // namespace
+
+void BlockStopSignals() {
+  const sigset_t set = StopSignalSet();
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+}
+
+int WaitForStopSignal() {
+  const sigset_t set = StopSignalSet();
+  int sig = 0;
+  sigwait(&set, &sig);
+  return sig;
 }
 
 std::string RequestIdFromContext(const grpc::ServerContext& ctx) {

@@ -30,6 +30,13 @@ struct RunningServer {
 absl::StatusOr<RunningServer> StartServer(const ServerOptions& options,
                                           const std::vector<grpc::Service*>& services);
 
+// Stop signals (SIGTERM, SIGINT) of a server process. BlockStopSignals() must
+// run first in main, before any thread exists, so every thread inherits the
+// mask; WaitForStopSignal() then blocks the caller until one arrives and
+// returns its number (the process drains instead of dying mid-stream).
+void BlockStopSignals();
+int WaitForStopSignal();
+
 // Metadata key carrying the request id through router, prefill and decode.
 inline constexpr char kRequestIdKey[] = "x-request-id";
 

@@ -31,12 +31,7 @@ namespace kl {
 namespace {
 
 int Main() {
-  // Block the stop signals in every thread; the main thread waits for them.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGTERM);
-  sigaddset(&stop_signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  BlockStopSignals();  // before any thread starts
 
   if (absl::GetFlag(FLAGS_model).empty()) {
     std::fprintf(stderr, "kl-decode: --model is required\n");
@@ -74,8 +69,7 @@ int Main() {
   server->SetServing(true);
   KL_LOG(INFO).Field("port", server->port).Field("slots", opts.slots) << "kl-decode serving";
 
-  int sig = 0;
-  sigwait(&stop_signals, &sig);
+  const int sig = WaitForStopSignal();
   KL_LOG(INFO).Field("signal", sig) << "draining";
   server->SetServing(false);
   service->Drain();

@@ -31,11 +31,7 @@ namespace kl {
 namespace {
 
 int Main() {
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGTERM);
-  sigaddset(&stop_signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  BlockStopSignals();  // before any thread starts
 
   PrefillServiceOptions opts;
   opts.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
@@ -75,8 +71,7 @@ int Main() {
   KL_LOG(INFO).Field("port", server->port).Field("max_batch_tokens", opts.max_batch_tokens)
       << "kl-prefill serving";
 
-  int sig = 0;
-  sigwait(&stop_signals, &sig);
+  const int sig = WaitForStopSignal();
   KL_LOG(INFO).Field("signal", sig) << "draining";
   server->SetServing(false);
   service->Drain();

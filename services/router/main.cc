@@ -78,13 +78,7 @@ absl::StatusOr<RouterOptions> OptionsFromFlags() {
 }
 
 int Main() {
-  // Block the stop signals before any thread exists, so that every thread
-  // inherits the mask and only sigwait below receives them.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGTERM);
-  sigaddset(&stop_signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  BlockStopSignals();  // before any thread starts
 
   if (absl::GetFlag(FLAGS_model).empty()) {
     KL_LOG(ERROR) << "--model is required";
@@ -117,8 +111,7 @@ int Main() {
   KL_LOG(INFO).Field("listen", server_options.address).Field("port", server->port)
       << "kl-router serving";
 
-  int sig = 0;
-  sigwait(&stop_signals, &sig);
+  const int sig = WaitForStopSignal();
   KL_LOG(INFO).Field("signal", sig) << "stop signal: draining";
   server->SetServing(false);
   const bool clean = (*service)->Drain(absl::Seconds(absl::GetFlag(FLAGS_drain_grace_seconds)));
