@@ -67,6 +67,9 @@ DecodeEngineStats DecodeEngine::Stats() const {
 void DecodeEngine::Leave(Sequence& seq, const absl::Status& status) {
   // End first: the sink then ignores the revocation that Release sends it.
   seq.sink->End(status);
+  // Pool the state before the lease is released: once the slot shows free, its
+  // memory is available for the next push.
+  if (options_.state_pool) options_.state_pool->Give(std::move(seq.state));
   leases_->Release(seq.spec.lease_id, status.ok() ? absl::CancelledError("decode finished")
                                                   : status);
 }

@@ -34,6 +34,8 @@
 #include "engine/state/sequence_state.h"
 #include "services/decode/lease_manager.h"
 
+#include "services/decode/state_pool.h"
+
 namespace kl {
 
 // The receiving end of a sequence's tokens. Thread-safe; called by the engine
@@ -65,6 +67,8 @@ struct DecodeEngineOptions {
   int64_t max_batch = 16;  // sequences per step
   // eos id (config eos_token_id; < 0 disables).
   int32_t eos_token_id = -1;
+  // Where finished sequences' states go for reuse (optional, not owned).
+  StatePool* state_pool = nullptr;
 };
 
 struct DecodeEngineStats {

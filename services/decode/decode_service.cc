@@ -16,7 +16,9 @@ DecodeService::DecodeService(Model* model, uint64_t checkpoint_fingerprint,
   lo.ttl = options_.lease_ttl;
   lo.latent_rows_capacity = options_.latent_rows_capacity;
   leases_ = std::make_unique<LeaseManager>(lo, options_.clock);
+  state_pool_ = std::make_unique<StatePool>(options_.slots);
   DecodeEngineOptions eo;
+  eo.state_pool = state_pool_.get();
   eo.max_batch = options_.max_batch > 0 ? options_.max_batch : options_.slots;
   eo.eos_token_id = static_cast<int32_t>(model_->config().eos_token_id);
   engine_ = std::make_unique<DecodeEngine>(model_, leases_.get(), eo);
@@ -29,6 +31,7 @@ DecodeService::DecodeService(Model* model, uint64_t checkpoint_fingerprint,
   push_deps_.config = &model_->config();
   push_deps_.checkpoint_fingerprint = checkpoint_fingerprint_;
   push_deps_.integrity_failures = &integrity_failures_;
+  push_deps_.state_pool = state_pool_.get();
   reaper_ = std::thread([this] { ReapLoop(); });
 }
 

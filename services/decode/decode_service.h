@@ -25,6 +25,7 @@
 #include "engine/model/model.h"
 #include "proto/worker.grpc.pb.h"
 #include "services/decode/decode_engine.h"
+#include "services/decode/state_pool.h"
 #include "services/decode/decode_stream.h"
 #include "services/decode/lease_manager.h"
 #include "services/decode/push_stream.h"
@@ -58,6 +59,8 @@ class DecodeService final : public v1::Decode::CallbackService {
   v1::WorkerStats Snapshot() const;
   LeaseManager& leases() { return *leases_; }
   const DecodeEngine& engine() const { return *engine_; }
+  // Finished requests' states kept for reuse by the next PushState.
+  int64_t pooled_states() const { return state_pool_->size(); }
 
   grpc::ServerUnaryReactor* Reserve(grpc::CallbackServerContext* ctx,
                                     const v1::ReserveRequest* request,
@@ -81,6 +84,7 @@ class DecodeService final : public v1::Decode::CallbackService {
   const DecodeServiceOptions options_;
   std::atomic<int64_t> integrity_failures_{0};
   std::atomic<int64_t> decodes_waiting_{0};  // streams waiting for their state
+  std::unique_ptr<StatePool> state_pool_;  // outlives engine_ (declared first)
   std::unique_ptr<LeaseManager> leases_;
   std::unique_ptr<DecodeEngine> engine_;
   DecodeStreamDeps stream_deps_;

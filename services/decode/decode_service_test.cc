@@ -100,6 +100,22 @@ TEST_F(DecodeServiceTest, PushedStateDecodesLikeTheSingleProcessEngine) {
   EXPECT_EQ(got, Reference(*w_->engine, prompt, 12));
   EXPECT_TRUE(WaitFor([&] { return Idle(*w_->stub); }));
   EXPECT_EQ(GetStats(*w_->stub).requests_completed(), 1);
+
+  // The finished request's state memory is pooled, and a request imported into
+  // those (stale) buffers decodes exactly like a fresh one.
+  EXPECT_EQ(w_->service->pooled_states(), 1);
+  const auto prompt2 = Prompt(33, 2);
+  int32_t first2;
+  const auto frames2 = BundleFrames(*w_->engine, prompt2, &first2);
+  const std::string lease2 = ReserveLease(*w_->stub, 60);
+  ASSERT_TRUE(PushFrames(*w_->stub, lease2, frames2, &resp).ok());
+  EXPECT_EQ(w_->service->pooled_states(), 0);  // taken by the import
+  const DecodeOutcome d2 = RunDecode(*w_->stub, MakeDecodeRequest(lease2, first2, 1, 7));
+  ASSERT_TRUE(d2.status.ok()) << d2.status.error_message();
+  std::vector<int32_t> got2 = {first2};
+  got2.insert(got2.end(), d2.tokens.begin(), d2.tokens.end());
+  EXPECT_EQ(got2, Reference(*w_->engine, prompt2, 8));
+  EXPECT_TRUE(WaitFor([&] { return Idle(*w_->stub); }));
 }
 
 TEST_F(DecodeServiceTest, BadPushesAreRefusedAndTheLeaseStaysUsable) {

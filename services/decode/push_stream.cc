@@ -86,7 +86,8 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
       AssemblerOptions ao;
       ao.expected_checkpoint_fingerprint = deps_.checkpoint_fingerprint;
       ao.max_tokens = ticket->max_total_tokens;  // 0: the model's context
-      assembler_ = std::make_shared<BundleAssembler>(*deps_.config, ao);
+      assembler_ = std::make_shared<BundleAssembler>(
+          *deps_.config, ao, deps_.state_pool ? deps_.state_pool->Take() : SequenceState());
       if (!listener_->Attach(assembler_)) return Fail(*listener_->revoked(), false);
     } else if (!part_.lease_id().empty() && part_.lease_id() != lease_id_) {
       return Fail(absl::InvalidArgumentError(absl::StrCat("StatePart for lease ", part_.lease_id(),

@@ -23,6 +23,8 @@
 #include "proto/worker.grpc.pb.h"
 #include "services/decode/lease_manager.h"
 
+#include "services/decode/state_pool.h"
+
 namespace kl {
 
 struct PushStreamDeps {
@@ -30,6 +32,7 @@ struct PushStreamDeps {
   const ModelConfig* config = nullptr;
   uint64_t checkpoint_fingerprint = 0;    // bundles must carry exactly this
   std::atomic<int64_t>* integrity_failures = nullptr;  // bumped on refused bundles
+  StatePool* state_pool = nullptr;  // buffers to import into (optional)
 };
 
 // Starts a PushState call; the reactor deletes itself when done.
