@@ -169,9 +169,31 @@ TEST_F(PrefillDecodeTest, ConcurrentRequestsDecodeInOneBatch) {
   std::vector<std::vector<int32_t>> prompts, got(kRequests);
   for (int i = 0; i < kRequests; ++i) prompts.push_back(Prompt(20 + 37 * i, 100 + i));
   const int64_t steps_before = decode_->service->engine().Stats().steps;
+  // Prefill all four first (concurrently: the prefill worker batches them), then
+  // start the four decode streams together, so the sequences overlap in the
+  // decode batch however the machine schedules the threads.
+  std::vector<std::string> leases(kRequests);
+  std::vector<int32_t> first(kRequests);
   std::vector<std::thread> threads;
   for (int i = 0; i < kRequests; ++i) {
-    threads.emplace_back([&, i] { got[i] = Generate2(prompts[i], kTokens); });
+    threads.emplace_back([&, i] {
+      leases[i] = ReserveLease(*decode_->stub, prompts[i].size() + kTokens);
+      v1::PrefillResponse pr;
+      const grpc::Status ps = CallPrefill(MakePrefill(prompts[i], leases[i], 0, 0), &pr);
+      EXPECT_TRUE(ps.ok()) << ps.error_message();
+      first[i] = pr.token();
+    });
+  }
+  for (auto& t : threads) t.join();
+  threads.clear();
+  for (int i = 0; i < kRequests; ++i) {
+    threads.emplace_back([&, i] {
+      const DecodeOutcome d = RunDecode(
+          *decode_->stub, MakeDecodeRequest(leases[i], first[i], 1, kTokens - 1, 0, 0));
+      EXPECT_TRUE(d.status.ok()) << d.status.error_message();
+      got[i] = {first[i]};
+      got[i].insert(got[i].end(), d.tokens.begin(), d.tokens.end());
+    });
   }
   for (auto& t : threads) t.join();
   const DecodeEngineStats es = decode_->service->engine().Stats();
