@@ -1,5 +1,7 @@
 #include "engine/state/bundle_assembler.h"
 
+#include <new>
+
 #include <utility>
 
 #include "absl/strings/str_format.h"
@@ -186,10 +188,18 @@ absl::Status BundleAssembler::AcceptHeader(const ParsedFrame& f) {
   header_crc_ = f.record_crc;
   table_ = std::make_unique<PartTable>(*header_);
   // Allocate the whole state now: parts are written straight into it.
-  state_ = FitsConfig(recycled_, config_) ? std::move(recycled_) : SequenceState::Zero(config_);
-  recycled_ = SequenceState();
-  for (MlaLayerCache& m : state_.mla) {
-    m.latent.resize(static_cast<size_t>(header_->num_tokens) * config_.MlaLatentDim());
+  // The header's token count is bounded above, but a bound of a 1M-token context
+  // is still gigabytes: an allocation that fails is a refusal, not a crash.
+  try {
+    state_ = FitsConfig(recycled_, config_) ? std::move(recycled_) : SequenceState::Zero(config_);
+    recycled_ = SequenceState();
+    for (MlaLayerCache& m : state_.mla) {
+      m.latent.resize(static_cast<size_t>(header_->num_tokens) * config_.MlaLatentDim());
+    }
+  } catch (const std::bad_alloc&) {
+    state_ = SequenceState();
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "no memory for a state of %d tokens", header_->num_tokens));
   }
   return absl::OkStatus();
 }

@@ -151,8 +151,11 @@ void DecodeEngine::Step(std::vector<Sequence*>& batch) {
       const int32_t tok = s.sampler.Sample(out.logits[i].data(), vocab);
       const int64_t index = s.index++;
       ++s.produced;
+      // A sequence whose state fills the model's context ends here, so it can
+      // never make the next batched Forward fail for everyone else.
       const bool finished = IsStopToken(s.spec.params, options_.eos_token_id, tok) ||
-                            s.produced >= s.spec.max_new_tokens;
+                            s.produced >= s.spec.max_new_tokens ||
+                            s.state.num_tokens >= model_->config().model_max_length;
       s.sink->Emit(tok, index, finished);
       if (finished) {
         completed_.fetch_add(1);

@@ -96,6 +96,14 @@ grpc::ServerUnaryReactor* DecodeService::Reserve(grpc::CallbackServerContext* ct
                                                  const v1::ReserveRequest* request,
                                                  v1::ReserveResponse* response) {
   auto* reactor = ctx->DefaultReactor();
+  const int64_t context = model_->config().model_max_length;
+  if (request->max_total_tokens() > context) {
+    reactor->Finish(grpc::Status(
+        grpc::StatusCode::INVALID_ARGUMENT,
+        absl::StrCat("max_total_tokens ", request->max_total_tokens(),
+                     " exceeds the model's context of ", context, " tokens")));
+    return reactor;
+  }
   absl::StatusOr<LeaseGrant> grant =
       leases_->Reserve(request->request_id(), request->max_total_tokens());
   if (grant.ok()) {

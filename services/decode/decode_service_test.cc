@@ -264,6 +264,16 @@ TEST_F(DecodeServiceTest, ReserveIsRefusedWhenFullAndWhileDraining) {
 }
 
 TEST_F(DecodeServiceTest, BadDecodeRequestsAreRefused) {
+  {  // A reservation larger than the model's context is refused, nothing leased.
+    grpc::ClientContext ctx;
+    v1::ReserveRequest rr;
+    rr.set_max_total_tokens(w_->engine->config().model_max_length + 1);
+    v1::ReserveResponse resp;
+    const grpc::Status st = w_->stub->Reserve(&ctx, rr, &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(st.error_message().find("context"), std::string::npos) << st.error_message();
+    EXPECT_EQ(GetStats(*w_->stub).slots_used(), 0);
+  }
   const std::string lease = ReserveLease(*w_->stub);
   EXPECT_EQ(RunDecode(*w_->stub, MakeDecodeRequest(lease, 1, 1, 0)).status.error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);

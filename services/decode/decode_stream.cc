@@ -29,9 +29,9 @@ absl::StatusOr<DecodeSpec> SpecFromRequest(const v1::DecodeRequest& r, int64_t v
     return absl::InvalidArgumentError(
         absl::StrCat("max_new_tokens must be >= 1, got ", r.max_new_tokens()));
   }
-  if (r.next_index() < 0) {
+  if (r.next_index() < 0 || r.next_index() > (int64_t{1} << 40)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("next_index must be >= 0, got ", r.next_index()));
+        absl::StrCat("next_index must be in [0, 2^40], got ", r.next_index()));
   }
   if (r.last_token() < 0 || r.last_token() >= vocab_size) {
     return absl::InvalidArgumentError(

@@ -138,6 +138,8 @@ void RequestRun::Run() {
 absl::Status RequestRun::Generate() {
   RETURN_IF_ERROR(Interrupted());  // it may have waited in the admission queue
   ASSIGN_OR_RETURN(prompt_, EncodePrompt(job_.request, tokenizer_, r_.limits));
+  RETURN_IF_ERROR(CheckFitsContext(static_cast<int64_t>(prompt_.size()),
+                                   job_.sampling.max_tokens, r_.limits));
   KL_LOG(INFO).Field("prompt_tokens", prompt_.size())
           .Field("max_tokens", job_.sampling.max_tokens)
           .Field("queued_s", absl::ToDoubleSeconds(absl::Now() - job_.received))

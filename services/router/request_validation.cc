@@ -160,6 +160,17 @@ absl::StatusOr<std::vector<int32_t>> EncodePrompt(const v1::GenerateRequest& req
   return ids;
 }
 
+absl::Status CheckFitsContext(int64_t prompt_tokens, int64_t max_tokens,
+                              const RequestLimits& limits) {
+  if (limits.context_tokens > 0 && prompt_tokens + max_tokens > limits.context_tokens) {
+    return Bad("sampling.max_tokens",
+               absl::StrCat(max_tokens, " with a prompt of ", prompt_tokens,
+                            " tokens exceeds the model's context of ", limits.context_tokens,
+                            " tokens"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<int32_t>> EncodeTokenizeRequest(const v1::TokenizeRequest& request,
                                                            const Tokenizer& tokenizer) {
   if (request.has_text()) return tokenizer.Encode(request.text(), /*allow_special=*/false);

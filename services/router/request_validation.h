@@ -25,6 +25,7 @@ struct RequestLimits {
   int64_t max_prompt_tokens = 0;   // prompt length limit, tokens
   int64_t max_tokens_limit = 0;    // largest sampling.max_tokens accepted
   int64_t default_max_tokens = 0;  // sampling.max_tokens when unset
+  int64_t context_tokens = 0;      // prompt + max_tokens must fit (model_max_length); 0 = unchecked
 };
 
 inline constexpr size_t kMaxRequestIdBytes = 128;
@@ -46,6 +47,11 @@ absl::StatusOr<SamplingParams> ValidateGenerateRequest(const v1::GenerateRequest
 // The prompt's token ids: text (no special tokens), chat (model's chat
 // format) or token ids as given. INVALID_ARGUMENT if it comes out empty or
 // longer than limits.max_prompt_tokens. `request` passed ValidateGenerateRequest.
+// INVALID_ARGUMENT naming sampling.max_tokens when prompt + max_tokens does not
+// fit the model's context (a decode would otherwise run off its end).
+absl::Status CheckFitsContext(int64_t prompt_tokens, int64_t max_tokens,
+                              const RequestLimits& limits);
+
 absl::StatusOr<std::vector<int32_t>> EncodePrompt(const v1::GenerateRequest& request,
                                                   const Tokenizer& tokenizer,
                                                   const RequestLimits& limits);

@@ -15,7 +15,7 @@ namespace {
 absl::Status CheckOptions(const RouterOptions& o) {
   auto bad = [](absl::string_view what) { return absl::InvalidArgumentError(what); };
   if (o.max_inflight < 1) return bad("max_inflight must be >= 1");
-  if (o.max_queue < 0) return bad("max_queue must be >= 0");
+  if (o.max_queue < 1) return bad("max_queue must be >= 1");
   if (o.default_deadline <= absl::ZeroDuration()) return bad("default_deadline must be > 0");
   if (o.max_prompt_tokens < 0) return bad("max_prompt_tokens must be >= 0");
   if (o.max_tokens_limit < 0) return bad("max_tokens_limit must be >= 0");
@@ -42,8 +42,13 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(
   if (model == nullptr) return absl::InvalidArgumentError("no model metadata");
   if (absl::Status s = CheckOptions(options); !s.ok()) return s;
   const int64_t model_max = model->config().model_max_length;
-  if (options.max_prompt_tokens == 0) options.max_prompt_tokens = model_max;
-  if (options.max_tokens_limit == 0) options.max_tokens_limit = model_max;
+  // 0 = the model's context; never more than it.
+  if (options.max_prompt_tokens == 0 || options.max_prompt_tokens > model_max) {
+    options.max_prompt_tokens = model_max;
+  }
+  if (options.max_tokens_limit == 0 || options.max_tokens_limit > model_max) {
+    options.max_tokens_limit = model_max;
+  }
   options.default_max_tokens = std::min(options.default_max_tokens, options.max_tokens_limit);
   options.prefill.role = WorkerRole::kPrefill;
   options.decode.role = WorkerRole::kDecode;
@@ -61,6 +66,7 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(
   c.limits.max_prompt_tokens = o.max_prompt_tokens;
   c.limits.max_tokens_limit = o.max_tokens_limit;
   c.limits.default_max_tokens = o.default_max_tokens;
+  c.limits.context_tokens = model_max;
   c.prefill = r->prefill_.get();
   c.decode = r->decode_.get();
   c.releaser = r->releaser_.get();
