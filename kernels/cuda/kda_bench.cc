@@ -1,0 +1,408 @@
+// Benchmark of the CUDA KDA kernels with the two ceilings measured in the same run:
+//   kda_bench [--quick | --profile]
+// Prints: device; D2D copy bandwidth (1 GiB, read + write counted); cuBLAS bf16
+// GEMM 8192^3; decode (N in {1, 16, 64, 256}, H = 32, K = V = 128, bf16 inputs,
+// fp32 states rotating through a 2 GiB slot pool so every launch reads DRAM; N = 1
+// also inside a CUDA graph); prefill (tensor-core path, B = 1, H = 32, T in {8K,
+// 32K, 128K}) with the intra / state phase split. Times are medians of CUDA-event
+// timings after warm-up. --quick: fewer repetitions, no 128K. --profile: a few
+// launches only, for ncu.
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/bench_fill.h"
+#include "kernels/cuda/kda_chunk.h"
+#include "kernels/cuda/kda_chunk_internal.h"
+#include "kernels/cuda/kda_decode.h"
+#include "kernels/cuda/kda_test_util.h"
+
+namespace kl::cuda {
+namespace {
+
+using testing::DeviceBuffer;
+
+#define BENCH_CHECK(expr)                                                         \
+  do {                                                                            \
+    const cudaError_t e_ = (expr);                                                \
+    if (e_ != cudaSuccess) {                                                      \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
+      return false;                                                               \
+    }                                                                             \
+  } while (0)
+#define BENCH_STATUS(expr)                                                                  \
+  do {                                                                                      \
+    const absl::Status s_ = (expr);                                                         \
+    if (!s_.ok()) {                                                                         \
+      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, s_.ToString().c_str());        \
+      return false;                                                                         \
+    }                                                                                       \
+  } while (0)
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Median over `batches` of (event time of `per_batch` calls) / per_batch, in ms.
+bool TimeMs(const std::function<bool(int)>& call, int per_batch, int batches, int warmup,
+            cudaStream_t s, double* ms) {
+  for (int i = 0; i < warmup; ++i) {
+    if (!call(i)) return false;
+  }
+  cudaEvent_t a, b;
+  BENCH_CHECK(cudaEventCreate(&a));
+  BENCH_CHECK(cudaEventCreate(&b));
+  std::vector<double> t;
+  int idx = warmup;
+  for (int r = 0; r < batches; ++r) {
+    BENCH_CHECK(cudaEventRecord(a, s));
+    for (int i = 0; i < per_batch; ++i) {
+      if (!call(idx++)) return false;
+    }
+    BENCH_CHECK(cudaEventRecord(b, s));
+    BENCH_CHECK(cudaEventSynchronize(b));
+    float e = 0;
+    BENCH_CHECK(cudaEventElapsedTime(&e, a, b));
+    t.push_back(e / per_batch);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  *ms = Median(t);
+  return true;
+}
+
+struct Ceilings {
+  double copy_tbs = 0, gemm_tflops = 0;
+};
+
+bool MeasureCeilings(cudaStream_t s, bool quick, Ceilings* c) {
+  const size_t bytes = size_t{1} << 30;
+  DeviceBuffer src(bytes), dst(bytes);
+  if (!src.ok() || !dst.ok()) return false;
+  BENCH_CHECK(FillUniform(src.get(), bytes / 4, false, -1, 1, 1, s));
+  double ms = 0;
+  if (!TimeMs([&](int) { return cudaMemcpyAsync(dst.get(), src.get(), bytes, cudaMemcpyDeviceToDevice, s) == cudaSuccess; },
+              1, quick ? 5 : 15, 3, s, &ms)) {
+    return false;
+  }
+  c->copy_tbs = 2.0 * bytes / (ms * 1e-3) / 1e12;
+  std::printf("copy D2D %zu MiB: %.3f ms -> %.3f TB/s (read + write)\n", bytes >> 20, ms, c->copy_tbs);
+
+  const int n = 8192;
+  DeviceBuffer A(size_t{n} * n * 2), B(size_t{n} * n * 2), C(size_t{n} * n * 2);
+  BENCH_CHECK(FillUniform(A.get(), int64_t{n} * n, true, -1, 1, 2, s));
+  BENCH_CHECK(FillUniform(B.get(), int64_t{n} * n, true, -1, 1, 3, s));
+  cublasHandle_t h;
+  if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) return false;
+  cublasSetStream(h, s);
+  const float alpha = 1.0f, beta = 0.0f;
+  auto gemm = [&](int) {
+    return cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, A.get(), CUDA_R_16BF, n,
+                        B.get(), CUDA_R_16BF, n, &beta, C.get(), CUDA_R_16BF, n,
+                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_SUCCESS;
+  };
+  if (!TimeMs(gemm, 1, quick ? 5 : 15, 3, s, &ms)) return false;
+  cublasDestroy(h);
+  c->gemm_tflops = 2.0 * n * n * double(n) / (ms * 1e-3) / 1e12;
+  std::printf("cuBLAS bf16 GEMM %d^3 (fp32 accumulate): %.3f ms -> %.1f TFLOP/s\n", n, ms, c->gemm_tflops);
+  return true;
+}
+
+struct Row {
+  std::string text;
+};
+
+bool BenchDecode(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row>* rows) {
+  const int64_t H = 32, K = 128, V = 128, P = 1024, Nmax = 256;
+  const int64_t state_elems = H * K * V;
+  DeviceBuffer pool(P * state_elems * 4), q(Nmax * H * K * 2), k(Nmax * H * K * 2),
+      v(Nmax * H * V * 2), f(Nmax * H * K * 2), b(Nmax * H * 2), o(Nmax * H * V * 2),
+      a_log(H * 4), dt_bias(H * K * 4);
+  if (!pool.ok()) return false;
+  BENCH_CHECK(FillUniform(pool.get(), P * state_elems, false, -0.3f, 0.3f, 10, s));
+  BENCH_CHECK(FillUniform(q.get(), Nmax * H * K, true, -1, 1, 11, s));
+  BENCH_CHECK(FillUniform(k.get(), Nmax * H * K, true, -1, 1, 12, s));
+  BENCH_CHECK(FillUniform(v.get(), Nmax * H * V, true, -1, 1, 13, s));
+  BENCH_CHECK(FillUniform(f.get(), Nmax * H * K, true, -3, 3, 14, s));
+  BENCH_CHECK(FillUniform(b.get(), Nmax * H, true, -3, 3, 15, s));
+  BENCH_CHECK(FillUniform(a_log.get(), H, false, 1, 16, 16, s, true));
+  BENCH_CHECK(FillUniform(dt_bias.get(), H * K, false, -1, 1, 17, s));
+  std::vector<int32_t> seq(P + Nmax);
+  for (size_t i = 0; i < seq.size(); ++i) seq[i] = static_cast<int32_t>(i % P);
+  DeviceBuffer slots(seq.size() * 4);
+  BENCH_CHECK(cudaMemcpy(slots.get(), seq.data(), slots.bytes(), cudaMemcpyHostToDevice));
+
+  KdaDecodeParams p;
+  p.num_heads = H;
+  p.num_slots = P;
+  p.q = q.get();
+  p.k = k.get();
+  p.v = v.get();
+  p.f = f.get();
+  p.b = b.get();
+  p.a_log = a_log.as<float>();
+  p.dt_bias = dt_bias.as<float>();
+  p.state_pool = pool.as<float>();
+  p.o = o.get();
+  std::printf("\n== decode: bf16 q/k/v/f/b, fp32 state in place (slot pool of %ld x 2 MiB), H=32, K=V=128\n",
+              static_cast<long>(P));
+  std::printf("%6s %12s %14s %10s\n", "N", "us/launch", "state GB/s", "% copy");
+  for (int64_t N : {1, 16, 64, 256}) {
+    p.num_seqs = p.num_tokens = N;
+    auto call = [&](int i) {
+      p.slots = slots.as<int32_t>() + (static_cast<int64_t>(i) * N) % P;
+      return KdaRecurrentDecode(p, s).ok();
+    };
+    double ms = 0;
+    const int per_batch = N <= 16 ? 200 : 20;
+    if (!TimeMs(call, per_batch, quick ? 5 : 11, 20, s, &ms)) return false;
+    const double bytes = 2.0 * N * state_elems * 4;
+    const double gbs = bytes / (ms * 1e-3) / 1e9;
+    std::printf("%6ld %12.2f %14.1f %9.1f%%\n", static_cast<long>(N), ms * 1e3, gbs,
+                100.0 * gbs / (c.copy_tbs * 1e3));
+    char buf[200];
+    std::snprintf(buf, sizeof(buf), "decode N=%-4ld (stream, back-to-back) | %8.2f us | %7.1f GB/s state | %5.1f%% of copy",
+                  static_cast<long>(N), ms * 1e3, gbs, 100.0 * gbs / (c.copy_tbs * 1e3));
+    rows->push_back({buf});
+  }
+  // N = 1 inside a CUDA graph: 256 captured launches on distinct slots (512 MiB, > L2).
+  {
+    const int G = 256;
+    p.num_seqs = p.num_tokens = 1;
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    BENCH_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    for (int i = 0; i < G; ++i) {
+      p.slots = slots.as<int32_t>() + i;
+      BENCH_STATUS(KdaRecurrentDecode(p, s));
+    }
+    BENCH_CHECK(cudaStreamEndCapture(s, &graph));
+    BENCH_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    double ms = 0;
+    if (!TimeMs([&](int) { return cudaGraphLaunch(exec, s) == cudaSuccess; }, 1, quick ? 5 : 21, 3, s, &ms)) {
+      return false;
+    }
+    const double us = ms * 1e3 / G;
+    std::printf("N=1 inside a CUDA graph (%d launches, distinct slots): %.2f us per layer (32 heads)\n", G, us);
+    char buf[200];
+    std::snprintf(buf, sizeof(buf), "decode N=1    (CUDA graph)           | %8.2f us | %7.1f GB/s state | %5.1f%% of copy",
+                  us, 2.0 * state_elems * 4 / (us * 1e-6) / 1e9,
+                  100.0 * (2.0 * state_elems * 4 / (us * 1e-6) / 1e12) / c.copy_tbs);
+    rows->push_back({buf});
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  }
+  return true;
+}
+
+bool BenchPrefill(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row>* rows) {
+  const int64_t H = 32, K = 128, V = 128;
+  const int64_t Tmax = quick ? 32768 : 131072;
+  DeviceBuffer q(Tmax * H * K * 2), k(Tmax * H * K * 2), v(Tmax * H * V * 2), f(Tmax * H * K * 2),
+      b(Tmax * H * 2), o(Tmax * H * V * 2), a_log(H * 4), dt_bias(H * K * 4),
+      pool(H * K * V * 4), slot(4), cu(16);
+  if (!q.ok() || !o.ok()) return false;
+  BENCH_CHECK(FillUniform(q.get(), Tmax * H * K, true, -1, 1, 21, s));
+  BENCH_CHECK(FillUniform(k.get(), Tmax * H * K, true, -1, 1, 22, s));
+  BENCH_CHECK(FillUniform(v.get(), Tmax * H * V, true, -1, 1, 23, s));
+  BENCH_CHECK(FillUniform(f.get(), Tmax * H * K, true, -3, 3, 24, s));
+  BENCH_CHECK(FillUniform(b.get(), Tmax * H, true, -3, 3, 25, s));
+  BENCH_CHECK(FillUniform(a_log.get(), H, false, 1, 16, 26, s, true));
+  BENCH_CHECK(FillUniform(dt_bias.get(), H * K, false, -1, 1, 27, s));
+  BENCH_CHECK(FillUniform(pool.get(), H * K * V, false, -0.3f, 0.3f, 28, s));
+  BENCH_CHECK(cudaMemset(slot.get(), 0, 4));
+
+  KdaChunkParams p;
+  p.num_seqs = 1;
+  p.num_heads = H;
+  p.num_slots = 1;
+  p.algo = KdaChunkAlgo::kTensorCore;
+  p.q = q.get();
+  p.k = k.get();
+  p.v = v.get();
+  p.f = f.get();
+  p.b = b.get();
+  p.a_log = a_log.as<float>();
+  p.dt_bias = dt_bias.as<float>();
+  p.cu_seqlens = cu.as<int64_t>();
+  p.slots = slot.as<int32_t>();
+  p.state_pool = pool.as<float>();
+  p.o = o.get();
+  p.num_tokens = Tmax;
+  DeviceBuffer ws(KdaChunkWorkspaceBytes(p));
+  if (!ws.ok()) return false;
+  std::printf("\n== prefill: tensor-core path, bf16, B=1, H=32, K=V=128, C=64 (workspace %.2f GB at T=%ld)\n",
+              ws.bytes() / 1e9, static_cast<long>(Tmax));
+  std::printf("%8s %9s %9s %9s %9s %10s %8s %10s %10s\n", "T", "ms", "intra ms", "state ms",
+              "Mtok/s", "TFLOP/s", "%GEMM", "TB/s(min)", "TB/s(all)");
+  cudaEvent_t e0, e1, e2;
+  BENCH_CHECK(cudaEventCreate(&e0));
+  BENCH_CHECK(cudaEventCreate(&e1));
+  BENCH_CHECK(cudaEventCreate(&e2));
+  for (int64_t T : {int64_t{8192}, int64_t{32768}, int64_t{131072}}) {
+    if (T > Tmax) continue;
+    const int64_t cu_h[2] = {0, T};
+    BENCH_CHECK(cudaMemcpy(cu.get(), cu_h, sizeof(cu_h), cudaMemcpyHostToDevice));
+    p.num_tokens = T;
+    const int reps = quick ? 3 : (T <= 8192 ? 21 : T <= 32768 ? 11 : 5);
+    std::vector<double> tot, intra, state;
+    for (int r = 0; r < reps + 2; ++r) {
+      BENCH_CHECK(cudaEventRecord(e0, s));
+      BENCH_CHECK(internal::LaunchChunkTc(p, ws.get(), s, e1));
+      BENCH_CHECK(cudaEventRecord(e2, s));
+      BENCH_CHECK(cudaEventSynchronize(e2));
+      if (r < 2) continue;  // warm-up
+      float a = 0, bb = 0;
+      BENCH_CHECK(cudaEventElapsedTime(&a, e0, e1));
+      BENCH_CHECK(cudaEventElapsedTime(&bb, e1, e2));
+      intra.push_back(a);
+      state.push_back(bb);
+      tot.push_back(a + bb);
+    }
+    const double ms = Median(tot), ms_i = Median(intra), ms_s = Median(state);
+    const double n = 64, chunks = std::ceil(T / 64.0);
+    const double flops = 2.0 * (2 * n * n * K + n * n * n / 6 + n * n * (K + V) + 3 * n * K * V + n * n * V) * chunks * H;
+    const double min_bytes = T * H * (3.0 * 128 * 2 + 128 * 2 + 2 + 128 * 2) + 2.0 * H * K * V * 4;
+    const double all_bytes = min_bytes + 2.0 * chunks * H * internal::kItemBytes;
+    const double tflops = flops / (ms * 1e-3) / 1e12;
+    const double tbs_min = min_bytes / (ms * 1e-3) / 1e12, tbs_all = all_bytes / (ms * 1e-3) / 1e12;
+    std::printf("%8ld %9.3f %9.3f %9.3f %9.2f %10.1f %7.1f%% %10.3f %10.3f\n", static_cast<long>(T), ms,
+                ms_i, ms_s, T / (ms * 1e-3) / 1e6, tflops, 100.0 * tflops / c.gemm_tflops, tbs_min, tbs_all);
+    char buf[260];
+    std::snprintf(buf, sizeof(buf),
+                  "prefill T=%-6ld | %8.3f ms (intra %.3f + state %.3f) | %6.2f Mtok/s | %5.1f TFLOP/s (%4.1f%% GEMM) | %5.3f TB/s min, %5.3f TB/s incl. workspace (%4.1f%% copy)",
+                  static_cast<long>(T), ms, ms_i, ms_s, T / (ms * 1e-3) / 1e6, tflops,
+                  100.0 * tflops / c.gemm_tflops, tbs_min, tbs_all, 100.0 * tbs_all / c.copy_tbs);
+    rows->push_back({buf});
+  }
+  // State-pass implementation: wgmma (default) vs mma.sync, T = 32K.
+  {
+    const int64_t T = std::min<int64_t>(32768, Tmax);
+    const int64_t cu_h[2] = {0, T};
+    BENCH_CHECK(cudaMemcpy(cu.get(), cu_h, sizeof(cu_h), cudaMemcpyHostToDevice));
+    p.num_tokens = T;
+    for (auto impl : {internal::TcStateImpl::kWgmma, internal::TcStateImpl::kMmaSync}) {
+      internal::SetTcStateImpl(impl);
+      std::vector<double> state;
+      for (int r = 0; r < (quick ? 3 : 7); ++r) {
+        BENCH_CHECK(internal::LaunchChunkTc(p, ws.get(), s, e1));
+        BENCH_CHECK(cudaEventRecord(e2, s));
+        BENCH_CHECK(cudaEventSynchronize(e2));
+        float bb = 0;
+        BENCH_CHECK(cudaEventElapsedTime(&bb, e1, e2));
+        if (r > 0) state.push_back(bb);
+      }
+      std::printf("state pass T=%ld, %s: %.3f ms\n", static_cast<long>(T),
+                  impl == internal::TcStateImpl::kWgmma ? "wgmma" : "mma.sync", Median(state));
+    }
+    internal::SetTcStateImpl(internal::TcStateImpl::kWgmma);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaEventDestroy(e2);
+  return true;
+}
+
+// --profile: two T = 8192 prefill calls and one N = 64 decode launch, for ncu.
+bool Profile() {
+  cudaStream_t s;
+  BENCH_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  const int64_t H = 32, K = 128, V = 128, T = 8192;
+  DeviceBuffer q(T * H * K * 2), k(T * H * K * 2), v(T * H * V * 2), f(T * H * K * 2),
+      b(T * H * 2), o(T * H * V * 2), a_log(H * 4), dt_bias(H * K * 4), pool(64 * H * K * V * 4),
+      slots(64 * 4), cu(16);
+  BENCH_CHECK(FillUniform(q.get(), T * H * K, true, -1, 1, 21, s));
+  BENCH_CHECK(FillUniform(k.get(), T * H * K, true, -1, 1, 22, s));
+  BENCH_CHECK(FillUniform(v.get(), T * H * V, true, -1, 1, 23, s));
+  BENCH_CHECK(FillUniform(f.get(), T * H * K, true, -3, 3, 24, s));
+  BENCH_CHECK(FillUniform(b.get(), T * H, true, -3, 3, 25, s));
+  BENCH_CHECK(FillUniform(a_log.get(), H, false, 1, 16, 26, s, true));
+  BENCH_CHECK(FillUniform(dt_bias.get(), H * K, false, -1, 1, 27, s));
+  BENCH_CHECK(FillUniform(pool.get(), 64 * H * K * V, false, -0.3f, 0.3f, 28, s));
+  std::vector<int32_t> sl(64);
+  for (int i = 0; i < 64; ++i) sl[i] = i;
+  BENCH_CHECK(cudaMemcpy(slots.get(), sl.data(), 256, cudaMemcpyHostToDevice));
+  const int64_t cu_h[2] = {0, T};
+  BENCH_CHECK(cudaMemcpy(cu.get(), cu_h, sizeof(cu_h), cudaMemcpyHostToDevice));
+  KdaChunkParams p;
+  p.num_seqs = 1;
+  p.num_tokens = T;
+  p.num_heads = H;
+  p.num_slots = 64;
+  p.q = q.get();
+  p.k = k.get();
+  p.v = v.get();
+  p.f = f.get();
+  p.b = b.get();
+  p.a_log = a_log.as<float>();
+  p.dt_bias = dt_bias.as<float>();
+  p.cu_seqlens = cu.as<int64_t>();
+  p.slots = slots.as<int32_t>();
+  p.state_pool = pool.as<float>();
+  p.o = o.get();
+  DeviceBuffer ws(KdaChunkWorkspaceBytes(p));
+  for (int i = 0; i < 2; ++i) BENCH_STATUS(KdaChunkPrefill(p, ws.get(), ws.bytes(), s));
+  KdaDecodeParams d;
+  d.num_seqs = d.num_tokens = 64;
+  d.num_heads = H;
+  d.num_slots = 64;
+  d.q = q.get();
+  d.k = k.get();
+  d.v = v.get();
+  d.f = f.get();
+  d.b = b.get();
+  d.a_log = a_log.as<float>();
+  d.dt_bias = dt_bias.as<float>();
+  d.slots = slots.as<int32_t>();
+  d.state_pool = pool.as<float>();
+  d.o = o.get();
+  BENCH_STATUS(KdaRecurrentDecode(d, s));
+  BENCH_CHECK(cudaStreamSynchronize(s));
+  std::printf("profile run done\n");
+  return true;
+}
+
+bool Run(bool quick) {
+  cudaDeviceProp prop;
+  BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s, %d SMs, L2 %d MB, %zu MiB\n", prop.name, prop.multiProcessorCount,
+              prop.l2CacheSize >> 20, prop.totalGlobalMem >> 20);
+  cudaStream_t s;
+  BENCH_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  Ceilings c;
+  std::vector<Row> rows;
+  if (!MeasureCeilings(s, quick, &c)) return false;
+  if (!BenchDecode(s, quick, c, &rows)) return false;
+  if (!BenchPrefill(s, quick, c, &rows)) return false;
+  std::printf("\n== summary (%s)\n", prop.name);
+  std::printf("ceiling: copy %.3f TB/s, cuBLAS bf16 GEMM %.1f TFLOP/s\n", c.copy_tbs, c.gemm_tflops);
+  for (const Row& r : rows) std::printf("%s\n", r.text.c_str());
+  cudaStreamDestroy(s);
+  return true;
+}
+
+}  // namespace
+}  // namespace kl::cuda
+
+int main(int argc, char** argv) {
+  bool quick = false, profile = false;
+  for (int i = 1; i < argc; ++i) {
+    quick |= std::strcmp(argv[i], "--quick") == 0;
+    profile |= std::strcmp(argv[i], "--profile") == 0;
+  }
+  if (!kl::cuda::testing::HasCudaDevice()) {
+    std::printf("kda_bench: no CUDA device\n");
+    return 0;
+  }
+  if (profile) return kl::cuda::Profile() ? 0 : 1;
+  return kl::cuda::Run(quick) ? 0 : 1;
+}

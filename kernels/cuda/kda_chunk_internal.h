@@ -1,0 +1,69 @@
+// Internals of the chunked KDA prefill shared by kda_chunk.cu (launcher, exact
+// path), kda_chunk_tc.cu (tensor-core path) and the benchmark. Not a public API.
+#ifndef KL_KERNELS_CUDA_KDA_CHUNK_INTERNAL_H_
+#define KL_KERNELS_CUDA_KDA_CHUNK_INTERNAL_H_
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/cuda/kda_chunk.h"
+
+namespace kl::cuda::internal {
+
+constexpr int kChunk = 64;  // C
+
+// Tensor-core path: per (chunk, head) "item" the intra kernel writes (bf16 unless
+// noted). The three 64 x 128 tiles and A are stored as 8 x 8 "core matrices" of 128
+// contiguous bytes (the no-swizzle wgmma operand layout, also conflict-free for
+// ldmatrix), so one bulk copy moves them and wgmma reads them in place:
+//   W  [64 r][128 d] = T diag(beta) (K o Gamma)   K-major: core (r/8, d/8) at ((r/8)*16 + d/8)*128
+//   QG [64 r][128 d] = Q o Gamma                  same layout (q normalised and scaled)
+//   KH [64 j][128 d] = K o exp(G_last - G)        MN-major: core (d/8, j/8) at ((d/8)*8 + j/8)*128,
+//                                                 each core row = one j, 8 consecutive d
+//   A  [64 r][64 j]  = tril(Q K^T o decay)        K-major: core at ((r/8)*8 + j/8)*128
+//   U  [2][64 r][72] = T diag(beta) V, two 64-column slices, row-major, padded rows
+//   EG [128] fp32    = exp(G_last)                (per-channel decay of the chunk)
+// with T = (I + L)^-1. Items are indexed chunk * H + head, chunks numbered over the
+// whole varlen batch (chunk_offsets[n] = first chunk of sequence n).
+constexpr size_t kItemW = 0;
+constexpr size_t kItemQG = kItemW + 64 * 128 * 2;
+constexpr size_t kItemKH = kItemQG + 64 * 128 * 2;
+constexpr size_t kItemA = kItemKH + 64 * 128 * 2;
+constexpr size_t kItemU = kItemA + 64 * 64 * 2;
+constexpr size_t kItemUSlice = 64 * 72 * 2;
+constexpr size_t kItemEG = kItemU + 2 * kItemUSlice;
+constexpr size_t kItemBytes = kItemEG + 128 * 4;  // 76,288
+
+// Upper bound of the number of chunks of a varlen batch (no device read needed).
+inline int64_t MaxChunks(int64_t num_tokens, int64_t num_seqs) {
+  return num_tokens / kChunk + num_seqs;
+}
+// Workspace: int32 chunk_offsets [N+1] (256-byte padded), then the items.
+inline size_t TcOffsetsBytes(int64_t num_seqs) {
+  return (static_cast<size_t>(num_seqs + 1) * 4 + 255) / 256 * 256;
+}
+inline size_t TcWorkspaceBytes(int64_t num_tokens, int64_t num_seqs, int64_t num_heads) {
+  return TcOffsetsBytes(num_seqs) +
+         static_cast<size_t>(MaxChunks(num_tokens, num_seqs)) * num_heads * kItemBytes;
+}
+
+// Launches the three kernels of the tensor-core path (chunk offsets, intra, state)
+// on `stream`. Preconditions checked by the caller: bf16, K = V = 128, sizes in
+// range. If `after_intra` is non-null it is recorded between the intra and state
+// kernels (benchmark phase timing).
+cudaError_t LaunchChunkTc(const KdaChunkParams& p, void* workspace, cudaStream_t stream,
+                          cudaEvent_t after_intra);
+
+// State-pass implementation of the tensor-core path: warpgroup MMA (wgmma, default) or
+// the mma.sync + ldmatrix kernel. Process-wide; for tests and the benchmark.
+enum class TcStateImpl { kWgmma = 0, kMmaSync = 1 };
+void SetTcStateImpl(TcStateImpl impl);
+
+// Exact fp32 SIMT path (any K <= 128, any V).
+cudaError_t LaunchChunkExact(const KdaChunkParams& p, cudaStream_t stream);
+
+}  // namespace kl::cuda::internal
+
+#endif  // KL_KERNELS_CUDA_KDA_CHUNK_INTERNAL_H_

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Runs the GPU suite ON the GPU machine, from the repo root:
+#   tools/gpu_run.sh [--quick]
+# - LD_LIBRARY_PATH=.bundle/lib (+ the toolkit's / PyTorch's cuBLAS, which is too
+#   large to bundle);
+# - every test binary in .bundle/bin (*_test: the bundle holds the gpu-tagged tests),
+#   then every benchmark (*_bench);
+# - kernels/cuda/bench_fla.py when fla wheels were carried in .whl/;
+# - one log per program plus summary.txt under $OUT (default ./gpu_logs).
+# Exit status: non-zero if any test failed.
+#
+# Build and bundle on the build machine (own output base, no convenience symlinks):
+#   tools/gpu_run.sh --bundle //kernels/cuda:kda_test //kernels/cuda:kda_bench
+# which copies the binaries and their non-system shared libraries (same exclusions
+# as tools/gpu_bundle.sh) into .bundle/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BUNDLE="${BUNDLE_DIR:-.bundle}"
+
+if [[ "${1:-}" == "--bundle" ]]; then
+  shift
+  set -e
+  base="${BAZEL_OUTPUT_BASE:-/root/.cache/bazel_cuda}"
+  bazel --output_base="$base" build -c opt --symlink_prefix=/ "$@" >&2
+  bin="$(bazel --output_base="$base" info -c opt bazel-bin 2>/dev/null)"
+  mkdir -p "$BUNDLE/bin" "$BUNDLE/lib"
+  skip='^(libc|libm|libstdc\+\+|libgcc_s|ld-linux|libpthread|libdl|librt|libcuda|libnccl|libnvidia|libcublas|libcublasLt)[.-]'
+  for t in "$@"; do
+    pkg="${t#//}"; name="${pkg##*:}"; pkg="${pkg%%:*}"
+    f="$bin/$pkg/$name"
+    [[ -f "$f" && -x "$f" ]] || { echo "not a binary: $t ($f)" >&2; exit 1; }
+    cp -f "$f" "$BUNDLE/bin/"
+    ldd "$f" | awk '/=> \//{print $3}' | while read -r lib; do
+      b=$(basename "$lib")
+      [[ "$b" =~ $skip ]] || cp -fL "$lib" "$BUNDLE/lib/$b"
+    done
+  done
+  chmod -R u+w "$BUNDLE"
+  du -sh "$BUNDLE" >&2
+  ls "$BUNDLE/bin" >&2
+  exit 0
+fi
+
+QUICK=()
+[[ "${1:-}" == "--quick" ]] && QUICK=(--quick)
+LOG="${OUT:-gpu_logs}"
+mkdir -p "$LOG"
+export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+if ! ldconfig -p 2>/dev/null | grep -q libcublas.so.13 && [[ ! -e /usr/local/cuda/lib64/libcublas.so.13 ]]; then
+  cublas_dir="$(python3 -c 'import nvidia.cublas, os; print(os.path.join(os.path.dirname(nvidia.cublas.__file__), "lib"))' 2>/dev/null || true)"
+  [[ -n "$cublas_dir" ]] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$cublas_dir"
+fi
+summary="$LOG/summary.txt"
+: > "$summary"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem \
+  --format=csv > "$LOG/gpu.txt" 2>&1 || true
+cat "$LOG/gpu.txt" | tee -a "$summary"
+
+rc=0
+for t in "$BUNDLE"/bin/*_test; do
+  [[ -x "$t" ]] || continue
+  n=$(basename "$t")
+  start=$SECONDS
+  if "$t" > "$LOG/$n.log" 2>&1; then status=PASS; else status=FAIL; rc=1; fi
+  echo "$status $n ($((SECONDS - start)) s)" | tee -a "$summary"
+  grep -E "^\s+(decode|chunk|prefill)|FAILED|Failure|error" "$LOG/$n.log" | head -60 | tee -a "$summary"
+done
+for b in "$BUNDLE"/bin/*_bench; do
+  [[ -x "$b" ]] || continue
+  n=$(basename "$b")
+  start=$SECONDS
+  "$b" "${QUICK[@]}" > "$LOG/$n.log" 2>&1 || { echo "FAIL $n" | tee -a "$summary"; rc=1; }
+  echo "== $n ($((SECONDS - start)) s)" | tee -a "$summary"
+  sed -n '/== summary/,$p' "$LOG/$n.log" | tee -a "$summary"
+done
+if [[ -f kernels/cuda/bench_fla.py ]] && compgen -G ".whl/*.whl" > /dev/null; then
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/fla_site .whl/*.whl > "$LOG/pip.log" 2>&1; then
+    start=$SECONDS
+    PYTHONPATH=/tmp/fla_site PYTHONUNBUFFERED=1 python3 kernels/cuda/bench_fla.py "${QUICK[@]}" \
+      > "$LOG/bench_fla.log" 2>&1 || echo "FAIL bench_fla.py" | tee -a "$summary"
+    echo "== bench_fla.py ($((SECONDS - start)) s)" | tee -a "$summary"
+    sed -n '/== fla summary/,$p' "$LOG/bench_fla.log" | tee -a "$summary"
+  else
+    echo "FAIL pip install of .whl (see pip.log)" | tee -a "$summary"
+  fi
+fi
+exit $rc
