@@ -4,7 +4,8 @@
 Counts GoogleTest cases from each test target's test.xml as listed in the BEP
 of *this* invocation (stale bazel-testlogs are never read). A test target
 without a usable test.xml counts as one case; a test target that produced no
-result (failed to build, aborted) counts as one failed case. With
+result counts as one failed case if it failed to build or was aborted, and as
+one skipped case if Bazel filtered it out (tag filters, e.g. the GPU tests). With
 --bazel-exit-code N, a non-zero N with no failed case adds one failure, so a
 red run never reads "0 failed" (e.g. a non-test target failed to build).
 Usage: bazel_test_summary.py BEP.json [--per-target] [--bazel-exit-code N]
@@ -83,7 +84,13 @@ def main():
     for label in sorted(test_labels):
         runs = results.get(label, {})
         if not runs:
-            F += 1
+            # A test target that never ran: skipped when Bazel filtered it out
+            # (e.g. --test_tag_filters=-gpu: no result, no summary, no build
+            # failure); failed when it did not build or was aborted.
+            if label in statuses:
+                F += 1
+            else:
+                S += 1
             if per_target:
                 print(f"{label}: {statuses.get(label, 'NO_STATUS')} (no result)", file=sys.stderr)
             continue
