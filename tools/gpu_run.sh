@@ -19,26 +19,7 @@ BUNDLE="${BUNDLE_DIR:-.bundle}"
 
 if [[ "${1:-}" == "--bundle" ]]; then
   shift
-  set -e
-  base="${BAZEL_OUTPUT_BASE:-/root/.cache/bazel_cuda}"
-  bazel --output_base="$base" build -c opt --symlink_prefix=/ "$@" >&2
-  bin="$(bazel --output_base="$base" info -c opt bazel-bin 2>/dev/null)"
-  mkdir -p "$BUNDLE/bin" "$BUNDLE/lib"
-  skip='^(libc|libm|libstdc\+\+|libgcc_s|ld-linux|libpthread|libdl|librt|libcuda|libnccl|libnvidia|libcublas|libcublasLt)[.-]'
-  for t in "$@"; do
-    pkg="${t#//}"; name="${pkg##*:}"; pkg="${pkg%%:*}"
-    f="$bin/$pkg/$name"
-    [[ -f "$f" && -x "$f" ]] || { echo "not a binary: $t ($f)" >&2; exit 1; }
-    cp -f "$f" "$BUNDLE/bin/"
-    ldd "$f" | awk '/=> \//{print $3}' | while read -r lib; do
-      b=$(basename "$lib")
-      [[ "$b" =~ $skip ]] || cp -fL "$lib" "$BUNDLE/lib/$b"
-    done
-  done
-  chmod -R u+w "$BUNDLE"
-  du -sh "$BUNDLE" >&2
-  ls "$BUNDLE/bin" >&2
-  exit 0
+  exec bash tools/gpu_bundle.sh "$@"
 fi
 
 QUICK=()
