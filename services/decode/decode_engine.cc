@@ -130,7 +130,12 @@ void DecodeEngine::Step(std::vector<Sequence*>& batch) {
     items.push_back(ForwardItem{&s->state, absl::MakeConstSpan(&s->next_input, 1), false});
   }
   ForwardOutput out;
+  const absl::Time step_start = absl::Now();
   const absl::Status fs = model_->Forward(absl::MakeSpan(items), &out);
+  if (options_.metrics != nullptr) {
+    options_.metrics->step_seconds.Observe(absl::ToDoubleSeconds(absl::Now() - step_start));
+    options_.metrics->batch_size.Observe(static_cast<double>(batch.size()));
+  }
   steps_.fetch_add(1);
   int64_t seen = max_batch_seen_.load();
   const int64_t size = static_cast<int64_t>(batch.size());

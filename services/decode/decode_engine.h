@@ -32,6 +32,7 @@
 #include "engine/model/model.h"
 #include "engine/sampling/sampler.h"
 #include "engine/state/sequence_state.h"
+#include "services/decode/decode_metrics.h"
 #include "services/decode/lease_manager.h"
 
 #include "services/decode/state_pool.h"
@@ -69,6 +70,8 @@ struct DecodeEngineOptions {
   int32_t eos_token_id = -1;
   // Where finished sequences' states go for reuse (optional, not owned).
   StatePool* state_pool = nullptr;
+  // Step time and batch size (optional, not owned; null: metrics off).
+  DecodeMetrics* metrics = nullptr;
 };
 
 struct DecodeEngineStats {

@@ -21,6 +21,7 @@ DecodeService::DecodeService(Model* model, uint64_t checkpoint_fingerprint,
   eo.state_pool = state_pool_.get();
   eo.max_batch = options_.max_batch > 0 ? options_.max_batch : options_.slots;
   eo.eos_token_id = static_cast<int32_t>(model_->config().eos_token_id);
+  eo.metrics = options_.metrics;
   engine_ = std::make_unique<DecodeEngine>(model_, leases_.get(), eo);
   stream_deps_.leases = leases_.get();
   stream_deps_.engine = engine_.get();
@@ -140,6 +141,41 @@ grpc::ServerUnaryReactor* DecodeService::Stats(grpc::CallbackServerContext* ctx,
   *response = Snapshot();
   reactor->Finish(grpc::Status::OK);
   return reactor;
+}
+
+void RegisterDecodeCallbacks(Metrics& m, const DecodeService* s) {
+  using Field = int64_t (v1::WorkerStats::*)() const;
+  auto get = [s](Field f) { return [s, f] { return static_cast<double>((s->Snapshot().*f)()); }; };
+  m.AddCallbackGauge("kl_state_slots_used", "State slots held by a lease.", {},
+                     get(&v1::WorkerStats::slots_used));
+  m.AddCallbackGauge("kl_state_slots_total", "State slots of this decode worker.", {},
+                     get(&v1::WorkerStats::slots_total));
+  m.AddCallbackGauge("kl_leases_active",
+                     "Leases granted whose state has not yet been handed to a decode stream "
+                     "(reserved or receiving the push).",
+                     {}, get(&v1::WorkerStats::leases_active));
+  m.AddCallbackGauge("kl_latent_rows_used", "MLA latent rows (tokens) held by leases.", {},
+                     get(&v1::WorkerStats::latent_rows_used));
+  m.AddCallbackGauge("kl_latent_cache_usage_perc",
+                     "Fraction (0..1) of --latent_rows in use; 0 when unbounded.", {}, [s] {
+                       const v1::WorkerStats w = s->Snapshot();
+                       return w.latent_rows_capacity() > 0
+                                  ? static_cast<double>(w.latent_rows_used()) /
+                                        static_cast<double>(w.latent_rows_capacity())
+                                  : 0.0;
+                     });
+  m.AddCallbackGauge("kl_state_transfers_in_flight", "State pushes in progress, by stage.",
+                     {{"stage", "decode"}}, get(&v1::WorkerStats::transfers_in_flight));
+  m.AddCallbackGauge("kl_num_requests_running", "Requests running, by stage.",
+                     {{"stage", "decode"}}, get(&v1::WorkerStats::running));
+  m.AddCallbackGauge("kl_num_requests_waiting", "Requests waiting, by stage.",
+                     {{"stage", "decode"}}, get(&v1::WorkerStats::waiting));
+  m.AddCallbackCounter("kl_state_integrity_failures_total",
+                       "Pushed states refused by verification (fingerprint, size, checksum).",
+                       {}, get(&v1::WorkerStats::integrity_failures));
+  m.AddCallbackCounter("kl_decode_requests_completed_total",
+                       "Sequences that finished on this worker (stop or length).", {},
+                       get(&v1::WorkerStats::requests_completed));
 }
 
 }  // namespace kl

@@ -24,6 +24,7 @@
 #include "absl/time/time.h"
 #include "engine/model/model.h"
 #include "proto/worker.grpc.pb.h"
+#include "services/common/metrics.h"
 #include "services/decode/decode_engine.h"
 #include "services/decode/state_pool.h"
 #include "services/decode/decode_stream.h"
@@ -40,6 +41,7 @@ struct DecodeServiceOptions {
   int64_t latent_rows_capacity = 0;    // 0 = unbounded
   absl::Duration reap_interval = absl::ZeroDuration();  // 0 = min(ttl / 4, 1 s)
   LeaseManager::Clock clock;           // tests; default absl::Now
+  DecodeMetrics* metrics = nullptr;    // null: metrics off; must outlive the service
 };
 
 class DecodeService final : public v1::Decode::CallbackService {
@@ -94,6 +96,10 @@ class DecodeService final : public v1::Decode::CallbackService {
   bool stop_reaper_ ABSL_GUARDED_BY(reap_mu_) = false;
   std::thread reaper_;
 };
+
+// Slot, lease, latent-cache, queue and integrity families read from
+// `service->Snapshot()` at scrape time.
+void RegisterDecodeCallbacks(Metrics& metrics, const DecodeService* service);
 
 }  // namespace kl
 

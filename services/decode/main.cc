@@ -15,6 +15,7 @@
 #include "absl/time/time.h"
 #include "engine/common/log.h"
 #include "engine/runtime/local_engine.h"
+#include "services/common/metrics.h"
 #include "services/common/server_util.h"
 #include "services/decode/decode_service.h"
 
@@ -26,6 +27,8 @@ ABSL_FLAG(int64_t, max_batch, 0, "sequences per decode step (0 = slots)");
 ABSL_FLAG(int, threads, 0, "CPU compute threads (0 = all cores)");
 ABSL_FLAG(int64_t, latent_rows, 0, "latent rows (tokens) all leases may reserve (0 = unbounded)");
 ABSL_FLAG(double, drain_grace_seconds, 30, "how long running streams may finish on SIGTERM");
+ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9403",
+          "host:port serving Prometheus text on /metrics (port 0: any free port); empty: off");
 
 namespace kl {
 namespace {
@@ -49,6 +52,19 @@ int Main() {
                  "--latent_rows >= 0\n");
     return 2;
   }
+  std::unique_ptr<Metrics> metrics;
+  std::unique_ptr<DecodeMetrics> decode_metrics;
+  if (const std::string listen = absl::GetFlag(FLAGS_metrics_listen); !listen.empty()) {
+    absl::StatusOr<std::unique_ptr<Metrics>> m = Metrics::Serve(listen);
+    if (!m.ok()) {
+      std::fprintf(stderr, "kl-decode: %s\n", m.status().ToString().c_str());
+      return m.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+    }
+    metrics = *std::move(m);
+    decode_metrics = std::make_unique<DecodeMetrics>(metrics->registry());
+    opts.metrics = decode_metrics.get();
+    KL_LOG(INFO).Field("listen", listen).Field("port", metrics->port()) << "metrics serving";
+  }
   LocalEngineOptions eo;
   eo.model_dir = absl::GetFlag(FLAGS_model);
   eo.threads = absl::GetFlag(FLAGS_threads);
@@ -66,6 +82,7 @@ int Main() {
     std::fprintf(stderr, "kl-decode: %s\n", server.status().ToString().c_str());
     return 1;
   }
+  if (metrics != nullptr) RegisterDecodeCallbacks(*metrics, service.get());
   server->SetServing(true);
   KL_LOG(INFO).Field("port", server->port).Field("slots", opts.slots) << "kl-decode serving";
 
@@ -78,6 +95,7 @@ int Main() {
     KL_LOG(WARNING) << "grace period over; cancelling streams";
   }
   server->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  if (metrics != nullptr) metrics->ClearCallbacks();
   service.reset();
   KL_LOG(INFO) << "kl-decode stopped";
   return 0;

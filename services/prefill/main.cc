@@ -16,6 +16,7 @@
 #include "absl/time/time.h"
 #include "engine/common/log.h"
 #include "engine/runtime/local_engine.h"
+#include "services/common/metrics.h"
 #include "services/common/server_util.h"
 #include "services/prefill/prefill_service.h"
 
@@ -26,6 +27,8 @@ ABSL_FLAG(int64_t, max_queue, 64, "queued requests before RESOURCE_EXHAUSTED");
 ABSL_FLAG(int, threads, 0, "CPU compute threads (0 = all cores)");
 ABSL_FLAG(std::string, bundle_dtype, "f32", "wire dtype of conv tails and MLA latents: f32|bf16");
 ABSL_FLAG(double, drain_grace_seconds, 30, "how long queued work may finish on SIGTERM");
+ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9402",
+          "host:port serving Prometheus text on /metrics (port 0: any free port); empty: off");
 
 namespace kl {
 namespace {
@@ -50,6 +53,19 @@ int Main() {
                  "kl-prefill: --model is required; --max_batch_tokens and --max_queue >= 1\n");
     return 2;
   }
+  std::unique_ptr<Metrics> metrics;
+  std::unique_ptr<PrefillMetrics> prefill_metrics;
+  if (const std::string listen = absl::GetFlag(FLAGS_metrics_listen); !listen.empty()) {
+    absl::StatusOr<std::unique_ptr<Metrics>> m = Metrics::Serve(listen);
+    if (!m.ok()) {
+      std::fprintf(stderr, "kl-prefill: %s\n", m.status().ToString().c_str());
+      return m.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+    }
+    metrics = *std::move(m);
+    prefill_metrics = std::make_unique<PrefillMetrics>(metrics->registry());
+    opts.metrics = prefill_metrics.get();
+    KL_LOG(INFO).Field("listen", listen).Field("port", metrics->port()) << "metrics serving";
+  }
   LocalEngineOptions eo;
   eo.model_dir = absl::GetFlag(FLAGS_model);
   eo.threads = absl::GetFlag(FLAGS_threads);
@@ -67,6 +83,7 @@ int Main() {
     std::fprintf(stderr, "kl-prefill: %s\n", server.status().ToString().c_str());
     return 1;
   }
+  if (metrics != nullptr) RegisterPrefillCallbacks(*metrics, service.get());
   server->SetServing(true);
   KL_LOG(INFO).Field("port", server->port).Field("max_batch_tokens", opts.max_batch_tokens)
       << "kl-prefill serving";
@@ -79,6 +96,7 @@ int Main() {
     KL_LOG(WARNING) << "grace period over; cancelling prefills";
   }
   server->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  if (metrics != nullptr) metrics->ClearCallbacks();
   service.reset();
   KL_LOG(INFO) << "kl-prefill stopped";
   return 0;

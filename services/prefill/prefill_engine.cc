@@ -146,6 +146,7 @@ std::shared_ptr<StatePusher> PrefillEngine::StartJob(const std::shared_ptr<Prefi
   const PrefillJob::Spec& spec = job->spec();
   job->started_ = absl::Now();
   job->result_.queue_seconds = absl::ToDoubleSeconds(job->started_ - job->enqueued_);
+  if (options_.metrics != nullptr) options_.metrics->queue_time.Observe(job->result_.queue_seconds);
   job->result_.num_tokens = static_cast<int64_t>(spec.tokens.size());
   job->state_ = std::make_shared<SequenceState>(model_->NewState());
   BundleMeta meta;
@@ -168,9 +169,19 @@ std::shared_ptr<StatePusher> PrefillEngine::StartJob(const std::shared_ptr<Prefi
   target.deadline = spec.deadline;
   // `done` holds the job until the push ends (the pusher drops it after the call).
   auto done = [this, job](absl::StatusOr<PushResult> push) {
+    PrefillMetrics* const m = options_.metrics;
     if (!push.ok()) {
+      if (m != nullptr) m->CountTransferFailure(push.status().code());
       job->Complete(push.status());
       return;
+    }
+    if (m != nullptr) {
+      m->kda_bytes.Increment(static_cast<double>(push->kda_bytes));
+      m->mla_bytes.Increment(static_cast<double>(push->mla_bytes));
+      m->other_bytes.Increment(static_cast<double>(push->bytes - push->kda_bytes - push->mla_bytes));
+      m->bundle_seconds.Observe(push->transfer_seconds);
+      m->kda_seconds.Observe(push->kda_seconds);
+      if (push->mla_bytes > 0) m->mla_seconds.Observe(push->mla_seconds);
     }
     // result_ was written before pusher->Finish(), which this follows.
     PrefillResult result = job->result_;
@@ -227,6 +238,11 @@ void PrefillEngine::RunBatch(const std::vector<std::shared_ptr<PrefillJob>>& bat
     }
   };
   ForwardOutput out;
+  if (options_.metrics != nullptr) {
+    int64_t n = 0;
+    for (const auto& job : jobs) n += static_cast<int64_t>(job->spec().tokens.size());
+    options_.metrics->batch_tokens.Observe(static_cast<double>(n));
+  }
   const absl::Status s = model_->Forward(absl::MakeSpan(items), &out, on_layer);
   forwards_.fetch_add(1);
   for (size_t i = 0; i < jobs.size(); ++i) {
@@ -262,6 +278,7 @@ void PrefillEngine::RunChunked(const std::shared_ptr<PrefillJob>& job) {
         pusher->ShipMlaRows(layer, ordinal_[layer], begin, end, /*copy_now=*/!last);
       }
     };
+    if (options_.metrics != nullptr) options_.metrics->batch_tokens.Observe(static_cast<double>(end - begin));
     const absl::Status s = model_->Forward(absl::MakeSpan(&item, 1), &out, on_layer);
     forwards_.fetch_add(1);
     if (!s.ok()) {
@@ -287,6 +304,7 @@ void PrefillEngine::FinishJob(PrefillJob& job, const std::vector<float>& last_lo
   Sampler sampler(job.spec().params, job.spec().sample_index);
   job.result_.token = sampler.Sample(last_logits.data(), model_->config().vocab_size);
   job.result_.prefill_seconds = absl::ToDoubleSeconds(absl::Now() - job.started_);
+  if (options_.metrics != nullptr) options_.metrics->prefill_time.Observe(job.result_.prefill_seconds);
   pusher->Finish();
 }
 

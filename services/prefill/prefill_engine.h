@@ -39,6 +39,7 @@
 #include "engine/sampling/sampler.h"
 #include "engine/state/bundle_writer.h"
 #include "services/prefill/channel_cache.h"
+#include "services/prefill/prefill_metrics.h"
 #include "services/prefill/state_pusher.h"
 
 namespace kl {
@@ -100,6 +101,7 @@ struct PrefillEngineOptions {
   int64_t max_queue = 64;
   BundleOptions bundle;                 // wire dtypes of the pushed state
   uint64_t checkpoint_fingerprint = 0;  // written into every bundle header
+  PrefillMetrics* metrics = nullptr;    // null: metrics off; must outlive the engine
 };
 
 struct PrefillEngineStats {

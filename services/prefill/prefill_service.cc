@@ -76,6 +76,7 @@ PrefillService::PrefillService(Model* model, uint64_t checkpoint_fingerprint,
   eo.bundle.conv_dtype = options.bundle_dtype;
   eo.bundle.mla_dtype = options.bundle_dtype;
   eo.checkpoint_fingerprint = checkpoint_fingerprint;
+  eo.metrics = options.metrics;
   engine_ = std::make_unique<PrefillEngine>(model_, eo);
 }
 

@@ -33,6 +33,7 @@ struct PrefillServiceOptions {
   // Wire dtype of conv tails and MLA latents (KDA states always go as F32):
   // F32 keeps the hand-off exact, BF16 halves those bytes.
   DType bundle_dtype = DType::kF32;
+  PrefillMetrics* metrics = nullptr;  // null: metrics off; must outlive the service
 };
 
 class PrefillService final : public v1::Prefill::CallbackService {

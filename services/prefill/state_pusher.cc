@@ -184,6 +184,8 @@ void StatePusher::Run() {
       closed = ok;
       break;
     }
+    const absl::Time item_start = absl::Now();
+    const int64_t bytes_before = result.bytes;
     absl::StatusOr<std::vector<BundleFrame>> frames = Serialize(item);
     if (!frames.ok()) {
       local = absl::InternalError(absl::StrCat("bundle writer: ", frames.status().message()));
@@ -192,6 +194,9 @@ void StatePusher::Run() {
     for (BundleFrame& f : *frames) {
       if (!(ok = send(std::move(f)))) break;
     }
+    const double item_seconds = absl::ToDoubleSeconds(absl::Now() - item_start);
+    (item.kda ? result.kda_bytes : result.mla_bytes) += result.bytes - bytes_before;
+    (item.kda ? result.kda_seconds : result.mla_seconds) += item_seconds;
   }
   if (!local.ok()) ctx_.TryCancel();
   const grpc::Status gs = stream->Finish();

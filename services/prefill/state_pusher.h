@@ -68,6 +68,12 @@ struct PushResult {
   int64_t frames = 0;
   int64_t bytes = 0;               // frame bytes sent
   double transfer_seconds = 0;     // first frame written -> decode worker acknowledged
+  // Split by kind (the rest of `bytes` is framing: header, final record), and
+  // the sender's time serialising + writing each kind's frames.
+  int64_t kda_bytes = 0;
+  int64_t mla_bytes = 0;
+  double kda_seconds = 0;
+  double mla_seconds = 0;
 };
 
 class StatePusher : public std::enable_shared_from_this<StatePusher> {

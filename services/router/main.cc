@@ -17,6 +17,7 @@
 #include "absl/flags/usage.h"
 #include "absl/time/time.h"
 #include "engine/common/log.h"
+#include "services/common/metrics.h"
 #include "services/common/server_util.h"
 #include "services/router/dns_resolver.h"
 #include "services/router/model_meta.h"
@@ -39,6 +40,8 @@ ABSL_FLAG(int, max_migrations, 3, "decode-worker moves after the first token");
 ABSL_FLAG(int, health_interval_ms, 1000, "worker health / Stats polling period");
 ABSL_FLAG(int, dns_interval_ms, 5000, "DNS re-resolution period");
 ABSL_FLAG(double, drain_grace_seconds, 30, "how long running streams may take on SIGTERM");
+ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9401",
+          "host:port serving Prometheus text on /metrics (port 0: any free port); empty: off");
 
 namespace kl {
 namespace {
@@ -89,6 +92,19 @@ int Main() {
     KL_LOG(ERROR) << options.status().message();
     return 2;
   }
+  std::unique_ptr<Metrics> metrics;
+  std::unique_ptr<RouterMetrics> router_metrics;
+  if (const std::string listen = absl::GetFlag(FLAGS_metrics_listen); !listen.empty()) {
+    absl::StatusOr<std::unique_ptr<Metrics>> m = Metrics::Serve(listen);
+    if (!m.ok()) {
+      KL_LOG(ERROR) << m.status().ToString();
+      return m.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+    }
+    metrics = *std::move(m);
+    router_metrics = std::make_unique<RouterMetrics>(metrics->registry());
+    options->metrics = router_metrics.get();
+    KL_LOG(INFO).Field("listen", listen).Field("port", metrics->port()) << "metrics serving";
+  }
   absl::StatusOr<std::unique_ptr<ModelMeta>> model = ModelMeta::Open(absl::GetFlag(FLAGS_model));
   if (!model.ok()) {
     KL_LOG(ERROR) << model.status().ToString();
@@ -107,6 +123,7 @@ int Main() {
     KL_LOG(ERROR) << server.status().ToString();
     return 1;
   }
+  if (metrics != nullptr) RegisterRouterCallbacks(*metrics, service->get());
   server->SetServing(true);
   KL_LOG(INFO).Field("listen", server_options.address).Field("port", server->port)
       << "kl-router serving";
@@ -116,6 +133,7 @@ int Main() {
   server->SetServing(false);
   const bool clean = (*service)->Drain(absl::Seconds(absl::GetFlag(FLAGS_drain_grace_seconds)));
   server->server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+  if (metrics != nullptr) metrics->ClearCallbacks();
   service->reset();
   KL_LOG(INFO).Field("all_finished", clean) << "kl-router stopped";
   return 0;

@@ -110,11 +110,15 @@ class RequestRun {
   bool finished_ = false;       // the final chunk went out
   bool first_sent_ = false;
   absl::Duration ttft_;
+  absl::Time last_write_;                   // of the last chunk with tokens (ITL)
+  FinishReason finish_ = FinishReason::kNone;
   int migrations_ = 0;
 };
 
 void RequestRun::Run() {
   ScopedRequestId rid(job_.request_id);
+  RouterMetrics* const m = r_.metrics;
+  if (m != nullptr) m->queue_time.Observe(absl::ToDoubleSeconds(absl::Now() - job_.received));
   const absl::Status s = FinalStatus(Generate());
   if (s.ok()) {
     r_.counters->completed.fetch_add(1, std::memory_order_relaxed);
@@ -124,6 +128,20 @@ void RequestRun::Run() {
     r_.counters->invalid.fetch_add(1, std::memory_order_relaxed);  // e.g. a too long text
   } else {
     r_.counters->failed.fetch_add(1, std::memory_order_relaxed);
+    if (m != nullptr) m->CountFailure(s.code());
+  }
+  if (m != nullptr) {
+    const absl::Duration e2e = absl::Now() - job_.received;
+    m->e2e.Observe(absl::ToDoubleSeconds(e2e));
+    if (s.ok()) {
+      (finish_ == FinishReason::kLength ? m->success_length
+       : finish_ == FinishReason::kNone ? m->success_abort
+                                        : m->success_stop)
+          .Increment();
+      if (generated() > 1) {
+        m->tpot.Observe(absl::ToDoubleSeconds(e2e - ttft_) / static_cast<double>(generated() - 1));
+      }
+    }
   }
   KL_LOG(INFO).Field("code", absl::StatusCodeToString(s.code()))
           .Field("prompt_tokens", prompt_.size()).Field("completion_tokens", generated_.size())
@@ -140,6 +158,7 @@ absl::Status RequestRun::Generate() {
   ASSIGN_OR_RETURN(prompt_, EncodePrompt(job_.request, tokenizer_, r_.limits));
   RETURN_IF_ERROR(CheckFitsContext(static_cast<int64_t>(prompt_.size()),
                                    job_.sampling.max_tokens, r_.limits));
+  if (r_.metrics != nullptr) r_.metrics->prompt_tokens.Increment(static_cast<double>(prompt_.size()));
   KL_LOG(INFO).Field("prompt_tokens", prompt_.size())
           .Field("max_tokens", job_.sampling.max_tokens)
           .Field("queued_s", absl::ToDoubleSeconds(absl::Now() - job_.received))
@@ -393,12 +412,14 @@ absl::Status RequestRun::FinishByWorker() {
 absl::Status RequestRun::WriteChunk(v1::GenerateResponse* chunk, FinishReason finish) {
   chunk->set_request_id(job_.request_id);
   const absl::Time now = absl::Now();
+  const bool first = !first_sent_;
   if (!first_sent_) {
     first_sent_ = true;
     ttft_ = now - job_.received;  // includes queueing, prefill and the state transfer
   }
   if (finish != FinishReason::kNone) {
     finished_ = true;
+    finish_ = finish;
     chunk->set_finish_reason(ToProto(finish));
     v1::Usage* u = chunk->mutable_usage();
     u->set_prompt_tokens(static_cast<int64_t>(prompt_.size()));
@@ -408,7 +429,18 @@ absl::Status RequestRun::WriteChunk(v1::GenerateResponse* chunk, FinishReason fi
     u->set_seed(job_.sampling.seed.value_or(0));
     u->set_migrations(migrations_);
   }
-  if (job_.call->Write(*chunk, job_.deadline)) return absl::OkStatus();
+  if (job_.call->Write(*chunk, job_.deadline)) {
+    if (r_.metrics != nullptr && chunk->token_ids_size() > 0) {
+      r_.metrics->generation_tokens.Increment(chunk->token_ids_size());
+      if (first) {
+        r_.metrics->ttft.Observe(absl::ToDoubleSeconds(ttft_));
+      } else {
+        r_.metrics->itl.Observe(absl::ToDoubleSeconds(now - last_write_));
+      }
+      last_write_ = now;
+    }
+    return absl::OkStatus();
+  }
   if (absl::Now() >= job_.deadline) return Interrupted();
   job_.cancel->Cancel(absl::CancelledError("the client went away"));
   return job_.cancel->reason();

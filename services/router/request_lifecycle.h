@@ -23,6 +23,7 @@
 #include "services/router/lease_releaser.h"
 #include "services/router/model_meta.h"
 #include "services/router/request_validation.h"
+#include "services/router/router_metrics.h"
 #include "services/router/router_stats.h"
 #include "services/router/worker_pool.h"
 
@@ -47,6 +48,7 @@ struct RouterContext {
   WorkerPool* decode = nullptr;
   LeaseReleaser* releaser = nullptr;
   RouterCounters* counters = nullptr;
+  RouterMetrics* metrics = nullptr;  // null: metrics off
   int retries = 3;         // extra worker-pair attempts before the first token
   int max_migrations = 3;  // decode-worker moves after the first token
 };

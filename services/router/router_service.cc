@@ -71,6 +71,7 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(
   c.decode = r->decode_.get();
   c.releaser = r->releaser_.get();
   c.counters = &r->counters_;
+  c.metrics = o.metrics;
   c.retries = o.retries;
   c.max_migrations = o.max_migrations;
   r->admission_ = std::make_unique<AdmissionQueue>(o.max_inflight, o.max_queue);

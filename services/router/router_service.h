@@ -41,6 +41,7 @@ struct RouterOptions {
   absl::Duration release_timeout = absl::Seconds(5);  // deadline of a Decode.Release
   WorkerPoolOptions prefill;       // role and fingerprint are set by Create
   WorkerPoolOptions decode;
+  RouterMetrics* metrics = nullptr;  // null: no Prometheus metrics; must outlive the service
 };
 
 class RouterService final : public v1::Generation::CallbackService {

@@ -9,6 +9,8 @@
 #include "absl/strings/match.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
+#include "services/common/metrics.h"
+#include "services/router/router_metrics.h"
 #include "services/router/router_test_util.h"
 
 namespace kl {
@@ -271,6 +273,42 @@ TEST_F(RouterServiceTest, RequestIdIsEchoedAndPropagated) {
 
 // Picks from many threads at once reserve load atomically: a burst spreads
 // evenly over equally loaded workers.
+// With metrics on, outcomes land in their families (README "Metrics").
+TEST(RouterMetricsTest, OutcomesAreCounted) {
+  std::unique_ptr<Metrics> metrics = Metrics::Unserved();
+  RouterMetrics m(metrics->registry());
+  RouterHarness h(1, 1);  // destroyed before the metrics
+  RouterOptions o = h.DefaultOptions();
+  o.metrics = &m;
+  h.StartRouter(o);
+  RegisterRouterCallbacks(*metrics, &h.service());
+
+  GenerateResult ok = h.Generate(TokenRequest(1, 4));
+  ASSERT_TRUE(ok.status.ok()) << ok.status.error_message();
+  v1::GenerateRequest bad = TokenRequest(1, 4);
+  bad.mutable_sampling()->set_temperature(-1);
+  EXPECT_EQ(h.Generate(bad).status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  h.prefill(0).prefill()->fail_code = grpc::StatusCode::OUT_OF_RANGE;  // not retried
+  h.prefill(0).prefill()->fail_next = 1;
+  EXPECT_EQ(h.Generate(TokenRequest(2, 4)).status.error_code(), grpc::StatusCode::OUT_OF_RANGE);
+
+  const std::string t = metrics->Text();
+  auto has = [&t](const std::string& line) {
+    EXPECT_TRUE(absl::StrContains(t, "\n" + line + "\n")) << line << "\n" << t;
+  };
+  has("kl_generation_tokens_total " + std::to_string(ok.tokens.size()));
+  has("kl_request_success_total{finished_reason=\"length\"} 1");
+  has("kl_request_failure_total{code=\"OUT_OF_RANGE\"} 1");
+  has("kl_rejections_total{reason=\"invalid\"} 1");
+  has("kl_time_to_first_token_seconds_count 1");
+  has("kl_e2e_request_latency_seconds_count 2");  // admitted: the good one and the failed one
+  has("kl_request_queue_time_seconds_count 2");
+  has("kl_time_per_output_token_seconds_count 1");
+  has("kl_num_requests_running{stage=\"router\"} 0");
+  has("kl_retries_total 0");
+  metrics->ClearCallbacks();
+}
+
 TEST(WorkerPoolTest, ConcurrentPicksSpread) {
   std::vector<std::unique_ptr<FakeWorkerServer>> workers;
   WorkerPoolOptions o;

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
+#include <iostream>
 #include <sstream>
 #include <thread>
 
@@ -18,6 +19,7 @@
 #include "engine/runtime/generator.h"
 #include "engine/runtime/local_engine.h"
 #include "proto/worker.grpc.pb.h"
+#include "services/common/http_get.h"
 #include "tools/kl/client.h"
 #include "tools/kl/local_cluster.h"
 #include "tools/make_checkpoint/maker.h"
@@ -277,6 +279,126 @@ TEST(Cluster, FullQueueIsRejectedAtOnceAndNoWorkerIsUnavailable) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   EXPECT_EQ(code, grpc::StatusCode::UNAVAILABLE);
+}
+
+// Prometheus text of one process's /metrics, fetched over a plain socket.
+std::string Scrape(const std::string& address) {
+  absl::StatusOr<HttpResponse> r = HttpGet(address, "/metrics");
+  EXPECT_TRUE(r.ok()) << address << ": " << r.status();
+  if (!r.ok()) return "";
+  EXPECT_EQ(r->status, 200) << r->headers;
+  return r->body;
+}
+
+// The value of the sample line `series` (name plus labels exactly as
+// prometheus-cpp writes them), or -1 when absent.
+double Sample(const std::string& text, const std::string& series) {
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.size() > series.size() && line.compare(0, series.size(), series) == 0 &&
+        line[series.size()] == ' ') {
+      return std::strtod(line.c_str() + series.size() + 1, nullptr);
+    }
+  }
+  return -1;
+}
+
+// `promtool check metrics` on the text when Debian's prometheus package is
+// installed; says so and passes otherwise.
+void PromtoolCheck(const std::string& text, const std::string& what) {
+  if (const char* out = std::getenv("TEST_UNDECLARED_OUTPUTS_DIR")) {  // kept for inspection
+    std::ofstream(std::string(out) + "/metrics_" + what + ".txt") << text;
+  }
+  const char* promtool = "/usr/bin/promtool";
+  if (access(promtool, X_OK) != 0) {
+    static bool said = false;
+    if (!said) std::cerr << "[ SKIPPED ] promtool check metrics: " << promtool
+                         << " not installed (Debian package prometheus)\n";
+    said = true;
+    return;
+  }
+  const std::string path = std::string(std::getenv("TEST_TMPDIR")) + "/scrape_" + what + ".txt";
+  std::ofstream(path) << text;
+  const std::string cmd = std::string(promtool) + " check metrics < " + path + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  std::string out;
+  char buf[512];
+  while (fgets(buf, sizeof(buf), p) != nullptr) out += buf;
+  const int rc = pclose(p);
+  EXPECT_EQ(rc, 0) << what << ": " << out;
+}
+
+TEST(Cluster, EveryProcessServesPrometheusMetricsThatAddUp) {
+  auto c = StartCluster(1, 2);
+  GenerationClient client(c->router_address());
+  const int n = 3;
+  int64_t streamed = 0, prompt_tokens = 0;
+  for (int i = 0; i < n; ++i) {
+    StreamResult r = client.Generate(Req(LongPrompt(10 + 40 * i, i), 10 + i, true), 60);
+    ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+    streamed += static_cast<int64_t>(r.tokens.size());
+    prompt_tokens += r.usage.prompt_tokens();
+  }
+  ASSERT_TRUE(DecodeIdle(*c, 2, 5));
+
+  const std::string router = Scrape(c->metrics_address(ClusterRole::kRouter));
+  PromtoolCheck(router, "router");
+  EXPECT_NE(router.find("# TYPE kl_time_to_first_token_seconds histogram"), std::string::npos)
+      << router;
+  EXPECT_NE(router.find("# HELP kl_generation_tokens_total"), std::string::npos);
+  EXPECT_EQ(Sample(router, "kl_generation_tokens_total"), streamed) << router;
+  EXPECT_EQ(Sample(router, "kl_prompt_tokens_total"), prompt_tokens);
+  EXPECT_EQ(Sample(router, "kl_time_to_first_token_seconds_count"), n);
+  EXPECT_GT(Sample(router, "kl_time_to_first_token_seconds_sum"), 0);
+  EXPECT_EQ(Sample(router, "kl_time_to_first_token_seconds_bucket{le=\"+Inf\"}"), n);
+  EXPECT_EQ(Sample(router, "kl_e2e_request_latency_seconds_count"), n);
+  EXPECT_EQ(Sample(router, "kl_request_queue_time_seconds_count"), n);
+  EXPECT_EQ(Sample(router, "kl_time_per_output_token_seconds_count"), n);
+  EXPECT_GT(Sample(router, "kl_inter_token_latency_seconds_count"), 0);
+  EXPECT_LE(Sample(router, "kl_inter_token_latency_seconds_count"), streamed - n);
+  EXPECT_EQ(Sample(router, "kl_request_success_total{finished_reason=\"length\"}"), n);
+  EXPECT_EQ(Sample(router, "kl_request_success_total{finished_reason=\"stop\"}"), 0);
+  EXPECT_EQ(Sample(router, "kl_num_requests_running{stage=\"router\"}"), 0);
+  EXPECT_EQ(Sample(router, "kl_num_requests_waiting{stage=\"router_queue\"}"), 0);
+  EXPECT_EQ(Sample(router, "kl_rejections_total{reason=\"queue_full\"}"), 0);
+  EXPECT_EQ(Sample(router, "kl_retries_total"), 0);
+  EXPECT_EQ(Sample(router, "kl_migrations_total"), 0);
+  EXPECT_EQ(Sample(router, "kl_cancellations_total"), 0);
+
+  const std::string prefill = Scrape(c->metrics_address(ClusterRole::kPrefill, 0));
+  PromtoolCheck(prefill, "prefill");
+  EXPECT_EQ(Sample(prefill, "kl_prefill_time_seconds_count"), n) << prefill;
+  EXPECT_EQ(Sample(prefill, "kl_prefill_queue_time_seconds_count"), n);
+  EXPECT_GE(Sample(prefill, "kl_prefill_batch_tokens_count"), 1);
+  EXPECT_EQ(Sample(prefill, "kl_prefill_batch_tokens_sum"), prompt_tokens);
+  EXPECT_GT(Sample(prefill, "kl_state_transfer_bytes_total{kind=\"kda_state\"}"), 0);
+  EXPECT_GT(Sample(prefill, "kl_state_transfer_bytes_total{kind=\"mla_latent\"}"), 0);
+  EXPECT_EQ(Sample(prefill, "kl_state_transfer_seconds_count{kind=\"bundle\"}"), n);
+  EXPECT_EQ(Sample(prefill, "kl_state_transfer_seconds_count{kind=\"kda_state\"}"), n);
+  EXPECT_EQ(Sample(prefill, "kl_num_requests_waiting{stage=\"prefill\"}"), 0);
+  EXPECT_EQ(Sample(prefill, "kl_state_transfers_in_flight{stage=\"prefill\"}"), 0);
+
+  double steps = 0, completed = 0;
+  for (int i = 0; i < 2; ++i) {
+    const std::string decode = Scrape(c->metrics_address(ClusterRole::kDecode, i));
+    PromtoolCheck(decode, "decode" + std::to_string(i));
+    EXPECT_EQ(Sample(decode, "kl_state_slots_used"), 0) << decode;
+    EXPECT_EQ(Sample(decode, "kl_state_slots_total"), 8);
+    EXPECT_EQ(Sample(decode, "kl_leases_active"), 0);
+    EXPECT_EQ(Sample(decode, "kl_latent_cache_usage_perc"), 0);
+    EXPECT_EQ(Sample(decode, "kl_state_integrity_failures_total"), 0);
+    EXPECT_EQ(Sample(decode, "kl_state_transfers_in_flight{stage=\"decode\"}"), 0);
+    EXPECT_EQ(Sample(decode, "kl_num_requests_running{stage=\"decode\"}"), 0);
+    EXPECT_EQ(Sample(decode, "kl_decode_batch_size_count"),
+              Sample(decode, "kl_decode_step_seconds_count"));
+    steps += Sample(decode, "kl_decode_step_seconds_count");
+    completed += Sample(decode, "kl_decode_requests_completed_total");
+  }
+  // Decode produces every token but the first (prefill samples it).
+  EXPECT_EQ(completed, n);
+  EXPECT_GE(steps, (streamed - n) / static_cast<double>(n));
 }
 
 TEST(Cluster, PythonClientStreamsUsingOnlyTheProtoFiles) {

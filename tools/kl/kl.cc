@@ -173,6 +173,17 @@ int RunLocal() {
     std::signal(SIGINT, [](int) { g_stop = true; });
     std::signal(SIGTERM, [](int) { g_stop = true; });
     std::fprintf(stderr, "[serving on %s; Ctrl-C stops]\n", (*cluster)->router_address().c_str());
+    std::fprintf(stderr, "[metrics: router http://%s/metrics",
+                 (*cluster)->metrics_address(ClusterRole::kRouter).c_str());
+    for (int i = 0; i < absl::GetFlag(FLAGS_prefill_workers); ++i) {
+      std::fprintf(stderr, ", prefill-%d http://%s/metrics", i,
+                   (*cluster)->metrics_address(ClusterRole::kPrefill, i).c_str());
+    }
+    for (int i = 0; i < absl::GetFlag(FLAGS_decode_workers); ++i) {
+      std::fprintf(stderr, ", decode-%d http://%s/metrics", i,
+                   (*cluster)->metrics_address(ClusterRole::kDecode, i).c_str());
+    }
+    std::fprintf(stderr, "]\n");
     while (!g_stop) std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
   (*cluster)->Stop();

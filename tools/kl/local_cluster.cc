@@ -110,22 +110,27 @@ absl::Status LocalCluster::Start() {
   std::vector<std::string> paddrs, daddrs;
   for (int i = 0; i < o_.prefill_workers; ++i) {
     Proc p{absl::StrCat("prefill-", i), Binary("kl-prefill"), {}, PickFreePort()};
-    p.args = {"--model=" + o_.model_dir, "--listen=" + Addr(p.port), threads};
+    p.metrics_port = PickFreePort();
+    p.args = {"--model=" + o_.model_dir, "--listen=" + Addr(p.port), threads,
+              "--metrics_listen=" + Addr(p.metrics_port)};
     p.args.insert(p.args.end(), o_.prefill_args.begin(), o_.prefill_args.end());
     paddrs.push_back(Addr(p.port));
     prefill_.push_back(p);
   }
   for (int i = 0; i < o_.decode_workers; ++i) {
     Proc p{absl::StrCat("decode-", i), Binary("kl-decode"), {}, PickFreePort()};
+    p.metrics_port = PickFreePort();
     p.args = {"--model=" + o_.model_dir, "--listen=" + Addr(p.port), threads,
-              absl::StrCat("--slots=", o_.decode_slots)};
+              absl::StrCat("--slots=", o_.decode_slots), "--metrics_listen=" + Addr(p.metrics_port)};
     p.args.insert(p.args.end(), o_.decode_args.begin(), o_.decode_args.end());
     daddrs.push_back(Addr(p.port));
     decode_.push_back(p);
   }
   router_ = Proc{"router", Binary("kl-router"), {}, PickFreePort()};
+  router_.metrics_port = PickFreePort();
   router_.args = {"--model=" + o_.model_dir, "--listen=" + Addr(router_.port),
-                  "--prefill=" + absl::StrJoin(paddrs, ","), "--decode=" + absl::StrJoin(daddrs, ",")};
+                  "--prefill=" + absl::StrJoin(paddrs, ","), "--decode=" + absl::StrJoin(daddrs, ","),
+                  "--metrics_listen=" + Addr(router_.metrics_port)};
   router_.args.insert(router_.args.end(), o_.router_args.begin(), o_.router_args.end());
   for (auto* group : {&prefill_, &decode_}) {
     for (auto& p : *group) {
@@ -139,6 +144,18 @@ absl::Status LocalCluster::Start() {
     }
   }
   return WaitServing(router_, o_.ready_timeout_seconds);
+}
+
+std::string LocalCluster::metrics_address(ClusterRole role, int i) const {
+  switch (role) {
+    case ClusterRole::kRouter:
+      return Addr(router_.metrics_port);
+    case ClusterRole::kPrefill:
+      return Addr(prefill_[i].metrics_port);
+    case ClusterRole::kDecode:
+      return Addr(decode_[i].metrics_port);
+  }
+  return "";
 }
 
 void LocalCluster::Signal(Proc& p, int sig) {

@@ -13,6 +13,8 @@
 
 namespace kl {
 
+enum class ClusterRole { kRouter, kPrefill, kDecode };
+
 struct LocalClusterOptions {
   std::string model_dir;
   int prefill_workers = 1;
@@ -43,6 +45,9 @@ class LocalCluster {
   std::string router_address() const { return Addr(router_.port); }
   std::string prefill_address(int i) const { return Addr(prefill_[i].port); }
   std::string decode_address(int i) const { return Addr(decode_[i].port); }
+  // host:port of a process's Prometheus /metrics (each child gets
+  // --metrics_listen=127.0.0.1:<free port>); `i` is ignored for the router.
+  std::string metrics_address(ClusterRole role, int i = 0) const;
 
   // Fault injection for tests.
   void KillDecode(int i, int sig = 9) { Signal(decode_[i], sig); }
@@ -57,6 +62,7 @@ class LocalCluster {
     std::vector<std::string> args;
     int port = 0;
     pid_t pid = -1;
+    int metrics_port = 0;
   };
   static std::string Addr(int port) { return "127.0.0.1:" + std::to_string(port); }
   absl::Status Spawn(Proc& p);

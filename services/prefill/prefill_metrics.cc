@@ -1,0 +1,53 @@
+#include "services/prefill/prefill_metrics.h"
+
+#include "services/prefill/prefill_service.h"
+
+namespace kl {
+namespace {
+constexpr char kBytesHelp[] =
+    "Bytes of StateBundle frames pushed to decode workers, by kind (KDA recurrent state and "
+    "conv tails, MLA latent rows, framing: header and final record).";
+constexpr char kSecondsHelp[] =
+    "State push time per request: kind=bundle from the first frame to the decode worker's "
+    "acknowledgement; kda_state / mla_latent the sender's time serialising and writing that "
+    "kind's frames (flow control included).";
+}  // namespace
+
+PrefillMetrics::PrefillMetrics(prometheus::Registry& r)
+    : prefill_time(AddHistogram(r, "kl_prefill_time_seconds",
+                                "Prefill compute per request: first forward to the sampled token.",
+                                buckets::Request())),
+      queue_time(AddHistogram(r, "kl_prefill_queue_time_seconds",
+                              "Time a prefill request waited in the worker's queue.",
+                              buckets::Request())),
+      batch_tokens(AddHistogram(r, "kl_prefill_batch_tokens", "Prompt tokens per prefill forward.",
+                                buckets::PowersOfTwo(20))),
+      kda_bytes(AddCounter(r, "kl_state_transfer_bytes_total", kBytesHelp, {{"kind", "kda_state"}})),
+      mla_bytes(AddCounter(r, "kl_state_transfer_bytes_total", kBytesHelp, {{"kind", "mla_latent"}})),
+      other_bytes(AddCounter(r, "kl_state_transfer_bytes_total", kBytesHelp, {{"kind", "framing"}})),
+      bundle_seconds(AddHistogram(r, "kl_state_transfer_seconds", kSecondsHelp,
+                                  buckets::Transfer(), {{"kind", "bundle"}})),
+      kda_seconds(AddHistogram(r, "kl_state_transfer_seconds", kSecondsHelp, buckets::Transfer(),
+                               {{"kind", "kda_state"}})),
+      mla_seconds(AddHistogram(r, "kl_state_transfer_seconds", kSecondsHelp, buckets::Transfer(),
+                               {{"kind", "mla_latent"}})),
+      failures_(prometheus::BuildCounter()
+                    .Name("kl_state_transfer_failures_total")
+                    .Help("State pushes that failed or were cancelled, by status code.")
+                    .Register(r)) {}
+
+void PrefillMetrics::CountTransferFailure(absl::StatusCode code) {
+  failures_.Add({{"code", absl::StatusCodeToString(code)}}).Increment();
+}
+
+void RegisterPrefillCallbacks(Metrics& m, const PrefillService* s) {
+  m.AddCallbackGauge("kl_num_requests_waiting", "Requests waiting, by stage.",
+                     {{"stage", "prefill"}}, [s] { return static_cast<double>(s->Snapshot().waiting()); });
+  m.AddCallbackGauge("kl_num_requests_running", "Requests running, by stage.",
+                     {{"stage", "prefill"}}, [s] { return static_cast<double>(s->Snapshot().running()); });
+  m.AddCallbackGauge("kl_state_transfers_in_flight", "State pushes in progress, by stage.",
+                     {{"stage", "prefill"}},
+                     [s] { return static_cast<double>(s->Snapshot().transfers_in_flight()); });
+}
+
+}  // namespace kl
