@@ -7,17 +7,6 @@
 #include "absl/strings/str_cat.h"
 
 namespace kl {
-namespace {
-
-uint64_t SplitMix64Next(uint64_t* state) {
-  uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-}  // namespace
-
 absl::Status ValidateSamplingParams(const SamplingParams& p, const SamplingLimits& lim) {
   auto bad = [](auto&&... parts) { return absl::InvalidArgumentError(absl::StrCat(parts...)); };
   if (!std::isfinite(p.temperature) || p.temperature < 0 || p.temperature > 100) {
@@ -62,15 +51,14 @@ int32_t Argmax(const float* v, int64_t n) {
 Sampler::Sampler(const SamplingParams& params) : params_(params) {
   seed_ = params.seed ? *params.seed : (static_cast<uint64_t>(std::random_device{}()) << 32) ^
                                            std::random_device{}();
-  rng_state_ = seed_;
+  rng_ = SplitMix64(seed_);
 }
 
 Sampler::Sampler(const SamplingParams& params, int64_t next_index) : Sampler(params) {
-  // SplitMix64's state advances by a constant per draw: skip ahead in O(1).
-  rng_state_ = seed_ + static_cast<uint64_t>(next_index) * 0x9E3779B97F4A7C15ull;
+  rng_.Skip(static_cast<uint64_t>(next_index));  // O(1): one draw per index
 }
 
-double Sampler::NextUniform() { return (SplitMix64Next(&rng_state_) >> 11) * 0x1.0p-53; }
+double Sampler::NextUniform() { return rng_.Uniform(); }
 
 int32_t Sampler::Sample(const float* logits, int64_t vocab) {
   if (params_.temperature == 0 || params_.top_k == 1) return Argmax(logits, vocab);

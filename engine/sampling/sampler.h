@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "kernels/common/splitmix64.h"
 
 namespace kl {
 
@@ -54,7 +55,7 @@ class Sampler {
   double NextUniform();
   SamplingParams params_;
   uint64_t seed_;
-  uint64_t rng_state_;
+  SplitMix64 rng_{0};
   std::vector<std::pair<float, int32_t>> scratch_;
 };
 

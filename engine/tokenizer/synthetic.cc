@@ -1,6 +1,8 @@
 // Synthetic Kimi-format tokenizer writer; see synthetic.h.
 #include "engine/tokenizer/synthetic.h"
 
+#include "kernels/common/splitmix64.h"
+
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
@@ -32,20 +34,11 @@ constexpr size_t kMaxFillTokenBytes = 16;
 
 // SplitMix64: tiny, fully specified, so vocabularies match across platforms
 // (std::uniform_int_distribution is implementation-defined).
-class Rng {
+class Rng : public SplitMix64 {
  public:
-  explicit Rng(uint64_t seed) : state_(seed) {}
-  uint64_t Next() {
-    uint64_t z = (state_ += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-  }
+  using SplitMix64::SplitMix64;
   size_t Below(size_t n) { return static_cast<size_t>(Next() % n); }
   bool Chance(int percent) { return Below(100) < static_cast<size_t>(percent); }
-
- private:
-  uint64_t state_;
 };
 
 template <size_t N>

@@ -9,34 +9,20 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/common/splitmix64.h"
+
 namespace kl::cpu::testing {
 
-// SplitMix64 (kda_test_vectors.md §1). With seed 42 the first three Normal()
-// draws are 0.8822489062222688, -0.4508498757188601, 0.1883526341159315.
-class SplitMix64 {
+// SplitMix64 (kda_test_vectors.md §1, kernels/common/splitmix64.h) with test
+// conveniences. With seed 42 the first three Normal() draws are
+// 0.8822489062222688, -0.4508498757188601, 0.1883526341159315.
+class SplitMix64 : public kl::SplitMix64 {
  public:
-  explicit SplitMix64(uint64_t seed) : state_(seed) {}
-
-  uint64_t Next() {
-    state_ += 0x9E3779B97F4A7C15ull;
-    uint64_t z = state_;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-
-  // Uniform in [0, 1) with 53 random bits.
-  double Uniform() { return static_cast<double>(Next() >> 11) * 0x1.0p-53; }
+  using kl::SplitMix64::SplitMix64;
+  using kl::SplitMix64::Uniform;
 
   // Uniform in [lo, hi).
   double Uniform(double lo, double hi) { return lo + (hi - lo) * Uniform(); }
-
-  // Standard normal from two consecutive uniforms (the sine branch is discarded).
-  double Normal() {
-    const double u1 = Uniform();
-    const double u2 = Uniform();
-    return std::sqrt(-2.0 * std::log(1.0 - u1)) * std::cos(2.0 * M_PI * u2);
-  }
 
   // n normals times `scale`, in draw order.
   std::vector<double> Normals(int64_t n, double scale = 1.0) {
@@ -44,9 +30,6 @@ class SplitMix64 {
     for (double& x : out) x = scale * Normal();
     return out;
   }
-
- private:
-  uint64_t state_;
 };
 
 inline std::vector<float> ToF32(const std::vector<double>& x) {

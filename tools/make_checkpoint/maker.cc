@@ -16,7 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "engine/checkpoint/checkpoint.h"
-#include "engine/checkpoint/random.h"
+#include "kernels/common/splitmix64.h"
 #include "engine/checkpoint/safetensors.h"
 #include "engine/common/log.h"
 #include "engine/tokenizer/synthetic.h"

@@ -1,9 +1,9 @@
 // SplitMix64: the project's deterministic generator for test data and random
-// checkpoints (spec kda_test_vectors.md §1), so C++ and Python cross-checks can
-// produce identical numbers. Lives here because the checkpoint maker is its main
-// user; header-only, no dependencies.
-#ifndef KL_ENGINE_CHECKPOINT_RANDOM_H_
-#define KL_ENGINE_CHECKPOINT_RANDOM_H_
+// checkpoints, synthetic tokenizers and seeded sampling (spec kda_test_vectors.md
+// §1), so C++ and Python cross-checks can produce identical numbers. The one copy
+// in the project; header-only, no dependencies.
+#ifndef KL_KERNELS_COMMON_SPLITMIX64_H_
+#define KL_KERNELS_COMMON_SPLITMIX64_H_
 
 #include <cmath>
 #include <cstdint>
@@ -51,4 +51,4 @@ class SplitMix64 {
 
 }  // namespace kl
 
-#endif  // KL_ENGINE_CHECKPOINT_RANDOM_H_
+#endif  // KL_KERNELS_COMMON_SPLITMIX64_H_

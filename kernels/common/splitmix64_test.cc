@@ -1,4 +1,4 @@
-#include "engine/checkpoint/random.h"
+#include "kernels/common/splitmix64.h"
 
 #include <vector>
 
