@@ -17,6 +17,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "engine/state/sequence_state.h"
 #include "kernels/common/dtype.h"
 
 namespace kl {
@@ -76,18 +77,25 @@ struct SeqSlice {
   int64_t pos = 0;        // tokens already in the sequence's state before this batch
 };
 
-// Per-sequence pointers into a KDA layer's state (backend memory).
+// Per-sequence pointers into a KDA layer's state (backend memory). Host-resident
+// states (the CPU backend): slot = -1 and the pointers address this sequence's
+// state. Slot-pool backends: the pointers are the layer's pool bases and `slot`
+// the sequence's row in them.
 struct KdaStateRef {
   float* recurrent = nullptr;  // [H][K][V] fp32
   float* conv_q = nullptr;     // [W-1][KdaDim]
   float* conv_k = nullptr;
   float* conv_v = nullptr;
+  int32_t slot = -1;
 };
 
 // Per-sequence latent cache of one MLA layer: rows [0, pos + rows) must fit;
 // the op writes the new rows at [pos, pos + rows). Row = [c (kv_lora_rank) ; k_pe].
+// Paged-cache backends: `rows` is the layer's page pool and `slot` the row of
+// the sequence's block table.
 struct MlaCacheRef {
   float* rows = nullptr;
+  int32_t slot = -1;
 };
 
 struct MlaDims {
@@ -117,6 +125,36 @@ class Backend {
   virtual std::string Name() const = 0;
   virtual bool Supports(Op op) const = 0;
 
+  // --- sequence state residency. The defaults (backend.cc) serve host-resident
+  // states: the SequenceState's own vectors. A device backend overrides all five.
+  //
+  // Makes every state usable by this backend before a Forward: a device backend
+  // adopts states it does not hold yet (allocates a slot, uploads the host
+  // vectors) and fails with RESOURCE_EXHAUSTED when out of slots. A state held
+  // by another backend is FAILED_PRECONDITION.
+  virtual absl::Status BindStates(const std::vector<SequenceState*>& states);
+  // Per-state references to KDA layer `kda_index` (states already bound).
+  virtual absl::Status KdaRefs(const std::vector<SequenceState*>& states, int64_t kda_index,
+                               std::vector<KdaStateRef>* refs);
+  // Per-state references to MLA layer `mla_index`, with room for each state's
+  // rows [0, seqs[i].pos + seqs[i].rows) (grows the cache; RESOURCE_EXHAUSTED
+  // when the backend is out of cache memory).
+  virtual absl::Status MlaRefs(const std::vector<SequenceState*>& states, int64_t mla_index,
+                               const std::vector<SeqSlice>& seqs, int64_t row_elems,
+                               std::vector<MlaCacheRef>* refs);
+  // Copies a bound state's device copy into its host vectors (for a StateBundle
+  // export); the device copy stays the state. No-op for host-resident states.
+  virtual absl::Status SyncStateToHost(SequenceState* s) { return absl::OkStatus(); }
+  // Gives a bound state's memory back now and makes the host vectors the state
+  // again (after SyncStateToHost, or on a failure). No-op for host states.
+  virtual absl::Status ReleaseState(SequenceState* s) { return absl::OkStatus(); }
+
+  // Brackets one Model::Forward: a device backend may reset its activation arena
+  // at Begin and, at End, wait for the queued work (End's status carries any
+  // asynchronous failure). Buffers from Alloc() must not outlive the Forward.
+  virtual absl::Status BeginForward() { return absl::OkStatus(); }
+  virtual absl::Status EndForward() { return absl::OkStatus(); }
+
   // --- memory
   virtual absl::StatusOr<Weight> UploadWeight(const HostTensor& t) = 0;
   virtual absl::StatusOr<Buffer> Alloc(int64_t elems) = 0;
@@ -131,6 +169,9 @@ class Backend {
   virtual absl::Status RmsNorm(const float* x, int64_t rows, int64_t dim, int64_t stride,
                                const Weight& w, double eps, float* y) = 0;
   virtual absl::Status Embedding(const int32_t* ids, int64_t n, const Weight& table, float* y) = 0;
+  // dst[j][0..dim) = src[rows[j]][0..dim) for a [*][dim] row-major src.
+  virtual absl::Status GatherRows(const float* src, int64_t dim, const std::vector<int64_t>& rows,
+                                  float* dst);
   // y += x (elementwise over n)
   virtual absl::Status Add(const float* x, int64_t n, float* y) = 0;
   // out[r][i] = silu(gate_up[r][i]) * gate_up[r][I + i] for a [rows][2I] input.

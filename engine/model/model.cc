@@ -23,7 +23,10 @@ absl::Status Model::Validate(absl::Span<ForwardItem> items) const {
     const ForwardItem& it = items[i];
     if (it.state == nullptr) return absl::InvalidArgumentError(absl::StrCat("item ", i, ": no state"));
     const SequenceState& s = *it.state;
-    if (static_cast<int64_t>(s.kda.size()) != c.NumKdaLayers() ||
+    if (s.device != nullptr) {
+      // Device-resident: the backend made it to this config's shapes and checks
+      // that it holds it (BindStates); the host vectors are only a snapshot.
+    } else if (static_cast<int64_t>(s.kda.size()) != c.NumKdaLayers() ||
         static_cast<int64_t>(s.mla.size()) != c.NumMlaLayers()) {
       return absl::InvalidArgumentError(absl::StrCat("item ", i, ": state has ", s.kda.size(),
                                                      " KDA and ", s.mla.size(),
@@ -31,6 +34,7 @@ absl::Status Model::Validate(absl::Span<ForwardItem> items) const {
                                                      " and ", c.NumMlaLayers()));
     }
     for (const auto& l : s.kda) {
+      if (s.device != nullptr) break;
       if (static_cast<int64_t>(l.recurrent.size()) != c.KdaStateElems() ||
           static_cast<int64_t>(l.conv_q.size()) != c.ConvTailElems() ||
           static_cast<int64_t>(l.conv_k.size()) != c.ConvTailElems() ||
@@ -39,6 +43,7 @@ absl::Status Model::Validate(absl::Span<ForwardItem> items) const {
       }
     }
     for (const auto& l : s.mla) {
+      if (s.device != nullptr) break;
       if (static_cast<int64_t>(l.latent.size()) < s.num_tokens * c.MlaLatentDim()) {
         return absl::InvalidArgumentError(absl::StrCat("item ", i, ": MLA cache shorter than ",
                                                        s.num_tokens, " tokens"));
@@ -61,6 +66,21 @@ absl::Status Model::Validate(absl::Span<ForwardItem> items) const {
 absl::Status Model::Forward(absl::Span<ForwardItem> items, ForwardOutput* out,
                             const LayerDoneCallback& on_layer_done) {
   RETURN_IF_ERROR(Validate(items));
+  std::vector<SequenceState*> states(items.size());
+  for (size_t i = 0; i < items.size(); ++i) states[i] = items[i].state;
+  RETURN_IF_ERROR(backend_->BeginForward());
+  absl::Status st = backend_->BindStates(states);
+  if (st.ok()) st = ForwardBound(items, states, out, on_layer_done);
+  absl::Status end = backend_->EndForward();
+  if (!st.ok()) return st;
+  if (!end.ok()) return end;
+  for (size_t i = 0; i < items.size(); ++i) items[i].state->num_tokens += items[i].tokens.size();
+  return absl::OkStatus();
+}
+
+absl::Status Model::ForwardBound(absl::Span<ForwardItem> items,
+                                 const std::vector<SequenceState*>& states, ForwardOutput* out,
+                                 const LayerDoneCallback& on_layer_done) {
   const auto& c = config_;
   const int64_t D = c.hidden_size;
   // Pack the batch: rows of item i are [seqs[i].row_begin, + rows).
@@ -87,9 +107,9 @@ absl::Status Model::Forward(absl::Span<ForwardItem> items, ForwardOutput* out,
     const LayerWeights& L = weights_.layers[l];
     RETURN_IF_ERROR(be->RmsNorm(x.data(), rows, D, D, L.input_norm, c.rms_norm_eps, h.data()));
     if (c.IsKda(l)) {
-      RETURN_IF_ERROR(KdaLayer(l, kda_index++, h.data(), rows, items, seqs, a.data()));
+      RETURN_IF_ERROR(KdaLayer(l, kda_index++, h.data(), rows, states, seqs, a.data()));
     } else {
-      RETURN_IF_ERROR(MlaLayer(l, mla_index++, h.data(), rows, items, seqs, a.data()));
+      RETURN_IF_ERROR(MlaLayer(l, mla_index++, h.data(), rows, states, seqs, a.data()));
     }
     if (on_layer_done) on_layer_done(l);
     RETURN_IF_ERROR(be->Add(a.data(), rows * D, x.data()));
@@ -97,7 +117,6 @@ absl::Status Model::Forward(absl::Span<ForwardItem> items, ForwardOutput* out,
     RETURN_IF_ERROR(Ffn(l, h.data(), rows, a.data()));
     RETURN_IF_ERROR(be->Add(a.data(), rows * D, x.data()));
   }
-  for (size_t i = 0; i < items.size(); ++i) items[i].state->num_tokens += seqs[i].rows;
 
   // Final norm + lm_head on the rows that need logits.
   std::vector<int64_t> want;  // packed row indices
@@ -110,13 +129,9 @@ absl::Status Model::Forward(absl::Span<ForwardItem> items, ForwardOutput* out,
     }
   }
   const int64_t nw = static_cast<int64_t>(want.size());
-  std::vector<float> host_rows(nw * D), row(D);
-  for (int64_t j = 0; j < nw; ++j) {
-    RETURN_IF_ERROR(be->Download(x.data() + want[j] * D, D, host_rows.data() + j * D));
-  }
   ASSIGN_OR_RETURN(Buffer sel, be->Alloc(nw * D));
   ASSIGN_OR_RETURN(Buffer logits, be->Alloc(nw * c.vocab_size));
-  RETURN_IF_ERROR(be->Upload(host_rows.data(), nw * D, sel.data()));
+  RETURN_IF_ERROR(be->GatherRows(x.data(), D, want, sel.data()));
   RETURN_IF_ERROR(be->RmsNorm(sel.data(), nw, D, D, weights_.final_norm, c.rms_norm_eps,
                               sel.data()));
   RETURN_IF_ERROR(be->Linear(sel.data(), nw, weights_.lm_head, logits.data()));
@@ -133,8 +148,8 @@ absl::Status Model::Forward(absl::Span<ForwardItem> items, ForwardOutput* out,
 }
 
 absl::Status Model::KdaLayer(int64_t layer, int64_t kda_index, const float* h, int64_t rows,
-                             absl::Span<ForwardItem> items, const std::vector<SeqSlice>& seqs,
-                             float* out) {
+                             const std::vector<SequenceState*>& states,
+                             const std::vector<SeqSlice>& seqs, float* out) {
   const auto& c = config_;
   const KdaLayerWeights& w = weights_.layers[layer].kda;
   const int64_t KD = c.KdaDim(), K = c.kda_head_dim, H = c.kda_num_heads;
@@ -155,11 +170,8 @@ absl::Status Model::KdaLayer(int64_t layer, int64_t kda_index, const float* h, i
   RETURN_IF_ERROR(be->Linear(h, rows, w.b, b.data()));
   RETURN_IF_ERROR(be->Linear(h, rows, w.g_a, low.data()));
   RETURN_IF_ERROR(be->Linear(low.data(), rows, w.g_b, z.data()));
-  std::vector<KdaStateRef> refs(items.size());
-  for (size_t i = 0; i < items.size(); ++i) {
-    KdaLayerState& st = items[i].state->kda[kda_index];
-    refs[i] = {st.recurrent.data(), st.conv_q.data(), st.conv_k.data(), st.conv_v.data()};
-  }
+  std::vector<KdaStateRef> refs;
+  RETURN_IF_ERROR(be->KdaRefs(states, kda_index, &refs));
   const KdaOpWeights ow{&w.conv_q, &w.conv_k, &w.conv_v, &w.a_log, &w.dt_bias};
   RETURN_IF_ERROR(be->KdaMix(q.data(), k.data(), v.data(), f.data(), b.data(), seqs, refs, ow, H,
                              K, c.short_conv_kernel_size, options_.kda_chunk, o.data()));
@@ -169,8 +181,8 @@ absl::Status Model::KdaLayer(int64_t layer, int64_t kda_index, const float* h, i
 }
 
 absl::Status Model::MlaLayer(int64_t layer, int64_t mla_index, const float* h, int64_t rows,
-                             absl::Span<ForwardItem> items, const std::vector<SeqSlice>& seqs,
-                             float* out) {
+                             const std::vector<SequenceState*>& states,
+                             const std::vector<SeqSlice>& seqs, float* out) {
   const auto& c = config_;
   const MlaLayerWeights& w = weights_.layers[layer].mla;
   const int64_t H = c.num_attention_heads, lat = c.MlaLatentDim();
@@ -183,12 +195,8 @@ absl::Status Model::MlaLayer(int64_t layer, int64_t mla_index, const float* h, i
   // c = RMSNorm(c_raw) in place on the first kv_lora_rank columns of each row.
   RETURN_IF_ERROR(be->RmsNorm(kv.data(), rows, c.kv_lora_rank, lat, w.kv_a_norm,
                               c.mla_kv_norm_eps, kv.data()));
-  std::vector<MlaCacheRef> caches(items.size());
-  for (size_t i = 0; i < items.size(); ++i) {
-    MlaLayerCache& mc = items[i].state->mla[mla_index];
-    mc.latent.resize((seqs[i].pos + seqs[i].rows) * lat);
-    caches[i].rows = mc.latent.data();
-  }
+  std::vector<MlaCacheRef> caches;
+  RETURN_IF_ERROR(be->MlaRefs(states, mla_index, seqs, lat, &caches));
   const MlaDims d{H, c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim};
   RETURN_IF_ERROR(be->MlaAttention(q.data(), kv.data(), seqs, caches, d, w.kv_b, attn.data()));
   return be->Linear(attn.data(), rows, w.o, out);

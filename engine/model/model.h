@@ -63,6 +63,12 @@ class Model {
   absl::Status Forward(absl::Span<ForwardItem> items, ForwardOutput* out,
                        const LayerDoneCallback& on_layer_done = nullptr);
 
+  // Device backends keep states in device memory: copy one into its host vectors
+  // (before exporting a StateBundle), or give its device memory back. No-ops on
+  // the CPU backend.
+  absl::Status SyncStateToHost(SequenceState* s) { return backend_->SyncStateToHost(s); }
+  absl::Status ReleaseState(SequenceState* s) { return backend_->ReleaseState(s); }
+
   // A fresh, zero state for a new sequence.
   SequenceState NewState() const { return SequenceState::Zero(config_); }
 
@@ -70,12 +76,16 @@ class Model {
   Model(const ModelConfig& config, const ModelOptions& options, Backend* backend)
       : config_(config), options_(options), backend_(backend) {}
   absl::Status Validate(absl::Span<ForwardItem> items) const;
+  // Forward after the states are bound and the backend's forward has begun.
+  absl::Status ForwardBound(absl::Span<ForwardItem> items,
+                            const std::vector<SequenceState*>& states, ForwardOutput* out,
+                            const LayerDoneCallback& on_layer_done);
   absl::Status KdaLayer(int64_t layer, int64_t kda_index, const float* h, int64_t rows,
-                        absl::Span<ForwardItem> items, const std::vector<SeqSlice>& seqs,
-                        float* out);
+                        const std::vector<SequenceState*>& states,
+                        const std::vector<SeqSlice>& seqs, float* out);
   absl::Status MlaLayer(int64_t layer, int64_t mla_index, const float* h, int64_t rows,
-                        absl::Span<ForwardItem> items, const std::vector<SeqSlice>& seqs,
-                        float* out);
+                        const std::vector<SequenceState*>& states,
+                        const std::vector<SeqSlice>& seqs, float* out);
   absl::Status Ffn(int64_t layer, const float* h, int64_t rows, float* out);
 
   ModelConfig config_;

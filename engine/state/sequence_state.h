@@ -12,6 +12,7 @@
 #define KL_ENGINE_STATE_SEQUENCE_STATE_H_
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "engine/config/model_config.h"
@@ -29,10 +30,23 @@ struct MlaLayerCache {
   std::vector<float> latent;  // [num_tokens][MlaLatentDim], appended per token
 };
 
+// Where a device backend keeps a sequence's state (its slot in the backend's
+// state pools and its latent pages). Owned through SequenceState::device; the
+// destructor gives the memory back to the backend, which must outlive it.
+struct StateResidency {
+  virtual ~StateResidency() = default;
+  const void* owner = nullptr;  // the backend that holds the state
+};
+
 struct SequenceState {
   int64_t num_tokens = 0;            // tokens already consumed (prompt + generated)
   std::vector<KdaLayerState> kda;    // one per KDA layer, in layer order
   std::vector<MlaLayerCache> mla;    // one per MLA layer, in layer order
+  // Set while the state lives in a device backend's memory (Backend::BindStates):
+  // the device copy is then the state, and kda / mla above are only a snapshot
+  // as of the adoption or the last Backend::SyncStateToHost. Null: the host
+  // vectors are the state (the CPU backend). Copies of a SequenceState share it.
+  std::shared_ptr<StateResidency> device;
 
   // A zero state of the right shapes for `config` (a fresh sequence).
   static SequenceState Zero(const ModelConfig& config);

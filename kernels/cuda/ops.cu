@@ -1,0 +1,337 @@
+// Element-wise and row-wise kernels of the forward (ops.h). Memory-bound and
+// simple by design: one thread per element (grid-stride), one block or warp per
+// row for the norms, with double accumulation in the reductions so they agree
+// with the CPU oracle (which also sums in double) to rounding.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/ops.h"
+
+namespace kl::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+inline unsigned Blocks(int64_t n, int64_t per_block = kThreads) {
+  const int64_t b = (n + per_block - 1) / per_block;
+  return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(b, 1), 1 << 20));
+}
+
+__device__ __forceinline__ float SigmoidF(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ double WarpSum(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Block-wide sum of one double per thread; every thread gets the result.
+__device__ double BlockSum(double v) {
+  __shared__ double part[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = WarpSum(v);
+  __syncthreads();  // `part` may still be read by a previous call
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  const int nw = (blockDim.x + 31) >> 5;
+  double s = lane < nw ? part[lane] : 0.0;
+  return WarpSum(s);
+}
+
+template <class T>
+__device__ __forceinline__ float ToF(T v);
+template <>
+__device__ __forceinline__ float ToF<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float ToF<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <class T>
+__global__ void EmbeddingKernel(const int32_t* ids, const T* table, int64_t vocab, int64_t dim,
+                                float* y) {
+  const int64_t i = blockIdx.x;
+  const int32_t id = ids[i];
+  float* yr = y + i * dim;
+  if (id < 0 || id >= vocab) {
+    for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) yr[c] = 0.0f;
+    return;
+  }
+  const T* tr = table + static_cast<int64_t>(id) * dim;
+  for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) yr[c] = ToF(tr[c]);
+}
+
+__global__ void RmsNormKernel(const float* x, int64_t dim, int64_t stride, const float* w,
+                              float eps, float* y) {
+  const float* xr = x + blockIdx.x * stride;
+  float* yr = y + blockIdx.x * stride;
+  double ss = 0;
+  for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) ss += static_cast<double>(xr[c]) * xr[c];
+  ss = BlockSum(ss);
+  const float inv = static_cast<float>(1.0 / sqrt(ss / dim + static_cast<double>(eps)));
+  for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) yr[c] = w[c] * (xr[c] * inv);
+}
+
+// One warp per (row, head).
+__global__ void GatedRmsNormKernel(const float* o, const float* z, int64_t groups, int64_t dim,
+                                   const float* w, float eps, float* y) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+       g < groups; g += warps) {
+  const float* orow = o + g * dim;
+  const float* zrow = z + g * dim;
+  float* yrow = y + g * dim;
+  double ss = 0;
+  for (int64_t j = lane; j < dim; j += 32) ss += static_cast<double>(orow[j]) * orow[j];
+  ss = WarpSum(ss);
+  const float inv = static_cast<float>(1.0 / sqrt(ss / dim + static_cast<double>(eps)));
+  for (int64_t j = lane; j < dim; j += 32) yrow[j] = orow[j] * inv * w[j] * SigmoidF(zrow[j]);
+  }
+}
+
+__global__ void AddKernel(const float* x, int64_t n, float* y) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    y[i] += x[i];
+  }
+}
+
+__global__ void SwiGluKernel(const float* gate, const float* up, int64_t n, float* out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float g = gate[i];
+    out[i] = g * SigmoidF(g) * up[i];
+  }
+}
+
+__global__ void F32ToBf16Kernel(const float* x, int64_t n, __nv_bfloat16* y) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    y[i] = __float2bfloat16_rn(x[i]);
+  }
+}
+
+__global__ void Bf16ToF32Kernel(const __nv_bfloat16* x, int64_t n, float* y) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    y[i] = __bfloat162float(x[i]);
+  }
+}
+
+__global__ void GatherRowsKernel(const float* src, int64_t src_stride, int64_t dim,
+                                 const int64_t* rows, float* dst) {
+  const float* s = src + rows[blockIdx.x] * src_stride;
+  float* d = dst + static_cast<int64_t>(blockIdx.x) * dim;
+  for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) d[c] = s[c];
+}
+
+// Sequence of packed token t: the s with cu[s] <= t < cu[s+1] (binary search).
+__device__ __forceinline__ int64_t SeqOf(const int64_t* cu, int64_t n, int64_t t) {
+  int64_t lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) >> 1;
+    if (cu[mid] <= t) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// One thread per (token, channel).
+__global__ void ShortConvKernel(const ShortConvVarlenParams p) {
+  const int64_t C = p.channels, W = p.width;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       idx < p.num_tokens * C; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  const int64_t t = idx / C, c = idx % C;
+  const int64_t s = SeqOf(p.cu_seqlens, p.num_seqs, t);
+  const int64_t begin = p.cu_seqlens[s], i = t - begin;
+  const int32_t slot = p.slots[s];
+  const float* tail =
+      (slot >= 0 && slot < p.num_slots) ? p.tail_pool + static_cast<int64_t>(slot) * (W - 1) * C
+                                        : nullptr;
+  float acc = 0.0f;
+  for (int64_t j = 0; j < W; ++j) {
+    const int64_t src = i - (W - 1) + j;  // relative to the sequence's first new token
+    float xv = 0.0f;
+    if (src >= 0) {
+      xv = p.x[(begin + src) * C + c];
+    } else if (tail != nullptr) {
+      xv = tail[(W - 1 + src) * C + c];
+    }
+    acc += p.w[c * W + j] * xv;
+  }
+  p.out[idx] = acc * SigmoidF(acc);
+  }
+}
+
+// One thread per (sequence, channel): the new tail = last W-1 rows of [tail; x].
+__global__ void ShortConvTailKernel(const ShortConvVarlenParams p) {
+  const int64_t C = p.channels, W = p.width;
+  if (W < 2) return;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       idx < p.num_seqs * C; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  const int64_t s = idx / C, c = idx % C;
+  const int32_t slot = p.slots[s];
+  const int64_t begin = p.cu_seqlens[s], len = p.cu_seqlens[s + 1] - begin;
+  if (slot < 0 || slot >= p.num_slots || len == 0) continue;
+  float* tail = p.tail_pool + static_cast<int64_t>(slot) * (W - 1) * C;
+  float v[7];
+  for (int64_t j = 0; j < W - 1; ++j) {
+    const int64_t at = len + j;  // index into [tail (W-1 rows); x (len rows)]
+    v[j] = at < W - 1 ? tail[at * C + c] : p.x[(begin + at - (W - 1)) * C + c];
+  }
+  for (int64_t j = 0; j < W - 1; ++j) tail[j * C + c] = v[j];
+  }
+}
+
+__global__ void MlaCopyQPeKernel(const float* q, int64_t rows, int64_t heads, int64_t nope,
+                                 int64_t rope, int64_t lora, float* qcat) {
+  const int64_t n = rows * heads * rope;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t rh = i / rope, j = i % rope;
+    qcat[rh * (lora + rope) + lora + j] = q[rh * (nope + rope) + nope + j];
+  }
+}
+
+__global__ void MlaBuildKvKernel(const float* kv, const float* latent, int64_t rows,
+                                 int64_t heads, int64_t nope, int64_t v_dim, int64_t lora,
+                                 int64_t rope, float* k, float* v) {
+  const int64_t qk = nope + rope, kvh = nope + v_dim;
+  const int64_t per_head = qk + v_dim;
+  const int64_t n = rows * heads * per_head;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t rh = i / per_head, j = i % per_head;
+    const int64_t r = rh / heads, h = rh % heads;
+    if (j < nope) {
+      k[rh * qk + j] = kv[rh * kvh + j];
+    } else if (j < qk) {
+      k[rh * qk + j] = latent[r * (lora + rope) + lora + (j - nope)];
+    } else {
+      v[rh * v_dim + (j - qk)] = kv[(r * heads + h) * kvh + nope + (j - qk)];
+    }
+  }
+}
+
+}  // namespace
+
+absl::Status EmbeddingGather(const int32_t* ids, int64_t n, const void* table, DType table_dtype,
+                             int64_t vocab, int64_t dim, float* y, cudaStream_t stream) {
+  if (n < 0 || dim <= 0 || vocab <= 0) return absl::InvalidArgumentError("EmbeddingGather: shape");
+  if (n == 0) return absl::OkStatus();
+  if (table_dtype == DType::kF32) {
+    EmbeddingKernel<float><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
+        ids, static_cast<const float*>(table), vocab, dim, y);
+  } else if (table_dtype == DType::kBF16) {
+    EmbeddingKernel<__nv_bfloat16><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
+        ids, static_cast<const __nv_bfloat16*>(table), vocab, dim, y);
+  } else {
+    return absl::InvalidArgumentError("EmbeddingGather: table dtype must be f32 or bf16");
+  }
+  return CudaStatus(cudaGetLastError(), "EmbeddingGather");
+}
+
+absl::Status RmsNormRows(const float* x, int64_t rows, int64_t dim, int64_t stride,
+                         const float* w, float eps, float* y, cudaStream_t stream) {
+  if (rows < 0 || dim <= 0 || stride < dim) return absl::InvalidArgumentError("RmsNormRows: shape");
+  if (rows == 0) return absl::OkStatus();
+  const int threads = dim >= 1024 ? 512 : (dim >= 256 ? 256 : 128);
+  RmsNormKernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, dim, stride, w, eps, y);
+  return CudaStatus(cudaGetLastError(), "RmsNormRows");
+}
+
+absl::Status GatedRmsNormRows(const float* o, const float* z, int64_t rows, int64_t heads,
+                              int64_t dim, const float* w, float eps, float* y,
+                              cudaStream_t stream) {
+  if (rows < 0 || heads <= 0 || dim <= 0) return absl::InvalidArgumentError("GatedRmsNorm: shape");
+  const int64_t groups = rows * heads;
+  if (groups == 0) return absl::OkStatus();
+  GatedRmsNormKernel<<<Blocks(groups, kThreads / 32), kThreads, 0, stream>>>(o, z, groups, dim, w,
+                                                                             eps, y);
+  return CudaStatus(cudaGetLastError(), "GatedRmsNorm");
+}
+
+absl::Status AddInPlace(const float* x, int64_t n, float* y, cudaStream_t stream) {
+  if (n < 0) return absl::InvalidArgumentError("AddInPlace: n < 0");
+  if (n == 0) return absl::OkStatus();
+  AddKernel<<<Blocks(n), kThreads, 0, stream>>>(x, n, y);
+  return CudaStatus(cudaGetLastError(), "AddInPlace");
+}
+
+absl::Status SwiGluElementwise(const float* gate, const float* up, int64_t n, float* out,
+                               cudaStream_t stream) {
+  if (n < 0) return absl::InvalidArgumentError("SwiGlu: n < 0");
+  if (n == 0) return absl::OkStatus();
+  SwiGluKernel<<<Blocks(n), kThreads, 0, stream>>>(gate, up, n, out);
+  return CudaStatus(cudaGetLastError(), "SwiGlu");
+}
+
+absl::Status F32ToBf16(const float* x, int64_t n, void* y, cudaStream_t stream) {
+  if (n < 0) return absl::InvalidArgumentError("F32ToBf16: n < 0");
+  if (n == 0) return absl::OkStatus();
+  F32ToBf16Kernel<<<Blocks(n), kThreads, 0, stream>>>(x, n, static_cast<__nv_bfloat16*>(y));
+  return CudaStatus(cudaGetLastError(), "F32ToBf16");
+}
+
+absl::Status Bf16ToF32(const void* x, int64_t n, float* y, cudaStream_t stream) {
+  if (n < 0) return absl::InvalidArgumentError("Bf16ToF32: n < 0");
+  if (n == 0) return absl::OkStatus();
+  Bf16ToF32Kernel<<<Blocks(n), kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), n, y);
+  return CudaStatus(cudaGetLastError(), "Bf16ToF32");
+}
+
+absl::Status GatherRowsF32(const float* src, int64_t src_stride, int64_t dim, const int64_t* rows,
+                           int64_t n, float* dst, cudaStream_t stream) {
+  if (n < 0 || dim <= 0 || src_stride < dim) return absl::InvalidArgumentError("GatherRows: shape");
+  if (n == 0) return absl::OkStatus();
+  GatherRowsKernel<<<static_cast<unsigned>(n), kThreads, 0, stream>>>(src, src_stride, dim, rows,
+                                                                       dst);
+  return CudaStatus(cudaGetLastError(), "GatherRows");
+}
+
+absl::Status ShortConvVarlen(const ShortConvVarlenParams& p, cudaStream_t stream) {
+  if (p.num_seqs < 0 || p.num_tokens < 0 || p.channels <= 0 || p.width < 1 || p.width > 8 ||
+      p.num_slots < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("ShortConvVarlen: bad shape (N=", p.num_seqs,
+                                                   " T=", p.num_tokens, " C=", p.channels,
+                                                   " W=", p.width, ")"));
+  }
+  if (p.num_seqs == 0 || p.num_tokens == 0) return absl::OkStatus();
+  if (p.x == nullptr || p.w == nullptr || p.cu_seqlens == nullptr || p.slots == nullptr ||
+      p.out == nullptr || (p.num_slots > 0 && p.tail_pool == nullptr)) {
+    return absl::InvalidArgumentError("ShortConvVarlen: null pointer");
+  }
+  ShortConvKernel<<<Blocks(p.num_tokens * p.channels), kThreads, 0, stream>>>(p);
+  KL_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  if (p.width > 1 && p.num_slots > 0) {
+    ShortConvTailKernel<<<Blocks(p.num_seqs * p.channels), kThreads, 0, stream>>>(p);
+    KL_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status MlaCopyQPe(const float* q, int64_t rows, int64_t heads, int64_t nope, int64_t rope,
+                        int64_t lora, float* qcat, cudaStream_t stream) {
+  if (rows < 0 || heads <= 0 || nope < 0 || rope < 0 || lora <= 0) {
+    return absl::InvalidArgumentError("MlaCopyQPe: shape");
+  }
+  if (rows == 0 || rope == 0) return absl::OkStatus();
+  MlaCopyQPeKernel<<<Blocks(rows * heads * rope), kThreads, 0, stream>>>(q, rows, heads, nope,
+                                                                         rope, lora, qcat);
+  return CudaStatus(cudaGetLastError(), "MlaCopyQPe");
+}
+
+absl::Status MlaBuildKv(const float* kv, const float* latent, int64_t rows, int64_t heads,
+                        int64_t nope, int64_t v_dim, int64_t lora, int64_t rope, float* k,
+                        float* v, cudaStream_t stream) {
+  if (rows < 0 || heads <= 0 || nope < 0 || v_dim <= 0 || lora <= 0 || rope < 0) {
+    return absl::InvalidArgumentError("MlaBuildKv: shape");
+  }
+  if (rows == 0) return absl::OkStatus();
+  MlaBuildKvKernel<<<Blocks(rows * heads * (nope + rope + v_dim)), kThreads, 0, stream>>>(
+      kv, latent, rows, heads, nope, v_dim, lora, rope, k, v);
+  return CudaStatus(cudaGetLastError(), "MlaBuildKv");
+}
+
+}  // namespace kl::cuda
