@@ -62,7 +62,11 @@ class PrefillDecodeTest : public ::testing::Test {
     PrefillServiceOptions po;
     po.max_batch_tokens = kMaxBatchTokens;
     prefill_ = StartPrefillWorker(kTinySeed, po);
-    decode_ = StartDecodeWorker(kTinySeed, DecodeServiceOptions());
+    // Leases outlive the slowest queued prefill here (a 16K-token prompt on a
+    // loaded 2-core CI machine can take longer than the 30 s default).
+    DecodeServiceOptions dopts;
+    dopts.lease_ttl = absl::Minutes(5);
+    decode_ = StartDecodeWorker(kTinySeed, dopts);
     ASSERT_NE(prefill_, nullptr);
     ASSERT_NE(decode_, nullptr);
   }
