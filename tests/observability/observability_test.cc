@@ -313,6 +313,13 @@ class ObservabilityTest : public ::testing::Test {
     s = prometheus_->Start(config, Tmp() + "/tsdb", LogDir() + "/prometheus.log");
     ASSERT_TRUE(s.ok()) << s;
     SendTraffic();
+    ready_ = !::testing::Test::HasFailure();
+  }
+
+  // A failed set-up (reported above) fails every test instead of letting it
+  // query a server that is not there.
+  void SetUp() override {
+    if (!ready_) GTEST_FAIL() << "the cluster / Prometheus set-up failed; see the first failure";
   }
 
   static void TearDownTestSuite() {
@@ -403,11 +410,13 @@ class ObservabilityTest : public ::testing::Test {
   static LocalCluster* cluster_;
   static PrometheusServer* prometheus_;
   static Traffic traffic_;
+  static bool ready_;
 };
 
 LocalCluster* ObservabilityTest::cluster_ = nullptr;
 PrometheusServer* ObservabilityTest::prometheus_ = nullptr;
 Traffic ObservabilityTest::traffic_;
+bool ObservabilityTest::ready_ = false;
 
 TEST_F(ObservabilityTest, PrometheusScrapesEveryProcessAndCountsTheTraffic) {
   const Traffic& t = traffic_;
