@@ -3,6 +3,8 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "engine/common/log.h"
+#include "services/common/request_context.h"
 #include "services/common/status_util.h"
 #include "services/decode/worker_codec.h"
 
@@ -97,19 +99,29 @@ grpc::ServerUnaryReactor* DecodeService::Reserve(grpc::CallbackServerContext* ct
                                                  const v1::ReserveRequest* request,
                                                  v1::ReserveResponse* response) {
   auto* reactor = ctx->DefaultReactor();
+  const std::string request_id =
+      request->request_id().empty() ? RequestIdOf(*ctx) : request->request_id();
+  ScopedRequestId rid(request_id);
   const int64_t context = model_->config().model_max_length;
   if (request->max_total_tokens() > context) {
+    KL_LOG(INFO).Field("max_total_tokens", request->max_total_tokens())
+        << "reserve refused: exceeds the model's context";
     reactor->Finish(grpc::Status(
         grpc::StatusCode::INVALID_ARGUMENT,
         absl::StrCat("max_total_tokens ", request->max_total_tokens(),
                      " exceeds the model's context of ", context, " tokens")));
     return reactor;
   }
-  absl::StatusOr<LeaseGrant> grant =
-      leases_->Reserve(request->request_id(), request->max_total_tokens());
+  absl::StatusOr<LeaseGrant> grant = leases_->Reserve(request_id, request->max_total_tokens());
   if (grant.ok()) {
     response->set_lease_id(grant->lease_id);
     response->set_ttl_seconds(absl::ToDoubleSeconds(grant->ttl));
+    KL_LOG(INFO).Field("lease", grant->lease_id)
+            .Field("max_total_tokens", request->max_total_tokens())
+        << "lease reserved";
+  } else {
+    KL_LOG(INFO).Field("code", absl::StatusCodeToString(grant.status().code()))
+        << "reserve refused: " << grant.status().message();
   }
   reactor->Finish(ToGrpcStatus(grant.status()));
   return reactor;
@@ -119,6 +131,8 @@ grpc::ServerUnaryReactor* DecodeService::Release(grpc::CallbackServerContext* ct
                                                  const v1::ReleaseRequest* request,
                                                  v1::ReleaseResponse* /*response*/) {
   auto* reactor = ctx->DefaultReactor();
+  ScopedRequestId rid(RequestIdOf(*ctx));
+  KL_LOG(DEBUG).Field("lease", request->lease_id()) << "lease release requested";
   leases_->Release(request->lease_id());  // idempotent: unknown ids are fine
   reactor->Finish(grpc::Status::OK);
   return reactor;
@@ -148,7 +162,7 @@ void RegisterDecodeCallbacks(Metrics& m, const DecodeService* s) {
   auto get = [s](Field f) { return [s, f] { return static_cast<double>((s->Snapshot().*f)()); }; };
   m.AddCallbackGauge("kl_state_slots_used", "State slots held by a lease.", {},
                      get(&v1::WorkerStats::slots_used));
-  m.AddCallbackGauge("kl_state_slots_total", "State slots of this decode worker.", {},
+  m.AddCallbackGauge("kl_state_slots_capacity", "State slots of this decode worker (--slots).", {},
                      get(&v1::WorkerStats::slots_total));
   m.AddCallbackGauge("kl_leases_active",
                      "Leases granted whose state has not yet been handed to a decode stream "

@@ -3,6 +3,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "engine/common/log.h"
+#include "services/common/request_context.h"
 #include "services/common/status_util.h"
 #include "services/decode/worker_codec.h"
 
@@ -23,7 +25,8 @@ class DecodeReactor final : public grpc::ServerWriteReactor<v1::DecodeResponse> 
   std::shared_ptr<DecodeCall> call_;
 };
 
-absl::StatusOr<DecodeSpec> SpecFromRequest(const v1::DecodeRequest& r, int64_t vocab_size) {
+absl::StatusOr<DecodeSpec> SpecFromRequest(const v1::DecodeRequest& r, int64_t vocab_size,
+                                           std::string request_id) {
   if (r.lease_id().empty()) return absl::InvalidArgumentError("lease_id is empty");
   if (r.max_new_tokens() < 1) {
     return absl::InvalidArgumentError(
@@ -42,7 +45,7 @@ absl::StatusOr<DecodeSpec> SpecFromRequest(const v1::DecodeRequest& r, int64_t v
   if (!params.ok()) return params.status();
   spec.params = *std::move(params);
   spec.lease_id = r.lease_id();
-  spec.request_id = r.request_id();
+  spec.request_id = std::move(request_id);
   spec.last_token = r.last_token();
   spec.next_index = r.next_index();
   spec.max_new_tokens = r.max_new_tokens();
@@ -55,13 +58,20 @@ grpc::ServerWriteReactor<v1::DecodeResponse>* StartDecodeCall(grpc::CallbackServ
                                                               const v1::DecodeRequest& request,
                                                               const DecodeStreamDeps& deps) {
   auto* reactor = new DecodeReactor();
-  absl::StatusOr<DecodeSpec> spec = SpecFromRequest(request, deps.vocab_size);
+  std::string request_id = request.request_id().empty() ? RequestIdOf(*ctx) : request.request_id();
+  ScopedRequestId rid(request_id);
+  absl::StatusOr<DecodeSpec> spec = SpecFromRequest(request, deps.vocab_size, request_id);
   if (!spec.ok()) {
+    KL_LOG(INFO).Field("code", absl::StatusCodeToString(spec.status().code()))
+        << "decode refused: " << spec.status().message();
     reactor->Finish(ToGrpcStatus(spec.status()));
     // OnCancel may still fire: forward it to an already-ended call (no lease).
     reactor->set_call(std::make_shared<DecodeCall>(ctx, nullptr, DecodeSpec(), deps));
     return reactor;
   }
+  KL_LOG(DEBUG).Field("lease", spec->lease_id).Field("next_index", spec->next_index)
+          .Field("max_new_tokens", spec->max_new_tokens)
+      << "decode stream opened";
   auto call = std::make_shared<DecodeCall>(ctx, reactor, *std::move(spec), deps);
   reactor->set_call(call);
   call->Start();
@@ -114,6 +124,7 @@ void DecodeCall::Emit(int32_t token, int64_t index, bool finished) {
     if (end_.has_value() || last_queued_) return;
     if (pending_.empty()) pending_index_ = index;
     pending_.push_back(token);
+    ++emitted_;
     last_queued_ = finished;
     next = NextLocked();
   }
@@ -123,12 +134,16 @@ void DecodeCall::Emit(int32_t token, int64_t index, bool finished) {
 void DecodeCall::End(const absl::Status& status) {
   Next next;
   bool unstick = false;
+  absl::Status ended;
+  int64_t emitted = 0;
   {
     absl::MutexLock l(&mu_);
     if (end_.has_value()) return;
     StopWaitingLocked();
     // A revoked lease explains a cancellation better than "cancelled".
     end_ = (!status.ok() && revoked_.has_value()) ? *revoked_ : status;
+    ended = *end_;
+    emitted = emitted_;
     if (!end_->ok()) {
       pending_.clear();
       cancelled_ = true;
@@ -139,6 +154,13 @@ void DecodeCall::End(const absl::Status& status) {
       unsticking_ = unstick;
     }
     next = NextLocked();
+  }
+  {
+    // Once per stream, on whichever thread ends it (engine, lease manager, gRPC).
+    ScopedRequestId rid(spec_.request_id);
+    KL_LOG(INFO).Field("lease", spec_.lease_id).Field("tokens", emitted)
+            .Field("code", absl::StatusCodeToString(ended.code()))
+        << "decode stream done" << (ended.ok() ? "" : ": ") << ended.message();
   }
   Perform(next);
   if (!unstick) return;

@@ -100,6 +100,7 @@ class DecodeCall : public TokenSink,
   std::deque<int32_t> pending_ ABSL_GUARDED_BY(mu_);
   int64_t pending_index_ ABSL_GUARDED_BY(mu_) = 0;  // index of pending_.front()
   bool last_queued_ ABSL_GUARDED_BY(mu_) = false;   // the finished token is in pending_
+  int64_t emitted_ ABSL_GUARDED_BY(mu_) = 0;        // tokens queued for the client (logged)
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool unsticking_ ABSL_GUARDED_BY(mu_) = false;  // TryCancel running: no Finish yet
   // The message in flight: written under mu_ only while !writing_, read by gRPC

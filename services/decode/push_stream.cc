@@ -9,6 +9,7 @@
 #include "absl/synchronization/mutex.h"
 #include "engine/common/log.h"
 #include "engine/state/bundle_assembler.h"
+#include "services/common/request_context.h"
 #include "services/common/status_util.h"
 
 namespace kl {
@@ -52,11 +53,12 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
  public:
   PushReactor(grpc::CallbackServerContext* ctx, v1::PushStateResponse* response,
               const PushStreamDeps& deps)
-      : ctx_(ctx), response_(response), deps_(deps) {
+      : ctx_(ctx), response_(response), deps_(deps), request_id_(RequestIdOf(*ctx)) {
     StartRead(&part_);
   }
 
   void OnReadDone(bool ok) override {
+    ScopedRequestId rid(request_id_);  // the prefill worker's x-request-id
     if (!ok) {
       Complete();
       return;
@@ -136,6 +138,8 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
       return;
     }
     push_id_ = 0;  // adopted: nothing for OnDone to end
+    KL_LOG(INFO).Field("lease", lease_id_).Field("frames", frames_).Field("bytes", bytes_)
+        << "state received";
     response_->set_frames(frames_);
     response_->set_bytes(bytes_);
     Finish(grpc::Status::OK);
@@ -146,6 +150,9 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
       deps_.integrity_failures->fetch_add(1);
       KL_LOG(WARNING).Field("lease", lease_id_).Field("frames", frames_)
           << "state bundle refused: " << status.ToString();
+    } else {
+      KL_LOG(INFO).Field("lease", lease_id_).Field("code", absl::StatusCodeToString(status.code()))
+          << "state push refused: " << status.message();
     }
     if (assembler_) assembler_->Abort();  // free the partial state now
     if (push_id_ != 0) deps_.leases->EndPush(lease_id_, push_id_);
@@ -157,6 +164,7 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
   grpc::CallbackServerContext* const ctx_;
   v1::PushStateResponse* const response_;
   const PushStreamDeps deps_;
+  const std::string request_id_;
   v1::StatePart part_;
   std::string lease_id_;
   uint64_t push_id_ = 0;  // nonzero while this push is registered with the lease

@@ -143,6 +143,7 @@ void PrefillEngine::Loop() {
 
 std::shared_ptr<StatePusher> PrefillEngine::StartJob(const std::shared_ptr<PrefillJob>& job) {
   if (job->done()) return nullptr;
+  ScopedRequestId rid(job->spec().request_id);  // engine-thread log lines about this job
   const PrefillJob::Spec& spec = job->spec();
   job->started_ = absl::Now();
   job->result_.queue_seconds = absl::ToDoubleSeconds(job->started_ - job->enqueued_);
@@ -255,6 +256,7 @@ void PrefillEngine::RunBatch(const std::vector<std::shared_ptr<PrefillJob>>& bat
 }
 
 void PrefillEngine::RunChunked(const std::shared_ptr<PrefillJob>& job) {
+  ScopedRequestId rid(job->spec().request_id);
   std::shared_ptr<StatePusher> pusher = StartJob(job);
   if (!pusher) return;
   const ModelConfig& c = model_->config();
@@ -290,7 +292,7 @@ void PrefillEngine::RunChunked(const std::shared_ptr<PrefillJob>& job) {
 }
 
 void PrefillEngine::FailJob(PrefillJob& job, const absl::Status& status) {
-  KL_LOG(WARNING).Field("request", job.spec().request_id) << "prefill failed: " << status.ToString();
+  // The job's done callback logs the failure, under the request's id.
   job.Complete(status);
 }
 

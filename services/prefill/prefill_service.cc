@@ -3,6 +3,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "engine/common/log.h"
+#include "services/common/request_context.h"
 #include "services/common/server_util.h"
 #include "services/common/status_util.h"
 #include "services/decode/worker_codec.h"
@@ -22,13 +24,6 @@ class PrefillReactor final : public grpc::ServerUnaryReactor {
  private:
   std::shared_ptr<PrefillJob> job_;
 };
-
-// RequestIdFromContext (server_util.h) takes the sync API's ServerContext.
-std::string RequestIdOf(const grpc::CallbackServerContext& ctx) {
-  const auto& md = ctx.client_metadata();
-  auto it = md.find(kRequestIdKey);
-  return it == md.end() ? std::string() : std::string(it->second.data(), it->second.size());
-}
 
 absl::StatusOr<PrefillJob::Spec> SpecFromRequest(const v1::PrefillRequest& r,
                                                  const ModelConfig& c,
@@ -105,14 +100,34 @@ grpc::ServerUnaryReactor* PrefillService::Prefill(grpc::CallbackServerContext* c
                                                   const v1::PrefillRequest* request,
                                                   v1::PrefillResponse* response) {
   auto* reactor = new PrefillReactor();
+  const std::string request_id =
+      request->request_id().empty() ? RequestIdOf(*ctx) : request->request_id();
+  ScopedRequestId rid(request_id);
   absl::StatusOr<PrefillJob::Spec> spec = SpecFromRequest(*request, model_->config(), *ctx);
   if (!spec.ok()) {
+    KL_LOG(INFO).Field("code", absl::StatusCodeToString(spec.status().code()))
+        << "prefill refused: " << spec.status().message();
     reactor->Finish(ToGrpcStatus(spec.status()));
     return reactor;
   }
+  KL_LOG(DEBUG).Field("tokens", request->token_ids_size()).Field("target", request->target().address())
+      << "prefill queued";
   // Runs once, on whichever thread completes the job; Finish is the last touch
-  // of the reactor and the response (gRPC frees them after OnDone).
-  auto done = [reactor, response](const absl::StatusOr<PrefillResult>& r) {
+  // of the reactor and the response (gRPC frees them after OnDone). The one
+  // log line per prefill is written here, where every outcome passes.
+  auto done = [reactor, response, request_id](const absl::StatusOr<PrefillResult>& r) {
+    ScopedRequestId rid(request_id);
+    if (r.ok()) {
+      KL_LOG(INFO).Field("tokens", r->num_tokens).Field("queue_s", r->queue_seconds)
+              .Field("prefill_s", r->prefill_seconds).Field("transfer_s", r->transfer_seconds)
+              .Field("transfer_bytes", r->transfer_bytes)
+          << "prefill done";
+    } else if (r.status().code() == absl::StatusCode::kCancelled) {
+      KL_LOG(INFO) << "prefill cancelled: " << r.status().message();
+    } else {
+      KL_LOG(WARNING).Field("code", absl::StatusCodeToString(r.status().code()))
+          << "prefill failed: " << r.status().message();
+    }
     if (r.ok()) {
       response->set_token(r->token);
       response->set_num_tokens(r->num_tokens);

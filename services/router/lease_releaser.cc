@@ -1,6 +1,7 @@
 #include "services/router/lease_releaser.h"
 
 #include "engine/common/log.h"
+#include "services/common/request_context.h"
 #include "services/common/server_util.h"
 
 namespace kl {
@@ -27,7 +28,7 @@ void LeaseReleaser::Release(std::shared_ptr<WorkerEndpoint> worker, const std::s
   call->request.set_lease_id(lease_id);
   call->request_id = request_id;
   call->ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout_));
-  call->ctx.AddMetadata(kRequestIdKey, request_id);
+  AttachRequestId(&call->ctx, request_id);
   {
     absl::MutexLock l(&counts_->mu);
     ++counts_->in_flight;

@@ -11,6 +11,7 @@
 #include "engine/common/log.h"
 #include "engine/runtime/output_processor.h"
 #include "kernels/common/status_macros.h"
+#include "services/common/request_context.h"
 #include "services/common/server_util.h"
 #include "services/common/status_util.h"
 
@@ -466,7 +467,7 @@ absl::Status RequestRun::FinalStatus(const absl::Status& s) const {
 
 void RequestRun::PrepareContext(grpc::ClientContext* ctx) const {
   ctx->set_deadline(absl::ToChronoTime(job_.deadline));
-  ctx->AddMetadata(kRequestIdKey, job_.request_id);
+  AttachRequestId(ctx, job_.request_id);
 }
 
 void RequestRun::ReleaseLease() {

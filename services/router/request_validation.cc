@@ -7,6 +7,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_format.h"
 #include "kernels/common/status_macros.h"
+#include "services/common/request_context.h"
 
 namespace kl {
 namespace {
@@ -101,18 +102,8 @@ absl::StatusOr<SamplingParams> ToSamplingParams(const v1::SamplingParams& s,
 }  // namespace
 
 absl::Status ValidateRequestId(const std::string& id) {
-  if (id.size() > kMaxRequestIdBytes) {
-    return Bad("request_id", absl::StrCat("is ", id.size(), " bytes, at most ",
-                                          kMaxRequestIdBytes, " allowed"));
-  }
-  for (size_t i = 0; i < id.size(); ++i) {
-    const unsigned char c = static_cast<unsigned char>(id[i]);
-    if (c < 0x20 || c > 0x7e) {
-      return Bad("request_id", absl::StrFormat("has a non-printable byte 0x%02x at offset %d "
-                                               "(printable ASCII only)", c, i));
-    }
-  }
-  return absl::OkStatus();
+  const absl::Status s = CheckRequestId(id);  // the same rule as x-request-id metadata
+  return s.ok() ? s : Bad("request_id", s.message());
 }
 
 std::string NewRequestId() { return absl::StrFormat("r-%016x", ThreadRng()()); }

@@ -17,6 +17,7 @@
 #include "engine/tokenizer/tokenizer.h"
 #include "proto/generation.pb.h"
 #include "proto/worker.pb.h"
+#include "services/common/request_context.h"
 
 namespace kl {
 
@@ -28,7 +29,7 @@ struct RequestLimits {
   int64_t context_tokens = 0;      // prompt + max_tokens must fit (model_max_length); 0 = unchecked
 };
 
-inline constexpr size_t kMaxRequestIdBytes = 128;
+inline constexpr size_t kMaxRequestIdBytes = kRequestIdMaxBytes;
 
 // "" is fine (the router generates one); otherwise <= 128 printable ASCII.
 absl::Status ValidateRequestId(const std::string& id);

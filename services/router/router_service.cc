@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/common/log.h"
+#include "services/common/request_context.h"
 #include "services/common/status_util.h"
 
 namespace kl {
@@ -94,15 +95,22 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* RouterService::Generate(
     grpc::CallbackServerContext* ctx, const v1::GenerateRequest* request) {
   const absl::Time received = absl::Now();
   auto* call = new GenerateCall(ctx);
-  const bool id_ok = ValidateRequestId(request->request_id()).ok();
-  const std::string request_id =
-      request->request_id().empty() || !id_ok ? NewRequestId() : request->request_id();
+  // The id: GenerateRequest.request_id, else the client's x-request-id
+  // metadata, else a fresh one. It goes back to the client in the initial
+  // metadata and on every chunk, and to every worker call (PrepareContext).
+  // An invalid id is refused below, logged under a fresh one.
+  absl::StatusOr<std::string> metadata_id = RequestIdFromMetadata(*ctx);
+  std::string request_id = request->request_id();
+  if (request_id.empty() && metadata_id.ok()) request_id = *metadata_id;
+  if (request_id.empty() || !ValidateRequestId(request_id).ok()) request_id = NewRequestId();
+  ctx->AddInitialMetadata(kRequestIdKey, request_id);
   ScopedRequestId rid(request_id);
   if (draining_.load()) {
     counters_.rejected_draining.fetch_add(1, std::memory_order_relaxed);
     return Reject(call, absl::UnavailableError("the router is draining; retry elsewhere"));
   }
   absl::StatusOr<SamplingParams> sampling = ValidateGenerateRequest(*request, context_.limits);
+  if (sampling.ok() && !metadata_id.ok()) sampling = metadata_id.status();
   if (!sampling.ok()) {
     counters_.invalid.fetch_add(1, std::memory_order_relaxed);
     KL_LOG(INFO) << "rejected: " << sampling.status().message();

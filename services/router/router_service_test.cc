@@ -266,9 +266,37 @@ TEST_F(RouterServiceTest, RequestIdIsEchoedAndPropagated) {
   EXPECT_GE(decode_ids.size(), 2u);  // Reserve + Decode
   for (const std::string& id : decode_ids) EXPECT_EQ(id, "client-req-7");
 
+  EXPECT_EQ(g.request_id, "client-req-7");  // initial metadata
+
   g = h_.Generate(TokenRequest(2, 3));  // no id: one is generated
   ASSERT_TRUE(g.status.ok());
   EXPECT_TRUE(absl::StartsWith(g.chunks[0].request_id(), "r-")) << g.chunks[0].request_id();
+  EXPECT_EQ(g.request_id, g.chunks[0].request_id());
+}
+
+TEST_F(RouterServiceTest, RequestIdFromMetadataIsUsedEchoedAndPropagated) {
+  h_.StartRouter();
+  GenerateResult g = h_.Generate(TokenRequest(2, 3), absl::Seconds(20), "md-req-9");
+  ASSERT_TRUE(g.status.ok()) << g.status.error_message();
+  EXPECT_EQ(g.request_id, "md-req-9");
+  for (const auto& c : g.chunks) EXPECT_EQ(c.request_id(), "md-req-9");
+  std::vector<std::string> ids = h_.prefill(0).prefill()->seen_request_ids();
+  ASSERT_FALSE(ids.empty());
+  for (const std::string& id : ids) EXPECT_EQ(id, "md-req-9");
+  ids = h_.decode(0).decode()->seen_request_ids();
+  EXPECT_GE(ids.size(), 2u);  // Reserve + Decode
+  for (const std::string& id : ids) EXPECT_EQ(id, "md-req-9");
+}
+
+TEST_F(RouterServiceTest, InvalidMetadataRequestIdIsRefusedWithAFreshIdEchoed) {
+  h_.StartRouter();
+  GenerateResult g = h_.Generate(TokenRequest(2, 3), absl::Seconds(20), std::string(200, 'z'));
+  EXPECT_EQ(g.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(g.status.error_message().find("x-request-id metadata is 200 bytes"),
+            std::string::npos)
+      << g.status.error_message();
+  EXPECT_TRUE(absl::StartsWith(g.request_id, "r-")) << g.request_id;
+  EXPECT_TRUE(h_.prefill(0).prefill()->seen_request_ids().empty());
 }
 
 // Picks from many threads at once reserve load atomically: a burst spreads

@@ -106,11 +106,13 @@ void RouterHarness::StartRouter(RouterOptions options) {
 }
 
 GenerateResult RouterHarness::Generate(const v1::GenerateRequest& request,
-                                       absl::Duration timeout) {
+                                       absl::Duration timeout,
+                                       const std::string& metadata_request_id) {
   GenerateResult r;
   const absl::Time start = absl::Now();
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(start + timeout));
+  if (!metadata_request_id.empty()) ctx.AddMetadata("x-request-id", metadata_request_id);
   auto reader = stub_->Generate(&ctx, request);
   v1::GenerateResponse chunk;
   while (reader->Read(&chunk)) {
@@ -123,6 +125,10 @@ GenerateResult RouterHarness::Generate(const v1::GenerateRequest& request,
   }
   r.status = reader->Finish();
   r.seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  const auto& md = ctx.GetServerInitialMetadata();
+  if (auto it = md.find("x-request-id"); it != md.end()) {
+    r.request_id.assign(it->second.data(), it->second.size());
+  }
   return r;
 }
 

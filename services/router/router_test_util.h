@@ -38,6 +38,7 @@ struct GenerateResult {
   std::vector<int64_t> indices; // the index of every token, from the chunks
   std::string text;             // concatenated text deltas
   double seconds = 0;           // call start -> status
+  std::string request_id;       // x-request-id of the router's initial metadata
 };
 
 class RouterHarness {
@@ -58,9 +59,11 @@ class RouterHarness {
   v1::Generation::Stub& stub() { return *stub_; }
   RunningServer& server() { return server_; }
 
-  // Runs one Generate call to its end (client deadline `timeout`).
+  // Runs one Generate call to its end (client deadline `timeout`), sending
+  // `metadata_request_id` as x-request-id metadata unless empty.
   GenerateResult Generate(const v1::GenerateRequest& request,
-                          absl::Duration timeout = absl::Seconds(20));
+                          absl::Duration timeout = absl::Seconds(20),
+                          const std::string& metadata_request_id = "");
 
  private:
   std::vector<std::unique_ptr<FakeWorkerServer>> prefill_, decode_;

@@ -8,7 +8,7 @@ rendered CPU overlay as local processes.
 Stage 1 (render): `kubectl kustomize` renders the base and every overlay; the
 objects are parsed (python3-yaml) and checked: probes, resources, drain timing,
 headless Services, the router's DNS flags naming those Services, NetworkPolicy,
-HPA / PDB / ServiceMonitor targets, GPU requests, the CPU overlay's tiny model.
+HPA / PDB / ServiceMonitor targets, the PrometheusRule (= deploy/monitoring's rules), GPU requests, the CPU overlay's tiny model.
 
 Stage 2 (local run): every container of the rendered CPU overlay (initContainer
 included) runs as a local process with its command and args, env expanded from
@@ -379,6 +379,24 @@ def check_service_monitor(objs, svcs, rel):
         assert ok, f"{rel}: no ServiceMonitor scrapes Service {name}"
 
 
+def check_prometheus_rule(objs, rel):
+    """The PrometheusRule carries exactly the groups of the plain rule file
+    (deploy/monitoring/kimi-serve.rules.yaml: promtool checks and tests that
+    one, tests/observability loads it into a real Prometheus)."""
+    prs = objs.of("PrometheusRule")
+    assert len(prs) == 1 and prs[0]["apiVersion"] == "monitoring.coreos.com/v1", \
+        f"{rel}: one PrometheusRule expected"
+    sms = objs.of("ServiceMonitor")
+    assert prs[0]["metadata"]["labels"].get("release") == sms[0]["metadata"]["labels"].get("release"), \
+        f"{rel}: PrometheusRule and ServiceMonitor must carry the same release label"
+    path = os.path.join(repo_root(), "deploy", "monitoring", "kimi-serve.rules.yaml")
+    with open(path) as f:
+        plain = load_yaml_all(f.read())[0]
+    assert prs[0]["spec"] == plain, (
+        f"{rel}: deploy/kustomize/base/prometheusrule.yaml's spec differs from "
+        "deploy/monitoring/kimi-serve.rules.yaml; copy the rule file's groups into it")
+
+
 def check_namespace(objs, rel):
     for d in objs.docs:
         if d["kind"] == "Namespace":
@@ -432,6 +450,7 @@ def check_rendered(objs, rel):
     check_network_policy(objs, deps, rel)
     check_autoscaling(objs, deps, rel)
     check_service_monitor(objs, svcs, rel)
+    check_prometheus_rule(objs, rel)
     if rel == "overlays/cpu":
         check_cpu_overlay(objs, deps)
     if rel == "overlays/gpu":
