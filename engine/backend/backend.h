@@ -19,6 +19,7 @@
 #include "absl/status/statusor.h"
 #include "engine/state/sequence_state.h"
 #include "kernels/common/dtype.h"
+#include "kernels/common/splitmix64.h"
 
 namespace kl {
 
@@ -34,7 +35,22 @@ struct HostTensor {
   const void* data = nullptr;
   int64_t rows = 0;
   int64_t cols = 0;
+  // Synthetic weights (benchmarks of configs too large to generate on the host):
+  // data is null and the backend fills the tensor itself with values uniform in
+  // [mean - half_range, mean + half_range], a pure function of (seed, index).
+  bool synthetic = false;
+  float synth_mean = 0.0f;
+  float synth_half_range = 0.0f;
+  uint64_t synth_seed = 0;
 };
+
+// Element i of a synthetic tensor (the CPU and CUDA backends use this same
+// function, so both hold identical synthetic weights).
+// Same formula as kl::cuda::FillSynthetic.
+inline float SyntheticValue(const HostTensor& t, uint64_t i) {
+  const float u = static_cast<float>((SplitMix64At(t.synth_seed, i) >> 40) * 0x1.0p-24);
+  return t.synth_mean + t.synth_half_range * (2.0f * u - 1.0f);
+}
 
 // A parameter in backend memory. Owned by the backend that made it; valid
 // until that backend is destroyed. Linear weights are PyTorch [out][in].
@@ -119,6 +135,15 @@ struct MoeOpWeights {
   const std::vector<Weight>* w2;           // E × [D][I] down
 };
 
+// What a Forward will run, for backends that specialise on it (CUDA graphs).
+struct ForwardShape {
+  int64_t num_seqs = 0;
+  int64_t num_tokens = 0;      // packed new tokens
+  int64_t max_new_tokens = 0;  // largest per-sequence new-token count
+  int64_t max_context = 0;     // largest pos + new tokens
+  int64_t logits_rows = 0;     // rows that get logits
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -149,11 +174,15 @@ class Backend {
   // again (after SyncStateToHost, or on a failure). No-op for host states.
   virtual absl::Status ReleaseState(SequenceState* s) { return absl::OkStatus(); }
 
-  // Brackets one Model::Forward: a device backend may reset its activation arena
-  // at Begin and, at End, wait for the queued work (End's status carries any
-  // asynchronous failure). Buffers from Alloc() must not outlive the Forward.
-  virtual absl::Status BeginForward() { return absl::OkStatus(); }
-  virtual absl::Status EndForward() { return absl::OkStatus(); }
+  // Brackets one Model::Forward (after BindStates). A device backend may reset
+  // its activation arena at Begin, run the forward from a CUDA graph when the
+  // shape repeats (decode steps), and at End wait for the queued work (End's
+  // status carries any asynchronous failure). Inside the bracket, Download()
+  // may complete only at EndForward, and buffers from Alloc() die with it.
+  // EndForward gets the forward's own status: on failure the backend drops
+  // whatever it was recording and only waits for the queued work.
+  virtual absl::Status BeginForward(const ForwardShape& shape) { return absl::OkStatus(); }
+  virtual absl::Status EndForward(const absl::Status& forward_status) { return absl::OkStatus(); }
 
   // --- memory
   virtual absl::StatusOr<Weight> UploadWeight(const HostTensor& t) = 0;

@@ -56,12 +56,16 @@ CpuBackend::CpuBackend(CpuBackendOptions options) : options_(options) {}
 bool CpuBackend::Supports(Op) const { return true; }
 
 absl::StatusOr<Weight> CpuBackend::UploadWeight(const HostTensor& t) {
-  if (t.rows < 0 || t.cols < 0 || (t.rows * t.cols > 0 && t.data == nullptr)) {
+  if (t.rows < 0 || t.cols < 0 || (t.rows * t.cols > 0 && t.data == nullptr && !t.synthetic)) {
     return absl::InvalidArgumentError("UploadWeight: bad host tensor");
   }
   const int64_t n = t.rows * t.cols;
   std::vector<float> data(static_cast<size_t>(n));
-  if (n > 0) {
+  if (t.synthetic) {
+    ParallelFor(n, 1 << 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) data[i] = SyntheticValue(t, i);
+    });
+  } else if (n > 0) {
     const size_t esz = DTypeSize(t.dtype);
     const char* src = static_cast<const char*>(t.data);
     bool ok = true;

@@ -67,11 +67,20 @@ absl::Status Model::Forward(absl::Span<ForwardItem> items, ForwardOutput* out,
                             const LayerDoneCallback& on_layer_done) {
   RETURN_IF_ERROR(Validate(items));
   std::vector<SequenceState*> states(items.size());
-  for (size_t i = 0; i < items.size(); ++i) states[i] = items[i].state;
-  RETURN_IF_ERROR(backend_->BeginForward());
-  absl::Status st = backend_->BindStates(states);
-  if (st.ok()) st = ForwardBound(items, states, out, on_layer_done);
-  absl::Status end = backend_->EndForward();
+  ForwardShape shape;
+  shape.num_seqs = static_cast<int64_t>(items.size());
+  for (size_t i = 0; i < items.size(); ++i) {
+    states[i] = items[i].state;
+    const int64_t n = static_cast<int64_t>(items[i].tokens.size());
+    shape.num_tokens += n;
+    shape.max_new_tokens = std::max(shape.max_new_tokens, n);
+    shape.max_context = std::max(shape.max_context, items[i].state->num_tokens + n);
+    if (n > 0) shape.logits_rows += items[i].all_logits ? n : 1;
+  }
+  RETURN_IF_ERROR(backend_->BindStates(states));
+  RETURN_IF_ERROR(backend_->BeginForward(shape));
+  absl::Status st = ForwardBound(items, states, out, on_layer_done);
+  absl::Status end = backend_->EndForward(st);
   if (!st.ok()) return st;
   if (!end.ok()) return end;
   for (size_t i = 0; i < items.size(); ++i) items[i].state->num_tokens += items[i].tokens.size();

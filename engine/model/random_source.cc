@@ -74,4 +74,35 @@ TensorSource RandomTensorSource(uint64_t seed) {
   };
 }
 
+TensorSource SyntheticTensorSource(uint64_t seed, bool bf16) {
+  return [seed, bf16](const std::string& name, int64_t rows,
+                      int64_t cols) -> absl::StatusOr<HostTensor> {
+    float mean = 0.0f, stddev = 1.0f / std::sqrt(static_cast<float>(cols));
+    if (absl::EndsWith(name, "norm.weight") || absl::EndsWith(name, "layernorm.weight")) {
+      mean = 1.0f;
+      stddev = 0.05f;
+    } else if (absl::EndsWith(name, "A_log")) {
+      mean = 1.5f;  // log(1 + 15 U) has mean ~1.5 on [0, 2.77]
+      stddev = 0.7f;
+    } else if (absl::EndsWith(name, "dt_bias")) {
+      stddev = 0.5f;
+    } else if (absl::EndsWith(name, "e_score_correction_bias")) {
+      stddev = 0.01f;
+    } else if (absl::EndsWith(name, "conv1d.weight")) {
+      stddev = 0.5f;
+    } else if (name == "model.embed_tokens.weight") {
+      stddev = 1.0f;
+    }
+    HostTensor t;
+    t.dtype = (bf16 && rows >= 2 && cols >= 64) ? DType::kBF16 : DType::kF32;
+    t.rows = rows;
+    t.cols = cols;
+    t.synthetic = true;
+    t.synth_mean = mean;
+    t.synth_half_range = stddev * std::sqrt(3.0f);
+    t.synth_seed = Mix(seed ^ HashName(name));
+    return t;
+  };
+}
+
 }  // namespace kl

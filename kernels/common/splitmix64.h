@@ -8,7 +8,22 @@
 #include <cmath>
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define KL_SPLITMIX_HD __host__ __device__
+#else
+#define KL_SPLITMIX_HD
+#endif
+
 namespace kl {
+
+// Output i (0-based) of SplitMix64(seed), computed directly: the counter-based
+// form for parallel fills (host threads or GPU threads) that must agree.
+KL_SPLITMIX_HD inline uint64_t SplitMix64At(uint64_t seed, uint64_t i) {
+  uint64_t z = seed + 0x9E3779B97F4A7C15ull * (i + 1);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
 
 // Not thread-safe (one instance per thread or per block). Because the state
 // advances by a constant, Skip(n) jumps ahead n outputs in O(1): parallel
@@ -22,11 +37,9 @@ class SplitMix64 {
 
   // Next 64 random bits.
   uint64_t Next() {
+    const uint64_t z = SplitMix64At(state_, 0);
     state_ += kGamma;
-    uint64_t z = state_;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
+    return z;
   }
 
   // Advances as if Next() had been called n times.

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/common/splitmix64.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/ops.h"
 
@@ -44,9 +45,13 @@ __device__ double BlockSum(double v) {
 template <class T>
 __device__ __forceinline__ float ToF(T v);
 template <>
-__device__ __forceinline__ float ToF<float>(float v) { return v; }
+__device__ __forceinline__ float ToF<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ float ToF<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float ToF<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
 
 template <class T>
 __global__ void EmbeddingKernel(const int32_t* ids, const T* table, int64_t vocab, int64_t dim,
@@ -80,14 +85,29 @@ __global__ void GatedRmsNormKernel(const float* o, const float* z, int64_t group
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
        g < groups; g += warps) {
-  const float* orow = o + g * dim;
-  const float* zrow = z + g * dim;
-  float* yrow = y + g * dim;
-  double ss = 0;
-  for (int64_t j = lane; j < dim; j += 32) ss += static_cast<double>(orow[j]) * orow[j];
-  ss = WarpSum(ss);
-  const float inv = static_cast<float>(1.0 / sqrt(ss / dim + static_cast<double>(eps)));
-  for (int64_t j = lane; j < dim; j += 32) yrow[j] = orow[j] * inv * w[j] * SigmoidF(zrow[j]);
+    const float* orow = o + g * dim;
+    const float* zrow = z + g * dim;
+    float* yrow = y + g * dim;
+    double ss = 0;
+    for (int64_t j = lane; j < dim; j += 32) ss += static_cast<double>(orow[j]) * orow[j];
+    ss = WarpSum(ss);
+    const float inv = static_cast<float>(1.0 / sqrt(ss / dim + static_cast<double>(eps)));
+    for (int64_t j = lane; j < dim; j += 32) yrow[j] = orow[j] * inv * w[j] * SigmoidF(zrow[j]);
+  }
+}
+
+template <class T>
+__global__ void FillSyntheticKernel(T* dst, int64_t n, float mean, float half_range,
+                                    uint64_t seed) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float u = static_cast<float>((SplitMix64At(seed, i) >> 40) * 0x1.0p-24);
+    const float v = mean + half_range * (2.0f * u - 1.0f);
+    if constexpr (sizeof(T) == 4) {
+      dst[i] = v;
+    } else {
+      dst[i] = __float2bfloat16_rn(v);
+    }
   }
 }
 
@@ -132,7 +152,10 @@ __device__ __forceinline__ int64_t SeqOf(const int64_t* cu, int64_t n, int64_t t
   int64_t lo = 0, hi = n - 1;
   while (lo < hi) {
     const int64_t mid = (lo + hi + 1) >> 1;
-    if (cu[mid] <= t) lo = mid; else hi = mid - 1;
+    if (cu[mid] <= t)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   return lo;
 }
@@ -142,25 +165,25 @@ __global__ void ShortConvKernel(const ShortConvVarlenParams p) {
   const int64_t C = p.channels, W = p.width;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        idx < p.num_tokens * C; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-  const int64_t t = idx / C, c = idx % C;
-  const int64_t s = SeqOf(p.cu_seqlens, p.num_seqs, t);
-  const int64_t begin = p.cu_seqlens[s], i = t - begin;
-  const int32_t slot = p.slots[s];
-  const float* tail =
-      (slot >= 0 && slot < p.num_slots) ? p.tail_pool + static_cast<int64_t>(slot) * (W - 1) * C
-                                        : nullptr;
-  float acc = 0.0f;
-  for (int64_t j = 0; j < W; ++j) {
-    const int64_t src = i - (W - 1) + j;  // relative to the sequence's first new token
-    float xv = 0.0f;
-    if (src >= 0) {
-      xv = p.x[(begin + src) * C + c];
-    } else if (tail != nullptr) {
-      xv = tail[(W - 1 + src) * C + c];
+    const int64_t t = idx / C, c = idx % C;
+    const int64_t s = SeqOf(p.cu_seqlens, p.num_seqs, t);
+    const int64_t begin = p.cu_seqlens[s], i = t - begin;
+    const int32_t slot = p.slots[s];
+    const float* tail = (slot >= 0 && slot < p.num_slots)
+                            ? p.tail_pool + static_cast<int64_t>(slot) * (W - 1) * C
+                            : nullptr;
+    float acc = 0.0f;
+    for (int64_t j = 0; j < W; ++j) {
+      const int64_t src = i - (W - 1) + j;  // relative to the sequence's first new token
+      float xv = 0.0f;
+      if (src >= 0) {
+        xv = p.x[(begin + src) * C + c];
+      } else if (tail != nullptr) {
+        xv = tail[(W - 1 + src) * C + c];
+      }
+      acc += p.w[c * W + j] * xv;
     }
-    acc += p.w[c * W + j] * xv;
-  }
-  p.out[idx] = acc * SigmoidF(acc);
+    p.out[idx] = acc * SigmoidF(acc);
   }
 }
 
@@ -170,17 +193,17 @@ __global__ void ShortConvTailKernel(const ShortConvVarlenParams p) {
   if (W < 2) return;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        idx < p.num_seqs * C; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-  const int64_t s = idx / C, c = idx % C;
-  const int32_t slot = p.slots[s];
-  const int64_t begin = p.cu_seqlens[s], len = p.cu_seqlens[s + 1] - begin;
-  if (slot < 0 || slot >= p.num_slots || len == 0) continue;
-  float* tail = p.tail_pool + static_cast<int64_t>(slot) * (W - 1) * C;
-  float v[7];
-  for (int64_t j = 0; j < W - 1; ++j) {
-    const int64_t at = len + j;  // index into [tail (W-1 rows); x (len rows)]
-    v[j] = at < W - 1 ? tail[at * C + c] : p.x[(begin + at - (W - 1)) * C + c];
-  }
-  for (int64_t j = 0; j < W - 1; ++j) tail[j * C + c] = v[j];
+    const int64_t s = idx / C, c = idx % C;
+    const int32_t slot = p.slots[s];
+    const int64_t begin = p.cu_seqlens[s], len = p.cu_seqlens[s + 1] - begin;
+    if (slot < 0 || slot >= p.num_slots || len == 0) continue;
+    float* tail = p.tail_pool + static_cast<int64_t>(slot) * (W - 1) * C;
+    float v[7];
+    for (int64_t j = 0; j < W - 1; ++j) {
+      const int64_t at = len + j;  // index into [tail (W-1 rows); x (len rows)]
+      v[j] = at < W - 1 ? tail[at * C + c] : p.x[(begin + at - (W - 1)) * C + c];
+    }
+    for (int64_t j = 0; j < W - 1; ++j) tail[j * C + c] = v[j];
   }
 }
 
@@ -194,9 +217,9 @@ __global__ void MlaCopyQPeKernel(const float* q, int64_t rows, int64_t heads, in
   }
 }
 
-__global__ void MlaBuildKvKernel(const float* kv, const float* latent, int64_t rows,
-                                 int64_t heads, int64_t nope, int64_t v_dim, int64_t lora,
-                                 int64_t rope, float* k, float* v) {
+__global__ void MlaBuildKvKernel(const float* kv, const float* latent, int64_t rows, int64_t heads,
+                                 int64_t nope, int64_t v_dim, int64_t lora, int64_t rope, float* k,
+                                 float* v) {
   const int64_t qk = nope + rope, kvh = nope + v_dim;
   const int64_t per_head = qk + v_dim;
   const int64_t n = rows * heads * per_head;
@@ -232,8 +255,8 @@ absl::Status EmbeddingGather(const int32_t* ids, int64_t n, const void* table, D
   return CudaStatus(cudaGetLastError(), "EmbeddingGather");
 }
 
-absl::Status RmsNormRows(const float* x, int64_t rows, int64_t dim, int64_t stride,
-                         const float* w, float eps, float* y, cudaStream_t stream) {
+absl::Status RmsNormRows(const float* x, int64_t rows, int64_t dim, int64_t stride, const float* w,
+                         float eps, float* y, cudaStream_t stream) {
   if (rows < 0 || dim <= 0 || stride < dim) return absl::InvalidArgumentError("RmsNormRows: shape");
   if (rows == 0) return absl::OkStatus();
   const int threads = dim >= 1024 ? 512 : (dim >= 256 ? 256 : 128);
@@ -250,6 +273,22 @@ absl::Status GatedRmsNormRows(const float* o, const float* z, int64_t rows, int6
   GatedRmsNormKernel<<<Blocks(groups, kThreads / 32), kThreads, 0, stream>>>(o, z, groups, dim, w,
                                                                              eps, y);
   return CudaStatus(cudaGetLastError(), "GatedRmsNorm");
+}
+
+absl::Status FillSynthetic(void* dst, DType dtype, int64_t n, float mean, float half_range,
+                           uint64_t seed, cudaStream_t stream) {
+  if (n < 0) return absl::InvalidArgumentError("FillSynthetic: n < 0");
+  if (n == 0) return absl::OkStatus();
+  if (dtype == DType::kF32) {
+    FillSyntheticKernel<float>
+        <<<Blocks(n), kThreads, 0, stream>>>(static_cast<float*>(dst), n, mean, half_range, seed);
+  } else if (dtype == DType::kBF16) {
+    FillSyntheticKernel<__nv_bfloat16><<<Blocks(n), kThreads, 0, stream>>>(
+        static_cast<__nv_bfloat16*>(dst), n, mean, half_range, seed);
+  } else {
+    return absl::InvalidArgumentError("FillSynthetic: dtype must be f32 or bf16");
+  }
+  return CudaStatus(cudaGetLastError(), "FillSynthetic");
 }
 
 absl::Status AddInPlace(const float* x, int64_t n, float* y, cudaStream_t stream) {
@@ -286,7 +325,7 @@ absl::Status GatherRowsF32(const float* src, int64_t src_stride, int64_t dim, co
   if (n < 0 || dim <= 0 || src_stride < dim) return absl::InvalidArgumentError("GatherRows: shape");
   if (n == 0) return absl::OkStatus();
   GatherRowsKernel<<<static_cast<unsigned>(n), kThreads, 0, stream>>>(src, src_stride, dim, rows,
-                                                                       dst);
+                                                                      dst);
   return CudaStatus(cudaGetLastError(), "GatherRows");
 }
 
@@ -317,14 +356,14 @@ absl::Status MlaCopyQPe(const float* q, int64_t rows, int64_t heads, int64_t nop
     return absl::InvalidArgumentError("MlaCopyQPe: shape");
   }
   if (rows == 0 || rope == 0) return absl::OkStatus();
-  MlaCopyQPeKernel<<<Blocks(rows * heads * rope), kThreads, 0, stream>>>(q, rows, heads, nope,
-                                                                         rope, lora, qcat);
+  MlaCopyQPeKernel<<<Blocks(rows * heads * rope), kThreads, 0, stream>>>(q, rows, heads, nope, rope,
+                                                                         lora, qcat);
   return CudaStatus(cudaGetLastError(), "MlaCopyQPe");
 }
 
 absl::Status MlaBuildKv(const float* kv, const float* latent, int64_t rows, int64_t heads,
-                        int64_t nope, int64_t v_dim, int64_t lora, int64_t rope, float* k,
-                        float* v, cudaStream_t stream) {
+                        int64_t nope, int64_t v_dim, int64_t lora, int64_t rope, float* k, float* v,
+                        cudaStream_t stream) {
   if (rows < 0 || heads <= 0 || nope < 0 || v_dim <= 0 || lora <= 0 || rope < 0) {
     return absl::InvalidArgumentError("MlaBuildKv: shape");
   }

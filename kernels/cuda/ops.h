@@ -26,13 +26,19 @@ absl::Status EmbeddingGather(const int32_t* ids, int64_t n, const void* table, D
 
 // y = w ⊙ x / sqrt(mean(x²) + eps) over the first `dim` values of each of `rows`
 // rows `stride` apart (x may alias y). w fp32 [dim].
-absl::Status RmsNormRows(const float* x, int64_t rows, int64_t dim, int64_t stride,
-                         const float* w, float eps, float* y, cudaStream_t stream);
+absl::Status RmsNormRows(const float* x, int64_t rows, int64_t dim, int64_t stride, const float* w,
+                         float eps, float* y, cudaStream_t stream);
 
 // Per (row, head): y = RMSNorm_dim(o) ⊙ w ⊙ sigmoid(z); o, z, y [rows][heads][dim].
 absl::Status GatedRmsNormRows(const float* o, const float* z, int64_t rows, int64_t heads,
                               int64_t dim, const float* w, float eps, float* y,
                               cudaStream_t stream);
+
+// dst[i] = mean + half_range * (2u - 1), u = (SplitMix64At(seed, i) >> 40) * 2^-24,
+// stored as `dtype` (kF32 or kBF16): synthetic weights for benchmarks, identical
+// to the host formula kl::SyntheticValue (engine/backend/backend.h).
+absl::Status FillSynthetic(void* dst, DType dtype, int64_t n, float mean, float half_range,
+                           uint64_t seed, cudaStream_t stream);
 
 // y[i] += x[i], i < n.
 absl::Status AddInPlace(const float* x, int64_t n, float* y, cudaStream_t stream);
@@ -57,13 +63,13 @@ absl::Status GatherRowsF32(const float* src, int64_t src_stride, int64_t dim, co
 // [0, num_slots) means "zero tail, discard the new one". Two kernels (conv, then
 // tail update) so every token reads the tail before it changes.
 struct ShortConvVarlenParams {
-  int64_t num_seqs = 0;     // N
-  int64_t num_tokens = 0;   // packed rows (== cu[N])
-  int64_t channels = 0;     // C
-  int64_t width = 4;        // W in [1, 8]
+  int64_t num_seqs = 0;    // N
+  int64_t num_tokens = 0;  // packed rows (== cu[N])
+  int64_t channels = 0;    // C
+  int64_t width = 4;       // W in [1, 8]
   int64_t num_slots = 0;
-  const float* x = nullptr;          // [num_tokens][C] pre-conv inputs
-  const float* w = nullptr;          // [C][W] (index W-1 multiplies the current token)
+  const float* x = nullptr;             // [num_tokens][C] pre-conv inputs
+  const float* w = nullptr;             // [C][W] (index W-1 multiplies the current token)
   const int64_t* cu_seqlens = nullptr;  // [N+1] device
   const int32_t* slots = nullptr;       // [N] device
   float* tail_pool = nullptr;           // [num_slots][W-1][C], in place
@@ -71,8 +77,9 @@ struct ShortConvVarlenParams {
 };
 absl::Status ShortConvVarlen(const ShortConvVarlenParams& p, cudaStream_t stream);
 
-// MLA decode operand: qcat[r][h] = [ · (lora, written by the absorption GEMM) ; q[r][h][nope..nope+rope) ].
-// Copies the q_pe part of q [rows][H][nope+rope] into qcat [rows][H][lora+rope].
+// MLA decode operand: qcat[r][h] = [ · (lora, written by the absorption GEMM) ;
+// q[r][h][nope..nope+rope) ]. Copies the q_pe part of q [rows][H][nope+rope] into qcat
+// [rows][H][lora+rope].
 absl::Status MlaCopyQPe(const float* q, int64_t rows, int64_t heads, int64_t nope, int64_t rope,
                         int64_t lora, float* qcat, cudaStream_t stream);
 
@@ -80,8 +87,8 @@ absl::Status MlaCopyQPe(const float* q, int64_t rows, int64_t heads, int64_t nop
 // and the latent rows [L][lora+rope] give k [L][H][nope+rope] = [k_nope ; k_pe]
 // (k_pe shared by all heads) and v [L][H][v].
 absl::Status MlaBuildKv(const float* kv, const float* latent, int64_t rows, int64_t heads,
-                        int64_t nope, int64_t v_dim, int64_t lora, int64_t rope, float* k,
-                        float* v, cudaStream_t stream);
+                        int64_t nope, int64_t v_dim, int64_t lora, int64_t rope, float* k, float* v,
+                        cudaStream_t stream);
 
 }  // namespace kl::cuda
 

@@ -1,0 +1,447 @@
+// The CUDA backend against the CPU oracle (needs a GPU; tagged "gpu", skips
+// without a device): each op on fresh random inputs, then whole models —
+// prefill logits, greedy decode tokens, mixed batches, and StateBundle hand-off
+// between the GPU and CPU engines in both directions.
+#include "engine/backend/cuda_backend.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "engine/backend/cpu_backend.h"
+#include "engine/config/model_config.h"
+#include "engine/model/model.h"
+#include "engine/model/random_source.h"
+#include "engine/state/state_bundle.h"
+#include "gtest/gtest.h"
+
+namespace kl {
+namespace {
+
+bool HaveGpu() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+#define SKIP_WITHOUT_GPU() \
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device"
+
+std::vector<float> Rand(int64_t n, uint64_t seed, float scale = 1.0f) {
+  std::mt19937_64 g(seed);
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(g);
+  return v;
+}
+
+// max |a - b| / max(1, max |b|).
+double RelErr(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double diff = 0, scale = 1;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    diff = std::max(diff, std::fabs(double(a[i]) - b[i]));
+    scale = std::max(scale, std::fabs(double(b[i])));
+  }
+  return diff / scale;
+}
+
+// Runs one op on both backends on the same host inputs.
+class OpTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+    CudaBackendOptions o;
+    o.max_seqs = 4;
+    gpu_ = CudaBackend::Create(TinyConfig(), o).value();
+  }
+  Buffer Dev(const std::vector<float>& h) {
+    Buffer b = gpu_->Alloc(h.size()).value();
+    EXPECT_TRUE(gpu_->Upload(h.data(), h.size(), b.data()).ok());
+    return b;
+  }
+  std::vector<float> Host(const Buffer& b) {
+    std::vector<float> h(b.elems());
+    EXPECT_TRUE(gpu_->Download(b.data(), b.elems(), h.data()).ok());
+    return h;
+  }
+  Weight Up(Backend* be, const std::vector<float>& w, int64_t rows, int64_t cols,
+            DType dtype = DType::kF32) {
+    std::vector<uint16_t> bf;
+    HostTensor t{DType::kF32, w.data(), rows, cols};
+    if (dtype == DType::kBF16) {
+      bf.resize(w.size());
+      F32ToBf16(w.data(), bf.data(), w.size());
+      t = HostTensor{DType::kBF16, bf.data(), rows, cols};
+    }
+    return be->UploadWeight(t).value();
+  }
+  CpuBackend cpu_;
+  std::unique_ptr<CudaBackend> gpu_;
+};
+
+TEST_F(OpTest, LinearFp32IsExactAndBf16WithinTolerance) {
+  const int64_t rows = 37, in = 192, out = 130;
+  const auto x = Rand(rows * in, 1), w = Rand(out * in, 2, 0.1f);
+  std::vector<float> ref(rows * out);
+  ASSERT_TRUE(cpu_.Linear(x.data(), rows, Up(&cpu_, w, out, in), ref.data()).ok());
+  Buffer dx = Dev(x), dy = gpu_->Alloc(rows * out).value();
+  ASSERT_TRUE(gpu_->Linear(dx.data(), rows, Up(gpu_.get(), w, out, in), dy.data()).ok());
+  EXPECT_LT(RelErr(Host(dy), ref), 1e-5);
+  // bf16 weights: both operands rounded to bf16 (8 mantissa bits), fp32 accumulation.
+  Weight wb = Up(gpu_.get(), w, out, in, DType::kBF16);
+  EXPECT_EQ(wb.dtype, DType::kBF16);
+  ASSERT_TRUE(gpu_->Linear(dx.data(), rows, wb, dy.data()).ok());
+  EXPECT_LT(RelErr(Host(dy), ref), 2e-2);
+}
+
+TEST_F(OpTest, NormsEmbeddingSwiGluAddGather) {
+  const int64_t rows = 9, dim = 300, heads = 3, hd = 64;
+  const auto x = Rand(rows * dim, 3), nw = Rand(dim, 4), z = Rand(rows * heads * hd, 5);
+  const auto o = Rand(rows * heads * hd, 6), gw = Rand(hd, 7);
+  // RmsNorm over the first 200 of 300 columns (stride), in place.
+  {
+    std::vector<float> ref = x;
+    ASSERT_TRUE(
+        cpu_.RmsNorm(ref.data(), rows, 200, dim, Up(&cpu_, nw, 1, 200), 1e-6, ref.data()).ok());
+    Buffer d = Dev(x);
+    ASSERT_TRUE(
+        gpu_->RmsNorm(d.data(), rows, 200, dim, Up(gpu_.get(), nw, 1, 200), 1e-6, d.data()).ok());
+    EXPECT_LT(RelErr(Host(d), ref), 1e-5);
+  }
+  {
+    std::vector<float> ref(o.size());
+    ASSERT_TRUE(cpu_.GatedRmsNorm(o.data(), z.data(), rows, heads, hd, Up(&cpu_, gw, 1, hd), 1e-5,
+                                  ref.data())
+                    .ok());
+    Buffer d_o = Dev(o), d_z = Dev(z), d_y = gpu_->Alloc(o.size()).value();
+    ASSERT_TRUE(gpu_->GatedRmsNorm(d_o.data(), d_z.data(), rows, heads, hd,
+                                   Up(gpu_.get(), gw, 1, hd), 1e-5, d_y.data())
+                    .ok());
+    EXPECT_LT(RelErr(Host(d_y), ref), 1e-5);
+  }
+  for (DType dt : {DType::kF32, DType::kBF16}) {
+    const int64_t vocab = 100, d = 128;
+    auto table = Rand(vocab * d, 8);
+    if (dt == DType::kBF16) {  // make the table exactly representable in bf16
+      for (float& v : table) v = Bf16ToF32(F32ToBf16(v));
+    }
+    const std::vector<int32_t> ids = {0, 99, 5, 5, 42};
+    std::vector<float> ref(ids.size() * d);
+    ASSERT_TRUE(
+        cpu_.Embedding(ids.data(), ids.size(), Up(&cpu_, table, vocab, d), ref.data()).ok());
+    Buffer y = gpu_->Alloc(ref.size()).value();
+    Weight wt = Up(gpu_.get(), table, vocab, d, dt);
+    ASSERT_TRUE(gpu_->Embedding(ids.data(), ids.size(), wt, y.data()).ok());
+    EXPECT_EQ(Host(y), ref);
+    const std::vector<int32_t> bad = {3, 100};
+    EXPECT_EQ(gpu_->Embedding(bad.data(), 2, wt, y.data()).code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+  {
+    const auto g = Rand(rows * dim, 9), u = Rand(rows * dim, 10);
+    std::vector<float> ref(g.size());
+    ASSERT_TRUE(cpu_.SwiGlu(g.data(), u.data(), rows, dim, ref.data()).ok());
+    Buffer dg = Dev(g), du = Dev(u);
+    ASSERT_TRUE(gpu_->SwiGlu(dg.data(), du.data(), rows, dim, dg.data()).ok());
+    EXPECT_LT(RelErr(Host(dg), ref), 1e-6);
+    std::vector<float> sum = g;
+    for (size_t i = 0; i < sum.size(); ++i) sum[i] += u[i];
+    Buffer a = Dev(g);
+    ASSERT_TRUE(gpu_->Add(du.data(), rows * dim, a.data()).ok());
+    EXPECT_EQ(Host(a), sum);
+    Buffer sel = gpu_->Alloc(3 * dim).value();
+    ASSERT_TRUE(gpu_->GatherRows(du.data(), dim, {8, 0, 8}, sel.data()).ok());
+    const std::vector<float> got = Host(sel);
+    for (int64_t c = 0; c < dim; ++c) {
+      ASSERT_EQ(got[c], u[8 * dim + c]);
+      ASSERT_EQ(got[dim + c], u[c]);
+      ASSERT_EQ(got[2 * dim + c], u[8 * dim + c]);
+    }
+  }
+}
+
+TEST_F(OpTest, MoeMatchesCpuForBothConventions) {
+  const int64_t rows = 21, D = 128, I = 64, E = 8;
+  std::vector<Weight> c1, c3, c2, g1, g3, g2;
+  for (int64_t e = 0; e < E; ++e) {
+    const auto w1 = Rand(I * D, 100 + e, 0.1f), w3 = Rand(I * D, 200 + e, 0.1f);
+    const auto w2 = Rand(D * I, 300 + e, 0.1f);
+    c1.push_back(Up(&cpu_, w1, I, D));
+    c3.push_back(Up(&cpu_, w3, I, D));
+    c2.push_back(Up(&cpu_, w2, D, I));
+    g1.push_back(Up(gpu_.get(), w1, I, D));
+    g3.push_back(Up(gpu_.get(), w3, I, D));
+    g2.push_back(Up(gpu_.get(), w2, D, I));
+  }
+  const auto router = Rand(E * D, 11, 0.2f), bias = Rand(E, 12, 0.01f), x = Rand(rows * D, 13);
+  const Weight cr = Up(&cpu_, router, E, D), cb = Up(&cpu_, bias, 1, E);
+  const Weight gr = Up(gpu_.get(), router, E, D), gb = Up(gpu_.get(), bias, 1, E);
+  for (bool biased : {false, true}) {
+    MoeParams p;
+    p.num_experts = E;
+    p.top_k = 2;
+    p.routed_scaling_factor = 2.446;
+    p.biased_weights = biased;
+    std::vector<float> ref(rows * D);
+    ASSERT_TRUE(cpu_.Moe(x.data(), rows, D, p, {&cr, &cb, &c1, &c3, &c2}, ref.data()).ok());
+    Buffer dx = Dev(x), dy = gpu_->Alloc(rows * D).value();
+    ASSERT_TRUE(gpu_->Moe(dx.data(), rows, D, p, {&gr, &gb, &g1, &g3, &g2}, dy.data()).ok());
+    EXPECT_LT(RelErr(Host(dy), ref), 1e-5) << "biased=" << biased;
+  }
+}
+
+// ---------------------------------------------------------------- whole models
+
+struct Engines {
+  CpuBackend cpu;
+  std::unique_ptr<CudaBackend> gpu;
+  std::unique_ptr<Model> cpu_model, gpu_model;
+};
+
+std::unique_ptr<Engines> MakeEngines(const ModelConfig& c, CudaBackendOptions o = {}) {
+  auto e = std::make_unique<Engines>();
+  auto gpu = CudaBackend::Create(c, o);
+  EXPECT_TRUE(gpu.ok()) << gpu.status();
+  if (!gpu.ok()) return nullptr;
+  e->gpu = std::move(*gpu);
+  e->cpu_model = Model::Create(c, RandomTensorSource(7), &e->cpu).value();
+  e->gpu_model = Model::Create(c, RandomTensorSource(7), e->gpu.get()).value();
+  return e;
+}
+
+std::vector<int32_t> Prompt(int64_t n, int64_t vocab, uint64_t seed) {
+  std::mt19937_64 g(seed);
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = static_cast<int32_t>(g() % vocab);
+  return t;
+}
+
+int32_t Argmax(const std::vector<float>& v) {
+  return static_cast<int32_t>(std::max_element(v.begin(), v.end()) - v.begin());
+}
+
+// Prefills `prompt` then decodes `steps` greedy tokens; returns the tokens and
+// appends every step's logits to *logits.
+std::vector<int32_t> Greedy(Model* m, SequenceState* s, const std::vector<int32_t>& prompt,
+                            int steps, std::vector<std::vector<float>>* logits) {
+  std::vector<int32_t> out;
+  std::vector<int32_t> next = prompt;
+  for (int i = 0; i <= steps; ++i) {
+    ForwardItem it{s, next};
+    ForwardOutput o;
+    absl::Status st = m->Forward(absl::MakeSpan(&it, 1), &o);
+    EXPECT_TRUE(st.ok()) << st;
+    if (!st.ok()) return out;
+    logits->push_back(o.logits[0]);
+    out.push_back(Argmax(o.logits[0]));
+    next = {out.back()};
+  }
+  return out;
+}
+
+TEST(CudaModelTest, TinyModelPrefillAndGreedyDecodeMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig c = TinyConfig();
+  auto e = MakeEngines(c);
+  ASSERT_NE(e, nullptr);
+  // Prompt lengths: not a multiple of 64, one token, and a multi-chunk one.
+  for (int64_t len : {100, 1, 200}) {
+    const auto prompt = Prompt(len, c.vocab_size, len);
+    // All-position logits of the prefill.
+    {
+      SequenceState sc = e->cpu_model->NewState(), sg = e->gpu_model->NewState();
+      ForwardItem ic{&sc, prompt, true}, ig{&sg, prompt, true};
+      ForwardOutput oc, og;
+      ASSERT_TRUE(e->cpu_model->Forward(absl::MakeSpan(&ic, 1), &oc).ok());
+      ASSERT_TRUE(e->gpu_model->Forward(absl::MakeSpan(&ig, 1), &og).ok());
+      EXPECT_LT(RelErr(og.logits[0], oc.logits[0]), 1e-4) << "len " << len;
+    }
+    SequenceState sc = e->cpu_model->NewState(), sg = e->gpu_model->NewState();
+    std::vector<std::vector<float>> lc, lg;
+    const auto tc = Greedy(e->cpu_model.get(), &sc, prompt, 24, &lc);
+    const auto tg = Greedy(e->gpu_model.get(), &sg, prompt, 24, &lg);
+    EXPECT_EQ(tg, tc) << "len " << len;
+    for (size_t i = 0; i < std::min(lc.size(), lg.size()); ++i) {
+      EXPECT_LT(RelErr(lg[i], lc[i]), 1e-4) << "len " << len << " step " << i;
+    }
+  }
+  EXPECT_EQ(e->gpu->free_slots(), 64);  // every state above was destroyed
+}
+
+TEST(CudaModelTest, MixedBatchMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig c = TinyConfig();
+  auto e = MakeEngines(c);
+  ASSERT_NE(e, nullptr);
+  // Three sequences at different stages in one batch: one prefilling 130 tokens,
+  // one decoding, one idle (no tokens), then all decoding together.
+  std::vector<SequenceState> sc, sg;
+  for (int i = 0; i < 3; ++i) {
+    sc.push_back(e->cpu_model->NewState());
+    sg.push_back(e->gpu_model->NewState());
+  }
+  const auto p0 = Prompt(70, c.vocab_size, 1), p1 = Prompt(130, c.vocab_size, 2);
+  const auto p2 = Prompt(5, c.vocab_size, 3);
+  auto run = [&](std::vector<std::vector<int32_t>> toks) {
+    std::vector<ForwardItem> ic, ig;
+    for (int i = 0; i < 3; ++i) {
+      ic.push_back({&sc[i], toks[i], false});
+      ig.push_back({&sg[i], toks[i], false});
+    }
+    ForwardOutput oc, og;
+    EXPECT_TRUE(e->cpu_model->Forward(absl::MakeSpan(ic), &oc).ok());
+    absl::Status st = e->gpu_model->Forward(absl::MakeSpan(ig), &og);
+    EXPECT_TRUE(st.ok()) << st;
+    std::vector<int32_t> next(3, -1);
+    for (int i = 0; i < 3; ++i) {
+      if (toks[i].empty()) continue;
+      EXPECT_LT(RelErr(og.logits[i], oc.logits[i]), 1e-4) << "seq " << i;
+      EXPECT_EQ(Argmax(og.logits[i]), Argmax(oc.logits[i])) << "seq " << i;
+      next[i] = Argmax(oc.logits[i]);
+    }
+    return next;
+  };
+  auto n = run({p0, {}, p2});
+  n = run({{n[0]}, p1, {n[2]}});
+  for (int step = 0; step < 6; ++step) n = run({{n[0]}, {n[1]}, {n[2]}});
+}
+
+// Decode steps replay CUDA graphs (captured on the second step of a shape) and
+// give what eager launches give, across a context-bucket boundary (256 → 512).
+TEST(CudaModelTest, DecodeRunsFromCudaGraphsAndMatchesEager) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig c = TinyConfig();
+  CudaBackendOptions eager;
+  eager.cuda_graphs = false;
+  auto g = MakeEngines(c);
+  auto e = MakeEngines(c, eager);
+  ASSERT_NE(g, nullptr);
+  ASSERT_NE(e, nullptr);
+  const std::vector<std::vector<int32_t>> prompts = {
+      Prompt(240, c.vocab_size, 21), Prompt(100, c.vocab_size, 22), Prompt(30, c.vocab_size, 23)};
+  std::vector<SequenceState> sg, se, sc;
+  for (int i = 0; i < 3; ++i) {
+    sg.push_back(g->gpu_model->NewState());
+    se.push_back(e->gpu_model->NewState());
+    sc.push_back(g->cpu_model->NewState());
+  }
+  std::vector<std::vector<int32_t>> toks = prompts;
+  for (int step = 0; step < 31; ++step) {
+    std::vector<ForwardItem> ig, ie, ic;
+    for (int i = 0; i < 3; ++i) {
+      ig.push_back({&sg[i], toks[i]});
+      ie.push_back({&se[i], toks[i]});
+      ic.push_back({&sc[i], toks[i]});
+    }
+    ForwardOutput og, oe, oc;
+    absl::Status st = g->gpu_model->Forward(absl::MakeSpan(ig), &og);
+    ASSERT_TRUE(st.ok()) << "step " << step << ": " << st;
+    ASSERT_TRUE(e->gpu_model->Forward(absl::MakeSpan(ie), &oe).ok());
+    ASSERT_TRUE(g->cpu_model->Forward(absl::MakeSpan(ic), &oc).ok());
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_LT(RelErr(og.logits[i], oe.logits[i]), 1e-6) << "step " << step << " seq " << i;
+      EXPECT_LT(RelErr(og.logits[i], oc.logits[i]), 1e-4) << "step " << step << " seq " << i;
+      toks[i] = {Argmax(oc.logits[i])};
+      EXPECT_EQ(Argmax(og.logits[i]), toks[i][0]) << "step " << step << " seq " << i;
+    }
+  }
+  const CudaGraphStats gs = g->gpu->graph_stats(), es = e->gpu->graph_stats();
+  // Shapes (3 seqs, bucket 256) and (3 seqs, bucket 512): each eager once,
+  // captured once, then replayed: 30 decode steps = 2 eager + 2 captures + 26 replays.
+  EXPECT_EQ(gs.captures, 2);
+  EXPECT_EQ(gs.replays, 26);
+  EXPECT_EQ(es.captures, 0);
+  EXPECT_EQ(es.replays, 0);
+}
+
+TEST(CudaModelTest, BundleHandOffBetweenGpuAndCpu) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig c = TinyConfig();
+  auto e = MakeEngines(c);
+  ASSERT_NE(e, nullptr);
+  const auto prompt = Prompt(150, c.vocab_size, 9);
+  BundleMeta meta;
+  meta.request_id = "handoff";
+  // Reference: all on the CPU.
+  SequenceState ref = e->cpu_model->NewState();
+  std::vector<std::vector<float>> lr;
+  const auto want = Greedy(e->cpu_model.get(), &ref, prompt, 12, &lr);
+  for (bool gpu_first : {true, false}) {
+    Model* pre = gpu_first ? e->gpu_model.get() : e->cpu_model.get();
+    Model* dec = gpu_first ? e->cpu_model.get() : e->gpu_model.get();
+    SequenceState s = pre->NewState();
+    ForwardItem it{&s, prompt};
+    ForwardOutput o;
+    ASSERT_TRUE(pre->Forward(absl::MakeSpan(&it, 1), &o).ok());
+    const int32_t first = Argmax(o.logits[0]);
+    ASSERT_EQ(first, want[0]);
+    ASSERT_TRUE(pre->SyncStateToHost(&s).ok());
+    const std::string blob = SerializeBundle(c, s, meta).value();
+    ASSERT_TRUE(pre->ReleaseState(&s).ok());
+    DecodedBundle d = DeserializeBundle(blob, c).value();
+    std::vector<int32_t> got = {first};
+    std::vector<std::vector<float>> lg;
+    const auto rest = Greedy(dec, &d.state, {first}, 11, &lg);
+    got.insert(got.end(), rest.begin(), rest.end());
+    EXPECT_EQ(got, want) << (gpu_first ? "gpu prefill → cpu decode" : "cpu prefill → gpu decode");
+  }
+  EXPECT_EQ(e->gpu->free_slots(), 64);
+}
+
+TEST(CudaModelTest, OutOfSlotsIsResourceExhaustedAndSlotsComeBack) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig c = TinyConfig();
+  CudaBackendOptions o;
+  o.max_seqs = 2;
+  auto e = MakeEngines(c, o);
+  ASSERT_NE(e, nullptr);
+  std::vector<SequenceState> s(3);
+  for (auto& x : s) x = e->gpu_model->NewState();
+  const auto p = Prompt(10, c.vocab_size, 4);
+  std::vector<ForwardItem> items = {{&s[0], p}, {&s[1], p}, {&s[2], p}};
+  ForwardOutput out;
+  EXPECT_EQ(e->gpu_model->Forward(absl::MakeSpan(items), &out).code(),
+            absl::StatusCode::kResourceExhausted);
+  for (auto& x : s) ASSERT_TRUE(e->gpu_model->ReleaseState(&x).ok());
+  EXPECT_EQ(e->gpu->free_slots(), 2);
+  items.pop_back();
+  ASSERT_TRUE(e->gpu_model->Forward(absl::MakeSpan(items), &out).ok());
+  EXPECT_EQ(e->gpu->free_slots(), 0);
+}
+
+// The 100M-class config (K = 128) on the fast paths: bf16 weights, bf16 latent
+// cache and the tensor-core KDA chunk kernel, against the fp32 CPU engine.
+TEST(CudaModelTest, Bf16FastPathsStayCloseToCpu) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig c = Small100MConfig();
+  CudaBackendOptions o;
+  o.bf16_weights = true;
+  o.latent_dtype = DType::kBF16;
+  o.kda_tensor_cores = true;
+  auto e = MakeEngines(c, o);
+  ASSERT_NE(e, nullptr);
+  const auto prompt = Prompt(300, c.vocab_size, 5);
+  SequenceState sc = e->cpu_model->NewState(), sg = e->gpu_model->NewState();
+  std::vector<std::vector<float>> lc;
+  const auto tokens = Greedy(e->cpu_model.get(), &sc, prompt, 8, &lc);
+  // The GPU follows the CPU's tokens (teacher forcing), so every step compares
+  // the same inputs even if a near-tie flips one argmax.
+  std::vector<int32_t> next = prompt;
+  for (size_t i = 0; i < lc.size(); ++i) {
+    ForwardItem it{&sg, next};
+    ForwardOutput o;
+    ASSERT_TRUE(e->gpu_model->Forward(absl::MakeSpan(&it, 1), &o).ok());
+    // bf16 rounding of weights and activations: ~1e-2 relative on the logits.
+    EXPECT_LT(RelErr(o.logits[0], lc[i]), 5e-2) << "step " << i;
+    next = {tokens[i]};
+  }
+}
+
+}  // namespace
+}  // namespace kl
