@@ -49,7 +49,8 @@ ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9401",
           "host:port serving Prometheus text on /metrics (port 0: any free port); empty: off");
 // Security of the public API (docs/security.md). The internal plane's mutual
 // TLS flags (--cluster_*) come from services/common/tls_flags.
-ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain of the public API (TLS); empty: plaintext");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate chain of the public API (TLS); empty: plaintext");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
 ABSL_FLAG(std::string, tls_client_ca, "",
           "PEM CA: public clients must also present a certificate it signed (optional)");
@@ -154,7 +155,8 @@ int Main() {
   }
   server_options.max_receive_message_bytes = static_cast<int>(max_request);
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> public_tls = LoadPublicServerTls(
-      absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key), absl::GetFlag(FLAGS_tls_client_ca));
+      absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
+      absl::GetFlag(FLAGS_tls_client_ca));
   if (!public_tls.ok()) {
     KL_LOG(ERROR) << public_tls.status().message();
     return 2;

@@ -69,8 +69,8 @@ class SecuredCluster {
     LocalClusterOptions o;
     o.model_dir = ModelDir();
     o.decode_slots = 4;
-    o.log_dir = std::getenv("TEST_UNDECLARED_OUTPUTS_DIR") ? std::getenv("TEST_UNDECLARED_OUTPUTS_DIR")
-                                                           : TmpDir();
+    const char* outputs = std::getenv("TEST_UNDECLARED_OUTPUTS_DIR");
+    o.log_dir = outputs != nullptr ? outputs : TmpDir();
     // Every process presents node.pem; workers are checked as "kl-worker"
     // though dialed by IP, as in a Kubernetes deployment.
     o.cluster_tls = {certs_.node, certs_.node_key, certs_.ca, "kl-worker"};

@@ -14,7 +14,8 @@ absl::StatusOr<TestCerts> TestCerts::Make(const std::string& dir) {
   const std::string cmd = absl::StrCat("bash ", script, " '", dir, "'");
   const int rc = std::system(cmd.c_str());
   if (rc != 0) {
-    return absl::InternalError(absl::StrCat(cmd, " failed (status ", rc, "); is openssl installed?"));
+    return absl::InternalError(
+        absl::StrCat(cmd, " failed (status ", rc, "); is openssl installed?"));
   }
   TestCerts c;
   c.dir = dir;

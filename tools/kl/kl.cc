@@ -67,11 +67,15 @@ ABSL_FLAG(std::string, json_out, "", "bench: also write the JSON report here");
 // Security, client side (generate, bench, local).
 ABSL_FLAG(bool, tls, false, "TLS to the router, trusting the system roots (implied by --tls_ca)");
 ABSL_FLAG(std::string, tls_ca, "", "TLS to the router, trusting this PEM CA");
-ABSL_FLAG(std::string, tls_server_name, "", "name the router's certificate must carry (default: the host)");
-ABSL_FLAG(std::string, tls_client_cert, "", "PEM certificate to present (routers with --tls_client_ca)");
+ABSL_FLAG(std::string, tls_server_name, "",
+          "name the router's certificate must carry (default: the host)");
+ABSL_FLAG(std::string, tls_client_cert, "",
+          "PEM certificate to present (routers with --tls_client_ca)");
 ABSL_FLAG(std::string, tls_client_key, "", "PEM key of --tls_client_cert");
-ABSL_FLAG(std::string, api_key, "", "API key sent as 'authorization: Bearer' (default: $KL_API_KEY)");
-ABSL_FLAG(std::string, api_key_file, "", "file whose first line is the API key (keeps it out of ps)");
+ABSL_FLAG(std::string, api_key, "",
+          "API key sent as 'authorization: Bearer' (default: $KL_API_KEY)");
+ABSL_FLAG(std::string, api_key_file, "",
+          "file whose first line is the API key (keeps it out of ps)");
 // Security of `kl local`'s processes.
 ABSL_FLAG(std::string, cluster_cert, "", "local: cluster mTLS certificate for every process");
 ABSL_FLAG(std::string, cluster_key, "", "local: its key");
@@ -109,7 +113,8 @@ absl::StatusOr<ClientSecurity> ClientSecurityFromFlags() {
   if (!channel.ok()) return channel.status();
   out.channel = *std::move(channel);
   out.api_key = absl::GetFlag(FLAGS_api_key);
-  if (const std::string path = absl::GetFlag(FLAGS_api_key_file); out.api_key.empty() && !path.empty()) {
+  const std::string key_file = absl::GetFlag(FLAGS_api_key_file);
+  if (const std::string& path = key_file; out.api_key.empty() && !path.empty()) {
     std::ifstream in(path);
     if (!in || !std::getline(in, out.api_key)) {
       return absl::NotFoundError(absl::StrCat("--api_key_file=", path, ": cannot read"));
