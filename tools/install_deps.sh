@@ -12,6 +12,7 @@ PKGS=(
   libopenblas-pthread-dev               # CPU GEMM
   libpcre2-dev                          # tokenizer pre-split (lookahead)
   nlohmann-json3-dev                    # config.json / safetensors headers
+  openssl                               # throwaway test certificates (tools/certs)
   prometheus                            # server + promtool: tests/observability, rule and metrics checks
   python3 python3-pip python3-grpcio python3-protobuf  # Python client test, tiktoken parity
 )

@@ -20,7 +20,9 @@ absl::StatusOr<RunningServer> StartServer(const ServerOptions& options,
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder b;
   RunningServer rs;
-  b.AddListeningPort(options.address, grpc::InsecureServerCredentials(), &rs.port);
+  b.AddListeningPort(options.address,
+                     options.credentials ? options.credentials : grpc::InsecureServerCredentials(),
+                     &rs.port);
   b.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
   b.SetMaxSendMessageSize(options.max_send_message_bytes);
   for (grpc::Service* s : services) b.RegisterService(s);

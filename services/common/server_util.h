@@ -16,8 +16,12 @@ namespace kl {
 
 struct ServerOptions {
   std::string address = "127.0.0.1:0";  // host:port; port 0 = any free port
+  // Largest request message accepted (RESOURCE_EXHAUSTED beyond it, before
+  // any handler runs) and largest response sent.
   int max_receive_message_bytes = 64 << 20;
   int max_send_message_bytes = 64 << 20;
+  // Transport security (tls.h); null: plaintext.
+  std::shared_ptr<grpc::ServerCredentials> credentials;
 };
 
 struct RunningServer {

@@ -17,6 +17,7 @@
 #include "engine/runtime/local_engine.h"
 #include "services/common/metrics.h"
 #include "services/common/server_util.h"
+#include "services/common/tls_flags.h"
 #include "services/decode/decode_service.h"
 
 ABSL_FLAG(std::string, model, "", "model folder (config.json, safetensors, tokenizer)");
@@ -27,6 +28,9 @@ ABSL_FLAG(int64_t, max_batch, 0, "sequences per decode step (0 = slots)");
 ABSL_FLAG(int, threads, 0, "CPU compute threads (0 = all cores)");
 ABSL_FLAG(int64_t, latent_rows, 0, "latent rows (tokens) all leases may reserve (0 = unbounded)");
 ABSL_FLAG(double, drain_grace_seconds, 30, "how long running streams may finish on SIGTERM");
+ABSL_FLAG(int64_t, max_request_bytes, 64 << 20,
+          "largest request message accepted (RESOURCE_EXHAUSTED beyond it); state-push "
+          "frames are about 2 MiB");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9403",
           "host:port serving Prometheus text on /metrics (port 0: any free port); empty: off");
 
@@ -50,6 +54,18 @@ int Main() {
     std::fprintf(stderr,
                  "kl-decode: --slots must be >= 1, --lease_ttl_seconds > 0, --max_batch >= 0, "
                  "--latent_rows >= 0\n");
+    return 2;
+  }
+  // Mutual TLS (--cluster_*): with it, every caller must present a certificate
+  // signed by the cluster CA; never plaintext as a fallback.
+  absl::StatusOr<ClusterTls> cluster = ClusterTlsFromFlags();
+  if (!cluster.ok()) {
+    std::fprintf(stderr, "kl-decode: %s\n", std::string(cluster.status().message()).c_str());
+    return 2;
+  }
+  const int64_t max_request = absl::GetFlag(FLAGS_max_request_bytes);
+  if (max_request < 1024 || max_request > (1 << 30)) {
+    std::fprintf(stderr, "kl-decode: --max_request_bytes must be in [1024, 2^30]\n");
     return 2;
   }
   std::unique_ptr<Metrics> metrics;
@@ -77,6 +93,8 @@ int Main() {
                                                  (*engine)->checkpoint_fingerprint(), opts);
   ServerOptions so;
   so.address = absl::GetFlag(FLAGS_listen);
+  so.credentials = cluster->server;
+  so.max_receive_message_bytes = static_cast<int>(max_request);
   auto server = StartServer(so, {service.get()});
   if (!server.ok()) {
     std::fprintf(stderr, "kl-decode: %s\n", server.status().ToString().c_str());
@@ -84,7 +102,8 @@ int Main() {
   }
   if (metrics != nullptr) RegisterDecodeCallbacks(*metrics, service.get());
   server->SetServing(true);
-  KL_LOG(INFO).Field("port", server->port).Field("slots", opts.slots) << "kl-decode serving";
+  KL_LOG(INFO).Field("port", server->port).Field("slots", opts.slots)
+      .Field("cluster_tls", cluster->enabled()) << "kl-decode serving";
 
   const int sig = WaitForStopSignal();
   KL_LOG(INFO).Field("signal", sig) << "draining";

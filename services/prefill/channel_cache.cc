@@ -9,7 +9,7 @@ std::shared_ptr<grpc::Channel> ChannelCache::Get(const std::string& address) {
     grpc::ChannelArguments args;
     args.SetMaxSendMessageSize(max_message_bytes_);
     args.SetMaxReceiveMessageSize(max_message_bytes_);
-    ch = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+    ch = security_.Dial(address, args);
   }
   return ch;
 }

@@ -11,19 +11,23 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
+#include "services/common/tls.h"
 
 namespace kl {
 
 class ChannelCache {
  public:
   // `max_message_bytes` bounds one StatePart (a frame is <= ~2 MiB by default).
-  explicit ChannelCache(int max_message_bytes = 64 << 20) : max_message_bytes_(max_message_bytes) {}
+  // `security`: the cluster's mutual TLS (this worker's certificate), or plaintext.
+  explicit ChannelCache(int max_message_bytes = 64 << 20, ChannelSecurity security = {})
+      : max_message_bytes_(max_message_bytes), security_(std::move(security)) {}
 
   // The channel to `address` (host:port), created on first use.
   std::shared_ptr<grpc::Channel> Get(const std::string& address);
 
  private:
   const int max_message_bytes_;
+  const ChannelSecurity security_;
   absl::Mutex mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<grpc::Channel>> channels_ ABSL_GUARDED_BY(mu_);
 };

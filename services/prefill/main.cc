@@ -18,6 +18,7 @@
 #include "engine/runtime/local_engine.h"
 #include "services/common/metrics.h"
 #include "services/common/server_util.h"
+#include "services/common/tls_flags.h"
 #include "services/prefill/prefill_service.h"
 
 ABSL_FLAG(std::string, model, "", "model folder (config.json, safetensors, tokenizer)");
@@ -27,6 +28,9 @@ ABSL_FLAG(int64_t, max_queue, 64, "queued requests before RESOURCE_EXHAUSTED");
 ABSL_FLAG(int, threads, 0, "CPU compute threads (0 = all cores)");
 ABSL_FLAG(std::string, bundle_dtype, "f32", "wire dtype of conv tails and MLA latents: f32|bf16");
 ABSL_FLAG(double, drain_grace_seconds, 30, "how long queued work may finish on SIGTERM");
+ABSL_FLAG(int64_t, max_request_bytes, 64 << 20,
+          "largest request message accepted (RESOURCE_EXHAUSTED beyond it); state-push "
+          "frames are about 2 MiB");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9402",
           "host:port serving Prometheus text on /metrics (port 0: any free port); empty: off");
 
@@ -51,6 +55,19 @@ int Main() {
   if (absl::GetFlag(FLAGS_model).empty() || opts.max_batch_tokens < 1 || opts.max_queue < 1) {
     std::fprintf(stderr,
                  "kl-prefill: --model is required; --max_batch_tokens and --max_queue >= 1\n");
+    return 2;
+  }
+  // Mutual TLS (--cluster_*): callers must present a cluster certificate, and
+  // state pushes to decode workers present ours.
+  absl::StatusOr<ClusterTls> cluster = ClusterTlsFromFlags();
+  if (!cluster.ok()) {
+    std::fprintf(stderr, "kl-prefill: %s\n", std::string(cluster.status().message()).c_str());
+    return 2;
+  }
+  opts.push_security = cluster->client;
+  const int64_t max_request = absl::GetFlag(FLAGS_max_request_bytes);
+  if (max_request < 1024 || max_request > (1 << 30)) {
+    std::fprintf(stderr, "kl-prefill: --max_request_bytes must be in [1024, 2^30]\n");
     return 2;
   }
   std::unique_ptr<Metrics> metrics;
@@ -78,6 +95,8 @@ int Main() {
                                                   (*engine)->checkpoint_fingerprint(), opts);
   ServerOptions so;
   so.address = absl::GetFlag(FLAGS_listen);
+  so.credentials = cluster->server;
+  so.max_receive_message_bytes = static_cast<int>(max_request);
   auto server = StartServer(so, {service.get()});
   if (!server.ok()) {
     std::fprintf(stderr, "kl-prefill: %s\n", server.status().ToString().c_str());
@@ -86,6 +105,7 @@ int Main() {
   if (metrics != nullptr) RegisterPrefillCallbacks(*metrics, service.get());
   server->SetServing(true);
   KL_LOG(INFO).Field("port", server->port).Field("max_batch_tokens", opts.max_batch_tokens)
+      .Field("cluster_tls", cluster->enabled())
       << "kl-prefill serving";
 
   const int sig = WaitForStopSignal();

@@ -26,7 +26,7 @@ bool PrefillJob::Complete(const absl::StatusOr<PrefillResult>& result) {
 }
 
 PrefillEngine::PrefillEngine(Model* model, PrefillEngineOptions options)
-    : model_(model), options_(std::move(options)) {
+    : model_(model), options_(std::move(options)), channels_(64 << 20, options_.push_security) {
   const ModelConfig& c = model_->config();
   int64_t kda = 0, mla = 0;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) ordinal_.push_back(c.IsKda(l) ? kda++ : mla++);

@@ -102,6 +102,7 @@ struct PrefillEngineOptions {
   BundleOptions bundle;                 // wire dtypes of the pushed state
   uint64_t checkpoint_fingerprint = 0;  // written into every bundle header
   PrefillMetrics* metrics = nullptr;    // null: metrics off; must outlive the engine
+  ChannelSecurity push_security;        // how state pushes dial decode workers (tls.h)
 };
 
 struct PrefillEngineStats {

@@ -34,6 +34,7 @@ struct PrefillServiceOptions {
   // F32 keeps the hand-off exact, BF16 halves those bytes.
   DType bundle_dtype = DType::kF32;
   PrefillMetrics* metrics = nullptr;  // null: metrics off; must outlive the service
+  ChannelSecurity push_security;      // state pushes to decode workers: cluster mTLS or plaintext
 };
 
 class PrefillService final : public v1::Prefill::CallbackService {

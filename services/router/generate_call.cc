@@ -56,6 +56,9 @@ bool GenerateCall::Write(const v1::GenerateResponse& response, absl::Time deadli
 }
 
 void GenerateCall::Finish(const grpc::Status& status) {
+  // Released before the status goes out: a client that sends its next request
+  // as soon as it sees this one end must find its slot free.
+  slot_.reset();
   ServerWriteReactor::Finish(status);
 }
 

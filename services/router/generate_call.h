@@ -18,6 +18,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "proto/generation.pb.h"
+#include "services/router/client_limiter.h"
 
 namespace kl {
 
@@ -63,6 +64,10 @@ class GenerateCall final : public grpc::ServerWriteReactor<v1::GenerateResponse>
   // cancelled). Driver thread only; never concurrently with itself.
   bool Write(const v1::GenerateResponse& response, absl::Time deadline);
 
+  // The client's concurrency slot, held until the call ends (Finish, or the
+  // reactor's deletion on any other path).
+  void set_client_slot(std::unique_ptr<ClientLimiter::Slot> slot) { slot_ = std::move(slot); }
+
   // Ends the call with `status`. Exactly once; the reactor deletes itself
   // when gRPC is done with it, so the caller must not touch it afterwards.
   void Finish(const grpc::Status& status);
@@ -74,6 +79,7 @@ class GenerateCall final : public grpc::ServerWriteReactor<v1::GenerateResponse>
 
   grpc::CallbackServerContext* const ctx_;
   const std::shared_ptr<CancelToken> cancel_ = std::make_shared<CancelToken>();
+  std::unique_ptr<ClientLimiter::Slot> slot_;
   v1::GenerateResponse pending_;  // the chunk being written (gRPC reads it until OnWriteDone)
   absl::Mutex mu_;
   bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;

@@ -3,6 +3,8 @@
 //
 //   kl-router --model DIR --listen 0.0.0.0:8000
 //       --prefill_dns kl-prefill.ns.svc:9000 --decode_dns kl-decode.ns.svc:9001
+//       [--tls_cert F --tls_key F] [--api_keys_file F] [--cluster_cert F --cluster_key F
+//        --cluster_ca F]   (docs/security.md)
 //
 // SIGTERM / SIGINT drain: health goes NOT_SERVING, new requests get
 // UNAVAILABLE, running streams get --drain_grace_seconds to finish, exit 0.
@@ -19,6 +21,9 @@
 #include "engine/common/log.h"
 #include "services/common/metrics.h"
 #include "services/common/server_util.h"
+#include "services/common/tls.h"
+#include "services/common/tls_flags.h"
+#include "services/router/api_keys.h"
 #include "services/router/dns_resolver.h"
 #include "services/router/model_meta.h"
 #include "services/router/router_service.h"
@@ -42,6 +47,20 @@ ABSL_FLAG(int, dns_interval_ms, 5000, "DNS re-resolution period");
 ABSL_FLAG(double, drain_grace_seconds, 30, "how long running streams may take on SIGTERM");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9401",
           "host:port serving Prometheus text on /metrics (port 0: any free port); empty: off");
+// Security of the public API (docs/security.md). The internal plane's mutual
+// TLS flags (--cluster_*) come from services/common/tls_flags.
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate chain of the public API (TLS); empty: plaintext");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA: public clients must also present a certificate it signed (optional)");
+ABSL_FLAG(std::string, api_keys_file, "",
+          "API keys, one `key` or `name:key` per line ('#' comments); calls then need "
+          "'authorization: Bearer <key>' or 'x-api-key' metadata. Empty: no auth");
+ABSL_FLAG(int64_t, max_concurrent_per_client, 0,
+          "Generate streams one client (API key name, else peer IP) may run at once; 0: no limit");
+ABSL_FLAG(int64_t, max_request_bytes, 8 << 20,
+          "largest request message accepted (RESOURCE_EXHAUSTED beyond it)");
 
 namespace kl {
 namespace {
@@ -57,6 +76,17 @@ absl::StatusOr<RouterOptions> OptionsFromFlags() {
   o.default_max_tokens = absl::GetFlag(FLAGS_default_max_tokens);
   o.retries = absl::GetFlag(FLAGS_retries);
   o.max_migrations = absl::GetFlag(FLAGS_max_migrations);
+  o.max_concurrent_per_client = absl::GetFlag(FLAGS_max_concurrent_per_client);
+  if (const std::string path = absl::GetFlag(FLAGS_api_keys_file); !path.empty()) {
+    absl::StatusOr<ApiKeys> keys = ApiKeys::Load(path);
+    if (!keys.ok()) return keys.status();
+    o.api_keys = std::make_shared<const ApiKeys>(*std::move(keys));
+    KL_LOG(INFO).Field("keys", o.api_keys->size()) << "API keys loaded";
+  }
+  absl::StatusOr<ClusterTls> cluster = ClusterTlsFromFlags();
+  if (!cluster.ok()) return cluster.status();
+  o.prefill.security = cluster->client;
+  o.decode.security = cluster->client;
   const int health_ms = absl::GetFlag(FLAGS_health_interval_ms);
   const int dns_ms = absl::GetFlag(FLAGS_dns_interval_ms);
   if (health_ms < 10 || dns_ms < 10) {
@@ -118,6 +148,20 @@ int Main() {
   }
   ServerOptions server_options;
   server_options.address = absl::GetFlag(FLAGS_listen);
+  const int64_t max_request = absl::GetFlag(FLAGS_max_request_bytes);
+  if (max_request < 1024 || max_request > (1 << 30)) {
+    KL_LOG(ERROR) << "--max_request_bytes must be in [1024, 2^30]";
+    return 2;
+  }
+  server_options.max_receive_message_bytes = static_cast<int>(max_request);
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> public_tls = LoadPublicServerTls(
+      absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
+      absl::GetFlag(FLAGS_tls_client_ca));
+  if (!public_tls.ok()) {
+    KL_LOG(ERROR) << public_tls.status().message();
+    return 2;
+  }
+  server_options.credentials = *public_tls;
   absl::StatusOr<RunningServer> server = StartServer(server_options, {service->get()});
   if (!server.ok()) {
     KL_LOG(ERROR) << server.status().ToString();
@@ -126,6 +170,9 @@ int Main() {
   if (metrics != nullptr) RegisterRouterCallbacks(*metrics, service->get());
   server->SetServing(true);
   KL_LOG(INFO).Field("listen", server_options.address).Field("port", server->port)
+      .Field("tls", !absl::GetFlag(FLAGS_tls_cert).empty())
+      .Field("auth", (*service)->options().api_keys != nullptr)
+      .Field("cluster_tls", (*service)->options().decode.security.tls())
       << "kl-router serving";
 
   const int sig = WaitForStopSignal();

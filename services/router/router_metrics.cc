@@ -60,13 +60,18 @@ void RegisterRouterCallbacks(Metrics& m, const RouterService* s) {
                        "Decode streams the router cancelled at a stop string.", {},
                        stat(&RouterStats::stop_cancels));
   const std::string rej_help =
-      "Requests refused: admission queue full, router draining, invalid arguments.";
+      "Requests refused: admission queue full, router draining, invalid arguments, no valid "
+      "API key, per-client concurrency limit.";
   m.AddCallbackCounter("kl_rejections_total", rej_help, {{"reason", "queue_full"}},
                        stat(&RouterStats::rejected_full));
   m.AddCallbackCounter("kl_rejections_total", rej_help, {{"reason", "draining"}},
                        stat(&RouterStats::rejected_draining));
   m.AddCallbackCounter("kl_rejections_total", rej_help, {{"reason", "invalid"}},
                        stat(&RouterStats::invalid));
+  m.AddCallbackCounter("kl_rejections_total", rej_help, {{"reason", "unauthenticated"}},
+                       stat(&RouterStats::rejected_unauthenticated));
+  m.AddCallbackCounter("kl_rejections_total", rej_help, {{"reason", "client_limit"}},
+                       stat(&RouterStats::rejected_client_limit));
 }
 
 }  // namespace kl

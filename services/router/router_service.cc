@@ -23,6 +23,7 @@ absl::Status CheckOptions(const RouterOptions& o) {
   if (o.default_max_tokens < 1) return bad("default_max_tokens must be >= 1");
   if (o.retries < 0) return bad("retries must be >= 0");
   if (o.max_migrations < 0) return bad("max_migrations must be >= 0");
+  if (o.max_concurrent_per_client < 0) return bad("max_concurrent_per_client must be >= 0");
   return absl::OkStatus();
 }
 
@@ -36,7 +37,9 @@ std::optional<absl::Time> ClientDeadline(const grpc::CallbackServerContext& ctx)
 }  // namespace
 
 RouterService::RouterService(RouterOptions options, std::shared_ptr<const ModelMeta> model)
-    : options_(std::move(options)), model_(std::move(model)) {}
+    : options_(std::move(options)),
+      model_(std::move(model)),
+      client_limiter_(ClientLimiter::Create(options_.max_concurrent_per_client)) {}
 
 absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(
     RouterOptions options, std::shared_ptr<const ModelMeta> model) {
@@ -86,6 +89,16 @@ RouterService::~RouterService() {
   releaser_->WaitIdle(options_.release_timeout + absl::Seconds(1));
 }
 
+absl::StatusOr<std::string> RouterService::Authenticate(const grpc::CallbackServerContext& ctx) {
+  if (options_.api_keys == nullptr) return PeerClientKey(ctx.peer());
+  absl::StatusOr<std::string> client = options_.api_keys->Authenticate(ctx.client_metadata());
+  if (!client.ok()) {
+    counters_.rejected_unauthenticated.fetch_add(1, std::memory_order_relaxed);
+    KL_LOG(INFO).Field("peer", ctx.peer()) << "unauthenticated: " << client.status().message();
+  }
+  return client;
+}
+
 GenerateCall* RouterService::Reject(GenerateCall* call, const absl::Status& status) {
   call->Finish(ToGrpcStatus(status));
   return call;
@@ -105,6 +118,10 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* RouterService::Generate(
   if (request_id.empty() || !ValidateRequestId(request_id).ok()) request_id = NewRequestId();
   ctx->AddInitialMetadata(kRequestIdKey, request_id);
   ScopedRequestId rid(request_id);
+  // Authentication first: an unauthenticated call touches nothing else (no
+  // validation, no client slot, no queue place, no latency metrics).
+  absl::StatusOr<std::string> client = Authenticate(*ctx);
+  if (!client.ok()) return Reject(call, client.status());
   if (draining_.load()) {
     counters_.rejected_draining.fetch_add(1, std::memory_order_relaxed);
     return Reject(call, absl::UnavailableError("the router is draining; retry elsewhere"));
@@ -117,6 +134,14 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* RouterService::Generate(
     return Reject(call, sampling.status());
   }
   if (!sampling->seed.has_value()) sampling->seed = RandomSeed();  // fixed across migrations
+  std::unique_ptr<ClientLimiter::Slot> slot = client_limiter_->TryAcquire(*client);
+  if (slot == nullptr) {
+    counters_.rejected_client_limit.fetch_add(1, std::memory_order_relaxed);
+    return Reject(call, absl::ResourceExhaustedError(absl::StrCat(
+                            "client ", *client, " already runs ", client_limiter_->limit(),
+                            " streams (--max_concurrent_per_client); retry when one ends")));
+  }
+  call->set_client_slot(std::move(slot));
 
   auto job = std::make_shared<GenerateJob>();
   job->call = call;
@@ -155,6 +180,10 @@ grpc::ServerUnaryReactor* RouterService::Tokenize(grpc::CallbackServerContext* c
                                                   const v1::TokenizeRequest* request,
                                                   v1::TokenizeResponse* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (absl::StatusOr<std::string> client = Authenticate(*ctx); !client.ok()) {
+    reactor->Finish(ToGrpcStatus(client.status()));
+    return reactor;
+  }
   absl::StatusOr<std::vector<int32_t>> ids =
       EncodeTokenizeRequest(*request, model_->tokenizer());
   if (ids.ok()) response->mutable_token_ids()->Add(ids->begin(), ids->end());
@@ -165,6 +194,11 @@ grpc::ServerUnaryReactor* RouterService::Tokenize(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* RouterService::ModelInfo(grpc::CallbackServerContext* ctx,
                                                    const v1::ModelInfoRequest* /*request*/,
                                                    v1::ModelInfoResponse* response) {
+  if (absl::StatusOr<std::string> client = Authenticate(*ctx); !client.ok()) {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    reactor->Finish(ToGrpcStatus(client.status()));
+    return reactor;
+  }
   const ModelConfig& c = model_->config();
   response->set_model_type(c.model_type);
   response->set_vocab_size(c.vocab_size);
@@ -219,6 +253,9 @@ RouterStats RouterService::Stats() const {
   s.rejected_full = get(counters_.rejected_full);
   s.rejected_draining = get(counters_.rejected_draining);
   s.invalid = get(counters_.invalid);
+  s.rejected_unauthenticated = get(counters_.rejected_unauthenticated);
+  s.rejected_client_limit = get(counters_.rejected_client_limit);
+  s.client_streams = client_limiter_->TotalInUse();
   s.completed = get(counters_.completed);
   s.failed = get(counters_.failed);
   s.cancelled = get(counters_.cancelled);

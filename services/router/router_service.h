@@ -19,6 +19,8 @@
 #include "absl/time/time.h"
 #include "proto/generation.grpc.pb.h"
 #include "services/router/admission_queue.h"
+#include "services/router/api_keys.h"
+#include "services/router/client_limiter.h"
 #include "services/router/generate_call.h"
 #include "services/router/lease_releaser.h"
 #include "services/router/model_meta.h"
@@ -42,6 +44,12 @@ struct RouterOptions {
   WorkerPoolOptions prefill;       // role and fingerprint are set by Create
   WorkerPoolOptions decode;
   RouterMetrics* metrics = nullptr;  // null: no Prometheus metrics; must outlive the service
+  // Public API authentication (api_keys.h): null = off. With keys, Generate,
+  // Tokenize and ModelInfo need one (UNAUTHENTICATED otherwise); health and
+  // reflection are separate services and stay open.
+  std::shared_ptr<const ApiKeys> api_keys;
+  // Generate streams one client may run at once (client_limiter.h); 0 = no limit.
+  int64_t max_concurrent_per_client = 0;
 };
 
 class RouterService final : public v1::Generation::CallbackService {
@@ -74,6 +82,7 @@ class RouterService final : public v1::Generation::CallbackService {
 
   RouterStats Stats() const;
   const RouterOptions& options() const { return options_; }
+  const ClientLimiter& client_limiter() const { return *client_limiter_; }
   const RequestLimits& limits() const { return context_.limits; }
   WorkerPool& prefill_pool() { return *prefill_; }
   WorkerPool& decode_pool() { return *decode_; }
@@ -83,6 +92,9 @@ class RouterService final : public v1::Generation::CallbackService {
   // Runs on a driver thread.
   void Drive(std::shared_ptr<GenerateJob> job);
   GenerateCall* Reject(GenerateCall* call, const absl::Status& status);
+  // The client's name (its API key's) when keys are configured, else its peer
+  // IP; UNAUTHENTICATED (counted) without a valid key.
+  absl::StatusOr<std::string> Authenticate(const grpc::CallbackServerContext& ctx);
 
   const RouterOptions options_;
   const std::shared_ptr<const ModelMeta> model_;
@@ -92,6 +104,7 @@ class RouterService final : public v1::Generation::CallbackService {
   std::unique_ptr<LeaseReleaser> releaser_;
   RouterContext context_;
   std::atomic<bool> draining_{false};
+  const std::shared_ptr<ClientLimiter> client_limiter_;
 
   mutable absl::Mutex live_mu_;
   // Cancel tokens of admitted requests, for CancelAll.

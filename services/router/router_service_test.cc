@@ -319,6 +319,8 @@ TEST(RouterMetricsTest, OutcomesAreCounted) {
   h.prefill(0).prefill()->fail_code = grpc::StatusCode::OUT_OF_RANGE;  // not retried
   h.prefill(0).prefill()->fail_next = 1;
   EXPECT_EQ(h.Generate(TokenRequest(2, 4)).status.error_code(), grpc::StatusCode::OUT_OF_RANGE);
+  // The client sees the status before the driver thread returns its slot.
+  EXPECT_TRUE(PollUntil([&] { return h.service().Stats().in_flight == 0; }));
 
   const std::string t = metrics->Text();
   auto has = [&t](const std::string& line) {

@@ -15,6 +15,8 @@ struct RouterCounters {
   std::atomic<int64_t> rejected_full{0};      // RESOURCE_EXHAUSTED: queue full
   std::atomic<int64_t> rejected_draining{0};  // UNAVAILABLE: draining
   std::atomic<int64_t> invalid{0};            // INVALID_ARGUMENT
+  std::atomic<int64_t> rejected_unauthenticated{0};  // UNAUTHENTICATED: no / unknown API key
+  std::atomic<int64_t> rejected_client_limit{0};     // RESOURCE_EXHAUSTED: per-client limit
   std::atomic<int64_t> completed{0};          // finished OK
   std::atomic<int64_t> failed{0};             // finished with an error (not cancel)
   std::atomic<int64_t> cancelled{0};          // client cancelled
@@ -30,6 +32,9 @@ struct RouterStats {
   int64_t rejected_full = 0;
   int64_t rejected_draining = 0;
   int64_t invalid = 0;
+  int64_t rejected_unauthenticated = 0;
+  int64_t rejected_client_limit = 0;
+  int64_t client_streams = 0;   // Generate calls holding a per-client slot now
   int64_t completed = 0;
   int64_t failed = 0;
   int64_t cancelled = 0;

@@ -92,12 +92,12 @@ RouterOptions RouterHarness::DefaultOptions() const {
   return o;
 }
 
-void RouterHarness::StartRouter(RouterOptions options) {
+void RouterHarness::StartRouter(RouterOptions options, const ServerOptions& server_options) {
   absl::StatusOr<std::unique_ptr<RouterService>> s =
       RouterService::Create(std::move(options), TinyModel());
   ASSERT_TRUE(s.ok()) << s.status();
   service_ = *std::move(s);
-  absl::StatusOr<RunningServer> server = StartServer(ServerOptions{}, {service_.get()});
+  absl::StatusOr<RunningServer> server = StartServer(server_options, {service_.get()});
   ASSERT_TRUE(server.ok()) << server.status();
   server_ = *std::move(server);
   server_.SetServing(true);

@@ -49,7 +49,10 @@ class RouterHarness {
 
   // Options for tests: fast health polling, the fakes as static members.
   RouterOptions DefaultOptions() const;
-  void StartRouter(RouterOptions options);
+  void StartRouter(RouterOptions options) { StartRouter(std::move(options), ServerOptions{}); }
+  // With the router's server options (message limits); `server_options`
+  // must keep plaintext, the harness's stub dials without TLS.
+  void StartRouter(RouterOptions options, const ServerOptions& server_options);
   void StartRouter() { StartRouter(DefaultOptions()); }
 
   FakeWorkerServer& prefill(int i) { return *prefill_[i]; }

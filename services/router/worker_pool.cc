@@ -20,12 +20,13 @@ const char* WorkerRoleName(WorkerRole role) {
   return role == WorkerRole::kPrefill ? "prefill" : "decode";
 }
 
-WorkerEndpoint::WorkerEndpoint(std::string address, WorkerRole role, int max_message_bytes)
+WorkerEndpoint::WorkerEndpoint(std::string address, WorkerRole role, int max_message_bytes,
+                               const ChannelSecurity& security)
     : address_(std::move(address)), role_(role) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(max_message_bytes);
   args.SetMaxSendMessageSize(max_message_bytes);
-  channel_ = grpc::CreateCustomChannel(address_, grpc::InsecureChannelCredentials(), args);
+  channel_ = security.Dial(address_, args);
   if (role == WorkerRole::kPrefill) {
     prefill_ = v1::Prefill::NewStub(channel_);
   } else {
@@ -113,7 +114,8 @@ void WorkerPool::SyncMembers(const std::vector<std::string>& addresses) {
   for (const std::string& a : addresses) {
     if (members_.count(a)) continue;
     Member m;
-    m.endpoint = std::make_shared<WorkerEndpoint>(a, options_.role, options_.max_message_bytes);
+    m.endpoint = std::make_shared<WorkerEndpoint>(a, options_.role, options_.max_message_bytes,
+                                                  options_.security);
     m.state = "not checked yet";
     members_.emplace(a, std::move(m));
     KL_LOG(INFO).Field("pool", WorkerRoleName(options_.role)).Field("worker", a)

@@ -23,6 +23,7 @@
 #include "absl/time/time.h"
 #include "proto/health.grpc.pb.h"
 #include "proto/worker.grpc.pb.h"
+#include "services/common/tls.h"
 #include "services/router/worker_load.h"
 
 namespace kl {
@@ -41,6 +42,8 @@ struct WorkerPoolOptions {
   // Stats are never picked. 0 accepts any.
   uint64_t state_fingerprint = 0;
   int max_message_bytes = 64 << 20;
+  // Transport to the workers: the cluster's mutual TLS (tls.h), or plaintext.
+  ChannelSecurity security;
 };
 
 // One worker: its channel and stubs. Shared (shared_ptr) by the pool and the
@@ -48,7 +51,8 @@ struct WorkerPoolOptions {
 // already hold it. Stubs are thread-safe.
 class WorkerEndpoint {
  public:
-  WorkerEndpoint(std::string address, WorkerRole role, int max_message_bytes);
+  WorkerEndpoint(std::string address, WorkerRole role, int max_message_bytes,
+                 const ChannelSecurity& security = {});
   const std::string& address() const { return address_; }
   WorkerRole role() const { return role_; }
   v1::Prefill::Stub* prefill() const { return prefill_.get(); }  // null for decode

@@ -65,12 +65,13 @@ kl::v1::GenerateRequest MakeRequest(const Job& j, int64_t vocab_ids) {
 
 absl::StatusOr<std::string> RunBench(const BenchOptions& o) {
   // The vocabulary from ModelInfo; prompts avoid the 256 special ids at the end.
-  auto channel = grpc::CreateChannel(o.address, grpc::InsecureChannelCredentials());
+  auto channel = o.security.channel.Dial(o.address);
   auto stub = kl::v1::Generation::NewStub(channel);
   kl::v1::ModelInfoResponse info;
   {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    o.security.Authorize(&ctx);
     grpc::Status st = stub->ModelInfo(&ctx, kl::v1::ModelInfoRequest(), &info);
     if (!st.ok()) return absl::UnavailableError(absl::StrCat("ModelInfo: ", st.error_message()));
   }
@@ -90,7 +91,7 @@ absl::StatusOr<std::string> RunBench(const BenchOptions& o) {
       jobs[i].arrival_seconds = t;
     }
   }
-  GenerationClient client(o.address);
+  GenerationClient client(o.address, o.security);
   // Warm-up, sequentially.
   for (int i = 0; i < o.warmup_requests; ++i) {
     client.Generate(MakeRequest(jobs[i], vocab_ids), o.deadline_seconds);

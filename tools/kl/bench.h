@@ -10,6 +10,8 @@
 
 #include "absl/status/statusor.h"
 
+#include "tools/kl/client.h"
+
 namespace kl {
 
 struct BenchOptions {
@@ -24,6 +26,7 @@ struct BenchOptions {
   double slo_ttft_seconds = 1.0;  // goodput: both SLOs met
   double slo_tpot_seconds = 0.1;
   double deadline_seconds = 300;
+  ClientSecurity security;        // TLS / API key of the router
 };
 
 // Runs the benchmark; returns the report as JSON text (also suitable for plots).

@@ -4,10 +4,11 @@ namespace kl {
 
 using Clock = std::chrono::steady_clock;
 
-GenerationClient::GenerationClient(const std::string& address) {
+GenerationClient::GenerationClient(const std::string& address, ClientSecurity security)
+    : security_(std::move(security)) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
-  channel_ = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  channel_ = security_.channel.Dial(address, args);
   stub_ = kl::v1::Generation::NewStub(channel_);
 }
 
@@ -23,6 +24,7 @@ StreamResult GenerationClient::Generate(
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(static_cast<int64_t>(deadline_seconds * 1e3)));
+  security_.Authorize(&ctx);
   const auto t0 = Clock::now();
   auto last = t0;
   bool first = true;

@@ -12,6 +12,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "proto/generation.grpc.pb.h"
+#include "services/common/tls.h"
 
 namespace kl {
 
@@ -28,15 +29,26 @@ struct StreamResult {
   std::vector<int64_t> indices;         // index of every received token, in order
 };
 
+// How a client reaches a secured router (docs/security.md).
+struct ClientSecurity {
+  ChannelSecurity channel;  // TLS (trusting the router's CA), or plaintext
+  std::string api_key;      // sent as `authorization: Bearer <key>`; empty: none
+  // Adds the key's metadata to `ctx`.
+  void Authorize(grpc::ClientContext* ctx) const {
+    if (!api_key.empty()) ctx->AddMetadata("authorization", "Bearer " + api_key);
+  }
+};
+
 class GenerationClient {
  public:
-  explicit GenerationClient(const std::string& address);
+  explicit GenerationClient(const std::string& address, ClientSecurity security = {});
   // Streams one request; `on_chunk` (optional) sees every response as it arrives.
   StreamResult Generate(const kl::v1::GenerateRequest& req, double deadline_seconds,
                         const std::function<void(const kl::v1::GenerateResponse&)>& on_chunk = {});
   bool WaitReady(double seconds);
 
  private:
+  ClientSecurity security_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<kl::v1::Generation::Stub> stub_;
 };

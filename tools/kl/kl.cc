@@ -5,9 +5,13 @@
 //   kl generate --prompt TEXT                      in process, no cluster
 //   kl bench    --router HOST:PORT | --local  [load flags]   load generator, JSON report
 // Without --model, the embedded tiny model is used (made on first use).
+// Secured routers (docs/security.md): --tls_ca (or --tls) and --api_key /
+// --api_key_file / $KL_API_KEY; `kl local` also takes --cluster_*, --tls_cert,
+// --tls_key and --api_keys_file and passes them to its processes.
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <thread>
 #include <iostream>
 #include <string>
@@ -16,6 +20,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "engine/runtime/generator.h"
@@ -59,6 +64,26 @@ ABSL_FLAG(std::string, output_len, "16:64", "bench: output tokens min:max");
 ABSL_FLAG(double, slo_ttft, 1.0, "bench: TTFT SLO, seconds");
 ABSL_FLAG(double, slo_tpot, 0.1, "bench: TPOT SLO, seconds");
 ABSL_FLAG(std::string, json_out, "", "bench: also write the JSON report here");
+// Security, client side (generate, bench, local).
+ABSL_FLAG(bool, tls, false, "TLS to the router, trusting the system roots (implied by --tls_ca)");
+ABSL_FLAG(std::string, tls_ca, "", "TLS to the router, trusting this PEM CA");
+ABSL_FLAG(std::string, tls_server_name, "",
+          "name the router's certificate must carry (default: the host)");
+ABSL_FLAG(std::string, tls_client_cert, "",
+          "PEM certificate to present (routers with --tls_client_ca)");
+ABSL_FLAG(std::string, tls_client_key, "", "PEM key of --tls_client_cert");
+ABSL_FLAG(std::string, api_key, "",
+          "API key sent as 'authorization: Bearer' (default: $KL_API_KEY)");
+ABSL_FLAG(std::string, api_key_file, "",
+          "file whose first line is the API key (keeps it out of ps)");
+// Security of `kl local`'s processes.
+ABSL_FLAG(std::string, cluster_cert, "", "local: cluster mTLS certificate for every process");
+ABSL_FLAG(std::string, cluster_key, "", "local: its key");
+ABSL_FLAG(std::string, cluster_ca, "", "local: the cluster CA");
+ABSL_FLAG(std::string, cluster_server_name, "", "local: name in the workers' certificates");
+ABSL_FLAG(std::string, tls_cert, "", "local: the router's public TLS certificate");
+ABSL_FLAG(std::string, tls_key, "", "local: its key");
+ABSL_FLAG(std::string, api_keys_file, "", "local: the router's API keys file");
 
 namespace kl {
 namespace {
@@ -76,6 +101,30 @@ const char* GrpcCodeName(grpc::StatusCode c) {
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "kl: %s\n", s.ToString().c_str());
   return 1;
+}
+
+// TLS and API key of the router from the client flags.
+absl::StatusOr<ClientSecurity> ClientSecurityFromFlags() {
+  ClientSecurity out;
+  const std::string ca = absl::GetFlag(FLAGS_tls_ca);
+  absl::StatusOr<ChannelSecurity> channel = LoadPublicClientTls(
+      absl::GetFlag(FLAGS_tls) || !ca.empty(), ca, absl::GetFlag(FLAGS_tls_client_cert),
+      absl::GetFlag(FLAGS_tls_client_key), absl::GetFlag(FLAGS_tls_server_name));
+  if (!channel.ok()) return channel.status();
+  out.channel = *std::move(channel);
+  out.api_key = absl::GetFlag(FLAGS_api_key);
+  const std::string key_file = absl::GetFlag(FLAGS_api_key_file);
+  if (const std::string& path = key_file; out.api_key.empty() && !path.empty()) {
+    std::ifstream in(path);
+    if (!in || !std::getline(in, out.api_key)) {
+      return absl::NotFoundError(absl::StrCat("--api_key_file=", path, ": cannot read"));
+    }
+    out.api_key = std::string(absl::StripAsciiWhitespace(out.api_key));
+  }
+  if (const char* env = std::getenv("KL_API_KEY"); out.api_key.empty() && env != nullptr) {
+    out.api_key = env;
+  }
+  return out;
 }
 
 absl::StatusOr<std::string> ModelDir() {
@@ -108,7 +157,9 @@ kl::v1::GenerateRequest RequestFromFlags() {
 
 // Streams one request through a router, printing text as it arrives.
 int StreamThroughRouter(const std::string& address) {
-  GenerationClient client(address);
+  absl::StatusOr<ClientSecurity> security = ClientSecurityFromFlags();
+  if (!security.ok()) return Fail(security.status());
+  GenerationClient client(address, *std::move(security));
   const bool quiet = absl::GetFlag(FLAGS_quiet);
   if (!quiet) std::fprintf(stdout, "%s", absl::GetFlag(FLAGS_prompt).c_str());
   StreamResult r = client.Generate(RequestFromFlags(), absl::GetFlag(FLAGS_deadline_seconds),
@@ -148,6 +199,12 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> StartLocal() {
   o.decode_workers = absl::GetFlag(FLAGS_decode_workers);
   o.decode_slots = absl::GetFlag(FLAGS_decode_slots);
   o.log_dir = absl::GetFlag(FLAGS_log_dir);
+  o.cluster_tls = {absl::GetFlag(FLAGS_cluster_cert), absl::GetFlag(FLAGS_cluster_key),
+                   absl::GetFlag(FLAGS_cluster_ca), absl::GetFlag(FLAGS_cluster_server_name)};
+  o.tls_cert = absl::GetFlag(FLAGS_tls_cert);
+  o.tls_key = absl::GetFlag(FLAGS_tls_key);
+  o.tls_ca = absl::GetFlag(FLAGS_tls_ca);
+  o.api_keys_file = absl::GetFlag(FLAGS_api_keys_file);
   if (o.log_dir.empty()) {  // keep the terminal for the generated text
     std::string cache = absl::GetFlag(FLAGS_cache_dir);
     o.log_dir = (cache.empty() ? DefaultCacheDir() : cache) + "/logs";
@@ -210,6 +267,9 @@ int RunBenchCommand() {
   if (address.empty()) return Fail(absl::InvalidArgumentError("bench needs --router or --local"));
   BenchOptions o;
   o.address = address;
+  absl::StatusOr<ClientSecurity> security = ClientSecurityFromFlags();
+  if (!security.ok()) return Fail(security.status());
+  o.security = *std::move(security);
   o.request_rate = absl::GetFlag(FLAGS_rate);
   o.concurrency = absl::GetFlag(FLAGS_concurrency);
   o.num_requests = absl::GetFlag(FLAGS_num_requests);

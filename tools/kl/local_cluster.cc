@@ -84,8 +84,7 @@ absl::Status LocalCluster::Spawn(Proc& p) {
 }
 
 absl::Status LocalCluster::WaitServing(const Proc& p, double seconds) {
-  auto channel = grpc::CreateChannel(Addr(p.port), grpc::InsecureChannelCredentials());
-  auto stub = grpc::health::v1::Health::NewStub(channel);
+  const ChannelSecurity& security = &p == &router_ ? router_security_ : worker_security_;
   const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
   while (std::chrono::steady_clock::now() < until) {
     int status;
@@ -93,6 +92,10 @@ absl::Status LocalCluster::WaitServing(const Proc& p, double seconds) {
       return absl::InternalError(absl::StrCat(p.name, " exited during start-up (status ", status,
                                               "); see its log"));
     }
+    // A fresh channel each attempt: one that failed to connect while the
+    // process was still loading would wait out gRPC's reconnect backoff
+    // (seconds, growing) after the process is up.
+    auto stub = grpc::health::v1::Health::NewStub(security.Dial(Addr(p.port)));
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
     grpc::health::v1::HealthCheckResponse resp;
@@ -106,6 +109,19 @@ absl::Status LocalCluster::WaitServing(const Proc& p, double seconds) {
 }
 
 absl::Status LocalCluster::Start() {
+  absl::StatusOr<ClusterTls> cluster = LoadClusterTls(o_.cluster_tls);
+  if (!cluster.ok()) return cluster.status();
+  worker_security_ = cluster->client;
+  absl::StatusOr<ChannelSecurity> public_tls =
+      LoadPublicClientTls(!o_.tls_cert.empty(), o_.tls_ca, "", "", "");
+  if (!public_tls.ok()) return public_tls.status();
+  router_security_ = *public_tls;
+  std::vector<std::string> security_args;  // every process
+  if (o_.cluster_tls.enabled()) {
+    security_args = {"--cluster_cert=" + o_.cluster_tls.cert, "--cluster_key=" + o_.cluster_tls.key,
+                     "--cluster_ca=" + o_.cluster_tls.ca,
+                     "--cluster_server_name=" + o_.cluster_tls.server_name};
+  }
   const std::string threads = absl::StrCat("--threads=", o_.threads_per_process);
   std::vector<std::string> paddrs, daddrs;
   for (int i = 0; i < o_.prefill_workers; ++i) {
@@ -113,6 +129,7 @@ absl::Status LocalCluster::Start() {
     p.metrics_port = PickFreePort();
     p.args = {"--model=" + o_.model_dir, "--listen=" + Addr(p.port), threads,
               "--metrics_listen=" + Addr(p.metrics_port)};
+    p.args.insert(p.args.end(), security_args.begin(), security_args.end());
     p.args.insert(p.args.end(), o_.prefill_args.begin(), o_.prefill_args.end());
     paddrs.push_back(Addr(p.port));
     prefill_.push_back(p);
@@ -122,6 +139,7 @@ absl::Status LocalCluster::Start() {
     p.metrics_port = PickFreePort();
     p.args = {"--model=" + o_.model_dir, "--listen=" + Addr(p.port), threads,
               absl::StrCat("--slots=", o_.decode_slots), "--metrics_listen=" + Addr(p.metrics_port)};
+    p.args.insert(p.args.end(), security_args.begin(), security_args.end());
     p.args.insert(p.args.end(), o_.decode_args.begin(), o_.decode_args.end());
     daddrs.push_back(Addr(p.port));
     decode_.push_back(p);
@@ -131,18 +149,27 @@ absl::Status LocalCluster::Start() {
   router_.args = {"--model=" + o_.model_dir, "--listen=" + Addr(router_.port),
                   "--prefill=" + absl::StrJoin(paddrs, ","), "--decode=" + absl::StrJoin(daddrs, ","),
                   "--metrics_listen=" + Addr(router_.metrics_port)};
+  router_.args.insert(router_.args.end(), security_args.begin(), security_args.end());
+  if (!o_.tls_cert.empty()) {
+    router_.args.push_back("--tls_cert=" + o_.tls_cert);
+    router_.args.push_back("--tls_key=" + o_.tls_key);
+  }
+  if (!o_.api_keys_file.empty()) router_.args.push_back("--api_keys_file=" + o_.api_keys_file);
   router_.args.insert(router_.args.end(), o_.router_args.begin(), o_.router_args.end());
   for (auto* group : {&prefill_, &decode_}) {
     for (auto& p : *group) {
       if (auto s = Spawn(p); !s.ok()) return s;
     }
   }
-  if (auto s = Spawn(router_); !s.ok()) return s;
   for (auto* group : {&prefill_, &decode_}) {
     for (auto& p : *group) {
       if (auto s = WaitServing(p, o_.ready_timeout_seconds); !s.ok()) return s;
     }
   }
+  // The router last, once every worker listens: its first health round (at
+  // start-up) then finds them all ready instead of refused connections whose
+  // reconnect backoff would keep them out of the pool for seconds.
+  if (auto s = Spawn(router_); !s.ok()) return s;
   return WaitServing(router_, o_.ready_timeout_seconds);
 }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "services/common/tls.h"
 
 namespace kl {
 
@@ -27,6 +28,14 @@ struct LocalClusterOptions {
   std::vector<std::string> prefill_args;
   std::vector<std::string> decode_args;
   double ready_timeout_seconds = 60;
+  // Security (docs/security.md). Cluster mutual TLS: every process gets
+  // --cluster_cert/key/ca/server_name (workers then require the cluster
+  // certificate, and Start's health checks present it).
+  ClusterTlsFiles cluster_tls;
+  // The router's public API: TLS with tls_cert/tls_key (Start checks its
+  // health trusting tls_ca), API keys from api_keys_file.
+  std::string tls_cert, tls_key, tls_ca;
+  std::string api_keys_file;
 };
 
 class LocalCluster {
@@ -70,6 +79,8 @@ class LocalCluster {
   void Signal(Proc& p, int sig);
   std::string Binary(const std::string& name) const;
 
+  // How Start reaches each process (plaintext unless the options say TLS).
+  ChannelSecurity router_security_, worker_security_;
   LocalClusterOptions o_;
   Proc router_;
   std::vector<Proc> prefill_, decode_;
