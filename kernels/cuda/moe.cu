@@ -10,9 +10,8 @@
 //    the tile offsets (tiles past the total exit). Gate+up is one GEMM (both weight
 //    row blocks in one CTA) with SwiGLU in the epilogue; down writes w * (W2 h) per
 //    routed slot; the combine gathers each token's k rows in ascending expert id.
-//  - Row order within an expert is set by shared-memory atomics (arbitrary), but no
-//    output element's arithmetic depends on its row's position in a tile, so the
-//    results are bitwise reproducible.
+//  - Each expert's rows are in slot order (a stable scatter), the GEMMs have a fixed
+//    reduction order and the combine no atomics: results are bitwise reproducible.
 #include <cuda_bf16.h>
 
 #include <climits>
@@ -112,11 +111,17 @@ constexpr int kSortThreads = 1024;
 
 __global__ void __launch_bounds__(kSortThreads)
     MoeSortKernel(const int32_t* __restrict__ ids, int32_t S, int32_t E, int32_t rows_per_tile,
-                  MoeWorkspace ws) {
+                  int32_t max_tiles, MoeWorkspace ws) {
   __shared__ int32_t s_cnt[kMoeMaxExperts];
   __shared__ int32_t s_cur[kMoeMaxExperts];
+  __shared__ int32_t s_off[kMoeMaxExperts + 1];
+  __shared__ int32_t s_toff[kMoeMaxExperts + 1];
+  __shared__ uint16_t s_wcnt[kSortThreads / 32][kMoeMaxExperts];  // per-round warp counts
   const int tid = threadIdx.x;
   for (int e = tid; e < E; e += kSortThreads) s_cnt[e] = 0;
+  for (int i = tid; i < (kSortThreads / 32) * kMoeMaxExperts; i += kSortThreads) {
+    (&s_wcnt[0][0])[i] = 0;
+  }
   __syncthreads();
   for (int s = tid; s < S; s += kSortThreads) {
     const int32_t e = ids[s];
@@ -151,6 +156,8 @@ __global__ void __launch_bounds__(kSortThreads)
       if (e < E) {
         ws.offsets[e] = cp;
         ws.tile_off[e] = tp;
+        s_off[e] = cp;
+        s_toff[e] = tp;
         s_cur[e] = cp;
         cp += s_cnt[e];
         tp += (s_cnt[e] + rows_per_tile - 1) / rows_per_tile;
@@ -159,17 +166,58 @@ __global__ void __launch_bounds__(kSortThreads)
     if (lane == 31) {
       ws.offsets[E] = ci;
       ws.tile_off[E] = ti;
+      s_off[E] = ci;
+      s_toff[E] = ti;
     }
   }
   __syncthreads();
-  for (int s = tid; s < S; s += kSortThreads) {
-    const int32_t e = ids[s];
+  // Tile table: the expert of tile mt is the largest e with s_toff[e] <= mt (experts
+  // without rows have s_toff[e] == s_toff[e + 1] and are skipped).
+  const int tiles = s_toff[E];
+  for (int mt = tid; mt < max_tiles; mt += kSortThreads) {
+    int4 info = make_int4(-1, 0, 0, 0);
+    if (mt < tiles) {
+      int lo = 0, hi = E - 1;
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (s_toff[mid] <= mt) lo = mid; else hi = mid - 1;
+      }
+      const int p0 = s_off[lo] + (mt - s_toff[lo]) * rows_per_tile;
+      info = make_int4(lo, p0, min(rows_per_tile, s_off[lo + 1] - p0), 0);
+    }
+    ws.tile_info[mt] = info;
+  }
+  // Stable scatter, kSortThreads slots per round: a slot's position is its expert's
+  // cursor + same-expert slots of lower warps (s_wcnt) + lower lanes of its own warp
+  // (match_any), so each expert's rows stay in slot order: the permutation, and with it
+  // every result, is the same on every run.
+  const int warp = tid >> 5, lane = tid & 31;
+  const unsigned lanes_below = (1u << lane) - 1u;
+  for (int base = 0; base < S; base += kSortThreads) {  // uniform trip count
+    const int s = base + tid;
+    int32_t e = -1;
+    if (s < S) {
+      e = ids[s];
+      if (e < 0 || e >= E) e = -1;
+    }
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    const int rank = __popc(peers & lanes_below);
+    const bool leader = rank == 0 && e >= 0;
+    if (leader) s_wcnt[warp][e] = static_cast<uint16_t>(__popc(peers));
+    __syncthreads();
     int32_t pos = -1;
-    if (e >= 0 && e < E) {
-      pos = atomicAdd(&s_cur[e], 1);
+    if (e >= 0) {
+      pos = s_cur[e] + rank;
+      for (int w = 0; w < warp; ++w) pos += s_wcnt[w][e];
       ws.sorted_slot[pos] = s;
     }
-    ws.slot_pos[s] = pos;
+    if (s < S) ws.slot_pos[s] = pos;
+    __syncthreads();  // every read of s_cur / s_wcnt of this round is done
+    if (leader) {
+      atomicAdd(&s_cur[e], __popc(peers));  // integer: order-independent
+      s_wcnt[warp][e] = 0;
+    }
+    __syncthreads();
   }
 }
 
@@ -205,11 +253,9 @@ __global__ void __launch_bounds__(kExThreads) MoeExactGemmKernel(const MoeGemmAr
   __shared__ float sA[kExRows][kExBK + 1];
   __shared__ float sB[kBRows][kExBK + 1];
   __shared__ const float* s_arow[kExRows];
-  const int mt = blockIdx.y;
-  if (mt >= ws.tile_off[a.E]) return;  // uniform per CTA: before any barrier
-  const int e = internal::MoeFindExpert(ws.tile_off, a.E, mt);
-  const int p0 = ws.offsets[e] + (mt - ws.tile_off[e]) * kExRows;
-  const int rows = min(kExRows, ws.offsets[e + 1] - p0);
+  const int4 tile = ws.tile_info[blockIdx.y];
+  if (tile.x < 0) return;  // no work: uniform per CTA, before any barrier
+  const int e = tile.x, p0 = tile.y, rows = tile.z;
   const int K = kGateUp ? a.D : a.I, N = kGateUp ? a.I : a.D;
   const int n0 = blockIdx.x * kExBN;
   const W* wa = static_cast<const W*>(kGateUp ? a.w1[e] : a.w2[e]);
@@ -312,11 +358,17 @@ cudaError_t LaunchExactGemms(const MoeGemmArgs& a, const MoeWorkspace& ws, cudaS
   return cudaGetLastError();
 }
 
+int RowsPerTile(MoeAlgo algo) {
+  return algo == MoeAlgo::kExact              ? internal::kMoeExactRows
+         : algo == MoeAlgo::kTensorCoreSkinny ? internal::kMoeSkinnyRows
+                                              : internal::kMoeTiledRows;
+}
+
 size_t AlignUp(size_t x) { return (x + 255) / 256 * 256; }
 
 // Byte offsets of the workspace views (256-byte aligned each).
 struct Layout {
-  size_t offsets, tile_off, sorted_slot, slot_pos, xb, h, y, total;
+  size_t offsets, tile_off, tile_info, sorted_slot, slot_pos, xb, h, y, total;
 };
 
 Layout MakeLayout(const MoeExpertsParams& p, MoeAlgo algo) {
@@ -331,6 +383,9 @@ Layout MakeLayout(const MoeExpertsParams& p, MoeAlgo algo) {
   };
   l.offsets = take(4 * static_cast<size_t>(p.num_experts + 1));
   l.tile_off = take(4 * static_cast<size_t>(p.num_experts + 1));
+  l.tile_info = take(16 * static_cast<size_t>(
+                              internal::MoeMaxMTiles(static_cast<int64_t>(S), p.num_experts,
+                                                     RowsPerTile(algo))));
   l.sorted_slot = take(4 * S);
   l.slot_pos = take(4 * S);
   l.xb = take(tc ? 2 * static_cast<size_t>(p.num_tokens) * static_cast<size_t>(p.hidden) : 0);
@@ -417,9 +472,7 @@ absl::Status MoeExperts(const MoeExpertsParams& p, void* workspace, size_t works
   }
   if (p.num_tokens == 0) return absl::OkStatus();
   const int64_t S = p.num_tokens * p.top_k;
-  const int rows_per_tile = algo == MoeAlgo::kExact            ? internal::kMoeExactRows
-                            : algo == MoeAlgo::kTensorCoreSkinny ? internal::kMoeSkinnyRows
-                                                                 : internal::kMoeTiledRows;
+  const int rows_per_tile = RowsPerTile(algo);
   const int64_t max_m_tiles = internal::MoeMaxMTiles(S, p.num_experts, rows_per_tile);
   if (S > INT32_MAX / 2 || max_m_tiles > 65535) {
     return absl::InvalidArgumentError(
@@ -441,6 +494,7 @@ absl::Status MoeExperts(const MoeExpertsParams& p, void* workspace, size_t works
   MoeWorkspace ws;
   ws.offsets = reinterpret_cast<int32_t*>(base + l.offsets);
   ws.tile_off = reinterpret_cast<int32_t*>(base + l.tile_off);
+  ws.tile_info = reinterpret_cast<int4*>(base + l.tile_info);
   ws.sorted_slot = reinterpret_cast<int32_t*>(base + l.sorted_slot);
   ws.slot_pos = reinterpret_cast<int32_t*>(base + l.slot_pos);
   ws.xb = tc ? reinterpret_cast<uint16_t*>(base + l.xb) : nullptr;
@@ -460,7 +514,7 @@ absl::Status MoeExperts(const MoeExpertsParams& p, void* workspace, size_t works
   a.max_m_tiles = static_cast<int32_t>(max_m_tiles);
 
   MoeSortKernel<<<1, kSortThreads, 0, stream>>>(p.topk_ids, static_cast<int32_t>(S), a.E,
-                                                rows_per_tile, ws);
+                                                rows_per_tile, a.max_m_tiles, ws);
   KL_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   if (tc) {
     const int64_t n4 = p.num_tokens * p.hidden / 4;

@@ -26,6 +26,9 @@ inline int64_t MoeMaxMTiles(int64_t slots, int64_t experts, int rows_per_tile) {
 struct MoeWorkspace {
   int32_t* offsets = nullptr;      // [E+1] first position of each expert; offsets[E] = routed slots
   int32_t* tile_off = nullptr;     // [E+1] first M tile of each expert; tile_off[E] = tiles
+  // [max_m_tiles] per M tile: {expert, first position, rows (1..R), 0}, or expert -1
+  // past the last tile. One 16-byte load tells a GEMM CTA what to do (or to exit).
+  int4* tile_info = nullptr;
   int32_t* sorted_slot = nullptr;  // [S] slot s = t * k + j at position p (p < offsets[E])
   int32_t* slot_pos = nullptr;     // [S] position of slot s, -1 for an out-of-range id
   uint16_t* xb = nullptr;          // bf16 [T][D] copy of x (tensor-core paths only)
@@ -44,18 +47,6 @@ struct MoeGemmArgs {
   int32_t max_m_tiles;  // grid.y of every GEMM launch
 };
 
-#ifdef __CUDACC__
-// The expert owning M tile mt (mt < tile_off[E]): the largest e with tile_off[e] <= mt
-// (experts without rows have tile_off[e] == tile_off[e + 1] and are skipped).
-__device__ __forceinline__ int MoeFindExpert(const int32_t* tile_off, int E, int mt) {
-  int lo = 0, hi = E - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (tile_off[mid] <= mt) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
-#endif
 
 // Tensor-core gate+up and down GEMMs (bf16 weights); skinny: the decode path.
 cudaError_t LaunchMoeTcGemms(const MoeGemmArgs& a, const MoeWorkspace& ws, bool skinny,

@@ -66,11 +66,9 @@ template <bool kGateUp>
 __global__ void __launch_bounds__(kSkThreads, 2) MoeSkinnyKernel(const MoeGemmArgs a,
                                                                  const MoeWorkspace ws) {
   __shared__ float s_red[kSkWarps][2][2][4][32];  // [warp][tile][token n8][reg][lane]
-  const int mt = blockIdx.y;
-  if (mt >= ws.tile_off[a.E]) return;  // uniform per CTA: before the barrier
-  const int e = MoeFindExpert(ws.tile_off, a.E, mt);
-  const int p0 = ws.offsets[e] + (mt - ws.tile_off[e]) * kSkRows;
-  const int rows = min(kSkRows, ws.offsets[e + 1] - p0);
+  const int4 tile = ws.tile_info[blockIdx.y];
+  if (tile.x < 0) return;  // no work: uniform per CTA, before the barrier
+  const int e = tile.x, p0 = tile.y, rows = tile.z;
   const int K = kGateUp ? a.D : a.I;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
 
@@ -178,11 +176,9 @@ __global__ void __launch_bounds__(kTlThreads) MoeTiledKernel(const MoeGemmArgs a
                                                              const MoeWorkspace ws) {
   __shared__ alignas(128) bf16 sA[kTlStages][kTlBM * kTlBK];
   __shared__ alignas(128) bf16 sB[kTlStages][kTlBN * kTlBK];
-  const int mt = blockIdx.y;
-  if (mt >= ws.tile_off[a.E]) return;  // uniform per CTA
-  const int e = MoeFindExpert(ws.tile_off, a.E, mt);
-  const int p0 = ws.offsets[e] + (mt - ws.tile_off[e]) * kTlBM;
-  const int rows = min(kTlBM, ws.offsets[e + 1] - p0);
+  const int4 tile = ws.tile_info[blockIdx.y];
+  if (tile.x < 0) return;  // no work: uniform per CTA, before the barrier
+  const int e = tile.x, p0 = tile.y, rows = tile.z;
   const int K = kGateUp ? a.D : a.I;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   // gate+up: B row rr is W1 (8-row block rr/8 even) or W3 (odd) row n0 + (rr/16)*8 + rr%8,
