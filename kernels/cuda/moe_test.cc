@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -109,8 +110,35 @@ void CheckRoute(const RouteCase& c, uint64_t seed) {
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const auto ids = Download<int32_t>(d_ids);
   const auto w = Download<float>(d_w);
-  EXPECT_EQ(ids, ids_ref) << "E=" << c.E << " k=" << c.k;
+  // Ids must match exactly, except for tokens whose top k+1 selection scores hold a
+  // near-tie (0 < gap < 1e-6: the device expf may round an ulp away from libm's);
+  // exact ties (equal logits) must still match, by the lower-id rule.
+  int64_t near_ties = 0;
+  std::vector<bool> skip(T, false);
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<float> sel(c.E);
+    for (int64_t e = 0; e < c.E; ++e) {
+      sel[e] = 1.0f / (1.0f + std::exp(-logits[t * c.E + e])) + (c.with_bias ? bias[e] : 0.0f);
+    }
+    std::sort(sel.begin(), sel.end(), std::greater<float>());
+    bool near_tie = false;
+    for (int64_t j = 0; j + 1 < std::min(c.E, c.k + 1); ++j) {
+      const float gap = sel[j] - sel[j + 1];
+      near_tie |= gap > 0.0f && gap < 1e-6f;
+    }
+    if (near_tie) {
+      ++near_ties;
+      skip[t] = true;
+      continue;
+    }
+    for (int64_t j = 0; j < c.k; ++j) {
+      ASSERT_EQ(ids[t * c.k + j], ids_ref[t * c.k + j])
+          << "token " << t << " pick " << j << " E=" << c.E << " k=" << c.k;
+    }
+  }
+  EXPECT_LE(near_ties, T / 10) << "too few tokens checked";
   for (size_t i = 0; i < w.size(); ++i) {
+    if (skip[i / c.k]) continue;
     ASSERT_LE(std::fabs(w[i] - w_ref[i]), kRouteWeightRelTol * std::fabs(w_ref[i]) + 1e-30)
         << "slot " << i << " E=" << c.E << " k=" << c.k << " biased=" << c.biased
         << " renorm=" << c.renormalize;
@@ -343,6 +371,16 @@ TEST(MoeExpertsCuda, Shape48BReduced) {
   for (int64_t T : {1, 3, 64}) CheckRouted(b16, T, 8, MoeAlgo::kAuto, 70 + T);  // skinny
   for (int64_t T : {64, 1000}) CheckRouted(b16, T, 8, MoeAlgo::kTensorCoreTiled, 80 + T);
   CheckRouted(b16, 1000, 8, MoeAlgo::kTensorCoreSkinny, 90);
+}
+
+TEST(MoeExpertsCuda, Full48BDimensions) {
+  SKIP_WITHOUT_GPU();
+  // D = 2304, I = 1024 as the 48B model (E = 16 here to bound host memory): every K
+  // loop, N tile count and pipeline depth of the production shape.
+  const ExpertWeights b16 = MakeWeights(15, 16, 2304, 1024, DType::kBF16);
+  CheckRouted(b16, 5, 8, MoeAlgo::kExact, 400);  // bf16 weights, fp32 activations
+  for (int64_t T : {1, 5}) CheckRouted(b16, T, 8, MoeAlgo::kTensorCoreSkinny, 410 + T);
+  CheckRouted(b16, 40, 8, MoeAlgo::kTensorCoreTiled, 420);
 }
 
 TEST(MoeExpertsCuda, SkewedAndPaddedRouting) {
