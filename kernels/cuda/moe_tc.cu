@@ -223,6 +223,10 @@ __global__ void __launch_bounds__(kTlThreads) MoeTiledKernel(const MoeGemmArgs a
   };
 
   const int wm = warp >> 2, wn = warp & 3;  // warp tile: rows wm*64.., B rows wn*32..
+  // Rows of this warp's 64 that hold routed slots: m16 tiles past them are all zeros
+  // (zero-filled A), so their ldmatrix / mma are skipped (a warp-uniform test). An
+  // expert's last tile is often nearly empty at prefill sizes.
+  const int warp_rows = rows - wm * 64;
   float acc[4][4][4];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
@@ -248,6 +252,7 @@ __global__ void __launch_bounds__(kTlThreads) MoeTiledKernel(const MoeGemmArgs a
       uint32_t af[4][4], bfr[2][4];
 #pragma unroll
       for (int mi = 0; mi < 4; ++mi) {
+        if (mi * 16 >= warp_rows) break;
         const int row = wm * 64 + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
         Ldmatrix4(af[mi], tA + Swz(row, kk * 2 + (lane >> 4)));
       }
@@ -257,11 +262,13 @@ __global__ void __launch_bounds__(kTlThreads) MoeTiledKernel(const MoeGemmArgs a
         Ldmatrix4(bfr[np], tB + Swz(row, kk * 2 + ((lane >> 3) & 1)));
       }
 #pragma unroll
-      for (int mi = 0; mi < 4; ++mi)
+      for (int mi = 0; mi < 4; ++mi) {
+        if (mi * 16 >= warp_rows) break;
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
           Mma16816(acc[mi][ni], af[mi], bfr[ni >> 1][(ni & 1) * 2], bfr[ni >> 1][(ni & 1) * 2 + 1]);
         }
+      }
     }
   }
   CpAsyncWait<0>();  // no copy outlives the CTA (the last groups are empty)
