@@ -89,13 +89,14 @@ MoeAlgo MoeResolveAlgo(const MoeExpertsParams& p);
 // Bytes of device workspace MoeExperts needs; depends only on the shapes (T, D, I,
 // E, k) and the resolved algorithm. Dominated by the per-slot down-projection
 // outputs, fp32 [T*k][D], kept for the deterministic gather-combine (T = 4096 at the
-// 48B shape: ~0.37 GB in all).
+// 48B shape: ~0.39 GB in all).
 size_t MoeWorkspaceBytes(const MoeExpertsParams& p);
 
 // `workspace` must hold MoeWorkspaceBytes(p) bytes (256-byte aligned) and not be
-// used by anything else until the work on `stream` completes. Five launches: sort
+// used by anything else until the work on `stream` completes. Launches: sort
 // (counts, prefix sums, permutation), bf16 copy of x (tensor-core paths), gate+up
-// GEMM with SwiGLU, down GEMM scaled by the routing weight, combine.
+// GEMM with SwiGLU, down GEMM scaled by the routing weight, combine. The shared
+// expert can use the same call with E = 1, k = 1, ids 0 and weights 1.
 absl::Status MoeExperts(const MoeExpertsParams& p, void* workspace, size_t workspace_bytes,
                         cudaStream_t stream);
 
