@@ -1,7 +1,7 @@
 // Benchmark of the CUDA MoE kernels (moe.h) at the Kimi-Linear-48B shape (E = 256
 // experts, k = 8, D = 2304, I = 1024, bf16 weights, 3.6 GB of expert weights), with
 // the two ceilings and a cuBLAS baseline measured in the same run:
-//   moe_bench [--quick]
+//   moe_bench [--quick | --profile]
 // Prints: device; D2D copy bandwidth (1 GiB, read + write counted); cuBLAS bf16 GEMM
 // 8192^3; for T in {1, 16, 64} (decode, skinny path) and 4096 (prefill, tiled path):
 // MoeRoute time, MoeExperts time (stream launches, and CUDA-graph replays for decode),
@@ -10,7 +10,8 @@
 // cuBLAS loop (cublasGemmEx bf16, fp32 accumulate: gate, up, down per active expert,
 // counts known on the host, no SwiGLU / combine) on the same routing. Routing sets
 // rotate (8 for decode) so every call reads its weights from DRAM. Times are medians of
-// CUDA-event timings after warm-up.
+// CUDA-event timings after warm-up. --profile: two MoeExperts calls per T, no timing
+// (for ncu / nsys).
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -293,6 +294,63 @@ bool BenchShape(cudaStream_t s, cublasHandle_t cb, bool quick, const Ceilings& c
   return true;
 }
 
+// A few launches per shape for a profiler: T = 1, 64 (skinny) and 4096 (tiled).
+bool Profile() {
+  cudaStream_t s;
+  BENCH_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  const size_t mat = static_cast<size_t>(kD * kI);
+  DeviceBuffer weights(3 * kE * mat * 2);
+  if (!weights.ok()) return false;
+  BENCH_CHECK(FillUniform(weights.get(), static_cast<int64_t>(3 * kE * mat), true, -0.03f, 0.03f,
+                          7, s));
+  std::vector<const void*> w1(kE), w3(kE), w2(kE);
+  for (int64_t e = 0; e < kE; ++e) {
+    const char* base = static_cast<const char*>(weights.get()) + 3 * e * mat * 2;
+    w1[e] = base;
+    w3[e] = base + mat * 2;
+    w2[e] = base + 2 * mat * 2;
+  }
+  DeviceBuffer p1(kE * sizeof(void*)), p3(kE * sizeof(void*)), p2(kE * sizeof(void*));
+  BENCH_CHECK(cudaMemcpy(p1.get(), w1.data(), p1.bytes(), cudaMemcpyHostToDevice));
+  BENCH_CHECK(cudaMemcpy(p3.get(), w3.data(), p3.bytes(), cudaMemcpyHostToDevice));
+  BENCH_CHECK(cudaMemcpy(p2.get(), w2.data(), p2.bytes(), cudaMemcpyHostToDevice));
+  for (int64_t T : {1, 64, 4096}) {
+    const int64_t S = T * kK;
+    DeviceBuffer logits(T * kE * 4), x(T * kD * 4), ids(S * 4), wts(S * 4), out(T * kD * 4);
+    BENCH_CHECK(FillUniform(logits.get(), T * kE, false, -4, 4, 11 + T, s));
+    BENCH_CHECK(FillUniform(x.get(), T * kD, false, -1, 1, 12 + T, s));
+    MoeRouteParams rp;
+    rp.num_tokens = T;
+    rp.num_experts = kE;
+    rp.top_k = kK;
+    rp.routed_scaling_factor = 2.446;
+    rp.logits = logits.as<float>();
+    rp.topk_ids = ids.as<int32_t>();
+    rp.topk_weights = wts.as<float>();
+    BENCH_STATUS(MoeRoute(rp, s));
+    MoeExpertsParams p;
+    p.num_tokens = T;
+    p.hidden = kD;
+    p.inter = kI;
+    p.num_experts = kE;
+    p.top_k = kK;
+    p.weight_dtype = DType::kBF16;
+    p.x = x.as<float>();
+    p.topk_ids = ids.as<int32_t>();
+    p.topk_weights = wts.as<float>();
+    p.w1 = static_cast<const void* const*>(p1.get());
+    p.w3 = static_cast<const void* const*>(p3.get());
+    p.w2 = static_cast<const void* const*>(p2.get());
+    p.out = out.as<float>();
+    DeviceBuffer ws(MoeWorkspaceBytes(p));
+    for (int i = 0; i < 2; ++i) BENCH_STATUS(MoeExperts(p, ws.get(), ws.bytes(), s));
+    BENCH_CHECK(cudaStreamSynchronize(s));
+  }
+  cudaStreamDestroy(s);
+  std::printf("profile run done\n");
+  return true;
+}
+
 bool Run(bool quick) {
   cudaDeviceProp prop;
   BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -344,11 +402,15 @@ bool Run(bool quick) {
 }  // namespace kl::cuda
 
 int main(int argc, char** argv) {
-  bool quick = false;
-  for (int i = 1; i < argc; ++i) quick |= std::strcmp(argv[i], "--quick") == 0;
+  bool quick = false, profile = false;
+  for (int i = 1; i < argc; ++i) {
+    quick |= std::strcmp(argv[i], "--quick") == 0;
+    profile |= std::strcmp(argv[i], "--profile") == 0;
+  }
   if (!kl::cuda::testing::HasCudaDevice()) {
     std::printf("moe_bench: no CUDA device\n");
     return 0;
   }
+  if (profile) return kl::cuda::Profile() ? 0 : 1;
   return kl::cuda::Run(quick) ? 0 : 1;
 }
