@@ -446,6 +446,74 @@ TEST(MoeExpertsCuda, BitwiseReproducible) {
   EXPECT_EQ(std::memcmp(e1.data(), e2.data(), e1.size() * 4), 0);
 }
 
+// End to end against the CPU backend's Moe (router GEMM on the host, then MoeRoute +
+// MoeExperts exact path on the device): same routing conventions, same result.
+TEST(MoeExpertsCuda, MatchesCpuBackendMoe) {
+  SKIP_WITHOUT_GPU();
+  const int64_t T = 64, E = 16, k = 4, D = 128, I = 64;
+  ExpertWeights w = MakeWeights(16, E, D, I, DType::kF32);
+  kl::cpu::testing::SplitMix64 rng(17);
+  std::vector<float> router = Normals(rng, E * D, 1.0 / std::sqrt(double(D))),
+                     bias = Normals(rng, E, 0.1), x = Normals(rng, T * D, 1.0);
+  CpuBackend cpu;
+  Weight wr{DType::kF32, router.data(), E, D}, wb{DType::kF32, bias.data(), 1, E};
+  std::vector<Weight> w1, w3, w2;
+  for (int64_t e = 0; e < E; ++e) {
+    w1.push_back({DType::kF32, w.w1[e].data(), I, D});
+    w3.push_back({DType::kF32, w.w3[e].data(), I, D});
+    w2.push_back({DType::kF32, w.w2[e].data(), D, I});
+  }
+  const MoeOpWeights ow{&wr, &wb, &w1, &w3, &w2};
+  std::vector<float> logits(T * E);
+  ASSERT_TRUE(cpu.Linear(x.data(), T, wr, logits.data()).ok());
+  for (bool biased : {false, true}) {
+    MoeParams mp;
+    mp.num_experts = E;
+    mp.top_k = k;
+    mp.renormalize = !biased;
+    mp.routed_scaling_factor = 2.446;
+    mp.biased_weights = biased;
+    std::vector<float> y_cpu(T * D);
+    ASSERT_TRUE(cpu.Moe(x.data(), T, D, mp, ow, y_cpu.data()).ok());
+
+    DeviceBuffer d_logits = Upload(logits), d_bias = Upload(bias), d_x = Upload(x),
+                 d_ids(T * k * 4), d_w(T * k * 4), d_out(T * D * 4);
+    MoeRouteParams rp;
+    rp.num_tokens = T;
+    rp.num_experts = E;
+    rp.top_k = k;
+    rp.renormalize = mp.renormalize;
+    rp.routed_scaling_factor = mp.routed_scaling_factor;
+    rp.biased_weights = biased;
+    rp.logits = d_logits.as<float>();
+    rp.correction_bias = d_bias.as<float>();
+    rp.topk_ids = d_ids.as<int32_t>();
+    rp.topk_weights = d_w.as<float>();
+    MoeExpertsParams p;
+    p.num_tokens = T;
+    p.hidden = D;
+    p.inter = I;
+    p.num_experts = E;
+    p.top_k = k;
+    p.weight_dtype = DType::kF32;
+    p.x = d_x.as<float>();
+    p.topk_ids = d_ids.as<int32_t>();
+    p.topk_weights = d_w.as<float>();
+    p.w1 = static_cast<const void* const*>(w.p1.get());
+    p.w3 = static_cast<const void* const*>(w.p3.get());
+    p.w2 = static_cast<const void* const*>(w.p2.get());
+    p.out = d_out.as<float>();
+    DeviceBuffer ws(MoeWorkspaceBytes(p));
+    PoisonNaN(d_out);
+    ASSERT_TRUE(MoeRoute(rp, nullptr).ok());
+    ASSERT_TRUE(MoeExperts(p, ws.get(), ws.bytes(), nullptr).ok());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const double err = RelErr(Download<float>(d_out), y_cpu);
+    EXPECT_LE(err, kExactRelTol) << "biased=" << biased;
+    std::printf("  experts vs CpuBackend::Moe biased=%d rel L2 %.2e\n", biased ? 1 : 0, err);
+  }
+}
+
 // Route + experts captured once into a CUDA graph, replayed on new logits (so new
 // routing): the grids must not depend on the counts.
 TEST(MoeExpertsCuda, GraphReplayWithNewRouting) {
