@@ -199,30 +199,44 @@ __global__ void __launch_bounds__(kTcThreads, 1) MlaDecodeTcKernel(const DecodeA
 
     // ---- scores S[16 M][64] = Q K^T ----
     {
-      float acc[M][4];
+      // Two accumulator sets (even / odd k-steps) halve the dependent MMA chain.
+      float acc[2][M][4];
 #pragma unroll
-      for (int j = 0; j < M; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+      for (int e = 0; e < 2; ++e)
+#pragma unroll
+        for (int j = 0; j < M; ++j) acc[e][j][0] = acc[e][j][1] = acc[e][j][2] = acc[e][j][3] = 0.0f;
       const __nv_bfloat16* qa = sQ + (mw * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * ld + (lane / 16) * 8;
-      for (int kk = 0; kk < ksteps; ++kk) {
+      const __nv_bfloat16* kb =
+          M == 2 ? kv + ((n0 + lane / 16) * 8 + lane % 8) * ld + ((lane / 8) % 2) * 8
+                 : kv + (n0 * 8 + lane % 8) * ld + ((lane / 8) % 2) * 8;
+      auto kstep = [&](int kk, float (&c)[M][4]) {
         uint32_t af[4];
         Ldmatrix4(af, qa + kk * 16);
         if constexpr (M == 2) {
           uint32_t bf[4];
-          Ldmatrix4(bf, kv + ((n0 + lane / 16) * 8 + lane % 8) * ld + kk * 16 + ((lane / 8) % 2) * 8);
-          Mma16816(acc[0], af, bf[0], bf[1]);
-          Mma16816(acc[1], af, bf[2], bf[3]);
+          Ldmatrix4(bf, kb + kk * 16);
+          Mma16816(c[0], af, bf[0], bf[1]);
+          Mma16816(c[1], af, bf[2], bf[3]);
         } else {
           uint32_t bf[2];
-          Ldmatrix2(bf, kv + (n0 * 8 + lane % 8) * ld + kk * 16 + ((lane / 8) % 2) * 8);
-          Mma16816(acc[0], af, bf[0], bf[1]);
+          Ldmatrix2(bf, kb + kk * 16);
+          Mma16816(c[0], af, bf[0], bf[1]);
         }
+      };
+      int kk = 0;
+      for (; kk + 2 <= ksteps; kk += 2) {
+        kstep(kk, acc[0]);
+        kstep(kk + 1, acc[1]);
       }
+      if (kk < ksteps) kstep(kk, acc[0]);
       const int row = mw * 16 + lane / 4;
 #pragma unroll
       for (int j = 0; j < M; ++j) {
         const int col = (n0 + j) * 8 + 2 * (lane % 4);
-        *reinterpret_cast<float2*>(sS + row * kLdS + col) = make_float2(acc[j][0], acc[j][1]);
-        *reinterpret_cast<float2*>(sS + (row + 8) * kLdS + col) = make_float2(acc[j][2], acc[j][3]);
+        *reinterpret_cast<float2*>(sS + row * kLdS + col) =
+            make_float2(acc[0][j][0] + acc[1][j][0], acc[0][j][1] + acc[1][j][1]);
+        *reinterpret_cast<float2*>(sS + (row + 8) * kLdS + col) =
+            make_float2(acc[0][j][2] + acc[1][j][2], acc[0][j][3] + acc[1][j][3]);
       }
     }
     __syncthreads();
