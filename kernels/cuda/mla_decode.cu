@@ -78,11 +78,6 @@ __device__ __forceinline__ int64_t PhysRow32(const CacheView& c, int64_t n, int 
   return static_cast<int64_t>(phys) * ps + (pos - page * ps);
 }
 
-__device__ __forceinline__ void Ldmatrix2(uint32_t (&r)[2], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1])
-               : "r"(SmemAddr(p)));
-}
 __device__ __forceinline__ void Ldmatrix2Trans(uint32_t (&r)[2], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
                : "=r"(r[0]), "=r"(r[1])
@@ -90,83 +85,158 @@ __device__ __forceinline__ void Ldmatrix2Trans(uint32_t (&r)[2], const void* p) 
 }
 
 // ================================ tensor-core kernel ==================================
-constexpr int kTcRows = 64;      // cache rows per tile
+constexpr int kTcRows = 32;      // cache rows per tile
+constexpr int kTcStages = 5;     // ring of tiles: 4 in flight while one is computed
 constexpr int kTcThreads = 256;  // 8 warps
-constexpr int kLdS = 72;         // fp32 score row stride: half-warp float2 stores conflict-free
-constexpr int kLdP = 72;         // bf16 P row stride: 144 B = 9 x 16 B, ldmatrix conflict-free
+constexpr int kTcMaxKs = 9;      // q k-steps (16 wide) per warp held in registers
+constexpr int kLdS = 40;         // fp32 partial-score row stride: half-warp float2 stores conflict-free
+constexpr int kLdP = 40;         // bf16 P row stride: 80 B (odd multiple of 16 B), ldmatrix conflict-free
 
 struct TcLayout {
-  int ld;  // bf16 row stride of q / cache tiles: D + 8 (odd multiple of 16 B when D % 16 == 0)
-  size_t q, kv, s, p, alpha, l, m, ok, total;  // byte offsets
+  int ld;  // bf16 row stride of the cache tiles: D + 8 (odd multiple of 16 B when D % 16 == 0)
+  size_t kv, s, p, alpha, l, m, ok, bar, total;  // byte offsets
 };
 
 __host__ __device__ inline TcLayout MakeTcLayout(int D, int M) {
   TcLayout t;
   t.ld = D + 8;
-  const size_t rows = 16 * M;
-  t.q = 0;
-  t.kv = t.q + rows * t.ld * 2;
-  t.s = t.kv + 2 * kTcRows * t.ld * 2;
-  t.p = t.s + rows * kLdS * 4;
+  const size_t rows = 16 * M, splits = 8 / M;
+  t.kv = 0;
+  t.s = t.kv + static_cast<size_t>(kTcStages) * kTcRows * t.ld * 2;
+  t.p = t.s + splits * rows * kLdS * 4;
   t.alpha = t.p + rows * kLdP * 2;
   t.l = t.alpha + rows * 4;
   t.m = t.l + rows * 4;
   t.ok = t.m + rows * 4;
-  t.total = t.ok + 2 * kTcRows * 4;
+  t.bar = (t.ok + kTcStages * kTcRows * 4 + 7) / 8 * 8;
+  t.total = t.bar + kTcStages * 8;
   return t;
 }
 
-// Issues the cp.async copies of tile `t` of the range into buffer `buf`: warp w copies
-// rows w, w + 8, ... (one block-table lookup per row), lanes stride the 16-byte chunks.
-__device__ __forceinline__ void TcLoadTile(const DecodeArgs& a, int64_t n, SplitRange rg, int t,
-                                           __nv_bfloat16* dst_tile, int* ok, int ld, int D,
-                                           int warp, int lane) {
-  const int cpr = D / 8;  // 16-byte chunks per row
-  const __nv_bfloat16* pool = static_cast<const __nv_bfloat16*>(a.c.pool);
-  for (int r = warp; r < kTcRows; r += kTcThreads / 32) {
-    const int64_t pos = rg.begin + static_cast<int64_t>(t) * kTcRows + r;
-    const int64_t phys = pos < rg.end ? PhysRow32(a.c, n, static_cast<int>(pos)) : -1;
-    const __nv_bfloat16* src = phys >= 0 ? pool + phys * D : pool;
-    const int bytes = phys >= 0 ? 16 : 0;  // 0: zero-fill (finite zeros, masked anyway)
-    for (int ch = lane; ch < cpr; ch += 32) CpAsync16(dst_tile + r * ld + ch * 8, src + ch * 8, bytes);
-    if (lane == 0) ok[r] = phys >= 0;
+// mbarrier / bulk-copy wrappers (sm_90).
+__device__ __forceinline__ void MbarInit(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(count));
+}
+__device__ __forceinline__ void MbarExpectTx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(SmemAddr(bar)), "r"(parity)
+        : "memory");
   }
 }
+// Bulk global -> shared copy (size and addresses multiples of 16) completing on `bar`.
+__device__ __forceinline__ void BulkCopy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+          SmemAddr(dst)),
+      "l"(src), "r"(bytes), "r"(SmemAddr(bar))
+      : "memory");
+}
 
-template <int M, int NT>  // M: 16-head tiles; NT: latent = 64 NT (8-column MMA tiles per warp)
+// Warp 0 issues tile `t` of the range into `dst_tile`: lane r owns row r (one
+// block-table lookup), copies it with one bulk copy (the copy engine, not the
+// load/store units: nothing limits the bytes in flight per SM but the ring), or zeroes
+// it (past the range / unmapped page: finite zeros, masked by ok[r] anyway). The
+// stage's mbarrier expects exactly the bytes of the valid rows.
+__device__ __forceinline__ void TcIssueTile(const DecodeArgs& a, int64_t n, SplitRange rg, int t,
+                                            __nv_bfloat16* dst_tile, int* ok, uint64_t* bar,
+                                            int ld, int D, int lane) {
+  const int64_t pos = rg.begin + static_cast<int64_t>(t) * kTcRows + lane;
+  const int64_t phys = pos < rg.end ? PhysRow32(a.c, n, static_cast<int>(pos)) : -1;
+  const bool valid = phys >= 0;
+  __nv_bfloat16* dst = dst_tile + lane * ld;
+  ok[lane] = valid;
+  if (!valid) {
+    for (int ch = 0; ch < D / 8; ++ch) *reinterpret_cast<uint4*>(dst + ch * 8) = make_uint4(0, 0, 0, 0);
+  }
+  const uint32_t row_bytes = static_cast<uint32_t>(D) * 2;
+  const uint32_t nvalid = __popc(__ballot_sync(0xffffffffu, valid));
+  // Orders this lane's generic accesses of the stage (and, after the CTA barrier the
+  // caller passed, everyone's reads of it) before the async-proxy writes.
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncwarp();
+  if (lane == 0) MbarExpectTx(bar, nvalid * row_bytes);
+  __syncwarp();
+  if (valid) BulkCopy(dst, static_cast<const __nv_bfloat16*>(a.c.pool) + phys * D, row_bytes, bar);
+}
+
+// M: 16-head tiles (H <= 16 M); NT: latent = 64 NT (8-column MMA tiles per warp in P.V).
+// QK split: warp w owns head tile w % M and the k-steps [kq nk, (kq + 1) nk) with
+// kq = w / M, nk = ceil(D / 16 / (8 / M)); its q fragments stay in registers for the
+// whole range, so per tile only the cache tile is read from shared memory; the 8 / M
+// partial score blocks are summed by the softmax threads.
+template <int M, int NT>
 __global__ void __launch_bounds__(kTcThreads, 1) MlaDecodeTcKernel(const DecodeArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
+  constexpr int kSplitK = 8 / M;
   const int D = a.dl + a.dr;
   const TcLayout L = MakeTcLayout(D, M);
   const int ld = L.ld;
-  __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem + L.q);
   __nv_bfloat16* sKV = reinterpret_cast<__nv_bfloat16*>(smem + L.kv);
-  float* sS = reinterpret_cast<float*>(smem + L.s);
+  float* sS = reinterpret_cast<float*>(smem + L.s);  // [kSplitK][16 M][kLdS] partial scores
   __nv_bfloat16* sP = reinterpret_cast<__nv_bfloat16*>(smem + L.p);
   float* sAlpha = reinterpret_cast<float*>(smem + L.alpha);
   float* sL = reinterpret_cast<float*>(smem + L.l);
   float* sM = reinterpret_cast<float*>(smem + L.m);
   int* sOk = reinterpret_cast<int*>(smem + L.ok);
+  uint64_t* sBar = reinterpret_cast<uint64_t*>(smem + L.bar);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, tq = lane % 4;
   const int s_idx = blockIdx.x, S = a.S, H = a.H;
   const int64_t n = blockIdx.y;
   const SplitRange rg = RangeOf(a.seq_lens[n], S, s_idx);
   const int ntiles = static_cast<int>((rg.end - rg.begin + kTcRows - 1) / kTcRows);
+  const int tile_elems = kTcRows * ld;
 
-  if (ntiles > 0) {
-    TcLoadTile(a, n, rg, 0, sKV, sOk, ld, D, warp, lane);
-    CpAsyncCommit();
-    // q -> bf16 while tile 0 is in flight; head rows >= H are zeros.
-    const int d4n = D / 4;
-    for (int i = tid; i < 16 * M * d4n; i += kTcThreads) {
-      const int hr = i / d4n, d4 = i - hr * d4n;
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (hr < H) v = *reinterpret_cast<const float4*>(a.q + (n * H + hr) * D + 4 * d4);
-      uint2 u;
-      u.x = PackBf16(v.x, v.y);
-      u.y = PackBf16(v.z, v.w);
-      *reinterpret_cast<uint2*>(sQ + hr * ld + 4 * d4) = u;
+  // Prologue: barriers, then tiles 0 .. kTcStages - 2 in flight.
+  if (tid == 0) {
+    for (int i = 0; i < kTcStages; ++i) MbarInit(&sBar[i], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (warp == 0) {
+    for (int st = 0; st < kTcStages - 1 && st < ntiles; ++st) {
+      TcIssueTile(a, n, rg, st, sKV + st * tile_elems, sOk + st * kTcRows, &sBar[st], ld, D, lane);
+    }
+  }
+
+  // q fragments (bf16) of this warp's head tile and k-range, straight from global.
+  const int mw = warp % M, kq = warp / M;
+  const int ksteps = D / 16, nk = (ksteps + kSplitK - 1) / kSplitK;
+  const int k0 = kq * nk, kcount = max(0, min(nk, ksteps - k0));
+  uint32_t qf[kTcMaxKs][4];
+  {
+    const int h0 = mw * 16 + g, h1 = h0 + 8;
+    const float* q0 = a.q + (n * H + h0) * D + 2 * tq;
+    const float* q1 = a.q + (n * H + h1) * D + 2 * tq;
+#pragma unroll
+    for (int i = 0; i < kTcMaxKs; ++i) {
+      float2 x0 = make_float2(0.f, 0.f), x1 = x0, x2 = x0, x3 = x0;
+      if (i < kcount && ntiles > 0) {
+        const int k = (k0 + i) * 16;
+        if (h0 < H) {
+          x0 = *reinterpret_cast<const float2*>(q0 + k);
+          x2 = *reinterpret_cast<const float2*>(q0 + k + 8);
+        }
+        if (h1 < H) {
+          x1 = *reinterpret_cast<const float2*>(q1 + k);
+          x3 = *reinterpret_cast<const float2*>(q1 + k + 8);
+        }
+      }
+      qf[i][0] = PackBf16(x0.x, x0.y);
+      qf[i][1] = PackBf16(x1.x, x1.y);
+      qf[i][2] = PackBf16(x2.x, x2.y);
+      qf[i][3] = PackBf16(x3.x, x3.y);
     }
   }
 
@@ -175,9 +245,6 @@ __global__ void __launch_bounds__(kTcThreads, 1) MlaDecodeTcKernel(const DecodeA
   const int srow = tid / kTpr, part = tid % kTpr;
   float m_run = -INFINITY, l_run = 0.0f;  // log2 domain
   const float sl2 = a.scale * kLog2e;
-  // QK ownership: head tile mw, MMA column tiles n0 .. n0 + M - 1.
-  constexpr int kWpm = 8 / M;
-  const int mw = warp / kWpm, n0 = (warp % kWpm) * M;
 
   float o[M][NT][4];
 #pragma unroll
@@ -185,71 +252,58 @@ __global__ void __launch_bounds__(kTcThreads, 1) MlaDecodeTcKernel(const DecodeA
 #pragma unroll
     for (int j = 0; j < NT; ++j) o[m][j][0] = o[m][j][1] = o[m][j][2] = o[m][j][3] = 0.0f;
 
-  const int ksteps = D / 16;
   for (int t = 0; t < ntiles; ++t) {
-    const int buf = t & 1;
-    CpAsyncWait<0>();
-    __syncthreads();  // tile t visible; every warp is past tile t-1 (buffer buf^1 free)
-    if (t + 1 < ntiles) {
-      TcLoadTile(a, n, rg, t + 1, sKV + (buf ^ 1) * kTcRows * ld, sOk + (buf ^ 1) * kTcRows, ld,
-                 D, warp, lane);
-    }
-    CpAsyncCommit();
-    const __nv_bfloat16* kv = sKV + buf * kTcRows * ld;
-
-    // ---- scores S[16 M][64] = Q K^T ----
+    const int stage = t % kTcStages;
+    MbarWait(&sBar[stage], (t / kTcStages) & 1);  // tile t's bytes have landed
+    __syncthreads();  // tile t's zero rows / ok flags visible; every warp is past tile t-1
     {
-      // Two accumulator sets (even / odd k-steps) halve the dependent MMA chain.
-      float acc[2][M][4];
-#pragma unroll
-      for (int e = 0; e < 2; ++e)
-#pragma unroll
-        for (int j = 0; j < M; ++j) acc[e][j][0] = acc[e][j][1] = acc[e][j][2] = acc[e][j][3] = 0.0f;
-      const __nv_bfloat16* qa = sQ + (mw * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * ld + (lane / 16) * 8;
-      const __nv_bfloat16* kb =
-          M == 2 ? kv + ((n0 + lane / 16) * 8 + lane % 8) * ld + ((lane / 8) % 2) * 8
-                 : kv + (n0 * 8 + lane % 8) * ld + ((lane / 8) % 2) * 8;
-      auto kstep = [&](int kk, float (&c)[M][4]) {
-        uint32_t af[4];
-        Ldmatrix4(af, qa + kk * 16);
-        if constexpr (M == 2) {
-          uint32_t bf[4];
-          Ldmatrix4(bf, kb + kk * 16);
-          Mma16816(c[0], af, bf[0], bf[1]);
-          Mma16816(c[1], af, bf[2], bf[3]);
-        } else {
-          uint32_t bf[2];
-          Ldmatrix2(bf, kb + kk * 16);
-          Mma16816(c[0], af, bf[0], bf[1]);
-        }
-      };
-      int kk = 0;
-      for (; kk + 2 <= ksteps; kk += 2) {
-        kstep(kk, acc[0]);
-        kstep(kk + 1, acc[1]);
+      const int nt = t + kTcStages - 1, ns = nt % kTcStages;  // ns: tile t-1's stage, free now
+      if (warp == 0 && nt < ntiles) {
+        TcIssueTile(a, n, rg, nt, sKV + ns * tile_elems, sOk + ns * kTcRows, &sBar[ns], ld, D, lane);
       }
-      if (kk < ksteps) kstep(kk, acc[0]);
-      const int row = mw * 16 + lane / 4;
+    }
+    const __nv_bfloat16* kv = sKV + stage * tile_elems;
+
+    // ---- partial scores over this warp's k-range: [16 heads][32 rows] ----
+    {
+      float acc[4][4];
 #pragma unroll
-      for (int j = 0; j < M; ++j) {
-        const int col = (n0 + j) * 8 + 2 * (lane % 4);
-        *reinterpret_cast<float2*>(sS + row * kLdS + col) =
-            make_float2(acc[0][j][0] + acc[1][j][0], acc[0][j][1] + acc[1][j][1]);
-        *reinterpret_cast<float2*>(sS + (row + 8) * kLdS + col) =
-            make_float2(acc[0][j][2] + acc[1][j][2], acc[0][j][3] + acc[1][j][3]);
+      for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+      // ldmatrix.x4: matrices (n-tile 2p + lane/16, k-half (lane/8) % 2), rows lane % 8.
+      const __nv_bfloat16* kb = kv + ((lane / 16) * 8 + lane % 8) * ld + ((lane / 8) % 2) * 8 + k0 * 16;
+#pragma unroll
+      for (int i = 0; i < kTcMaxKs; ++i) {
+        if (i < kcount) {
+          uint32_t b01[4], b23[4];
+          Ldmatrix4(b01, kb + i * 16);
+          Ldmatrix4(b23, kb + 16 * ld + i * 16);
+          Mma16816(acc[0], qf[i], b01[0], b01[1]);
+          Mma16816(acc[1], qf[i], b01[2], b01[3]);
+          Mma16816(acc[2], qf[i], b23[0], b23[1]);
+          Mma16816(acc[3], qf[i], b23[2], b23[3]);
+        }
+      }
+      float* sp = sS + (kq * 16 * M + mw * 16 + g) * kLdS + 2 * tq;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        *reinterpret_cast<float2*>(sp + j * 8) = make_float2(acc[j][0], acc[j][1]);
+        *reinterpret_cast<float2*>(sp + 8 * kLdS + j * 8) = make_float2(acc[j][2], acc[j][3]);
       }
     }
     __syncthreads();
 
     // ---- online softmax (exp2 domain), P in bf16 ----
     {
-      const int* ok = sOk + buf * kTcRows;
+      const int* ok = sOk + stage * kTcRows;
       float v[kCpt];
       float mx = -INFINITY;
 #pragma unroll
       for (int i = 0; i < kCpt; ++i) {
         const int c = part + kTpr * i;
-        v[i] = ok[c] ? sS[srow * kLdS + c] * sl2 : -INFINITY;
+        float x = 0.0f;
+#pragma unroll
+        for (int k = 0; k < kSplitK; ++k) x += sS[(k * 16 * M + srow) * kLdS + c];
+        v[i] = ok[c] ? x * sl2 : -INFINITY;
         mx = fmaxf(mx, v[i]);
       }
 #pragma unroll
@@ -274,7 +328,7 @@ __global__ void __launch_bounds__(kTcThreads, 1) MlaDecodeTcKernel(const DecodeA
     // ---- O = diag(alpha) O + P V  (warp: latent columns [64 NT warp / 8 ...)) ----
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      const float a0 = sAlpha[m * 16 + lane / 4], a1 = sAlpha[m * 16 + lane / 4 + 8];
+      const float a0 = sAlpha[m * 16 + g], a1 = sAlpha[m * 16 + g + 8];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         o[m][j][0] *= a0; o[m][j][1] *= a0; o[m][j][2] *= a1; o[m][j][3] *= a1;
@@ -319,7 +373,7 @@ __global__ void __launch_bounds__(kTcThreads, 1) MlaDecodeTcKernel(const DecodeA
   for (int m = 0; m < M; ++m) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int h = m * 16 + lane / 4 + 8 * half;
+      const int h = m * 16 + g + 8 * half;
       if (h >= H) continue;
       float* dst;
       float inv = 1.0f;
@@ -331,7 +385,7 @@ __global__ void __launch_bounds__(kTcThreads, 1) MlaDecodeTcKernel(const DecodeA
       }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        const int col = (warp * NT + j) * 8 + 2 * (lane % 4);
+        const int col = (warp * NT + j) * 8 + 2 * tq;
         *reinterpret_cast<float2*>(dst + col) =
             make_float2(o[m][j][2 * half] * inv, o[m][j][2 * half + 1] * inv);
       }
@@ -565,7 +619,10 @@ bool MlaDecodeUsesTensorCores(const MlaDecodeParams& p) {
   if (c.dtype != DType::kBF16 || p.num_heads < 1 || p.num_heads > 32) return false;
   const int64_t dl = c.latent_dim;
   if (dl != 64 && dl != 128 && dl != 256 && dl != 512) return false;
-  if (c.rope_dim < 0 || c.rope_dim % 16 != 0 || c.rope_dim > 4096) return false;
+  if (c.rope_dim < 0 || c.rope_dim % 16 != 0) return false;
+  // q fragments in registers: at most kTcMaxKs 16-wide k-steps per warp.
+  const int64_t ksteps = (dl + c.rope_dim) / 16, split_k = 8 / TcHeadTiles(p.num_heads);
+  if ((ksteps + split_k - 1) / split_k > kTcMaxKs) return false;
   const size_t smem = MakeTcLayout(static_cast<int>(dl + c.rope_dim), TcHeadTiles(p.num_heads)).total;
   return smem <= static_cast<size_t>(DeviceSmemOptin());
 }
