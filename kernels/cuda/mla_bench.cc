@@ -7,11 +7,13 @@
 // share of the copy bandwidth; prefill (exact fp32 path, B = 1, H = 32, qk 192, v 128,
 // T in {4K, 16K}, causal) with TFLOP/s. Times are medians of CUDA-event timings after
 // warm-up. --quick: fewer repetitions, no 128K decode, no 16K prefill.
+// --profile CTX BATCH: only a few bf16 decode launches of that shape (for ncu).
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <numeric>
@@ -86,6 +88,13 @@ bool MeasureCopy(cudaStream_t s, bool quick, double* copy_tbs) {
   return true;
 }
 
+// Filters for --profile: only these (dtype, ctx, batch) combos, few launches.
+struct DecodeFilter {
+  bool profile = false;
+  int64_t ctx = 0, batch = 0;
+};
+DecodeFilter g_filter;
+
 bool BenchDecode(cudaStream_t s, bool quick, double copy_tbs, std::vector<std::string>* rows) {
   const int64_t H = 32, latent = 512, rope = 64, D = latent + rope, page = 64;
   std::printf("\n== decode: absorbed MLA, H=%ld, latent %ld + rope %ld, page %ld, shuffled pages\n",
@@ -97,6 +106,7 @@ bool BenchDecode(cudaStream_t s, bool quick, double copy_tbs, std::vector<std::s
     for (int64_t ctx : {int64_t{4096}, int64_t{32768}, int64_t{131072}}) {
       if (quick && ctx > 32768) continue;
       for (int64_t B : {int64_t{1}, int64_t{16}, int64_t{64}}) {
+        if (g_filter.profile && (dt != DType::kBF16 || ctx != g_filter.ctx || B != g_filter.batch)) continue;
         const int64_t esz = DTypeSize(dt);
         const int64_t pages_per_call = B * ((ctx + page - 1) / page);
         const int64_t page_bytes = page * D * esz;
@@ -152,9 +162,11 @@ bool BenchDecode(cudaStream_t s, bool quick, double copy_tbs, std::vector<std::s
           if (!st.ok()) std::fprintf(stderr, "%s\n", st.ToString().c_str());
           return st.ok();
         };
-        const int per_batch = B * ctx <= 32768 * 16 ? 20 : 3;
+        const int per_batch = g_filter.profile ? 1 : B * ctx <= 32768 * 16 ? 20 : 3;
         double ms = 0;
-        if (!TimeMs(call, per_batch, quick ? 5 : 11, 3, s, &ms)) return false;
+        if (!TimeMs(call, per_batch, g_filter.profile ? 2 : quick ? 5 : 11, g_filter.profile ? 1 : 3, s, &ms)) {
+          return false;
+        }
         const double bytes = static_cast<double>(B) * ctx * D * esz;
         const double gbs = bytes / (ms * 1e-3) / 1e9;
         const double pct = 100.0 * gbs / (copy_tbs * 1e3);
@@ -228,6 +240,7 @@ bool Run(bool quick) {
   std::vector<std::string> rows;
   if (!MeasureCopy(s, quick, &copy_tbs)) return false;
   if (!BenchDecode(s, quick, copy_tbs, &rows)) return false;
+  if (g_filter.profile) return true;
   if (!BenchPrefill(s, quick, &rows)) return false;
   std::printf("\n== summary (%s)\n", prop.name);
   std::printf("ceiling: copy %.3f TB/s (read + write)\n", copy_tbs);
@@ -241,7 +254,16 @@ bool Run(bool quick) {
 
 int main(int argc, char** argv) {
   bool quick = false;
-  for (int i = 1; i < argc; ++i) quick |= std::strcmp(argv[i], "--quick") == 0;
+  for (int i = 1; i < argc; ++i) {
+    quick |= std::strcmp(argv[i], "--quick") == 0;
+    // --profile CTX BATCH: a few bf16 decode launches of that shape only (for ncu).
+    if (std::strcmp(argv[i], "--profile") == 0 && i + 2 < argc) {
+      kl::cuda::g_filter.profile = true;
+      kl::cuda::g_filter.ctx = std::atoll(argv[i + 1]);
+      kl::cuda::g_filter.batch = std::atoll(argv[i + 2]);
+      i += 2;
+    }
+  }
   if (!kl::cuda::testing::HasCudaDevice()) {
     std::printf("mla_bench: no CUDA device\n");
     return 0;

@@ -252,80 +252,68 @@ __global__ void __launch_bounds__(kTcThreads, 1) MlaDecodeTcKernel(const DecodeA
 #pragma unroll
     for (int j = 0; j < NT; ++j) o[m][j][0] = o[m][j][1] = o[m][j][2] = o[m][j][3] = 0.0f;
 
-  for (int t = 0; t < ntiles; ++t) {
-    const int stage = t % kTcStages;
-    MbarWait(&sBar[stage], (t / kTcStages) & 1);  // tile t's bytes have landed
-    __syncthreads();  // tile t's zero rows / ok flags visible; every warp is past tile t-1
-    {
-      const int nt = t + kTcStages - 1, ns = nt % kTcStages;  // ns: tile t-1's stage, free now
-      if (warp == 0 && nt < ntiles) {
-        TcIssueTile(a, n, rg, nt, sKV + ns * tile_elems, sOk + ns * kTcRows, &sBar[ns], ld, D, lane);
-      }
-    }
+  // Per tile t: wait for its bytes; phase A = P.V of tile t-1 and the scores of tile t
+  // (independent: their latencies overlap); barrier; phase B = softmax of tile t and
+  // the issue of tile t + kTcStages - 1 into tile t-1's stage (free after the barrier);
+  // barrier. Tile t stays resident until phase A of t + 1 has read its V columns.
+  auto scores = [&](int stage) {  // partial scores over this warp's k-range: [16 heads][32 rows]
     const __nv_bfloat16* kv = sKV + stage * tile_elems;
-
-    // ---- partial scores over this warp's k-range: [16 heads][32 rows] ----
-    {
-      float acc[4][4];
+    float acc[4][4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-      // ldmatrix.x4: matrices (n-tile 2p + lane/16, k-half (lane/8) % 2), rows lane % 8.
-      const __nv_bfloat16* kb = kv + ((lane / 16) * 8 + lane % 8) * ld + ((lane / 8) % 2) * 8 + k0 * 16;
+    for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    // ldmatrix.x4: matrices (n-tile 2p + lane/16, k-half (lane/8) % 2), rows lane % 8.
+    const __nv_bfloat16* kb = kv + ((lane / 16) * 8 + lane % 8) * ld + ((lane / 8) % 2) * 8 + k0 * 16;
 #pragma unroll
-      for (int i = 0; i < kTcMaxKs; ++i) {
-        if (i < kcount) {
-          uint32_t b01[4], b23[4];
-          Ldmatrix4(b01, kb + i * 16);
-          Ldmatrix4(b23, kb + 16 * ld + i * 16);
-          Mma16816(acc[0], qf[i], b01[0], b01[1]);
-          Mma16816(acc[1], qf[i], b01[2], b01[3]);
-          Mma16816(acc[2], qf[i], b23[0], b23[1]);
-          Mma16816(acc[3], qf[i], b23[2], b23[3]);
-        }
-      }
-      float* sp = sS + (kq * 16 * M + mw * 16 + g) * kLdS + 2 * tq;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        *reinterpret_cast<float2*>(sp + j * 8) = make_float2(acc[j][0], acc[j][1]);
-        *reinterpret_cast<float2*>(sp + 8 * kLdS + j * 8) = make_float2(acc[j][2], acc[j][3]);
+    for (int i = 0; i < kTcMaxKs; ++i) {
+      if (i < kcount) {
+        uint32_t b01[4], b23[4];
+        Ldmatrix4(b01, kb + i * 16);
+        Ldmatrix4(b23, kb + 16 * ld + i * 16);
+        Mma16816(acc[0], qf[i], b01[0], b01[1]);
+        Mma16816(acc[1], qf[i], b01[2], b01[3]);
+        Mma16816(acc[2], qf[i], b23[0], b23[1]);
+        Mma16816(acc[3], qf[i], b23[2], b23[3]);
       }
     }
-    __syncthreads();
-
-    // ---- online softmax (exp2 domain), P in bf16 ----
-    {
-      const int* ok = sOk + stage * kTcRows;
-      float v[kCpt];
-      float mx = -INFINITY;
+    float* sp = sS + (kq * 16 * M + mw * 16 + g) * kLdS + 2 * tq;
 #pragma unroll
-      for (int i = 0; i < kCpt; ++i) {
-        const int c = part + kTpr * i;
-        float x = 0.0f;
-#pragma unroll
-        for (int k = 0; k < kSplitK; ++k) x += sS[(k * 16 * M + srow) * kLdS + c];
-        v[i] = ok[c] ? x * sl2 : -INFINITY;
-        mx = fmaxf(mx, v[i]);
-      }
-#pragma unroll
-      for (int off = kTpr / 2; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      const float m_new = fmaxf(m_run, mx);
-      const float alpha = m_new == -INFINITY ? 1.0f : exp2f(m_run - m_new);
-      float sum = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kCpt; ++i) {
-        const __nv_bfloat16 pb = __float2bfloat16_rn(v[i] == -INFINITY ? 0.0f : exp2f(v[i] - m_new));
-        sP[srow * kLdP + part + kTpr * i] = pb;
-        sum += __bfloat162float(pb);  // the sum of exactly the weights P.V uses
-      }
-#pragma unroll
-      for (int off = kTpr / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-      l_run = l_run * alpha + sum;
-      m_run = m_new;
-      if (part == 0) sAlpha[srow] = alpha;
+    for (int j = 0; j < 4; ++j) {
+      *reinterpret_cast<float2*>(sp + j * 8) = make_float2(acc[j][0], acc[j][1]);
+      *reinterpret_cast<float2*>(sp + 8 * kLdS + j * 8) = make_float2(acc[j][2], acc[j][3]);
     }
-    __syncthreads();
-
-    // ---- O = diag(alpha) O + P V  (warp: latent columns [64 NT warp / 8 ...)) ----
+  };
+  auto softmax = [&](int stage) {  // online softmax (exp2 domain), P in bf16
+    const int* ok = sOk + stage * kTcRows;
+    float v[kCpt];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kCpt; ++i) {
+      const int c = part + kTpr * i;
+      float x = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kSplitK; ++k) x += sS[(k * 16 * M + srow) * kLdS + c];
+      v[i] = ok[c] ? x * sl2 : -INFINITY;
+      mx = fmaxf(mx, v[i]);
+    }
+#pragma unroll
+    for (int off = kTpr / 2; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float m_new = fmaxf(m_run, mx);
+    const float alpha = m_new == -INFINITY ? 1.0f : exp2f(m_run - m_new);
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kCpt; ++i) {
+      const __nv_bfloat16 pb = __float2bfloat16_rn(v[i] == -INFINITY ? 0.0f : exp2f(v[i] - m_new));
+      sP[srow * kLdP + part + kTpr * i] = pb;
+      sum += __bfloat162float(pb);  // the sum of exactly the weights P.V uses
+    }
+#pragma unroll
+    for (int off = kTpr / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    l_run = l_run * alpha + sum;
+    m_run = m_new;
+    if (part == 0) sAlpha[srow] = alpha;
+  };
+  auto pv = [&](int stage) {  // O = diag(alpha) O + P V  (warp: latent columns [64 NT warp / 8 ...))
+    const __nv_bfloat16* kv = sKV + stage * tile_elems;
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       const float a0 = sAlpha[m * 16 + g], a1 = sAlpha[m * 16 + g + 8];
@@ -360,7 +348,32 @@ __global__ void __launch_bounds__(kTcThreads, 1) MlaDecodeTcKernel(const DecodeA
         }
       }
     }
+  };
+  auto phase_b = [&](int t) {
+    softmax(t % kTcStages);
+    const int nt = t + kTcStages - 1, ns = nt % kTcStages;  // ns: tile t-1's stage, free now
+    if (warp == 0 && nt < ntiles) {
+      TcIssueTile(a, n, rg, nt, sKV + ns * tile_elems, sOk + ns * kTcRows, &sBar[ns], ld, D, lane);
+    }
+  };
+
+  if (ntiles > 0) {
+    MbarWait(&sBar[0], 0);
+    scores(0);
+    __syncthreads();
+    phase_b(0);
+    __syncthreads();
   }
+  for (int t = 1; t < ntiles; ++t) {
+    const int stage = t % kTcStages;
+    MbarWait(&sBar[stage], (t / kTcStages) & 1);  // tile t's bytes have landed
+    pv((t - 1) % kTcStages);
+    scores(stage);
+    __syncthreads();
+    phase_b(t);
+    __syncthreads();
+  }
+  if (ntiles > 0) pv((ntiles - 1) % kTcStages);
 
   // ---- epilogue: final output (S == 1) or the partial state of this split ----
   if (part == 0) {
@@ -510,9 +523,14 @@ __global__ void __launch_bounds__(kSimtThreads) MlaDecodeSimtKernel(const Decode
 }
 
 // =================================== combine kernel ===================================
-// One CTA per (head, sequence): out = sum_s w_s o_s with w_s = e^(m_s - M) / sum_s e^(m_s - M) l_s.
-__global__ void __launch_bounds__(128) MlaDecodeCombineKernel(const DecodeArgs a) {
+// out = sum_s w_s o_s with w_s = e^(m_s - M) / sum_s e^(m_s - M) l_s. Grid (head, sequence,
+// 64-column slice), 256 threads = 4 split groups x 64 columns: each thread sums every
+// 4th split with 4 independent loads in flight, the groups meet in shared memory. (A
+// loop over all splits per thread would be latency-bound: 128 dependent L2 reads.)
+constexpr int kCombCols = 64, kCombGroups = 4;
+__global__ void __launch_bounds__(kCombCols * kCombGroups) MlaDecodeCombineKernel(const DecodeArgs a) {
   __shared__ float sW[kMlaMaxSplits];
+  __shared__ float sRed[kCombGroups][kCombCols];
   const int h = blockIdx.x, S = a.S, H = a.H, dl = a.dl, tid = threadIdx.x;
   const int64_t n = blockIdx.y;
   const float* ml = a.ws_ml + (n * S * H + h) * 2;  // split s at ml[s * H * 2]
@@ -536,11 +554,29 @@ __global__ void __launch_bounds__(128) MlaDecodeCombineKernel(const DecodeArgs a
     }
   }
   __syncthreads();
-  const float* po = a.ws_o + (n * S * H + h) * static_cast<int64_t>(dl);  // split stride H * dl
-  for (int d = tid; d < dl; d += 128) {
-    float acc = 0.0f;
-    for (int s = 0; s < S; ++s) acc = fmaf(sW[s], po[static_cast<int64_t>(s) * H * dl + d], acc);
-    a.out[(n * H + h) * dl + d] = acc;
+  const int grp = tid / kCombCols, c = tid % kCombCols;
+  const int d = blockIdx.z * kCombCols + c;
+  const int64_t split_stride = static_cast<int64_t>(H) * dl;
+  const float* po = a.ws_o + (n * S * H + h) * static_cast<int64_t>(dl) + d;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (d < dl) {
+    int s = grp;
+    for (; s + 3 * kCombGroups < S; s += 4 * kCombGroups) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int su = s + u * kCombGroups;
+        acc[u] = fmaf(sW[su], po[su * split_stride], acc[u]);
+      }
+    }
+    for (; s < S; s += kCombGroups) acc[0] = fmaf(sW[s], po[s * split_stride], acc[0]);
+  }
+  sRed[grp][c] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  __syncthreads();
+  if (grp == 0 && d < dl) {
+    float r = sRed[0][c];
+#pragma unroll
+    for (int k = 1; k < kCombGroups; ++k) r += sRed[k][c];
+    a.out[(n * H + h) * dl + d] = r;
   }
 }
 
@@ -710,7 +746,8 @@ absl::Status MlaDecodeAttention(const MlaDecodeParams& p, void* workspace, size_
   }
   if (err != cudaSuccess) return CudaStatus(err, "MlaDecodeAttention launch");
   if (S > 1) {
-    MlaDecodeCombineKernel<<<dim3(a.H, N), 128, 0, stream>>>(a);
+    const dim3 grid(a.H, N, static_cast<unsigned>((a.dl + kCombCols - 1) / kCombCols));
+    MlaDecodeCombineKernel<<<grid, kCombCols * kCombGroups, 0, stream>>>(a);
     return CudaStatus(cudaGetLastError(), "MlaDecodeAttention combine launch");
   }
   return absl::OkStatus();
