@@ -85,12 +85,12 @@ __device__ __forceinline__ void Ldmatrix2Trans(uint32_t (&r)[2], const void* p) 
 }
 
 // ================================ tensor-core kernel ==================================
-constexpr int kTcRows = 32;      // cache rows per tile
-constexpr int kTcStages = 5;     // ring of tiles: 4 in flight while one is computed
+constexpr int kTcRows = 64;      // cache rows per tile
+constexpr int kTcStages = 2;     // double buffer: tile t+1 in flight while tile t is computed
 constexpr int kTcThreads = 256;  // 8 warps
 constexpr int kTcMaxKs = 9;      // q k-steps (16 wide) per warp held in registers
-constexpr int kLdS = 40;         // fp32 partial-score row stride: half-warp float2 stores conflict-free
-constexpr int kLdP = 40;         // bf16 P row stride: 80 B (odd multiple of 16 B), ldmatrix conflict-free
+constexpr int kLdS = 72;         // fp32 partial-score row stride: half-warp float2 stores conflict-free
+constexpr int kLdP = 72;         // bf16 P row stride: 144 B (odd multiple of 16 B), ldmatrix conflict-free
 
 struct TcLayout {
   int ld;  // bf16 row stride of the cache tiles: D + 8 (odd multiple of 16 B when D % 16 == 0)
@@ -142,31 +142,40 @@ __device__ __forceinline__ void BulkCopy(void* dst, const void* src, uint32_t by
       : "memory");
 }
 
-// Warp 0 issues tile `t` of the range into `dst_tile`: lane r owns row r (one
-// block-table lookup), copies it with one bulk copy (the copy engine, not the
-// load/store units: nothing limits the bytes in flight per SM but the ring), or zeroes
-// it (past the range / unmapped page: finite zeros, masked by ok[r] anyway). The
+// Warp 0 issues tile `t` of the range into `dst_tile`: lane r owns rows r and r + 32
+// (one block-table lookup each), copies each with one bulk copy (the copy engine, not
+// the load/store units, so the bytes in flight per SM are not capped by them), or
+// zeroes it (past the range / unmapped page: finite zeros, masked by ok[] anyway). The
 // stage's mbarrier expects exactly the bytes of the valid rows.
 __device__ __forceinline__ void TcIssueTile(const DecodeArgs& a, int64_t n, SplitRange rg, int t,
                                             __nv_bfloat16* dst_tile, int* ok, uint64_t* bar,
                                             int ld, int D, int lane) {
-  const int64_t pos = rg.begin + static_cast<int64_t>(t) * kTcRows + lane;
-  const int64_t phys = pos < rg.end ? PhysRow32(a.c, n, static_cast<int>(pos)) : -1;
-  const bool valid = phys >= 0;
-  __nv_bfloat16* dst = dst_tile + lane * ld;
-  ok[lane] = valid;
-  if (!valid) {
-    for (int ch = 0; ch < D / 8; ++ch) *reinterpret_cast<uint4*>(dst + ch * 8) = make_uint4(0, 0, 0, 0);
+  int64_t phys[2];
+  uint32_t nvalid = 0;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = lane + 32 * i;
+    const int64_t pos = rg.begin + static_cast<int64_t>(t) * kTcRows + r;
+    phys[i] = pos < rg.end ? PhysRow32(a.c, n, static_cast<int>(pos)) : -1;
+    ok[r] = phys[i] >= 0;
+    if (phys[i] < 0) {
+      __nv_bfloat16* dst = dst_tile + r * ld;
+      for (int ch = 0; ch < D / 8; ++ch) *reinterpret_cast<uint4*>(dst + ch * 8) = make_uint4(0, 0, 0, 0);
+    }
+    nvalid += __popc(__ballot_sync(0xffffffffu, phys[i] >= 0));
   }
   const uint32_t row_bytes = static_cast<uint32_t>(D) * 2;
-  const uint32_t nvalid = __popc(__ballot_sync(0xffffffffu, valid));
   // Orders this lane's generic accesses of the stage (and, after the CTA barrier the
   // caller passed, everyone's reads of it) before the async-proxy writes.
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   __syncwarp();
   if (lane == 0) MbarExpectTx(bar, nvalid * row_bytes);
   __syncwarp();
-  if (valid) BulkCopy(dst, static_cast<const __nv_bfloat16*>(a.c.pool) + phys * D, row_bytes, bar);
+  const __nv_bfloat16* pool = static_cast<const __nv_bfloat16*>(a.c.pool);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    if (phys[i] >= 0) BulkCopy(dst_tile + (lane + 32 * i) * ld, pool + phys[i] * D, row_bytes, bar);
+  }
 }
 
 // M: 16-head tiles (H <= 16 M); NT: latent = 64 NT (8-column MMA tiles per warp in P.V).
@@ -198,17 +207,13 @@ __global__ void __launch_bounds__(kTcThreads, 1) MlaDecodeTcKernel(const DecodeA
   const int ntiles = static_cast<int>((rg.end - rg.begin + kTcRows - 1) / kTcRows);
   const int tile_elems = kTcRows * ld;
 
-  // Prologue: barriers, then tiles 0 .. kTcStages - 2 in flight.
+  // Prologue: barriers, then tile 0 in flight.
   if (tid == 0) {
     for (int i = 0; i < kTcStages; ++i) MbarInit(&sBar[i], 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  if (warp == 0) {
-    for (int st = 0; st < kTcStages - 1 && st < ntiles; ++st) {
-      TcIssueTile(a, n, rg, st, sKV + st * tile_elems, sOk + st * kTcRows, &sBar[st], ld, D, lane);
-    }
-  }
+  if (warp == 0 && ntiles > 0) TcIssueTile(a, n, rg, 0, sKV, sOk, &sBar[0], ld, D, lane);
 
   // q fragments (bf16) of this warp's head tile and k-range, straight from global.
   const int mw = warp % M, kq = warp / M;
@@ -252,32 +257,30 @@ __global__ void __launch_bounds__(kTcThreads, 1) MlaDecodeTcKernel(const DecodeA
 #pragma unroll
     for (int j = 0; j < NT; ++j) o[m][j][0] = o[m][j][1] = o[m][j][2] = o[m][j][3] = 0.0f;
 
-  // Per tile t: wait for its bytes; phase A = P.V of tile t-1 and the scores of tile t
-  // (independent: their latencies overlap); barrier; phase B = softmax of tile t and
-  // the issue of tile t + kTcStages - 1 into tile t-1's stage (free after the barrier);
-  // barrier. Tile t stays resident until phase A of t + 1 has read its V columns.
-  auto scores = [&](int stage) {  // partial scores over this warp's k-range: [16 heads][32 rows]
+  // Per tile t: wait for its bytes; barrier; issue tile t+1 (into tile t-1's stage);
+  // scores; barrier; softmax; barrier; P.V.
+  auto scores = [&](int stage) {  // partial scores over this warp's k-range: [16 heads][64 rows]
     const __nv_bfloat16* kv = sKV + stage * tile_elems;
-    float acc[4][4];
+    float acc[kTcRows / 8][4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    for (int j = 0; j < kTcRows / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     // ldmatrix.x4: matrices (n-tile 2p + lane/16, k-half (lane/8) % 2), rows lane % 8.
     const __nv_bfloat16* kb = kv + ((lane / 16) * 8 + lane % 8) * ld + ((lane / 8) % 2) * 8 + k0 * 16;
 #pragma unroll
     for (int i = 0; i < kTcMaxKs; ++i) {
       if (i < kcount) {
-        uint32_t b01[4], b23[4];
-        Ldmatrix4(b01, kb + i * 16);
-        Ldmatrix4(b23, kb + 16 * ld + i * 16);
-        Mma16816(acc[0], qf[i], b01[0], b01[1]);
-        Mma16816(acc[1], qf[i], b01[2], b01[3]);
-        Mma16816(acc[2], qf[i], b23[0], b23[1]);
-        Mma16816(acc[3], qf[i], b23[2], b23[3]);
+#pragma unroll
+        for (int pr = 0; pr < kTcRows / 16; ++pr) {  // n-tiles 2 pr, 2 pr + 1
+          uint32_t b[4];
+          Ldmatrix4(b, kb + pr * 16 * ld + i * 16);
+          Mma16816(acc[2 * pr], qf[i], b[0], b[1]);
+          Mma16816(acc[2 * pr + 1], qf[i], b[2], b[3]);
+        }
       }
     }
     float* sp = sS + (kq * 16 * M + mw * 16 + g) * kLdS + 2 * tq;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < kTcRows / 8; ++j) {
       *reinterpret_cast<float2*>(sp + j * 8) = make_float2(acc[j][0], acc[j][1]);
       *reinterpret_cast<float2*>(sp + 8 * kLdS + j * 8) = make_float2(acc[j][2], acc[j][3]);
     }
@@ -349,31 +352,20 @@ __global__ void __launch_bounds__(kTcThreads, 1) MlaDecodeTcKernel(const DecodeA
       }
     }
   };
-  auto phase_b = [&](int t) {
-    softmax(t % kTcStages);
-    const int nt = t + kTcStages - 1, ns = nt % kTcStages;  // ns: tile t-1's stage, free now
-    if (warp == 0 && nt < ntiles) {
-      TcIssueTile(a, n, rg, nt, sKV + ns * tile_elems, sOk + ns * kTcRows, &sBar[ns], ld, D, lane);
-    }
-  };
-
-  if (ntiles > 0) {
-    MbarWait(&sBar[0], 0);
-    scores(0);
-    __syncthreads();
-    phase_b(0);
-    __syncthreads();
-  }
-  for (int t = 1; t < ntiles; ++t) {
+  for (int t = 0; t < ntiles; ++t) {
     const int stage = t % kTcStages;
     MbarWait(&sBar[stage], (t / kTcStages) & 1);  // tile t's bytes have landed
-    pv((t - 1) % kTcStages);
+    __syncthreads();  // tile t's zero rows / ok flags visible; every warp is past tile t-1
+    if (warp == 0 && t + 1 < ntiles) {  // into tile t-1's stage, free now
+      const int ns = (t + 1) % kTcStages;
+      TcIssueTile(a, n, rg, t + 1, sKV + ns * tile_elems, sOk + ns * kTcRows, &sBar[ns], ld, D, lane);
+    }
     scores(stage);
     __syncthreads();
-    phase_b(t);
+    softmax(stage);
     __syncthreads();
+    pv(stage);
   }
-  if (ntiles > 0) pv((ntiles - 1) % kTcStages);
 
   // ---- epilogue: final output (S == 1) or the partial state of this split ----
   if (part == 0) {
