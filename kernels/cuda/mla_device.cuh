@@ -1,0 +1,71 @@
+// Helpers shared by the MLA kernels (internal to //kernels/cuda): the paged-cache
+// address math on the device and the host-side validation of MlaPagedCache.
+#ifndef KL_KERNELS_CUDA_MLA_DEVICE_CUH_
+#define KL_KERNELS_CUDA_MLA_DEVICE_CUH_
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/mla.h"
+
+namespace kl::cuda::mla {
+
+// The cache fields the kernels need, by value (kernel argument).
+struct CacheView {
+  const void* pool;
+  const int32_t* block_table;
+  int64_t num_pages, page_size, row_dim, max_pages;
+};
+
+inline CacheView View(const MlaPagedCache& c) {
+  return CacheView{c.pool, c.block_table, c.num_pages, c.page_size, c.row_dim(),
+                   c.max_pages_per_seq};
+}
+
+// Physical row (page * page_size + offset) of position `pos` of sequence n, or -1 when
+// the position is outside the block table or its page id is outside the pool.
+__device__ __forceinline__ int64_t PhysRow(const CacheView& c, int64_t n, int64_t pos) {
+  if (pos < 0) return -1;
+  const int64_t page = pos / c.page_size;
+  if (page >= c.max_pages) return -1;
+  const int32_t phys = __ldg(c.block_table + n * c.max_pages + page);
+  if (phys < 0 || phys >= c.num_pages) return -1;
+  return static_cast<int64_t>(phys) * c.page_size + (pos - page * c.page_size);
+}
+
+// Sequence that owns packed row t: the largest n with cu[n] <= t, or -1 when t is
+// outside [cu[0], cu[N]) (a caller whose host count disagrees with cu[N]).
+__device__ __forceinline__ int64_t FindSeq(const int64_t* cu, int64_t N, int64_t t) {
+  int64_t lo = 0, hi = N;  // invariant: cu[lo] <= t (if any), answer in [lo, hi]
+  if (t < __ldg(cu)) return -1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) >> 1;
+    if (__ldg(cu + mid) <= t) lo = mid; else hi = mid - 1;
+  }
+  return lo < N ? lo : -1;  // lo == N: t >= cu[N]
+}
+
+// Host-side checks shared by every launcher.
+inline absl::Status ValidateCache(const MlaPagedCache& c) {
+  if (c.dtype != DType::kF32 && c.dtype != DType::kBF16) {
+    return absl::InvalidArgumentError("MLA cache dtype must be kF32 or kBF16");
+  }
+  if (c.num_pages < 1 || c.num_pages > INT32_MAX || c.page_size < 1 || c.latent_dim < 1 ||
+      c.rope_dim < 0 || c.max_pages_per_seq < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "MLA cache shape: num_pages=", c.num_pages, " page_size=", c.page_size,
+        " latent_dim=", c.latent_dim, " rope_dim=", c.rope_dim,
+        " max_pages_per_seq=", c.max_pages_per_seq));
+  }
+  if (c.pool == nullptr || c.block_table == nullptr) {
+    return absl::InvalidArgumentError("MLA cache: null pool or block table");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kl::cuda::mla
+
+#endif  // KL_KERNELS_CUDA_MLA_DEVICE_CUH_
