@@ -26,6 +26,7 @@ QUICK=()
 [[ "${1:-}" == "--quick" ]] && QUICK=(--quick)
 LOG="${OUT:-gpu_logs}"
 mkdir -p "$LOG"
+for z in "$BUNDLE"/lib/*.gz; do [[ -e "$z" ]] && gunzip -f "$z"; done  # see gpu_bundle.sh
 export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 if ! ldconfig -p 2>/dev/null | grep -q libcublas.so.13 && [[ ! -e /usr/local/cuda/lib64/libcublas.so.13 ]]; then
   cublas_dir="$(python3 -c 'import nvidia.cublas, os; print(os.path.join(os.path.dirname(nvidia.cublas.__file__), "lib"))' 2>/dev/null || true)"
@@ -42,7 +43,7 @@ for t in "$BUNDLE"/bin/*_test; do
   [[ -x "$t" ]] || continue
   n=$(basename "$t")
   start=$SECONDS
-  if "$t" > "$LOG/$n.log" 2>&1; then status=PASS; else status=FAIL; rc=1; fi
+  if timeout "${KL_GPU_TIMEOUT:-300}" "$t" > "$LOG/$n.log" 2>&1; then status=PASS; else status=FAIL; rc=1; fi
   echo "$status $n ($((SECONDS - start)) s)" | tee -a "$summary"
   grep -E "^\s+(decode|chunk|prefill)|FAILED|Failure|error" "$LOG/$n.log" | head -60 | tee -a "$summary"
 done
@@ -50,7 +51,8 @@ for b in "$BUNDLE"/bin/*_bench; do
   [[ -x "$b" ]] || continue
   n=$(basename "$b")
   start=$SECONDS
-  "$b" "${QUICK[@]}" > "$LOG/$n.log" 2>&1 || { echo "FAIL $n" | tee -a "$summary"; rc=1; }
+  timeout "${KL_GPU_TIMEOUT:-300}" "$b" "${QUICK[@]}" > "$LOG/$n.log" 2>&1 ||
+    { echo "FAIL $n" | tee -a "$summary"; rc=1; }
   echo "== $n ($((SECONDS - start)) s)" | tee -a "$summary"
   sed -n '/== summary/,$p' "$LOG/$n.log" | tee -a "$summary"
 done

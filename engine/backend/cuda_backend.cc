@@ -826,6 +826,10 @@ absl::Status CudaBackend::LinearLd(const float* x, int64_t ldx, int64_t rows, co
     return absl::OkStatus();
   }
   if (w.dtype != DType::kBF16) return absl::InvalidArgumentError("Linear: weight dtype");
+  if (cuda::SkinnyGemvSupported(x, ldx, rows, w.data, w.cols)) {  // decode-sized batches
+    KL_LAUNCH(cuda::SkinnyGemvBf16(x, ldx, rows, w.data, w.rows, w.cols, y, ldy, m.stream));
+    return absl::OkStatus();
+  }
   ASSIGN_OR_RETURN(void* xb, Scratch(rows * ldx * 2));
   KL_LAUNCH(cuda::F32ToBf16(x, rows * ldx, xb, m.stream));
   KL_CUBLAS_LAUNCH(cublasGemmEx(m.cublas, CUBLAS_OP_T, CUBLAS_OP_N, w.rows, rows, w.cols, &one,

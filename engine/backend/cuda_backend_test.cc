@@ -98,6 +98,15 @@ TEST_F(OpTest, LinearFp32IsExactAndBf16WithinTolerance) {
   EXPECT_EQ(wb.dtype, DType::kBF16);
   ASSERT_TRUE(gpu_->Linear(dx.data(), rows, wb, dy.data()).ok());
   EXPECT_LT(RelErr(Host(dy), ref), 2e-2);
+  // Decode-sized batches (<= 8 rows) take the skinny GEMV: fp32 activations, only
+  // the weights rounded to bf16.
+  for (int64_t r : {1, 3, 8}) {
+    std::vector<float> ref_r(r * out);
+    ASSERT_TRUE(cpu_.Linear(x.data(), r, Up(&cpu_, w, out, in), ref_r.data()).ok());
+    Buffer y = gpu_->Alloc(r * out).value();
+    ASSERT_TRUE(gpu_->Linear(dx.data(), r, wb, y.data()).ok());
+    EXPECT_LT(RelErr(Host(y), ref_r), 1e-2) << "rows " << r;
+  }
 }
 
 TEST_F(OpTest, NormsEmbeddingSwiGluAddGather) {
@@ -415,21 +424,22 @@ TEST(CudaModelTest, OutOfSlotsIsResourceExhaustedAndSlotsComeBack) {
   EXPECT_EQ(e->gpu->free_slots(), 0);
 }
 
-// The 100M-class config (K = 128) on the fast paths: bf16 weights, bf16 latent
-// cache and the tensor-core KDA chunk kernel, against the fp32 CPU engine.
-TEST(CudaModelTest, Bf16FastPathsStayCloseToCpu) {
-  SKIP_WITHOUT_GPU();
+// The 100M-class config (K = 128) on the fast paths — bf16 weights, the
+// tensor-core KDA chunk kernel, a bf16 latent cache — against the fp32 CPU
+// engine, one path added at a time so a failure names the path.
+void CheckFastPaths(bool kda_tc, DType latent, bool graphs) {
   const ModelConfig c = Small100MConfig();
   CudaBackendOptions o;
   o.bf16_weights = true;
-  o.latent_dtype = DType::kBF16;
-  o.kda_tensor_cores = true;
+  o.kda_tensor_cores = kda_tc;
+  o.latent_dtype = latent;
+  o.cuda_graphs = graphs;
   auto e = MakeEngines(c, o);
   ASSERT_NE(e, nullptr);
   const auto prompt = Prompt(300, c.vocab_size, 5);
   SequenceState sc = e->cpu_model->NewState(), sg = e->gpu_model->NewState();
   std::vector<std::vector<float>> lc;
-  const auto tokens = Greedy(e->cpu_model.get(), &sc, prompt, 8, &lc);
+  const auto tokens = Greedy(e->cpu_model.get(), &sc, prompt, 12, &lc);
   // The GPU follows the CPU's tokens (teacher forcing), so every step compares
   // the same inputs even if a near-tie flips one argmax.
   std::vector<int32_t> next = prompt;
@@ -441,6 +451,26 @@ TEST(CudaModelTest, Bf16FastPathsStayCloseToCpu) {
     EXPECT_LT(RelErr(o.logits[0], lc[i]), 5e-2) << "step " << i;
     next = {tokens[i]};
   }
+}
+
+TEST(CudaModelTest, Bf16WeightsStayCloseToCpu) {
+  SKIP_WITHOUT_GPU();
+  CheckFastPaths(false, DType::kF32, true);
+}
+
+TEST(CudaModelTest, Bf16WeightsAndTensorCoreKdaStayCloseToCpu) {
+  SKIP_WITHOUT_GPU();
+  CheckFastPaths(true, DType::kF32, true);
+}
+
+TEST(CudaModelTest, AllFastPathsStayCloseToCpu) {
+  SKIP_WITHOUT_GPU();
+  CheckFastPaths(true, DType::kBF16, true);
+}
+
+TEST(CudaModelTest, AllFastPathsWithoutGraphsStayCloseToCpu) {
+  SKIP_WITHOUT_GPU();
+  CheckFastPaths(true, DType::kBF16, false);
 }
 
 }  // namespace

@@ -20,6 +20,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
 #include "engine/backend/cuda_backend.h"
 #include "engine/config/model_config.h"
 #include "engine/model/model.h"

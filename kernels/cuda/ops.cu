@@ -126,6 +126,45 @@ __global__ void SwiGluKernel(const float* gate, const float* up, int64_t n, floa
   }
 }
 
+template <int R>
+__global__ void __launch_bounds__(256) SkinnyGemvKernel(const float* __restrict__ x, int64_t ldx,
+                                                        const __nv_bfloat16* __restrict__ w,
+                                                        int64_t N, int64_t K, float* y,
+                                                        int64_t ldy) {
+  const int lane = threadIdx.x & 31;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  if (n >= N) return;
+  const __nv_bfloat16* row = w + n * K;
+  float acc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+#pragma unroll 4
+  for (int64_t k = lane * 8; k < K; k += 256) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + k));
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+    float wf[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __bfloat1622float2(h[j]);
+      wf[2 * j] = f.x;
+      wf[2 * j + 1] = f.y;
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float4 a = *reinterpret_cast<const float4*>(x + r * ldx + k);
+      const float4 b = *reinterpret_cast<const float4*>(x + r * ldx + k + 4);
+      acc[r] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] +
+                b.y * wf[5] + b.z * wf[6] + b.w * wf[7];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float v = acc[r];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) y[r * ldy + n] = v;
+  }
+}
+
 __global__ void F32ToBf16Kernel(const float* x, int64_t n, __nv_bfloat16* y) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -304,6 +343,36 @@ absl::Status SwiGluElementwise(const float* gate, const float* up, int64_t n, fl
   if (n == 0) return absl::OkStatus();
   SwiGluKernel<<<Blocks(n), kThreads, 0, stream>>>(gate, up, n, out);
   return CudaStatus(cudaGetLastError(), "SwiGlu");
+}
+
+bool SkinnyGemvSupported(const float* x, int64_t ldx, int64_t rows, const void* w, int64_t K) {
+  return rows >= 1 && rows <= 8 && K % 8 == 0 && ldx % 4 == 0 &&
+         reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
+}
+
+absl::Status SkinnyGemvBf16(const float* x, int64_t ldx, int64_t rows, const void* w, int64_t N,
+                            int64_t K, float* y, int64_t ldy, cudaStream_t stream) {
+  if (!SkinnyGemvSupported(x, ldx, rows, w, K) || N < 1 || ldy < N) {
+    return absl::InvalidArgumentError("SkinnyGemvBf16: unsupported shape or alignment");
+  }
+  const unsigned blocks = static_cast<unsigned>((N + 7) / 8);
+  const auto* wb = static_cast<const __nv_bfloat16*>(w);
+  switch (rows) {
+#define KL_SKINNY_CASE(R)                                                                 \
+  case R:                                                                                 \
+    SkinnyGemvKernel<R><<<blocks, 256, 0, stream>>>(x, ldx, wb, N, K, y, ldy);           \
+    break;
+    KL_SKINNY_CASE(1)
+    KL_SKINNY_CASE(2)
+    KL_SKINNY_CASE(3)
+    KL_SKINNY_CASE(4)
+    KL_SKINNY_CASE(5)
+    KL_SKINNY_CASE(6)
+    KL_SKINNY_CASE(7)
+    KL_SKINNY_CASE(8)
+#undef KL_SKINNY_CASE
+  }
+  return CudaStatus(cudaGetLastError(), "SkinnyGemvBf16");
 }
 
 absl::Status F32ToBf16(const float* x, int64_t n, void* y, cudaStream_t stream) {

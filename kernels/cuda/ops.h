@@ -47,6 +47,15 @@ absl::Status AddInPlace(const float* x, int64_t n, float* y, cudaStream_t stream
 absl::Status SwiGluElementwise(const float* gate, const float* up, int64_t n, float* out,
                                cudaStream_t stream);
 
+// y[r][n] = Σ_k x[r][k] · w[n][k] for r < rows <= 8 (decode-sized batches), fp32
+// activations against bf16 weights [N][K] with fp32 accumulation: one warp per
+// output column streams its weight row once with 16-byte loads (a GEMV at
+// memory speed, no separate activation conversion). Needs K % 8 == 0, ldx % 4 == 0
+// and 16-byte aligned x and w; SkinnyGemvSupported says whether they hold.
+bool SkinnyGemvSupported(const float* x, int64_t ldx, int64_t rows, const void* w, int64_t K);
+absl::Status SkinnyGemvBf16(const float* x, int64_t ldx, int64_t rows, const void* w, int64_t N,
+                            int64_t K, float* y, int64_t ldy, cudaStream_t stream);
+
 // Element-wise conversions.
 absl::Status F32ToBf16(const float* x, int64_t n, void* y_bf16, cudaStream_t stream);
 absl::Status Bf16ToF32(const void* x_bf16, int64_t n, float* y, cudaStream_t stream);

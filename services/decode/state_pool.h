@@ -27,6 +27,8 @@ class StatePool {
   }
   // Keeps `s` for a later Take() unless the pool is full (then it is freed).
   void Give(SequenceState s) {
+    // Only the host memory is recycled: a device backend's slot goes back now.
+    s.device.reset();
     absl::MutexLock l(&mu_);
     if (static_cast<int64_t>(free_.size()) < capacity_) free_.push_back(std::move(s));
   }
