@@ -23,9 +23,11 @@
 //    registers), P (bf16) and the rescale factor to shared memory;
 //  - O += P V with V = the first latent columns of the same tile (ldmatrix.trans),
 //    each warp owning latent / 8 output columns for all heads in registers.
-// Measured (H100, tools/gpu_run.sh, mla_bench): ~68-71% of the D2D copy rate at batch
-// 16-64 and 32K-128K context; loads alone (one 74 KB tile in flight per SM) reach ~78%,
-// so a deeper ring (needs smem: e.g. q-free partial scores) is the next step.
+// Measured (H100, mla_bench): ~64-71% of the D2D copy rate at batch 16-64 and 32K-128K
+// context. With the compute skipped the copies alone reach ~78%, with the copies skipped
+// the compute runs at ~130%; deeper rings did not help (3 x 48-row tiles: 61%; 5 half
+// tiles = 110 KB in flight: 66%), so the serial copy-wait / compute of one CTA per SM is
+// the limit: the next step is a warp-specialised producer / consumer split (FlashMLA).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
