@@ -109,9 +109,11 @@ absl::Status MlaPrefillAttention(const MlaPrefillParams& p, cudaStream_t stream)
 // guess); one CTA per (range, sequence) reads every row once for all heads; a second
 // kernel merges the partial softmax states when num_splits > 1.
 //
-// Paths: bf16 cache with latent_dim % 64 == 0, rope_dim % 16 == 0 and H <= 32 runs
-// the tensor-core kernel (mma.sync bf16, q rounded to bf16, fp32 accumulation and
-// softmax); everything else (fp32 cache: exact fp32 FFMA math) the SIMT kernel.
+// Paths: a bf16 cache with latent_dim in {64, 128, 256, 512}, rope_dim % 16 == 0,
+// H <= 32 and latent_dim + rope_dim <= 576 (H > 16) / 1152 (H <= 16) runs the
+// tensor-core kernel (mma.sync bf16, q and the softmax weights rounded to bf16, fp32
+// accumulation and softmax: ~1e-3 relative); everything else (fp32 cache: exact fp32
+// FFMA math) the SIMT kernel. MlaDecodeUsesTensorCores says which.
 struct MlaDecodeParams {
   int64_t num_seqs = 0;    // N (<= 65535)
   int64_t num_heads = 0;   // H (<= 65535)

@@ -1,29 +1,33 @@
 // MLA absorbed decode over the paged latent cache (one new token per sequence, all H
-// heads sharing each cache row: MQA with a (latent + rope)-d key and a latent-d value).
+// heads sharing each cache row: MQA with a (latent + rope)-d key and a latent-d value):
+// the launcher (validation, split choice, workspace) and the tensor-core kernel. The SIMT
+// kernel and the combine kernel are in mla_decode_simt.cu.
 //
 // Split-KV: grid (split, sequence); sequence n's rows [0, len) are cut into S ranges of
 // ceil(ceil(len / S) / 64) * 64 rows, so every sequence spreads over all S CTAs whatever
 // its length (read on the device). Each CTA reads its rows exactly once for all heads
 // and leaves (unnormalised output, running max, running sum) per head in the workspace;
-// MlaDecodeCombineKernel merges the S partial softmax states (S == 1: the attention
-// kernel writes the final output itself).
+// the combine kernel merges the S partial softmax states (S == 1: the attention kernel
+// writes the final output itself).
 //
-// Tensor-core kernel (bf16 cache, latent % 64 == 0, rope % 16 == 0, H <= 32), 256
-// threads, one CTA per SM (~200 KB shared at latent 512 + rope 64, H = 32):
-//  - q (fp32) -> bf16 [16 M][D] in shared memory once (M = ceil(H / 16) head tiles,
-//    padded heads are zero rows whose results are dropped);
-//  - 64-row cache tiles double-buffered with cp.async (16-byte chunks, zero-fill for
-//    rows past the range or on an invalid page); the copy of tile t+1 is in flight
-//    while tile t is computed, so the memory system always has ~74 KB per SM queued;
-//  - S = Q K^T with mma.sync m16n8k16 (ldmatrix A from q, B from the cache tile rows),
-//    each warp one head tile x 8 M rows; S to shared memory;
+// Tensor-core kernel (bf16 cache, latent in {64, 128, 256, 512}, rope % 16 == 0,
+// H <= 32), 256 threads, one CTA per SM (~192 KB shared at latent 512 + rope 64):
+//  - 64-row cache tiles, double-buffered; warp 0 issues one bulk copy
+//    (cp.async.bulk, completing on the stage's mbarrier) per row, zero-filling rows
+//    past the range or on an unmapped page; tile t+1 is in flight while t is computed;
+//  - q stays in registers: warp w holds the bf16 A fragments of head tile w % M
+//    (M = ceil(H / 16)) for the k-steps [kq nk, (kq + 1) nk), kq = w / M, and computes
+//    partial scores [16 heads][64 rows] over that k-range with mma.sync m16n8k16
+//    (B = the cache rows by ldmatrix); the 8 / M partials meet in shared memory;
 //  - online softmax in the exp2 domain by 16 / M threads per head row (state in
 //    registers), P (bf16) and the rescale factor to shared memory;
 //  - O += P V with V = the first latent columns of the same tile (ldmatrix.trans),
 //    each warp owning latent / 8 output columns for all heads in registers.
-// SIMT kernel (fp32 cache, or shapes the tensor-core kernel does not take): exact fp32
-// FFMA math, grid (head group of 8, split, sequence), one warp per head for the scores
-// (lane = cache row), the [8][latent] accumulator in shared memory.
+// Measured (H100, mla_bench): ~64-71% of the D2D copy rate at batch 16-64 and 32K-128K
+// context. With the compute skipped the copies alone reach ~78%, with the copies skipped
+// the compute runs at ~130%; deeper rings did not help (3 x 48-row tiles: 61%; 5 half
+// tiles = 110 KB in flight: 66%), so the serial copy-wait / compute of one CTA per SM is
+// the limit: the next step is a warp-specialised producer / consumer split (FlashMLA).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -41,42 +45,7 @@ namespace kl::cuda {
 namespace {
 
 using namespace kl::cuda::dev;  // NOLINT
-using mla::CacheView;
-
-constexpr float kLn2 = 0.6931471805599453f;
-
-struct DecodeArgs {
-  CacheView c;
-  const float* q;
-  const int32_t* seq_lens;
-  float* out;    // [N][H][dl]               (S == 1)
-  float* ws_o;   // [N][S][H][dl] partial o  (S > 1)
-  float* ws_ml;  // [N][S][H][2] (max in natural-log units, sum)
-  int H, dl, dr, S;
-  float scale;  // natural units
-};
-
-// Row range [begin, end) of split s of a sequence of length len.
-struct SplitRange {
-  int64_t begin, end;
-};
-__device__ __forceinline__ SplitRange RangeOf(int32_t len, int S, int s) {
-  if (len <= 0) return {0, 0};
-  const int64_t chunk = ((static_cast<int64_t>(len) + S - 1) / S + 63) / 64 * 64;
-  const int64_t b = s * chunk;
-  const int64_t e = b + chunk < len ? b + chunk : len;
-  return {b, e > b ? e : b};
-}
-
-// Physical row of position pos (< 2^31) of sequence n, 32-bit division; -1: no page.
-__device__ __forceinline__ int64_t PhysRow32(const CacheView& c, int64_t n, int pos) {
-  const int ps = static_cast<int>(c.page_size);
-  const int page = pos / ps;
-  if (page >= c.max_pages) return -1;
-  const int32_t phys = __ldg(c.block_table + n * c.max_pages + page);
-  if (phys < 0 || phys >= c.num_pages) return -1;
-  return static_cast<int64_t>(phys) * ps + (pos - page * ps);
-}
+using namespace kl::cuda::mla;  // NOLINT
 
 __device__ __forceinline__ void Ldmatrix2Trans(uint32_t (&r)[2], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
@@ -403,175 +372,6 @@ __global__ void __launch_bounds__(kTcThreads, 1) MlaDecodeTcKernel(const DecodeA
   }
 }
 
-// ==================================== SIMT kernel =====================================
-constexpr int kSimtHeads = 8;    // heads per CTA (one warp each for the scores)
-constexpr int kSimtRows = 32;    // cache rows per tile (one lane each for the scores)
-constexpr int kSimtThreads = 256;
-
-inline size_t SimtSmemBytes(int D, int dl) {
-  const int ldt = D | 1;
-  return sizeof(float) * (static_cast<size_t>(kSimtHeads) * D + kSimtRows * ldt +
-                          kSimtHeads * dl + kSimtHeads * kSimtRows + 3 * kSimtHeads + kSimtRows);
-}
-
-template <class T>
-__global__ void __launch_bounds__(kSimtThreads) MlaDecodeSimtKernel(const DecodeArgs a) {
-  extern __shared__ float4 smem4[];
-  const int D = a.dl + a.dr, dl = a.dl, ldt = D | 1;  // odd stride: lane-per-row reads conflict-free
-  float* sQ = reinterpret_cast<float*>(smem4);      // [8][D]
-  float* sT = sQ + kSimtHeads * D;                  // [32][ldt]
-  float* sAcc = sT + kSimtRows * ldt;               // [8][dl]
-  float* sP = sAcc + kSimtHeads * dl;               // [8][32]
-  float* sAlpha = sP + kSimtHeads * kSimtRows;      // [8]
-  float* sL = sAlpha + kSimtHeads;
-  float* sM = sL + kSimtHeads;
-  float* sOk = sM + kSimtHeads;                     // [32] (1.0 / 0.0)
-
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int H = a.H, h0 = blockIdx.x * kSimtHeads, s_idx = blockIdx.y, S = a.S;
-  const int64_t n = blockIdx.z;
-  const SplitRange rg = RangeOf(a.seq_lens[n], S, s_idx);
-  const int ntiles = static_cast<int>((rg.end - rg.begin + kSimtRows - 1) / kSimtRows);
-  const T* pool = static_cast<const T*>(a.c.pool);
-
-  for (int i = tid; i < kSimtHeads * D; i += kSimtThreads) {
-    const int g = i / D, d = i - g * D;
-    sQ[i] = h0 + g < H ? a.q[(n * H + h0 + g) * D + d] : 0.0f;
-  }
-  for (int i = tid; i < kSimtHeads * dl; i += kSimtThreads) sAcc[i] = 0.0f;
-  const bool head_ok = h0 + warp < H;
-  float m_run = -INFINITY, l_run = 0.0f;  // natural log domain, warp-uniform
-
-  for (int t = 0; t < ntiles; ++t) {
-    __syncthreads();  // previous tile's readers done (and sQ / sAcc init visible)
-    for (int r = warp; r < kSimtRows; r += kSimtThreads / 32) {
-      const int64_t pos = rg.begin + static_cast<int64_t>(t) * kSimtRows + r;
-      const int64_t phys = pos < rg.end ? PhysRow32(a.c, n, static_cast<int>(pos)) : -1;
-      if (phys >= 0) {
-        const T* src = pool + phys * D;
-        for (int d = lane; d < D; d += 32) sT[r * ldt + d] = ToF32(src[d]);
-      } else {
-        for (int d = lane; d < D; d += 32) sT[r * ldt + d] = 0.0f;
-      }
-      if (lane == 0) sOk[r] = phys >= 0 ? 1.0f : 0.0f;
-    }
-    __syncthreads();
-    {  // warp = head, lane = row
-      const float* qrow = sQ + warp * D;
-      const float* trow = sT + lane * ldt;
-      float p0 = 0.f, p1 = 0.f, p2 = 0.f, p3 = 0.f;
-      int d = 0;
-      for (; d + 4 <= D; d += 4) {
-        p0 = fmaf(qrow[d], trow[d], p0);
-        p1 = fmaf(qrow[d + 1], trow[d + 1], p1);
-        p2 = fmaf(qrow[d + 2], trow[d + 2], p2);
-        p3 = fmaf(qrow[d + 3], trow[d + 3], p3);
-      }
-      for (; d < D; ++d) p0 = fmaf(qrow[d], trow[d], p0);
-      const float sc = (head_ok && sOk[lane] != 0.0f) ? ((p0 + p1) + (p2 + p3)) * a.scale : -INFINITY;
-      float mx = sc;
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      const float m_new = fmaxf(m_run, mx);
-      const float alpha = m_new == -INFINITY ? 1.0f : expf(m_run - m_new);
-      const float p = sc == -INFINITY ? 0.0f : expf(sc - m_new);
-      l_run = l_run * alpha + WarpSum(p);
-      m_run = m_new;
-      sP[warp * kSimtRows + lane] = p;
-      if (lane == 0) sAlpha[warp] = alpha;
-    }
-    __syncthreads();
-    for (int g = 0; g < kSimtHeads; ++g) {
-      const float al = sAlpha[g];
-      const float* pg = sP + g * kSimtRows;
-      for (int d = tid; d < dl; d += kSimtThreads) {
-        float acc = sAcc[g * dl + d] * al;
-#pragma unroll 8
-        for (int c = 0; c < kSimtRows; ++c) acc = fmaf(pg[c], sT[c * ldt + d], acc);
-        sAcc[g * dl + d] = acc;
-      }
-    }
-  }
-  if (lane == 0) {
-    sL[warp] = l_run;
-    sM[warp] = m_run;
-  }
-  __syncthreads();
-  for (int g = 0; g < kSimtHeads; ++g) {
-    const int h = h0 + g;
-    if (h >= H) break;
-    if (S == 1) {
-      const float inv = sL[g] > 0.0f ? 1.0f / sL[g] : 0.0f;
-      for (int d = tid; d < dl; d += kSimtThreads) a.out[(n * H + h) * dl + d] = sAcc[g * dl + d] * inv;
-    } else {
-      float* dst = a.ws_o + ((n * S + s_idx) * H + h) * dl;
-      for (int d = tid; d < dl; d += kSimtThreads) dst[d] = sAcc[g * dl + d];
-      if (tid == 0) {
-        a.ws_ml[((n * S + s_idx) * H + h) * 2] = sM[g];
-        a.ws_ml[((n * S + s_idx) * H + h) * 2 + 1] = sL[g];
-      }
-    }
-  }
-}
-
-// =================================== combine kernel ===================================
-// out = sum_s w_s o_s with w_s = e^(m_s - M) / sum_s e^(m_s - M) l_s. Grid (head, sequence,
-// 64-column slice), 256 threads = 4 split groups x 64 columns: each thread sums every
-// 4th split with 4 independent loads in flight, the groups meet in shared memory. (A
-// loop over all splits per thread would be latency-bound: 128 dependent L2 reads.)
-constexpr int kCombCols = 64, kCombGroups = 4;
-__global__ void __launch_bounds__(kCombCols * kCombGroups) MlaDecodeCombineKernel(const DecodeArgs a) {
-  __shared__ float sW[kMlaMaxSplits];
-  __shared__ float sRed[kCombGroups][kCombCols];
-  const int h = blockIdx.x, S = a.S, H = a.H, dl = a.dl, tid = threadIdx.x;
-  const int64_t n = blockIdx.y;
-  const float* ml = a.ws_ml + (n * S * H + h) * 2;  // split s at ml[s * H * 2]
-  if (tid < 32) {
-    float mx = -INFINITY;
-    for (int s = tid; s < S; s += 32) mx = fmaxf(mx, ml[static_cast<int64_t>(s) * H * 2]);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    float sum = 0.0f;
-    if (mx != -INFINITY) {
-      for (int s = tid; s < S; s += 32) {
-        const float* e = ml + static_cast<int64_t>(s) * H * 2;
-        sum += expf(e[0] - mx) * e[1];
-      }
-    }
-    sum = WarpSum(sum);
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  // padding / empty: zeros
-    for (int s = tid; s < S; s += 32) {
-      const float m_s = ml[static_cast<int64_t>(s) * H * 2];
-      sW[s] = (inv == 0.0f || m_s == -INFINITY) ? 0.0f : expf(m_s - mx) * inv;
-    }
-  }
-  __syncthreads();
-  const int grp = tid / kCombCols, c = tid % kCombCols;
-  const int d = blockIdx.z * kCombCols + c;
-  const int64_t split_stride = static_cast<int64_t>(H) * dl;
-  const float* po = a.ws_o + (n * S * H + h) * static_cast<int64_t>(dl) + d;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  if (d < dl) {
-    int s = grp;
-    for (; s + 3 * kCombGroups < S; s += 4 * kCombGroups) {
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int su = s + u * kCombGroups;
-        acc[u] = fmaf(sW[su], po[su * split_stride], acc[u]);
-      }
-    }
-    for (; s < S; s += kCombGroups) acc[0] = fmaf(sW[s], po[s * split_stride], acc[0]);
-  }
-  sRed[grp][c] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-  __syncthreads();
-  if (grp == 0 && d < dl) {
-    float r = sRed[0][c];
-#pragma unroll
-    for (int k = 1; k < kCombGroups; ++k) r += sRed[k][c];
-    a.out[(n * H + h) * dl + d] = r;
-  }
-}
-
 // ===================================== launchers ======================================
 int DeviceSmCount() {
   int dev = 0, sms = 0;
@@ -583,25 +383,9 @@ int DeviceSmCount() {
   return sms;
 }
 
-int DeviceSmemOptin() {
-  int dev = 0, v = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
-    cudaGetLastError();
-    return 48 * 1024;
-  }
-  return v;
-}
 
 int TcHeadTiles(int64_t H) { return H <= 16 ? 1 : 2; }
 
-// Raised once per kernel to the device's opt-in limit (the launch's own size is checked
-// against that limit before launching).
-template <class K>
-cudaError_t RaiseSmem(K kernel, size_t bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
-}
 
 template <int M, int NT>
 cudaError_t LaunchTc(const DecodeArgs& a, int N, cudaStream_t stream) {
@@ -624,20 +408,6 @@ cudaError_t LaunchTcM(const DecodeArgs& a, int N, cudaStream_t stream) {
     case 4: return LaunchTc<M, 4>(a, N, stream);
     default: return LaunchTc<M, 8>(a, N, stream);
   }
-}
-
-template <class T>
-cudaError_t LaunchSimt(const DecodeArgs& a, int N, cudaStream_t stream) {
-  const size_t smem = SimtSmemBytes(a.dl + a.dr, a.dl);
-  static bool attr_set = false;
-  if (!attr_set) {
-    const cudaError_t err = RaiseSmem(MlaDecodeSimtKernel<T>, DeviceSmemOptin());
-    if (err != cudaSuccess) return err;
-    attr_set = true;
-  }
-  const dim3 grid(static_cast<unsigned>((a.H + kSimtHeads - 1) / kSimtHeads), a.S, N);
-  MlaDecodeSimtKernel<T><<<grid, kSimtThreads, smem, stream>>>(a);
-  return cudaGetLastError();
 }
 
 }  // namespace
@@ -731,16 +501,12 @@ absl::Status MlaDecodeAttention(const MlaDecodeParams& p, void* workspace, size_
   cudaError_t err;
   if (tc) {
     err = TcHeadTiles(p.num_heads) == 1 ? LaunchTcM<1>(a, N, stream) : LaunchTcM<2>(a, N, stream);
-  } else if (p.cache.dtype == DType::kF32) {
-    err = LaunchSimt<float>(a, N, stream);
   } else {
-    err = LaunchSimt<__nv_bfloat16>(a, N, stream);
+    err = LaunchDecodeSimt(a, N, p.cache.dtype == DType::kF32, stream);
   }
   if (err != cudaSuccess) return CudaStatus(err, "MlaDecodeAttention launch");
   if (S > 1) {
-    const dim3 grid(a.H, N, static_cast<unsigned>((a.dl + kCombCols - 1) / kCombCols));
-    MlaDecodeCombineKernel<<<grid, kCombCols * kCombGroups, 0, stream>>>(a);
-    return CudaStatus(cudaGetLastError(), "MlaDecodeAttention combine launch");
+    return CudaStatus(LaunchDecodeCombine(a, N, stream), "MlaDecodeAttention combine launch");
   }
   return absl::OkStatus();
 }

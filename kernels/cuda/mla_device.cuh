@@ -1,10 +1,12 @@
 // Helpers shared by the MLA kernels (internal to //kernels/cuda): the paged-cache
-// address math on the device and the host-side validation of MlaPagedCache.
+// address math on the device, the host-side validation of MlaPagedCache, and what the
+// decode kernels (mla_decode.cu, mla_decode_simt.cu) share.
 #ifndef KL_KERNELS_CUDA_MLA_DEVICE_CUH_
 #define KL_KERNELS_CUDA_MLA_DEVICE_CUH_
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "absl/status/status.h"
@@ -65,6 +67,75 @@ inline absl::Status ValidateCache(const MlaPagedCache& c) {
   }
   return absl::OkStatus();
 }
+
+
+// ---- shared by the decode kernels (mla_decode.cu, mla_decode_simt.cu) ----------------
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct DecodeArgs {
+  CacheView c;
+  const float* q;
+  const int32_t* seq_lens;
+  float* out;    // [N][H][dl]               (S == 1)
+  float* ws_o;   // [N][S][H][dl] partial o  (S > 1)
+  float* ws_ml;  // [N][S][H][2] (max in natural-log units, sum)
+  int H, dl, dr, S;
+  float scale;  // natural units
+};
+
+// Row range [begin, end) of split s of a sequence of length len.
+struct SplitRange {
+  int64_t begin, end;
+};
+__device__ __forceinline__ SplitRange RangeOf(int32_t len, int S, int s) {
+  if (len <= 0) return {0, 0};
+  const int64_t chunk = ((static_cast<int64_t>(len) + S - 1) / S + 63) / 64 * 64;
+  const int64_t b = s * chunk;
+  const int64_t e = b + chunk < len ? b + chunk : len;
+  return {b, e > b ? e : b};
+}
+
+// Physical row of position pos (< 2^31) of sequence n, 32-bit division; -1: no page.
+__device__ __forceinline__ int64_t PhysRow32(const CacheView& c, int64_t n, int pos) {
+  const int ps = static_cast<int>(c.page_size);
+  const int page = pos / ps;
+  if (page >= c.max_pages) return -1;
+  const int32_t phys = __ldg(c.block_table + n * c.max_pages + page);
+  if (phys < 0 || phys >= c.num_pages) return -1;
+  return static_cast<int64_t>(phys) * ps + (pos - page * ps);
+}
+
+// Device's opt-in shared memory per block (48 KB when it cannot be read).
+inline int DeviceSmemOptin() {
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 48 * 1024;
+  }
+  return v;
+}
+
+// Raised once per kernel to the device's opt-in limit (the launch's own size is checked
+// against that limit before launching).
+template <class K>
+cudaError_t RaiseSmem(K kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(bytes));
+}
+
+// SIMT decode kernel (exact fp32; any shape whose shared memory fits) and the split
+// combine kernel: mla_decode_simt.cu.
+constexpr int kSimtHeads = 8;    // heads per CTA (one warp each for the scores)
+constexpr int kSimtRows = 32;    // cache rows per tile (one lane each for the scores)
+constexpr int kSimtThreads = 256;
+inline size_t SimtSmemBytes(int D, int dl) {
+  const int ldt = D | 1;
+  return sizeof(float) * (static_cast<size_t>(kSimtHeads) * D + kSimtRows * ldt +
+                          kSimtHeads * dl + kSimtHeads * kSimtRows + 3 * kSimtHeads + kSimtRows);
+}
+cudaError_t LaunchDecodeSimt(const DecodeArgs& a, int N, bool f32_cache, cudaStream_t stream);
+cudaError_t LaunchDecodeCombine(const DecodeArgs& a, int N, cudaStream_t stream);
 
 }  // namespace kl::cuda::mla
 

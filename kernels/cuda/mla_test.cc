@@ -7,14 +7,15 @@
 //  - fp32 paths (prefill, SIMT decode on an fp32 or bf16 cache): 1e-5 (exact fp32 math,
 //    no tensor cores); 1e-4 for the large-magnitude (scores ~ +-100) cases, where the
 //    fp32 rounding of the scores themselves is ~1e-5 of a logit.
-//  - bf16 tensor-core decode: 1e-2 against a reference that sees the same bf16 cache
+//  - bf16 tensor-core decode: 5e-3 against a reference that sees the same bf16 cache
 //    values and q rounded to bf16 (the kernel's MMA input); what remains is the bf16
-//    rounding of the softmax weights P (2^-9 relative each) before P.V.
+//    rounding of the softmax weights P (2^-9 relative each) before P.V (measured <= 1.7e-3).
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -34,7 +35,7 @@ using Rng = kl::cpu::testing::SplitMix64;
 
 constexpr double kFp32RelTol = 1e-5;
 constexpr double kFp32LargeRelTol = 1e-4;
-constexpr double kBf16RelTol = 1e-2;
+constexpr double kBf16RelTol = 5e-3;
 
 #define SKIP_WITHOUT_GPU() \
   if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device"
@@ -308,11 +309,16 @@ void RunPrefill(const PrefillCase& pc, uint64_t seed) {
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const std::vector<float> got = Download<float>(out);
   ASSERT_TRUE(AllFinite(got)) << "unwritten (NaN) or non-finite output";
+  double worst = 0.0;
   for (int64_t n = 0; n < N; ++n) {
     const size_t off = q_cu[n] * H * pc.dv, cnt = pc.q_lens[n] * H * pc.dv;
-    EXPECT_LE(RelErr(got.data() + off, want.data() + off, cnt), pc.tol)
-        << "sequence " << n << " (q " << pc.q_lens[n] << ", prefix " << pc.prefix[n] << ")";
+    const double err = RelErr(got.data() + off, want.data() + off, cnt);
+    worst = std::max(worst, err);
+    EXPECT_LE(err, pc.tol) << "sequence " << n << " (q " << pc.q_lens[n] << ", prefix "
+                           << pc.prefix[n] << ")";
   }
+  std::printf("prefill dq=%ld dv=%ld: worst rel err %.2e (tol %.0e)\n", static_cast<long>(pc.dq),
+              static_cast<long>(pc.dv), worst, pc.tol);
 }
 
 TEST(MlaPrefill, VarlenWithPrefixAndEmpty) {
@@ -424,16 +430,22 @@ void RunDecode(const DecodeCase& dc, int64_t num_splits, uint64_t seed) {
   auto check = [&](const char* what) {
     const std::vector<float> got = Download<float>(out);
     ASSERT_TRUE(AllFinite(got)) << what << ": unwritten (NaN) or non-finite output";
+    double worst = 0.0;
     for (int64_t n = 0; n < N; ++n) {
       const size_t off = n * H * dc.latent, cnt = H * dc.latent;
       if (dc.lens[n] <= 0) {
         for (size_t i = 0; i < cnt; ++i) ASSERT_EQ(got[off + i], 0.0f) << what << ": padding row " << n;
         continue;
       }
-      EXPECT_LE(RelErr(got.data() + off, want.data() + off, cnt), dc.tol)
-          << what << ": sequence " << n << " (len " << dc.lens[n] << "), splits "
-          << MlaDecodeNumSplits(p) << (tc ? ", tensor cores" : ", SIMT");
+      const double err = RelErr(got.data() + off, want.data() + off, cnt);
+      worst = std::max(worst, err);
+      EXPECT_LE(err, dc.tol) << what << ": sequence " << n << " (len " << dc.lens[n]
+                             << "), splits " << MlaDecodeNumSplits(p)
+                             << (tc ? ", tensor cores" : ", SIMT");
     }
+    std::printf("decode %s H=%ld latent=%ld splits=%ld %s: worst rel err %.2e (tol %.0e)\n", what,
+                static_cast<long>(H), static_cast<long>(dc.latent),
+                static_cast<long>(MlaDecodeNumSplits(p)), tc ? "tc" : "simt", worst, dc.tol);
   };
   cudaStream_t s;
   ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
