@@ -29,6 +29,11 @@ ABSL_FLAG(std::string, bundle_dtype, "f32", "wire dtype of conv tails and MLA la
 ABSL_FLAG(double, drain_grace_seconds, 30, "how long queued work may finish on SIGTERM");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9402",
           "host:port serving Prometheus text on /metrics (port 0: any free port); empty: off");
+ABSL_FLAG(std::string, fault_inject_state, "",
+          "FAULT INJECTION, tests only: damage pushed state bundles, comma-separated kinds "
+          "corrupt,truncate,duplicate,reorder,drop_final taken in turn (services/prefill/"
+          "state_fault.h); empty: off");
+ABSL_FLAG(int64_t, fault_inject_every, 1, "FAULT INJECTION: damage only every Nth push");
 
 namespace kl {
 namespace {
@@ -52,6 +57,17 @@ int Main() {
     std::fprintf(stderr,
                  "kl-prefill: --model is required; --max_batch_tokens and --max_queue >= 1\n");
     return 2;
+  }
+  absl::StatusOr<std::shared_ptr<StateFaultInjector>> fault = StateFaultInjector::Parse(
+      absl::GetFlag(FLAGS_fault_inject_state), absl::GetFlag(FLAGS_fault_inject_every));
+  if (!fault.ok()) {
+    std::fprintf(stderr, "kl-prefill: %s\n", fault.status().ToString().c_str());
+    return 2;
+  }
+  opts.fault_injector = *std::move(fault);
+  if (opts.fault_injector != nullptr) {
+    KL_LOG(WARNING).Field("kinds", absl::GetFlag(FLAGS_fault_inject_state))
+        << "FAULT INJECTION enabled: pushed state bundles will be damaged (tests only)";
   }
   std::unique_ptr<Metrics> metrics;
   std::unique_ptr<PrefillMetrics> prefill_metrics;

@@ -102,6 +102,8 @@ struct PrefillEngineOptions {
   BundleOptions bundle;                 // wire dtypes of the pushed state
   uint64_t checkpoint_fingerprint = 0;  // written into every bundle header
   PrefillMetrics* metrics = nullptr;    // null: metrics off; must outlive the engine
+  // FAULT INJECTION (tests only; null = off): damages pushes (state_fault.h).
+  std::shared_ptr<StateFaultInjector> fault_injector;
 };
 
 struct PrefillEngineStats {

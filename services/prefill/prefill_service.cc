@@ -77,6 +77,7 @@ PrefillService::PrefillService(Model* model, uint64_t checkpoint_fingerprint,
   eo.bundle.mla_dtype = options.bundle_dtype;
   eo.checkpoint_fingerprint = checkpoint_fingerprint;
   eo.metrics = options.metrics;
+  eo.fault_injector = options.fault_injector;
   engine_ = std::make_unique<PrefillEngine>(model_, eo);
 }
 

@@ -34,6 +34,8 @@ struct PrefillServiceOptions {
   // F32 keeps the hand-off exact, BF16 halves those bytes.
   DType bundle_dtype = DType::kF32;
   PrefillMetrics* metrics = nullptr;  // null: metrics off; must outlive the service
+  // FAULT INJECTION (tests only; null = off): damages pushes (state_fault.h).
+  std::shared_ptr<StateFaultInjector> fault_injector;
 };
 
 class PrefillService final : public v1::Prefill::CallbackService {

@@ -105,6 +105,10 @@ absl::Status LocalCluster::WaitServing(const Proc& p, double seconds) {
   return absl::DeadlineExceededError(absl::StrCat(p.name, " not serving after ", seconds, " s"));
 }
 
+std::string LocalCluster::RouterView(ClusterRole role, int i, const std::string& address) const {
+  return o_.router_address_of ? o_.router_address_of(role, i, address) : address;
+}
+
 absl::Status LocalCluster::Start() {
   const std::string threads = absl::StrCat("--threads=", o_.threads_per_process);
   std::vector<std::string> paddrs, daddrs;
@@ -114,7 +118,7 @@ absl::Status LocalCluster::Start() {
     p.args = {"--model=" + o_.model_dir, "--listen=" + Addr(p.port), threads,
               "--metrics_listen=" + Addr(p.metrics_port)};
     p.args.insert(p.args.end(), o_.prefill_args.begin(), o_.prefill_args.end());
-    paddrs.push_back(Addr(p.port));
+    paddrs.push_back(RouterView(ClusterRole::kPrefill, i, Addr(p.port)));
     prefill_.push_back(p);
   }
   for (int i = 0; i < o_.decode_workers; ++i) {
@@ -123,7 +127,7 @@ absl::Status LocalCluster::Start() {
     p.args = {"--model=" + o_.model_dir, "--listen=" + Addr(p.port), threads,
               absl::StrCat("--slots=", o_.decode_slots), "--metrics_listen=" + Addr(p.metrics_port)};
     p.args.insert(p.args.end(), o_.decode_args.begin(), o_.decode_args.end());
-    daddrs.push_back(Addr(p.port));
+    daddrs.push_back(RouterView(ClusterRole::kDecode, i, Addr(p.port)));
     decode_.push_back(p);
   }
   router_ = Proc{"router", Binary("kl-router"), {}, PickFreePort()};

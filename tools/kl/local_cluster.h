@@ -6,6 +6,7 @@
 
 #include <sys/types.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -27,6 +28,11 @@ struct LocalClusterOptions {
   std::vector<std::string> prefill_args;
   std::vector<std::string> decode_args;
   double ready_timeout_seconds = 60;
+  // The address the router is given for worker `index` of `role` (which
+  // listens on `address`); empty = `address`. Fault tests put a proxy that can
+  // cut the worker off in between (tests/fault).
+  std::function<std::string(ClusterRole role, int index, const std::string& address)>
+      router_address_of;
 };
 
 class LocalCluster {
@@ -69,6 +75,7 @@ class LocalCluster {
   absl::Status WaitServing(const Proc& p, double seconds);
   void Signal(Proc& p, int sig);
   std::string Binary(const std::string& name) const;
+  std::string RouterView(ClusterRole role, int i, const std::string& address) const;
 
   LocalClusterOptions o_;
   Proc router_;
