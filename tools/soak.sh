@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Soak run of the local cluster (router + 2 prefill + 2 decode workers, the
 # embedded tiny model): a short Poisson rate sweep finds the highest rate the
-# cluster sustains (zero errors, throughput >= 90% of the offered rate, p99 TTFT
-# under SLO_TTFT), then that rate is held for SOAK_SECONDS while every
+# cluster sustains (zero errors, throughput >= 85% of the offered rate, p99 TTFT
+# under SLO_TTFT), then HOLD_FRACTION (default 0.75) of it — headroom for the
+# rate noise of minutes instead of seconds — is held for SOAK_SECONDS while every
 # process's VmRSS is sampled from /proc. Prints peak RSS, RSS growth (mean of
 # the first vs the last minute of the soak) and TTFT / ITL / E2E p50 / p99, and
 # exits non-zero on any request error. Not part of CI (minutes long).
-#   tools/soak.sh [OUT_DIR]        env: SOAK_SECONDS=240 RATES="2 4 8 12 16 24 32"
-#                                       SWEEP_SECONDS=20 SLO_TTFT=2 COMPILATION_MODE=opt
+#   tools/soak.sh [OUT_DIR]        env: SOAK_SECONDS=240 RATES="2 4 6 8 12 16 24"
+#                                       SWEEP_SECONDS=30 SLO_TTFT=2 HOLD_FRACTION=0.75
+#                                       COMPILATION_MODE=opt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-/tmp/kl-soak}"
 soak_seconds="${SOAK_SECONDS:-240}"
-rates="${RATES:-2 4 8 12 16 24 32}"
-sweep_seconds="${SWEEP_SECONDS:-20}"
+rates="${RATES:-2 4 6 8 12 16 24}"
+sweep_seconds="${SWEEP_SECONDS:-30}"
 slo_ttft="${SLO_TTFT:-2}"
+hold_fraction="${HOLD_FRACTION:-0.75}"
 mode="${COMPILATION_MODE:-opt}"
 rm -rf "$out" && mkdir -p "$out/bin" "$out/logs"
 
@@ -58,7 +61,7 @@ for r in $rates; do
 import json, sys
 j = json.load(open(sys.argv[1])); r = float(sys.argv[2]); slo = float(sys.argv[3])
 errors = sum(j["errors"].values())  # by status code
-ok = errors == 0 and j["request_throughput"] >= 0.9 * r and j["ttft_seconds"]["p99"] <= slo
+ok = errors == 0 and j["request_throughput"] >= 0.85 * r and j["ttft_seconds"]["p99"] <= slo
 print(("ok" if ok else "no"), "errors=%d thr=%.2f/s ttft_p99=%.3fs" % (
     errors, j["request_throughput"], j["ttft_seconds"]["p99"]))
 EOF
@@ -68,32 +71,34 @@ EOF
   best="$r"
 done
 [[ -n "$best" ]] || { echo "soak: not even the lowest rate is sustainable" >&2; exit 1; }
-echo "soak: holding $best/s for $soak_seconds s" >&2
+sweep_best="$best"
+best="$(python3 -c "print(round($best * $hold_fraction, 2))")"
+echo "soak: highest sustainable in the sweep $sweep_best/s; holding $best/s for $soak_seconds s" >&2
 
 # 2. Soak with RSS sampling every 2 s.
 (
-  t0=$(date +%s.%N)
   while :; do
     now=$(date +%s.%N)
     for p in $pids; do
       rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null) || continue
       name=$(tr '\0' ' ' <"/proc/$p/cmdline" | awk '{n=$1; sub(".*/", "", n); for (i=2;i<=NF;i++) if ($i ~ /^--listen=/) print n, $i}')
-      echo "$(python3 -c "print(round($now - $t0, 1))") $p $rss $name"
+      echo "$now $p $rss $name"
     done
     sleep 2
   done
 ) >"$out/rss.txt" &
 sampler=$!
 bench "$best" "$soak_seconds" "$out/soak.json"
-kill "$sampler"
+kill "$sampler"; wait "$sampler" 2>/dev/null || true
 
 python3 - "$out/soak.json" "$out/rss.txt" "$best" <<'EOF'
 import collections, json, sys
 j = json.load(open(sys.argv[1])); rate = sys.argv[3]
 rows = [l.split() for l in open(sys.argv[2]) if len(l.split()) >= 4]
 by = collections.defaultdict(list)
+t0 = min(float(r[0]) for r in rows)
 for t, pid, rss, name, *rest in rows:
-    by[(name, rest[0] if rest else pid)].append((float(t), int(rss)))
+    by[(name, rest[0] if rest else pid)].append((float(t) - t0, int(rss)))
 end = max(t for v in by.values() for t, _ in v)
 print("soak: rate %s/s for %.0f s, %d requests, %d completed, errors %s" % (
     rate, j["duration_seconds"], j["requests"], j["completed"], j["errors"] or "none"))

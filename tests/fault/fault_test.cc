@@ -220,7 +220,7 @@ TEST(FaultSuite, ContinuousLoadSurvivesKillsStallsAndCuts) {
   std::vector<std::vector<int32_t>> expected;
   for (int k = 0; k < kPrompts; ++k) {
     prompts.push_back(Prompt(6 + 14 * k, k));
-    max_tokens.push_back(10 + 4 * k);
+    max_tokens.push_back(24 + 16 * k);  // long enough that kills hit streams mid-decode
     expected.push_back(Oracle::Get().Greedy(prompts.back(), max_tokens.back()));
   }
 
@@ -307,7 +307,22 @@ TEST(FaultSuite, ContinuousLoadSurvivesKillsStallsAndCuts) {
     Injection inj;
     inj.start = Since(t0);
     const bool decode = kind == kKillDecode || kind == kCutDecode || (kind == kStall && pick(2));
-    const int i = pick(decode ? kDecode : kPrefill);
+    int i = pick(decode ? kDecode : kPrefill);
+    if (kind == kKillDecode) {
+      // Prefer a worker with streams running, so the kill forces migrations
+      // (decoding the tiny model is quick: a random moment often finds none).
+      const auto until = Clock::now() + std::chrono::seconds(5);
+      bool found = false;
+      while (!found && Clock::now() < until) {
+        for (int d = 0; d < kDecode && !found; ++d) {
+          kl::v1::WorkerStats s;
+          if (StatsOf<kl::v1::Decode>(c.decode_address((i + d) % kDecode), &s) && s.running() > 0) {
+            i = (i + d) % kDecode;
+            found = true;
+          }
+        }
+      }
+    }
     inj.target = (decode ? "decode-" : "prefill-") + std::to_string(i);
     switch (kind) {
       case kKillDecode:
