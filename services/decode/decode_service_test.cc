@@ -165,6 +165,78 @@ TEST_F(DecodeServiceTest, BadPushesAreRefusedAndTheLeaseStaysUsable) {
   EXPECT_TRUE(WaitFor([&] { return Idle(*w_->stub); }));
 }
 
+// Every kind of damaged transfer (reliability.md, "corrupt state") is refused
+// with a precise status on the first bad frame, frees the partial state and
+// leaves the lease empty for a retry; parts legitimately reordered (any order
+// after the header, the final record anywhere) are accepted and decode exactly
+// like the undamaged bundle.
+TEST_F(DecodeServiceTest, EveryKindOfDamagedTransferIsRefusedAndReorderedPartsAreNot) {
+  const auto prompt = Prompt(24, 5);
+  int32_t first;
+  const auto good = BundleFrames(*w_->engine, prompt, &first);
+  ASSERT_GE(good.size(), 4u);  // header, parts..., final
+  int32_t other_first;
+  const auto other = BundleFrames(*w_->engine, Prompt(9, 6), &other_first);
+  const std::string lease = ReserveLease(*w_->stub);
+
+  struct Case {
+    std::string name;
+    std::vector<std::string> frames;
+    grpc::StatusCode code;
+  };
+  std::vector<Case> cases;
+  auto with = [&](const std::string& name, grpc::StatusCode code, auto&& damage) {
+    Case c{name, good, code};
+    damage(c.frames);
+    cases.push_back(std::move(c));
+  };
+  with("payload bit flip", grpc::StatusCode::DATA_LOSS,
+       [](auto& f) { f[1].back() ^= 0x10; });
+  with("record header bit flip", grpc::StatusCode::DATA_LOSS,
+       [](auto& f) { f[1][20] ^= 0x01; });  // inside the bundle id
+  with("truncated frame", grpc::StatusCode::DATA_LOSS,
+       [](auto& f) { f[1].resize(f[1].size() - 8); });
+  with("duplicated part", grpc::StatusCode::DATA_LOSS,
+       [](auto& f) { f.insert(f.begin() + 2, f[1]); });
+  with("duplicated header", grpc::StatusCode::DATA_LOSS,
+       [](auto& f) { f.insert(f.begin() + 1, f[0]); });
+  with("duplicated final record", grpc::StatusCode::DATA_LOSS,
+       [](auto& f) { f.push_back(f.back()); });
+  with("part before the header", grpc::StatusCode::INVALID_ARGUMENT,
+       [](auto& f) { std::swap(f[0], f[1]); });
+  with("part of another bundle", grpc::StatusCode::INVALID_ARGUMENT,
+       [&](auto& f) { f[1] = other[1]; });
+  with("missing final record", grpc::StatusCode::DATA_LOSS, [](auto& f) { f.pop_back(); });
+  with("missing part", grpc::StatusCode::DATA_LOSS,
+       [](auto& f) { f.erase(f.begin() + 1); });
+  with("empty frame", grpc::StatusCode::DATA_LOSS,
+       [](auto& f) { f.insert(f.begin() + 1, std::string()); });
+
+  for (const Case& c : cases) {
+    const grpc::Status s = PushFrames(*w_->stub, lease, c.frames);
+    EXPECT_EQ(s.error_code(), c.code) << c.name << ": " << s.error_message();
+    EXPECT_FALSE(s.error_message().empty()) << c.name;
+    const v1::WorkerStats st = GetStats(*w_->stub);
+    EXPECT_EQ(st.slots_used(), 1) << c.name;  // the lease stays, empty
+    EXPECT_EQ(st.transfers_in_flight(), 0) << c.name;
+    EXPECT_EQ(st.latent_rows_used(), 0) << c.name;
+    EXPECT_EQ(st.running(), 0) << c.name;
+  }
+  EXPECT_EQ(GetStats(*w_->stub).integrity_failures(), static_cast<int64_t>(cases.size()));
+
+  // Legitimate reordering: the final record right after the header, the parts
+  // in reverse.
+  std::vector<std::string> reordered = {good.front(), good.back()};
+  reordered.insert(reordered.end(), good.rbegin() + 1, good.rend() - 1);
+  ASSERT_TRUE(PushFrames(*w_->stub, lease, reordered).ok());
+  const DecodeOutcome d = RunDecode(*w_->stub, MakeDecodeRequest(lease, first, 1, 6));
+  ASSERT_TRUE(d.status.ok()) << d.status.error_message();
+  std::vector<int32_t> got = {first};
+  got.insert(got.end(), d.tokens.begin(), d.tokens.end());
+  EXPECT_EQ(got, Reference(*w_->engine, prompt, 7));
+  EXPECT_TRUE(WaitFor([&] { return Idle(*w_->stub); }));
+}
+
 TEST_F(DecodeServiceTest, DecodeOnARefusedLeaseNeverProducesTokens) {
   const auto prompt = Prompt(12, 3);
   int32_t first;

@@ -15,6 +15,15 @@
 namespace kl {
 namespace {
 
+// The assembler's ALREADY_EXISTS (a part, header or final record seen twice)
+// means a damaged transfer here: say DATA_LOSS, so the sender and the router
+// treat it like any other corrupt stream (retry on a fresh pair), and keep
+// ALREADY_EXISTS for its RPC-level meaning, "the lease already holds a state".
+absl::Status TransferStatus(const absl::Status& s) {
+  if (s.code() != absl::StatusCode::kAlreadyExists) return s;
+  return absl::DataLossError(absl::StrCat("duplicated frame in the state transfer: ", s.message()));
+}
+
 // Registered with the lease while the push is in flight. On revocation (lease
 // expired or released, push superseded) it aborts the assembly at once, which
 // frees the partial state even if the client never sends another frame; the
@@ -101,7 +110,7 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
     }
     if (absl::Status s = assembler_->Add(part_.frame()); !s.ok()) {
       if (auto why = listener_->revoked()) return Fail(*why, false);
-      return Fail(s, true);
+      return Fail(TransferStatus(s), true);
     }
     ++frames_;
     bytes_ += static_cast<int64_t>(part_.frame().size());

@@ -8,7 +8,8 @@
 // Status codes: NOT_FOUND unknown/expired lease; INVALID_ARGUMENT no lease id on
 // the first message (or a different one later) or malformed bundle content;
 // FAILED_PRECONDITION incompatible bundle (fingerprints, version, layout);
-// DATA_LOSS corrupt frame, or the stream ended before the bundle was complete;
+// DATA_LOSS corrupt or duplicated frame, or the stream ended before the bundle
+// was complete;
 // ALREADY_EXISTS the lease already holds a state; ABORTED superseded by a newer
 // push on the same lease; CANCELLED the client went away.
 #ifndef KL_SERVICES_DECODE_PUSH_STREAM_H_

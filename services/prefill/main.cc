@@ -33,6 +33,11 @@ ABSL_FLAG(int64_t, max_request_bytes, 64 << 20,
           "frames are about 2 MiB");
 ABSL_FLAG(std::string, metrics_listen, "0.0.0.0:9402",
           "host:port serving Prometheus text on /metrics (port 0: any free port); empty: off");
+ABSL_FLAG(std::string, fault_inject_state, "",
+          "FAULT INJECTION, tests only: damage pushed state bundles, comma-separated kinds "
+          "corrupt,truncate,duplicate,reorder,drop_final taken in turn (services/prefill/"
+          "state_fault.h); empty: off");
+ABSL_FLAG(int64_t, fault_inject_every, 1, "FAULT INJECTION: damage only every Nth push");
 
 namespace kl {
 namespace {
@@ -69,6 +74,17 @@ int Main() {
   if (max_request < 1024 || max_request > (1 << 30)) {
     std::fprintf(stderr, "kl-prefill: --max_request_bytes must be in [1024, 2^30]\n");
     return 2;
+  }
+  absl::StatusOr<std::shared_ptr<StateFaultInjector>> fault = StateFaultInjector::Parse(
+      absl::GetFlag(FLAGS_fault_inject_state), absl::GetFlag(FLAGS_fault_inject_every));
+  if (!fault.ok()) {
+    std::fprintf(stderr, "kl-prefill: %s\n", fault.status().ToString().c_str());
+    return 2;
+  }
+  opts.fault_injector = *std::move(fault);
+  if (opts.fault_injector != nullptr) {
+    KL_LOG(WARNING).Field("kinds", absl::GetFlag(FLAGS_fault_inject_state))
+        << "FAULT INJECTION enabled: pushed state bundles will be damaged (tests only)";
   }
   std::unique_ptr<Metrics> metrics;
   std::unique_ptr<PrefillMetrics> prefill_metrics;

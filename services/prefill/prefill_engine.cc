@@ -168,6 +168,7 @@ std::shared_ptr<StatePusher> PrefillEngine::StartJob(const std::shared_ptr<Prefi
   target.lease_id = spec.lease_id;
   target.request_id = spec.request_id;
   target.deadline = spec.deadline;
+  if (options_.fault_injector != nullptr) target.fault = options_.fault_injector->Next();
   // `done` holds the job until the push ends (the pusher drops it after the call).
   auto done = [this, job](absl::StatusOr<PushResult> push) {
     PrefillMetrics* const m = options_.metrics;

@@ -103,6 +103,8 @@ struct PrefillEngineOptions {
   uint64_t checkpoint_fingerprint = 0;  // written into every bundle header
   PrefillMetrics* metrics = nullptr;    // null: metrics off; must outlive the engine
   ChannelSecurity push_security;        // how state pushes dial decode workers (tls.h)
+  // FAULT INJECTION (tests only; null = off): damages pushes (state_fault.h).
+  std::shared_ptr<StateFaultInjector> fault_injector;
 };
 
 struct PrefillEngineStats {

@@ -35,6 +35,8 @@ struct PrefillServiceOptions {
   DType bundle_dtype = DType::kF32;
   PrefillMetrics* metrics = nullptr;  // null: metrics off; must outlive the service
   ChannelSecurity push_security;      // state pushes to decode workers: cluster mTLS or plaintext
+  // FAULT INJECTION (tests only; null = off): damages pushes (state_fault.h).
+  std::shared_ptr<StateFaultInjector> fault_injector;
 };
 
 class PrefillService final : public v1::Prefill::CallbackService {

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "engine/common/log.h"
 #include "proto/worker.grpc.pb.h"
 #include "services/common/server_util.h"
 #include "services/common/status_util.h"
@@ -153,9 +154,42 @@ void StatePusher::Run() {
     return false;
   };
 
+  // FAULT INJECTION (tests only): the first part frame is damaged as
+  // target_.fault says; "reorder" holds the header back until after it.
+  const StateFault fault = target_.fault;
+  bool fault_pending = fault != StateFault::kNone && fault != StateFault::kDropFinal;
+  std::optional<BundleFrame> held_header;
+  if (fault != StateFault::kNone) {
+    KL_LOG(WARNING).Field("fault", StateFaultName(fault)).Field("target", target_.address)
+        << "FAULT INJECTION: damaging this state push";
+  }
+  auto send_damaged = [&](BundleFrame f) {
+    switch (fault) {
+      case StateFault::kCorrupt:
+        f.bytes.back() ^= 0x10;  // a payload byte: parts always carry one
+        return send(std::move(f));
+      case StateFault::kTruncate:
+        f.bytes.resize(f.bytes.size() > 8 ? f.bytes.size() - 8 : 0);
+        return send(std::move(f));
+      case StateFault::kDuplicate: {
+        BundleFrame copy = f;
+        return send(std::move(copy)) && send(std::move(f));
+      }
+      case StateFault::kReorder:
+        return send(std::move(f)) && send(*std::move(held_header));
+      default:
+        return send(std::move(f));
+    }
+  };
+
   absl::Status local;     // an error of ours (serialisation)
   bool closed = false;    // the final record went out and the stream was half-closed
-  bool ok = send(writer_->HeaderFrame());
+  bool ok = true;
+  if (fault == StateFault::kReorder) {
+    held_header = writer_->HeaderFrame();
+  } else {
+    ok = send(writer_->HeaderFrame());
+  }
   while (ok) {
     Item item;
     bool finishing = false;
@@ -180,7 +214,7 @@ void StatePusher::Run() {
         local = absl::InternalError(absl::StrCat("bundle incomplete: ", final.status().message()));
         break;
       }
-      ok = send(*std::move(final)) && stream->WritesDone();
+      ok = (fault == StateFault::kDropFinal || send(*std::move(final))) && stream->WritesDone();
       closed = ok;
       break;
     }
@@ -192,6 +226,11 @@ void StatePusher::Run() {
       break;
     }
     for (BundleFrame& f : *frames) {
+      if (fault_pending && f.type == RecordType::kPart) {
+        fault_pending = false;
+        if (!(ok = send_damaged(std::move(f)))) break;
+        continue;
+      }
       if (!(ok = send(std::move(f)))) break;
     }
     const double item_seconds = absl::ToDoubleSeconds(absl::Now() - item_start);

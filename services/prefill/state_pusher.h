@@ -40,6 +40,7 @@
 #include "engine/config/model_config.h"
 #include "engine/state/bundle_writer.h"
 #include "engine/state/sequence_state.h"
+#include "services/prefill/state_fault.h"
 
 namespace kl {
 
@@ -62,6 +63,8 @@ struct PushTarget {
   std::string lease_id;
   std::string request_id;
   std::chrono::system_clock::time_point deadline = std::chrono::system_clock::time_point::max();
+  // FAULT INJECTION (tests only, state_fault.h): damage this push's frames.
+  StateFault fault = StateFault::kNone;
 };
 
 struct PushResult {

@@ -108,6 +108,10 @@ absl::Status LocalCluster::WaitServing(const Proc& p, double seconds) {
   return absl::DeadlineExceededError(absl::StrCat(p.name, " not serving after ", seconds, " s"));
 }
 
+std::string LocalCluster::RouterView(ClusterRole role, int i, const std::string& address) const {
+  return o_.router_address_of ? o_.router_address_of(role, i, address) : address;
+}
+
 absl::Status LocalCluster::Start() {
   absl::StatusOr<ClusterTls> cluster = LoadClusterTls(o_.cluster_tls);
   if (!cluster.ok()) return cluster.status();
@@ -131,7 +135,7 @@ absl::Status LocalCluster::Start() {
               "--metrics_listen=" + Addr(p.metrics_port)};
     p.args.insert(p.args.end(), security_args.begin(), security_args.end());
     p.args.insert(p.args.end(), o_.prefill_args.begin(), o_.prefill_args.end());
-    paddrs.push_back(Addr(p.port));
+    paddrs.push_back(RouterView(ClusterRole::kPrefill, i, Addr(p.port)));
     prefill_.push_back(p);
   }
   for (int i = 0; i < o_.decode_workers; ++i) {
@@ -141,7 +145,7 @@ absl::Status LocalCluster::Start() {
               absl::StrCat("--slots=", o_.decode_slots), "--metrics_listen=" + Addr(p.metrics_port)};
     p.args.insert(p.args.end(), security_args.begin(), security_args.end());
     p.args.insert(p.args.end(), o_.decode_args.begin(), o_.decode_args.end());
-    daddrs.push_back(Addr(p.port));
+    daddrs.push_back(RouterView(ClusterRole::kDecode, i, Addr(p.port)));
     decode_.push_back(p);
   }
   router_ = Proc{"router", Binary("kl-router"), {}, PickFreePort()};

@@ -6,6 +6,7 @@
 
 #include <sys/types.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,11 @@ struct LocalClusterOptions {
   // health trusting tls_ca), API keys from api_keys_file.
   std::string tls_cert, tls_key, tls_ca;
   std::string api_keys_file;
+  // The address the router is given for worker `index` of `role` (which
+  // listens on `address`); empty = `address`. Fault tests put a proxy that can
+  // cut the worker off in between (tests/fault).
+  std::function<std::string(ClusterRole role, int index, const std::string& address)>
+      router_address_of;
 };
 
 class LocalCluster {
@@ -78,6 +84,7 @@ class LocalCluster {
   absl::Status WaitServing(const Proc& p, double seconds);
   void Signal(Proc& p, int sig);
   std::string Binary(const std::string& name) const;
+  std::string RouterView(ClusterRole role, int i, const std::string& address) const;
 
   // How Start reaches each process (plaintext unless the options say TLS).
   ChannelSecurity router_security_, worker_security_;
