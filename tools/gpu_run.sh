@@ -45,7 +45,7 @@ for t in "$BUNDLE"/bin/*_test; do
   start=$SECONDS
   if timeout "${KL_GPU_TIMEOUT:-300}" "$t" > "$LOG/$n.log" 2>&1; then status=PASS; else status=FAIL; rc=1; fi
   echo "$status $n ($((SECONDS - start)) s)" | tee -a "$summary"
-  grep -E "^\s+(decode|chunk|prefill)|FAILED|Failure|error" "$LOG/$n.log" | head -60 | tee -a "$summary"
+  grep -E "^\s+(decode|chunk|prefill|fast)|FAILED|Failure|error" "$LOG/$n.log" | head -60 | tee -a "$summary"
 done
 for b in "$BUNDLE"/bin/*_bench; do
   [[ -x "$b" ]] || continue
