@@ -170,6 +170,17 @@ class Backend {
   // Copies a bound state's device copy into its host vectors (for a StateBundle
   // export); the device copy stays the state. No-op for host-resident states.
   virtual absl::Status SyncStateToHost(SequenceState* s) { return absl::OkStatus(); }
+  // After layer `index` (the index-th KDA layer if `kda`, else the index-th MLA
+  // layer) of the running Forward, copies that layer of a bound state into its
+  // host vectors — the KDA state and conv tails, or the MLA rows [row_begin,
+  // row_end) (the latent vector grows to row_end rows) — so a prefill worker can
+  // ship the layer while later layers compute. No-op for host-resident states.
+  virtual absl::Status SyncLayerToHost(SequenceState* s, bool kda, int64_t index,
+                                       int64_t row_begin, int64_t row_end) {
+    return absl::OkStatus();
+  }
+  // Bytes of weights this backend holds.
+  virtual int64_t weight_bytes() const { return 0; }
   // Gives a bound state's memory back now and makes the host vectors the state
   // again (after SyncStateToHost, or on a failure). No-op for host states.
   virtual absl::Status ReleaseState(SequenceState* s) { return absl::OkStatus(); }

@@ -55,7 +55,7 @@ class CpuBackend final : public Backend {
                    const MoeOpWeights& w, float* y) override;
 
   // Bytes held by uploaded weights.
-  int64_t weight_bytes() const;
+  int64_t weight_bytes() const override;
 
   // Time and FLOPs spent in Linear() (all dense GEMMs incl. experts), for the
   // benchmark's "fraction of GEMM peak". Collected only when enabled.

@@ -768,6 +768,63 @@ absl::Status CudaBackend::SyncStateToHost(SequenceState* s) {
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::SyncLayerToHost(SequenceState* s, bool kda, int64_t index,
+                                          int64_t row_begin, int64_t row_end) {
+  if (s->device == nullptr) return absl::OkStatus();
+  ASSIGN_OR_RETURN(int32_t slot, SlotOf(s));
+  Impl& m = *impl_;
+  if (m.mode == Impl::Mode::kCapture || m.mode == Impl::Mode::kReplay) {
+    return absl::FailedPreconditionError("SyncLayerToHost inside a CUDA graph");
+  }
+  const ModelConfig& c = config_;
+  ScratchScope scope(this);
+  if (kda) {
+    if (index < 0 || index >= c.NumKdaLayers()) return absl::InvalidArgumentError("KDA layer");
+    const int64_t HKV = c.KdaStateElems(), tail = c.ConvTailElems();
+    s->kda.resize(c.NumKdaLayers());
+    KdaLayerState& ks = s->kda[index];
+    ks.recurrent.resize(HKV);
+    KL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ks.recurrent.data(), m.kda_state[index] + slot * HKV,
+                                            HKV * sizeof(float), cudaMemcpyDeviceToHost,
+                                            m.stream));
+    std::vector<float>* tails[3] = {&ks.conv_q, &ks.conv_k, &ks.conv_v};
+    for (int j = 0; j < 3; ++j) {
+      tails[j]->resize(tail);
+      if (tail == 0) continue;
+      KL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(tails[j]->data(), m.kda_tail[index][j] + slot * tail,
+                                              tail * sizeof(float), cudaMemcpyDeviceToHost,
+                                              m.stream));
+    }
+  } else {
+    if (index < 0 || index >= c.NumMlaLayers() || row_begin < 0 || row_end < row_begin) {
+      return absl::InvalidArgumentError("MLA layer or rows");
+    }
+    const int64_t lat = c.MlaLatentDim();
+    s->mla.resize(c.NumMlaLayers());
+    std::vector<float>& host = s->mla[index].latent;
+    if (static_cast<int64_t>(host.size()) < row_end * lat) host.resize(row_end * lat);
+    if (row_end > row_begin) {
+      std::vector<int64_t> cu = {0, row_end};
+      ASSIGN_OR_RETURN(void* d_cu, Stage(cu.data(), 2 * sizeof(int64_t)));
+      ASSIGN_OR_RETURN(const int32_t* table, StageBlockTable({slot}));
+      ASSIGN_OR_RETURN(void* out, Scratch(row_end * lat * sizeof(float)));
+      cuda::MlaCacheGatherParams p;
+      p.num_seqs = 1;
+      p.num_rows = row_end;
+      p.cache = {m.mla_pool[index], options_.latent_dtype, m.latent_pages, options_.page_rows,
+                 c.kv_lora_rank, c.qk_rope_head_dim, table, m.max_pages_per_seq};
+      p.kv_cu_seqlens = static_cast<const int64_t*>(d_cu);
+      p.out = static_cast<float*>(out);
+      RETURN_IF_ERROR(cuda::MlaCacheGather(p, m.stream));
+      KL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+          host.data() + row_begin * lat, static_cast<float*>(out) + row_begin * lat,
+          (row_end - row_begin) * lat * sizeof(float), cudaMemcpyDeviceToHost, m.stream));
+    }
+  }
+  KL_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(m.stream));
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::ReleaseState(SequenceState* s) {
   if (s->device == nullptr) return absl::OkStatus();
   RETURN_IF_ERROR(SlotOf(s).status());

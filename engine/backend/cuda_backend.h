@@ -89,7 +89,9 @@ class CudaBackend final : public Backend {
 
   int64_t free_slots() const;
   int64_t free_pages() const;
-  int64_t weight_bytes() const { return weight_bytes_; }
+  int64_t weight_bytes() const override { return weight_bytes_; }
+  absl::Status SyncLayerToHost(SequenceState* s, bool kda, int64_t index, int64_t row_begin,
+                               int64_t row_end) override;
 
   // --- memory
   absl::StatusOr<Weight> UploadWeight(const HostTensor& t) override;

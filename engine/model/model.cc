@@ -120,7 +120,17 @@ absl::Status Model::ForwardBound(absl::Span<ForwardItem> items,
     } else {
       RETURN_IF_ERROR(MlaLayer(l, mla_index++, h.data(), rows, states, seqs, a.data()));
     }
-    if (on_layer_done) on_layer_done(l);
+    if (on_layer_done) {
+      // Device-resident states: the listener reads this layer from host memory.
+      const bool kda = c.IsKda(l);
+      const int64_t index = (kda ? kda_index : mla_index) - 1;
+      for (size_t i = 0; i < states.size(); ++i) {
+        if (states[i]->device == nullptr || seqs[i].rows == 0) continue;
+        RETURN_IF_ERROR(be->SyncLayerToHost(states[i], kda, index, seqs[i].pos,
+                                            seqs[i].pos + seqs[i].rows));
+      }
+      on_layer_done(l);
+    }
     RETURN_IF_ERROR(be->Add(a.data(), rows * D, x.data()));
     RETURN_IF_ERROR(be->RmsNorm(x.data(), rows, D, D, L.post_norm, c.rms_norm_eps, h.data()));
     RETURN_IF_ERROR(Ffn(l, h.data(), rows, a.data()));

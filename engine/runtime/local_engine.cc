@@ -37,11 +37,14 @@ absl::StatusOr<std::unique_ptr<LocalEngine>> LocalEngine::Open(const LocalEngine
                      " ids but config.json vocab_size is ", config.vocab_size));
   }
   e->checkpoint_fingerprint_ = e->checkpoint_->CheckpointFingerprint();
-  e->backend_ = std::make_unique<CpuBackend>(o.cpu);
+  BackendSpec spec = o.backend;
+  spec.cpu = o.cpu;
+  ASSIGN_OR_RETURN(e->backend_, MakeBackend(config, spec));
   ASSIGN_OR_RETURN(e->model_, Model::Create(config, CheckpointTensorSource(e->checkpoint_.get()),
                                             e->backend_.get(), o.model));
   KL_LOG(INFO).Field("dir", o.model_dir).Field("layers", config.num_hidden_layers)
           .Field("hidden", config.hidden_size).Field("vocab", config.vocab_size)
+          .Field("backend", e->backend_->Name())
           .Field("weight_bytes", e->backend_->weight_bytes())
       << "model loaded";
   return e;

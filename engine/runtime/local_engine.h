@@ -1,4 +1,5 @@
-// LocalEngine: a model folder opened on the CPU backend — config, memory-mapped
+// LocalEngine: a model folder opened on a backend (CPU unless `backend` names
+// another one linked into the binary) — config, memory-mapped
 // checkpoint, tokenizer and Model — ready to run. What `kl generate` and the
 // workers start from.
 #ifndef KL_ENGINE_RUNTIME_LOCAL_ENGINE_H_
@@ -8,7 +9,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "engine/backend/cpu_backend.h"
+#include "engine/backend/registry.h"
 #include "engine/checkpoint/checkpoint.h"
 #include "engine/model/model.h"
 #include "engine/tokenizer/tokenizer.h"
@@ -19,6 +20,8 @@ struct LocalEngineOptions {
   std::string model_dir;
   ModelOptions model;
   CpuBackendOptions cpu;
+  // Which backend and how (registry.h); backend.cpu is overwritten by `cpu`.
+  BackendSpec backend;
   int threads = 0;  // 0 = all cores
 };
 
@@ -36,7 +39,7 @@ class LocalEngine {
 
  private:
   LocalEngine() = default;
-  std::unique_ptr<CpuBackend> backend_;
+  std::unique_ptr<Backend> backend_;
   std::unique_ptr<Checkpoint> checkpoint_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::unique_ptr<Model> model_;

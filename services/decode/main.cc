@@ -15,6 +15,7 @@
 #include "absl/time/time.h"
 #include "engine/common/log.h"
 #include "engine/runtime/local_engine.h"
+#include "services/common/backend_flags.h"
 #include "services/common/metrics.h"
 #include "services/common/server_util.h"
 #include "services/common/tls_flags.h"
@@ -84,6 +85,8 @@ int Main() {
   LocalEngineOptions eo;
   eo.model_dir = absl::GetFlag(FLAGS_model);
   eo.threads = absl::GetFlag(FLAGS_threads);
+  // One device slot per lease, plus one for the state a push may be adopting.
+  eo.backend = BackendSpecFromFlags(opts.slots + 1);
   auto engine = LocalEngine::Open(eo);
   if (!engine.ok()) {
     std::fprintf(stderr, "kl-decode: %s\n", engine.status().ToString().c_str());

@@ -16,6 +16,7 @@
 #include "absl/time/time.h"
 #include "engine/common/log.h"
 #include "engine/runtime/local_engine.h"
+#include "services/common/backend_flags.h"
 #include "services/common/metrics.h"
 #include "services/common/server_util.h"
 #include "services/common/tls_flags.h"
@@ -102,6 +103,8 @@ int Main() {
   LocalEngineOptions eo;
   eo.model_dir = absl::GetFlag(FLAGS_model);
   eo.threads = absl::GetFlag(FLAGS_threads);
+  // A slot per sequence of a batched forward, and one for a chunked prompt.
+  eo.backend = BackendSpecFromFlags(kPrefillMaxBatchSeqs + 1);
   auto engine = LocalEngine::Open(eo);
   if (!engine.ok()) {
     std::fprintf(stderr, "kl-prefill: %s\n", engine.status().ToString().c_str());

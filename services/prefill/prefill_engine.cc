@@ -105,7 +105,10 @@ std::vector<std::shared_ptr<PrefillJob>> PrefillEngine::NextBatch() {
       queue_.pop_front();
       break;
     }
-    if (n > options_.max_batch_tokens || total + n > options_.max_batch_tokens) break;
+    if (n > options_.max_batch_tokens || total + n > options_.max_batch_tokens ||
+        static_cast<int64_t>(batch.size()) >= options_.max_batch_seqs) {
+      break;
+    }
     total += n;
     batch.push_back(std::move(job));
     queue_.pop_front();
@@ -247,6 +250,9 @@ void PrefillEngine::RunBatch(const std::vector<std::shared_ptr<PrefillJob>>& bat
   }
   const absl::Status s = model_->Forward(absl::MakeSpan(items), &out, on_layer);
   forwards_.fetch_add(1);
+  // A device backend's slots go back now: every layer was copied to host memory
+  // for the pushers (Model::Forward syncs layers when a listener is given).
+  for (const auto& job : jobs) model_->ReleaseState(job->state_.get()).IgnoreError();
   for (size_t i = 0; i < jobs.size(); ++i) {
     if (!s.ok()) {
       FailJob(*jobs[i], absl::InternalError(absl::StrCat("prefill forward: ", s.message())));
@@ -285,10 +291,12 @@ void PrefillEngine::RunChunked(const std::shared_ptr<PrefillJob>& job) {
     const absl::Status s = model_->Forward(absl::MakeSpan(&item, 1), &out, on_layer);
     forwards_.fetch_add(1);
     if (!s.ok()) {
+      model_->ReleaseState(job->state_.get()).IgnoreError();
       FailJob(*job, absl::InternalError(absl::StrCat("prefill forward: ", s.message())));
       return;
     }
   }
+  model_->ReleaseState(job->state_.get()).IgnoreError();
   FinishJob(*job, out.logits[0]);
 }
 

@@ -44,6 +44,9 @@
 
 namespace kl {
 
+// Default cap on sequences per batched prefill forward.
+inline constexpr int64_t kPrefillMaxBatchSeqs = 64;
+
 // What a finished job reports (PrefillResponse).
 struct PrefillResult {
   int32_t token = -1;
@@ -98,6 +101,8 @@ class PrefillJob {
 
 struct PrefillEngineOptions {
   int64_t max_batch_tokens = 8192;
+  // Sequences per batched forward (a device backend holds one state slot each).
+  int64_t max_batch_seqs = kPrefillMaxBatchSeqs;
   int64_t max_queue = 64;
   BundleOptions bundle;                 // wire dtypes of the pushed state
   uint64_t checkpoint_fingerprint = 0;  // written into every bundle header

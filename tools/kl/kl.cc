@@ -53,6 +53,8 @@ ABSL_FLAG(int32_t, prefill_workers, 1, "local: prefill worker processes");
 ABSL_FLAG(int32_t, decode_workers, 1, "local: decode worker processes");
 ABSL_FLAG(int32_t, decode_slots, 16, "local: state slots per decode worker");
 ABSL_FLAG(bool, serve, false, "local: keep the cluster running until Ctrl-C");
+ABSL_FLAG(std::string, worker_backend, "",
+          "local: workers' backend, cpu (default) or cuda (the kl-*-cuda builds)");
 ABSL_FLAG(std::string, log_dir, "", "local: each process's log goes to DIR/<name>.log (default: <cache>/logs)");
 ABSL_FLAG(bool, local, false, "bench: start a local cluster and benchmark it");
 ABSL_FLAG(double, rate, 0, "bench: requests/s (Poisson); 0 = fixed concurrency");
@@ -198,6 +200,7 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> StartLocal() {
   o.prefill_workers = absl::GetFlag(FLAGS_prefill_workers);
   o.decode_workers = absl::GetFlag(FLAGS_decode_workers);
   o.decode_slots = absl::GetFlag(FLAGS_decode_slots);
+  o.worker_backend = absl::GetFlag(FLAGS_worker_backend);
   o.log_dir = absl::GetFlag(FLAGS_log_dir);
   o.cluster_tls = {absl::GetFlag(FLAGS_cluster_cert), absl::GetFlag(FLAGS_cluster_key),
                    absl::GetFlag(FLAGS_cluster_ca), absl::GetFlag(FLAGS_cluster_server_name)};

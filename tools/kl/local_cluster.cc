@@ -37,10 +37,13 @@ int PickFreePort() {
   return port;
 }
 
-std::string LocalCluster::Binary(const std::string& name) const {
-  const std::string rel = name == "kl-router"    ? "services/router/kl-router"
-                          : name == "kl-prefill" ? "services/prefill/kl-prefill"
-                                                 : "services/decode/kl-decode";
+std::string LocalCluster::Binary(const std::string& base) const {
+  const bool gpu = base != "kl-router" && o_.worker_backend == "cuda";
+  const std::string name = gpu ? base + "-cuda" : base;
+  const std::string rel = (base == "kl-router"    ? std::string("services/router/")
+                           : base == "kl-prefill" ? std::string("services/prefill/")
+                                                  : std::string("services/decode/")) +
+                          name;
   if (!o_.bin_dir.empty()) return (fs::path(o_.bin_dir) / name).string();
   std::error_code ec;
   const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
@@ -134,6 +137,10 @@ absl::Status LocalCluster::Start() {
     p.args = {"--model=" + o_.model_dir, "--listen=" + Addr(p.port), threads,
               "--metrics_listen=" + Addr(p.metrics_port)};
     p.args.insert(p.args.end(), security_args.begin(), security_args.end());
+    if (!o_.worker_backend.empty()) {
+      p.args.push_back("--backend=" + o_.worker_backend);
+      p.args.push_back(absl::StrCat("--cuda_device=", i));
+    }
     p.args.insert(p.args.end(), o_.prefill_args.begin(), o_.prefill_args.end());
     paddrs.push_back(RouterView(ClusterRole::kPrefill, i, Addr(p.port)));
     prefill_.push_back(p);
@@ -144,6 +151,10 @@ absl::Status LocalCluster::Start() {
     p.args = {"--model=" + o_.model_dir, "--listen=" + Addr(p.port), threads,
               absl::StrCat("--slots=", o_.decode_slots), "--metrics_listen=" + Addr(p.metrics_port)};
     p.args.insert(p.args.end(), security_args.begin(), security_args.end());
+    if (!o_.worker_backend.empty()) {
+      p.args.push_back("--backend=" + o_.worker_backend);
+      p.args.push_back(absl::StrCat("--cuda_device=", o_.prefill_workers + i));
+    }
     p.args.insert(p.args.end(), o_.decode_args.begin(), o_.decode_args.end());
     daddrs.push_back(RouterView(ClusterRole::kDecode, i, Addr(p.port)));
     decode_.push_back(p);

@@ -28,6 +28,10 @@ struct LocalClusterOptions {
   std::vector<std::string> router_args;   // extra flags
   std::vector<std::string> prefill_args;
   std::vector<std::string> decode_args;
+  // Workers' compute backend: "" or "cpu", or "cuda" (runs kl-prefill-cuda /
+  // kl-decode-cuda with --backend=cuda; each GPU worker takes GPU <index>
+  // modulo the visible GPUs, prefill workers first).
+  std::string worker_backend;
   double ready_timeout_seconds = 60;
   // Security (docs/security.md). Cluster mutual TLS: every process gets
   // --cluster_cert/key/ca/server_name (workers then require the cluster

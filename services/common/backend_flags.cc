@@ -1,0 +1,25 @@
+#include "services/common/backend_flags.h"
+
+#include <string>
+
+#include "absl/flags/flag.h"
+
+ABSL_FLAG(std::string, backend, "cpu",
+          "compute backend: cpu, or cuda (GPU builds kl-prefill-cuda / kl-decode-cuda only)");
+ABSL_FLAG(int, cuda_device, 0, "GPU index for --backend=cuda (modulo the visible GPUs)");
+ABSL_FLAG(bool, cuda_fast, true,
+          "--backend=cuda: bf16 weights and latent cache, tensor-core KDA prefill (false: "
+          "fp32 everywhere, bit-for-bit closer to the CPU engine)");
+
+namespace kl {
+
+BackendSpec BackendSpecFromFlags(int64_t max_seqs) {
+  BackendSpec s;
+  s.name = absl::GetFlag(FLAGS_backend);
+  s.device = absl::GetFlag(FLAGS_cuda_device);
+  s.fast = absl::GetFlag(FLAGS_cuda_fast);
+  s.max_seqs = max_seqs;
+  return s;
+}
+
+}  // namespace kl
