@@ -12,6 +12,8 @@ PKGS=(
   libopenblas-pthread-dev               # CPU GEMM
   libpcre2-dev                          # tokenizer pre-split (lookahead)
   nlohmann-json3-dev                    # config.json / safetensors headers
+  clang libclang-rt-14-dev              # libFuzzer targets (tools/fuzz.sh); ASan/UBSan/TSan runtimes of gcc:
+  libasan8 libubsan1 libtsan2           #   --config=asan / --config=tsan
   python3 python3-pip python3-grpcio python3-protobuf  # Python client test, tiktoken parity
 )
 missing=()

@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
-"""Summarise `bazel test --build_event_json_file=BEP ...` as one line:
+"""Summarise one or more `bazel test --build_event_json_file=BEP ...` runs
+(e.g. the normal and the ASan+UBSan suite) plus optional JUnit XML files (the
+fuzz run, tools/fuzz.sh --junit) as one line:
     N passed, N failed, N skipped
+Each BEP is counted on its own and the counts are summed, so a target that ran
+in two phases counts in both.
 Counts GoogleTest cases from each test target's test.xml as listed in the BEP
 of *this* invocation (stale bazel-testlogs are never read). A test target
 without a usable test.xml counts as one case; a test target that produced no
@@ -8,7 +12,9 @@ result counts as one failed case if it failed to build or was aborted, and as
 one skipped case if Bazel filtered it out (tag filters, e.g. the GPU tests). With
 --bazel-exit-code N, a non-zero N with no failed case adds one failure, so a
 red run never reads "0 failed" (e.g. a non-test target failed to build).
-Usage: bazel_test_summary.py BEP.json [--per-target] [--bazel-exit-code N]
+A --junit FILE that is missing or unreadable counts as one failure.
+Usage: bazel_test_summary.py BEP.json [BEP.json...] [--junit FILE]... [--per-target]
+                             [--bazel-exit-code N]...   (any non-zero N counts)
 """
 import json
 import sys
@@ -48,13 +54,8 @@ def read_events(path):
         return
 
 
-def main():
-    bep = sys.argv[1]
-    per_target = "--per-target" in sys.argv
-    bazel_rc = 0
-    if "--bazel-exit-code" in sys.argv:
-        bazel_rc = int(sys.argv[sys.argv.index("--bazel-exit-code") + 1])
-
+def count_bep(bep, per_target):
+    """(passed, failed, skipped) of one BEP file."""
     results = {}    # label -> {(run, shard): (status, xml_path)}; last attempt wins
     statuses = {}   # label -> overallStatus / abort reason
     test_labels = set()
@@ -103,7 +104,37 @@ def main():
             P, F, S = P + c[0], F + c[1], S + c[2]
             if per_target:
                 print(f"{label}: {status} {c}", file=sys.stderr)
-    if bazel_rc != 0 and F == 0:
+    return P, F, S
+
+
+def main():
+    args = sys.argv[1:]
+    per_target = "--per-target" in args
+    beps, junits, bazel_rcs = [], [], []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--per-target":
+            pass
+        elif a in ("--bazel-exit-code", "--junit") and i + 1 < len(args):
+            (bazel_rcs if a == "--bazel-exit-code" else junits).append(args[i + 1])
+            i += 1
+        else:
+            beps.append(a)
+        i += 1
+
+    P = F = S = 0
+    for bep in beps:
+        p, f, s = count_bep(bep, per_target)
+        P, F, S = P + p, F + f, S + s
+    for path in junits:
+        c = count_xml(path)
+        if c is None:
+            c = (0, 1, 0)
+        if per_target:
+            print(f"{path}: {c}", file=sys.stderr)
+        P, F, S = P + c[0], F + c[1], S + c[2]
+    if any(int(rc) != 0 for rc in bazel_rcs) and F == 0:
         F = 1
     print(f"{P} passed, {F} failed, {S} skipped")
     return 0
