@@ -62,7 +62,12 @@ class PrefillDecodeTest : public ::testing::Test {
     PrefillServiceOptions po;
     po.max_batch_tokens = kMaxBatchTokens;
     prefill_ = StartPrefillWorker(kTinySeed, po);
-    decode_ = StartDecodeWorker(kTinySeed, DecodeServiceOptions());
+    DecodeServiceOptions dopts;
+    // Leases must outlive the slowest prefill a test queues behind (the
+    // 16,000-token prompt of FullQueueIsResourceExhaustedAndDrainRefuses takes
+    // ~100 s under ASan on 2 busy cores); no test here is about expiry.
+    dopts.lease_ttl = absl::Minutes(10);
+    decode_ = StartDecodeWorker(kTinySeed, dopts);
     ASSERT_NE(prefill_, nullptr);
     ASSERT_NE(decode_, nullptr);
   }

@@ -291,6 +291,13 @@ TEST(RouterMetricsTest, OutcomesAreCounted) {
   h.prefill(0).prefill()->fail_code = grpc::StatusCode::OUT_OF_RANGE;  // not retried
   h.prefill(0).prefill()->fail_next = 1;
   EXPECT_EQ(h.Generate(TokenRequest(2, 4)).status.error_code(), grpc::StatusCode::OUT_OF_RANGE);
+  // A driver thread counts its request as running until the task returns,
+  // which is just after the client got the final status (a race that ASan's
+  // slower code lost): wait for the count to settle before reading the gauge.
+  const absl::Time settle_deadline = absl::Now() + absl::Seconds(30);
+  while (h.service().Stats().in_flight != 0 && absl::Now() < settle_deadline) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
 
   const std::string t = metrics->Text();
   auto has = [&t](const std::string& line) {
