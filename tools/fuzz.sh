@@ -54,6 +54,7 @@ else
   for t in "${TARGETS[@]}"; do
     work="$(mktemp -d)"   # the grown corpus; the committed seeds stay read-only input
     log="$ARTIFACTS/$t.log"
+    rm -f "$ARTIFACTS/$t-"*   # findings listed below are this run's only
     # -timeout: one input taking > 10 s is a hang; -rss_limit_mb: an input
     # making the parser allocate GiBs is a finding too.
     ASAN_OPTIONS="detect_leaks=1:halt_on_error=1" UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1" \

@@ -28,6 +28,12 @@ bazel shutdown >/dev/null 2>&1  # free its memory for the next phases
 
 if [ "${KL_CI_ASAN:-1}" != 0 ]; then
   phase_start "ASan+UBSan suite"
+  # The normal build's convenience symlinks (bazel-<workspace> leads into its
+  # execroot) would be walked by `//...` in the ASan output base; the next
+  # normal build recreates them.
+  for l in bazel-bin bazel-out bazel-testlogs "bazel-$(basename "$(pwd -P)")"; do
+    [ -L "$l" ] && rm -f "$l"
+  done
   bazel --output_base="$ASAN_BASE" test --config=asan //... --keep_going \
     --test_env=LSAN_OPTIONS="suppressions=$PWD/tools/sanitizers/lsan.supp:print_suppressions=0" \
     --build_event_json_file="$TMP/bep_asan.json" --color=no --curses=no </dev/null
