@@ -14,6 +14,8 @@ PKGS=(
   nlohmann-json3-dev                    # config.json / safetensors headers
   openssl                               # throwaway test certificates (tools/certs)
   prometheus                            # server + promtool: tests/observability, rule and metrics checks
+  clang libclang-rt-14-dev              # libFuzzer targets (tools/fuzz.sh); ASan/UBSan/TSan runtimes of gcc:
+  libasan8 libubsan1 libtsan2           #   --config=asan / --config=tsan
   python3 python3-pip python3-grpcio python3-protobuf  # Python client test, tiktoken parity
 )
 missing=()

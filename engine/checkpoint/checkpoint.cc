@@ -107,7 +107,7 @@ absl::Status Checkpoint::LoadIndex(const std::string& index_path) {
   Json root;
   try {
     root = Json::parse(text);
-  } catch (const Json::parse_error& e) {
+  } catch (const Json::exception& e) {  // also out_of_range: a number beyond double
     return absl::InvalidArgumentError(absl::StrCat(index_path, ": malformed JSON: ", e.what()));
   }
   if (!root.is_object()) {

@@ -356,6 +356,8 @@ TEST(Checkpoint, MalformedIndex) {
   const std::string index = dir + "/" + kSafetensorsIndexFile;
   WriteText(index, "{\"weight_map\": {\"a\": ");
   ExpectError(OpenStatus(dir), absl::StatusCode::kInvalidArgument, index + ": malformed JSON");
+  WriteText(index, "{\"metadata\": {\"total_size\": 1e99999}}");  // out_of_range, not parse_error
+  ExpectError(OpenStatus(dir), absl::StatusCode::kInvalidArgument, index + ": malformed JSON");
   WriteText(index, "{\"metadata\": {}}");
   ExpectError(OpenStatus(dir), absl::StatusCode::kInvalidArgument, "no \"weight_map\" object");
   WriteText(index, "{\"weight_map\": {\"model.norm.weight\": 3}}");

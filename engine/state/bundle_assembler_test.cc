@@ -289,6 +289,9 @@ TEST_F(AssemblerTest, PartsForTheWrongLayerKindOrRangeAreInvalid) {
       {PartKind::kMlaLatent, 0, 0, 1, 320, "layer 0 is a KDA layer"},
       {PartKind::kKdaState, 3, 0, 1, 16384, "layer 3 is an MLA layer"},
       {PartKind::kConvQ, 7, 0, 1, 512, "layer out of range"},
+      // Found by //tests/fuzz:bundle_fuzzer: layer + 1 wrapped to 0 in the
+      // u32 bounds check of PartTable::Find and read far outside the table.
+      {PartKind::kConvQ, 0xFFFFFFFFu, 0, 1, 512, "layer out of range"},
       {PartKind::kMlaLatent, 3, 16, 22, 6 * 320, "out of range"},  // 21 tokens
       {PartKind::kConvQ, 0, 2, 4, 2 * 512, "out of range"},        // W-1 = 3 rows
   };

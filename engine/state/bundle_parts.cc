@@ -73,7 +73,8 @@ PartTable::PartTable(const BundleHeader& header) {
 }
 
 PartSlot* PartTable::Find(PartKind kind, uint32_t layer) {
-  if (layer + 1 >= first_slot_.size()) return nullptr;
+  // size_t first: `layer` is a wire u32, and layer + 1 must not wrap to 0.
+  if (static_cast<size_t>(layer) + 1 >= first_slot_.size()) return nullptr;
   for (int64_t i = first_slot_[layer]; i < first_slot_[layer + 1]; ++i) {
     if (slots_[i].kind == kind) return &slots_[i];
   }

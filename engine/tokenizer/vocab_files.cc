@@ -217,7 +217,8 @@ absl::StatusOr<TokenizerConfigFile> ParseTokenizerConfig(
   nlohmann::json config;
   try {
     config = nlohmann::json::parse(contents.begin(), contents.end());
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {
+    // Also out_of_range, thrown for a number too large for a double (1e999).
     return absl::InvalidArgumentError(
         absl::StrCat(filename, ": invalid JSON: ", e.what()));
   }

@@ -131,6 +131,10 @@ TEST(VocabFilesTest, BadJson) {
   f.config = "{\"added_tokens_decoder\": {\n  \"257\": }";
   ExpectError(f.Load(), absl::StatusCode::kInvalidArgument,
               {"tokenizer_config.json: invalid JSON", "line 2"});
+  // A number beyond double throws out_of_range rather than parse_error.
+  f.config = R"({"model_max_length": 1e99999})";
+  ExpectError(f.Load(), absl::StatusCode::kInvalidArgument,
+              {"tokenizer_config.json: invalid JSON"});
   f.config = "[1, 2]";
   ExpectError(f.Load(), absl::StatusCode::kInvalidArgument,
               {"tokenizer_config.json: top level is not a JSON object"});

@@ -62,10 +62,11 @@ class PrefillDecodeTest : public ::testing::Test {
     PrefillServiceOptions po;
     po.max_batch_tokens = kMaxBatchTokens;
     prefill_ = StartPrefillWorker(kTinySeed, po);
-    // Leases outlive the slowest queued prefill here (a 16K-token prompt on a
-    // loaded 2-core CI machine can take longer than the 30 s default).
     DecodeServiceOptions dopts;
-    dopts.lease_ttl = absl::Minutes(5);
+    // Leases must outlive the slowest prefill a test queues behind (the long
+    // prompt of FullQueueIsResourceExhaustedAndDrainRefuses is slow under the
+    // sanitizers on 2 busy cores); no test here is about expiry.
+    dopts.lease_ttl = absl::Minutes(10);
     decode_ = StartDecodeWorker(kTinySeed, dopts);
     ASSERT_NE(prefill_, nullptr);
     ASSERT_NE(decode_, nullptr);
@@ -306,10 +307,17 @@ TEST_F(PrefillDecodeTest, FullQueueIsResourceExhaustedAndDrainRefuses) {
     ctx.set_deadline(In(absl::Seconds(120)));
     return w->stub->Prefill(&ctx, MakePrefill(Prompt(n, 1), ReserveLease(*decode_->stub)), resp);
   };
-  // A long prompt runs, a second one waits: the queue (of 1) is full.
+  // A long prompt runs, a second one waits: the queue (of 1) is full. It only
+  // has to outlast a few RPCs; sanitizer builds run it 5-10x slower (16,000
+  // tokens took over 120 s under ASan on 2 busy cores), so they use fewer.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  constexpr int kLongPrompt = 4000;
+#else
+  constexpr int kLongPrompt = 16000;
+#endif
   grpc::Status long_status, queued_status;
   v1::PrefillResponse r1, r2, r3;
-  std::thread a([&] { long_status = call(16000, &r1); });
+  std::thread a([&] { long_status = call(kLongPrompt, &r1); });
   ASSERT_TRUE(WaitFor([&] { return w->service->Snapshot().running() == 1; }));
   std::thread b([&] { queued_status = call(8, &r2); });
   ASSERT_TRUE(WaitFor([&] { return w->service->Snapshot().waiting() == 1; }));

@@ -1,14 +1,21 @@
 #!/usr/bin/env python3
-"""Summarise `bazel test --build_event_json_file=BEP ...` as one line:
+"""Summarise one or more `bazel test --build_event_json_file=BEP ...` runs
+(e.g. the normal and the ASan+UBSan suite) plus optional JUnit XML files (the
+fuzz run, tools/fuzz.sh --junit) as one line:
     N passed, N failed, N skipped
+Each BEP is counted on its own and the counts are summed, so a target that ran
+in two phases counts in both.
 Counts GoogleTest cases from each test target's test.xml as listed in the BEP
 of *this* invocation (stale bazel-testlogs are never read). A test target
 without a usable test.xml counts as one case; a test target that produced no
 result counts as one failed case if it failed to build or was aborted, and as
-one skipped case if Bazel filtered it out (tag filters, e.g. the GPU tests). With
---bazel-exit-code N, a non-zero N with no failed case adds one failure, so a
-red run never reads "0 failed" (e.g. a non-test target failed to build).
-Usage: bazel_test_summary.py BEP.json [--per-target] [--bazel-exit-code N]
+one skipped case if Bazel filtered it out (tag filters, e.g. the GPU tests). A
+--bazel-exit-code N after a BEP is that run's exit code: non-zero with no failed
+case in that BEP adds one failure, so a red phase never hides behind another
+(e.g. a non-test target failed to build).
+A --junit FILE that is missing or unreadable counts as one failure.
+Usage: bazel_test_summary.py BEP.json [BEP.json...] [--junit FILE]... [--per-target]
+       (each BEP may be followed by --bazel-exit-code N)
 """
 import json
 import sys
@@ -48,13 +55,8 @@ def read_events(path):
         return
 
 
-def main():
-    bep = sys.argv[1]
-    per_target = "--per-target" in sys.argv
-    bazel_rc = 0
-    if "--bazel-exit-code" in sys.argv:
-        bazel_rc = int(sys.argv[sys.argv.index("--bazel-exit-code") + 1])
-
+def count_bep(bep, per_target):
+    """(passed, failed, skipped) of one BEP file."""
     results = {}    # label -> {(run, shard): (status, xml_path)}; last attempt wins
     statuses = {}   # label -> overallStatus / abort reason
     test_labels = set()
@@ -103,8 +105,42 @@ def main():
             P, F, S = P + c[0], F + c[1], S + c[2]
             if per_target:
                 print(f"{label}: {status} {c}", file=sys.stderr)
-    if bazel_rc != 0 and F == 0:
-        F = 1
+    return P, F, S
+
+
+def main():
+    args = sys.argv[1:]
+    per_target = "--per-target" in args
+    beps, junits = [], []   # beps: [path, bazel exit code]
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--per-target":
+            pass
+        elif a == "--junit" and i + 1 < len(args):
+            junits.append(args[i + 1])
+            i += 1
+        elif a == "--bazel-exit-code" and i + 1 < len(args):
+            if beps:
+                beps[-1][1] = int(args[i + 1])  # the exit code of the BEP before it
+            i += 1
+        else:
+            beps.append([a, 0])
+        i += 1
+
+    P = F = S = 0
+    for bep, rc in beps:
+        p, f, s = count_bep(bep, per_target)
+        if rc != 0 and f == 0:
+            f = 1  # that phase failed (e.g. to build) although no test case did
+        P, F, S = P + p, F + f, S + s
+    for path in junits:
+        c = count_xml(path)
+        if c is None:
+            c = (0, 1, 0)
+        if per_target:
+            print(f"{path}: {c}", file=sys.stderr)
+        P, F, S = P + c[0], F + c[1], S + c[2]
     print(f"{P} passed, {F} failed, {S} skipped")
     return 0
 
