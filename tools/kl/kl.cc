@@ -55,6 +55,9 @@ ABSL_FLAG(int32_t, decode_slots, 16, "local: state slots per decode worker");
 ABSL_FLAG(bool, serve, false, "local: keep the cluster running until Ctrl-C");
 ABSL_FLAG(std::string, worker_backend, "",
           "local: workers' backend, cpu (default) or cuda (the kl-*-cuda builds)");
+ABSL_FLAG(std::vector<std::string>, worker_flags, {},
+          "local: extra flags for every prefill and decode worker (comma separated), "
+          "e.g. --worker_flags=--cuda_fast=false");
 ABSL_FLAG(std::string, log_dir, "", "local: each process's log goes to DIR/<name>.log (default: <cache>/logs)");
 ABSL_FLAG(bool, local, false, "bench: start a local cluster and benchmark it");
 ABSL_FLAG(double, rate, 0, "bench: requests/s (Poisson); 0 = fixed concurrency");
@@ -201,6 +204,8 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> StartLocal() {
   o.decode_workers = absl::GetFlag(FLAGS_decode_workers);
   o.decode_slots = absl::GetFlag(FLAGS_decode_slots);
   o.worker_backend = absl::GetFlag(FLAGS_worker_backend);
+  o.prefill_args = absl::GetFlag(FLAGS_worker_flags);
+  o.decode_args = absl::GetFlag(FLAGS_worker_flags);
   o.log_dir = absl::GetFlag(FLAGS_log_dir);
   o.cluster_tls = {absl::GetFlag(FLAGS_cluster_cert), absl::GetFlag(FLAGS_cluster_key),
                    absl::GetFlag(FLAGS_cluster_ca), absl::GetFlag(FLAGS_cluster_server_name)};

@@ -7,7 +7,10 @@
 // thread's static TLS out of that stack, and the sanitizer runtimes' TLS plus
 // their interceptors leave too little of it: under ASan, a scrape overflowed
 // the stack inside vsnprintf (glibc's printf_positional) and killed the
-// process. Normal builds are unaffected and do not link this.
+// process. The GPU worker builds (kl-prefill-cuda, kl-decode-cuda) link it too:
+// libcublasLt's static TLS alone is larger than 100 KiB, so there civetweb
+// could not start a thread at all ("null context when constructing
+// CivetServer"). Other normal builds are unaffected and do not link this.
 #include <dlfcn.h>
 #include <pthread.h>
 
