@@ -1011,8 +1011,8 @@ absl::Status CudaBackend::KdaMix(float* q, float* k, float* v, float* f, float* 
   const float* a_log = static_cast<const float*>(w.a_log->data);
   const float* dt_bias = static_cast<const float*>(w.dt_bias->data);
   const bool small_head = head_dim == 64 || head_dim == 128;
-  if (max_rows <= options_.kda_recurrent_max_tokens && small_head) {
-    cuda::KdaDecodeParams p;
+  // The decode and chunk launchers take the same fields (kda_decode.h, kda_chunk.h).
+  auto fill = [&](auto& p) {
     p.num_seqs = N;
     p.num_tokens = T;
     p.num_heads = heads;
@@ -1031,29 +1031,16 @@ absl::Status CudaBackend::KdaMix(float* q, float* k, float* v, float* f, float* 
     p.slots = static_cast<const int32_t*>(d_slots);
     p.state_pool = states[0].recurrent;
     p.o = o;
+  };
+  if (max_rows <= options_.kda_recurrent_max_tokens && small_head) {
+    cuda::KdaDecodeParams p;
+    fill(p);
     KL_LAUNCH(cuda::KdaRecurrentDecode(p, m.stream));
     return absl::OkStatus();
   }
   cuda::KdaChunkParams p;
-  p.num_seqs = N;
-  p.num_tokens = T;
-  p.num_heads = heads;
-  p.head_k = head_dim;
-  p.head_v = head_dim;
-  p.num_slots = options_.max_seqs;
-  p.act = DType::kF32;
+  fill(p);
   p.algo = cuda::KdaChunkAlgo::kExact;
-  p.q = conv_out[0];
-  p.k = conv_out[1];
-  p.v = conv_out[2];
-  p.f = f;
-  p.b = b;
-  p.a_log = a_log;
-  p.dt_bias = dt_bias;
-  p.cu_seqlens = static_cast<const int64_t*>(d_cu);
-  p.slots = static_cast<const int32_t*>(d_slots);
-  p.state_pool = states[0].recurrent;
-  p.o = o;
   void* o_bf16 = nullptr;
   if (options_.kda_tensor_cores && head_dim == 128) {
     // bf16 operands for the tensor-core chunk kernels; fp32 state across chunks.
@@ -1235,7 +1222,11 @@ absl::Status CudaBackend::MlaAttention(const float* q, const float* latent,
   p.kv_cu_seqlens = static_cast<const int64_t*>(d_kv_cu);
   p.out = out;
   p.scale = scale;
-  KL_LAUNCH(cuda::MlaPrefillAttention(p, m.stream));
+  if (options_.mla_tensor_cores && cuda::MlaPrefillUsesTensorCores(p)) {
+    KL_LAUNCH(cuda::MlaPrefillAttentionBf16(p, m.stream));
+  } else {
+    KL_LAUNCH(cuda::MlaPrefillAttention(p, m.stream));
+  }
   return absl::OkStatus();
 }
 

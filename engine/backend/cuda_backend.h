@@ -44,6 +44,9 @@ struct CudaBackendOptions {
   // Chunk prefill of KDA on bf16 tensor cores (K = V = 128 on sm_90); else the
   // exact fp32 chunk algorithm.
   bool kda_tensor_cores = false;
+  // MLA prefill attention on bf16 tensor cores (qk 192 / v 128 or 96 / 64);
+  // else the exact fp32 kernel.
+  bool mla_tensor_cores = false;
   // Sequences with at most this many new tokens use the recurrent KDA kernel.
   int64_t kda_recurrent_max_tokens = 8;
   int64_t arena_chunk_bytes = int64_t{256} << 20;

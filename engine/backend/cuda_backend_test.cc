@@ -454,6 +454,7 @@ void CheckFastPaths(bool kda_tc, DType latent, bool graphs) {
   CudaBackendOptions o;
   o.bf16_weights = true;
   o.kda_tensor_cores = kda_tc;
+  o.mla_tensor_cores = kda_tc;
   o.latent_dtype = latent;
   o.cuda_graphs = graphs;
   auto e = MakeEngines(c, o);
@@ -472,7 +473,7 @@ void CheckFastPaths(bool kda_tc, DType latent, bool graphs) {
     // Same weights; bf16 activations in the prefill GEMMs, the MoE tensor-core
     // paths, the tensor-core KDA chunk and the bf16 latent cache.
     const double err = RelErr(o.logits[0], lc[i]);
-    std::printf("  fast paths (kda_tc=%d latent=%s graphs=%d) step %zu: rel err %.2e\n", kda_tc,
+    std::printf("  fast paths (tensor-core prefill=%d latent=%s graphs=%d) step %zu: rel err %.2e\n", kda_tc,
                 std::string(DTypeName(latent)).c_str(), graphs, i, err);
     EXPECT_LT(err, 5e-2) << "step " << i;
     next = {tokens[i]};

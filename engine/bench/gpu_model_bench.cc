@@ -142,6 +142,7 @@ int Run() {
   o.latent_dtype = DType::kBF16;
   o.bf16_weights = true;
   o.kda_tensor_cores = true;
+  o.mla_tensor_cores = true;
   auto be = CudaBackend::Create(c, o);
   if (!be.ok()) {
     std::printf("backend: %s\n", be.status().ToString().c_str());

@@ -98,6 +98,12 @@ struct MlaPrefillParams {
 
 absl::Status MlaPrefillAttention(const MlaPrefillParams& p, cudaStream_t stream);
 
+// The same attention on bf16 tensor cores (mma.sync, fp32 accumulation; q, k, v
+// rounded to bf16 on load): for the head shapes of real configs only — qk 192 /
+// v 128 (the 48B model) and qk 96 / v 64. ~1e-2 relative to the exact kernel.
+bool MlaPrefillUsesTensorCores(const MlaPrefillParams& p);
+absl::Status MlaPrefillAttentionBf16(const MlaPrefillParams& p, cudaStream_t stream);
+
 // Absorbed-form decode, one new token per sequence (its latent row already written
 // to the cache), MQA over the shared cache rows:
 //   s_j[h] = scale * (q[n][h] . row_j)  over all latent_dim + rope_dim values,

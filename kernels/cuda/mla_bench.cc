@@ -22,6 +22,7 @@
 
 #include "kernels/common/splitmix64.h"
 #include "kernels/cuda/bench_fill.h"
+#include "kernels/cuda/bench_util.h"
 #include "kernels/cuda/kda_test_util.h"
 #include "kernels/cuda/mla.h"
 
@@ -30,63 +31,9 @@ namespace {
 
 using testing::DeviceBuffer;
 
-#define BENCH_CHECK(expr)                                                                      \
-  do {                                                                                         \
-    const cudaError_t e_ = (expr);                                                             \
-    if (e_ != cudaSuccess) {                                                                   \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
-      return false;                                                                            \
-    }                                                                                          \
-  } while (0)
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-// Median over `batches` of (event time of `per_batch` calls) / per_batch, in ms.
-bool TimeMs(const std::function<bool(int)>& call, int per_batch, int batches, int warmup,
-            cudaStream_t s, double* ms) {
-  for (int i = 0; i < warmup; ++i) {
-    if (!call(i)) return false;
-  }
-  cudaEvent_t a, b;
-  BENCH_CHECK(cudaEventCreate(&a));
-  BENCH_CHECK(cudaEventCreate(&b));
-  std::vector<double> t;
-  int idx = warmup;
-  for (int r = 0; r < batches; ++r) {
-    BENCH_CHECK(cudaEventRecord(a, s));
-    for (int i = 0; i < per_batch; ++i) {
-      if (!call(idx++)) return false;
-    }
-    BENCH_CHECK(cudaEventRecord(b, s));
-    BENCH_CHECK(cudaEventSynchronize(b));
-    float e = 0;
-    BENCH_CHECK(cudaEventElapsedTime(&e, a, b));
-    t.push_back(e / per_batch);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  *ms = Median(t);
-  return true;
-}
-
-bool MeasureCopy(cudaStream_t s, bool quick, double* copy_tbs) {
-  const size_t bytes = size_t{1} << 30;
-  DeviceBuffer src(bytes), dst(bytes);
-  if (!src.ok() || !dst.ok()) return false;
-  BENCH_CHECK(FillUniform(src.get(), bytes / 4, false, -1, 1, 1, s));
-  double ms = 0;
-  if (!TimeMs([&](int) {
-        return cudaMemcpyAsync(dst.get(), src.get(), bytes, cudaMemcpyDeviceToDevice, s) == cudaSuccess;
-      }, 1, quick ? 5 : 15, 3, s, &ms)) {
-    return false;
-  }
-  *copy_tbs = 2.0 * bytes / (ms * 1e-3) / 1e12;
-  std::printf("copy D2D %zu MiB: %.3f ms -> %.3f TB/s (read + write)\n", bytes >> 20, ms, *copy_tbs);
-  return true;
-}
+using bench::Median;
+using bench::MeasureCopy;
+using bench::TimeMs;
 
 // Filters for --profile: only these (dtype, ctx, batch) combos, few launches.
 struct DecodeFilter {
@@ -188,7 +135,7 @@ bool BenchDecode(cudaStream_t s, bool quick, double copy_tbs, std::vector<std::s
 
 bool BenchPrefill(cudaStream_t s, bool quick, std::vector<std::string>* rows) {
   const int64_t H = 32, dq = 192, dv = 128;
-  std::printf("\n== prefill: exact fp32 path, B=1, H=%ld, qk %ld, v %ld, causal, no prefix\n",
+  std::printf("\n== prefill: exact fp32 and bf16 tensor-core paths, B=1, H=%ld, qk %ld, v %ld, causal, no prefix\n",
               static_cast<long>(H), static_cast<long>(dq), static_cast<long>(dv));
   std::printf("%7s %10s %9s\n", "T", "ms", "TFLOP/s");
   for (int64_t T : {int64_t{4096}, int64_t{16384}}) {
@@ -211,20 +158,23 @@ bool BenchPrefill(cudaStream_t s, bool quick, std::vector<std::string>* rows) {
     p.v = v.as<float>();
     p.q_cu_seqlens = p.kv_cu_seqlens = cu.as<int64_t>();
     p.out = out.as<float>();
-    auto call = [&](int) {
-      const absl::Status st = MlaPrefillAttention(p, s);
-      if (!st.ok()) std::fprintf(stderr, "%s\n", st.ToString().c_str());
-      return st.ok();
-    };
-    double ms = 0;
-    if (!TimeMs(call, 1, quick ? 3 : (T <= 4096 ? 9 : 3), 1, s, &ms)) return false;
-    const double flops = 2.0 * H * (dq + dv) * (static_cast<double>(T) * (T + 1) / 2);
-    const double tflops = flops / (ms * 1e-3) / 1e12;
-    std::printf("%7ld %10.3f %9.2f\n", static_cast<long>(T), ms, tflops);
-    char buf[200];
-    std::snprintf(buf, sizeof(buf), "prefill fp32 T=%-6ld H=32 qk192 v128 | %9.3f ms | %6.2f TFLOP/s (causal FLOPs)",
-                  static_cast<long>(T), ms, tflops);
-    rows->push_back(buf);
+    for (bool tc : {false, true}) {
+      auto call = [&](int) {
+        const absl::Status st = tc ? MlaPrefillAttentionBf16(p, s) : MlaPrefillAttention(p, s);
+        if (!st.ok()) std::fprintf(stderr, "%s\n", st.ToString().c_str());
+        return st.ok();
+      };
+      double ms = 0;
+      if (!TimeMs(call, 1, quick ? 3 : (T <= 4096 || tc ? 9 : 3), 1, s, &ms)) return false;
+      const double flops = 2.0 * H * (dq + dv) * (static_cast<double>(T) * (T + 1) / 2);
+      const double tflops = flops / (ms * 1e-3) / 1e12;
+      std::printf("%7ld %10.3f %9.2f %s\n", static_cast<long>(T), ms, tflops, tc ? "bf16 tc" : "fp32");
+      char buf[200];
+      std::snprintf(buf, sizeof(buf),
+                    "prefill %s T=%-6ld H=32 qk192 v128 | %9.3f ms | %6.2f TFLOP/s (causal FLOPs)",
+                    tc ? "bf16 tc" : "fp32   ", static_cast<long>(T), ms, tflops);
+      rows->push_back(buf);
+    }
   }
   return true;
 }

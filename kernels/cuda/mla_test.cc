@@ -236,6 +236,7 @@ struct PrefillCase {
   int64_t H, dq, dv;
   double q_scale = 1.0;
   double tol = kFp32RelTol;
+  bool tensor_cores = false;  // MlaPrefillAttentionBf16
 };
 
 void RefPrefill(const PrefillCase& pc, const std::vector<float>& q, const std::vector<float>& k,
@@ -304,7 +305,8 @@ void RunPrefill(const PrefillCase& pc, uint64_t seed) {
   p.q_cu_seqlens = d_qcu.as<int64_t>();
   p.kv_cu_seqlens = d_kvcu.as<int64_t>();
   p.out = out.as<float>();
-  const absl::Status st = MlaPrefillAttention(p, nullptr);
+  const absl::Status st =
+      pc.tensor_cores ? MlaPrefillAttentionBf16(p, nullptr) : MlaPrefillAttention(p, nullptr);
   ASSERT_TRUE(st.ok()) << st;
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const std::vector<float> got = Download<float>(out);
@@ -317,7 +319,8 @@ void RunPrefill(const PrefillCase& pc, uint64_t seed) {
     EXPECT_LE(err, pc.tol) << "sequence " << n << " (q " << pc.q_lens[n] << ", prefix "
                            << pc.prefix[n] << ")";
   }
-  std::printf("prefill dq=%ld dv=%ld: worst rel err %.2e (tol %.0e)\n", static_cast<long>(pc.dq),
+  std::printf("prefill%s dq=%ld dv=%ld: worst rel err %.2e (tol %.0e)\n",
+              pc.tensor_cores ? " (bf16 tensor cores)" : "", static_cast<long>(pc.dq),
               static_cast<long>(pc.dv), worst, pc.tol);
 }
 
@@ -334,6 +337,27 @@ TEST(MlaPrefill, OddAndMaxDims) {
   RunPrefill({{45, 3}, {20, 31}, 2, 13, 7}, 23);
   RunPrefill({{40}, {25}, 1, 256, 256}, 24);
   RunPrefill({{33}, {0}, 1, 1, 1}, 25);
+}
+// bf16 operands, fp32 accumulation: ~1e-2 relative against the fp64 reference.
+constexpr double kPrefillBf16RelTol = 2e-2;
+
+TEST(MlaPrefill, TensorCoresModelDims) {
+  SKIP_WITHOUT_GPU();
+  // Lengths around the 64-row tiles, prefixes (chunked prefill), an empty sequence.
+  RunPrefill({{70, 33, 200, 0, 1, 64}, {130, 0, 77, 5, 64, 0}, 4, 192, 128, 1.0,
+              kPrefillBf16RelTol, true},
+             27);
+}
+TEST(MlaPrefill, TensorCoresSmallDims) {
+  SKIP_WITHOUT_GPU();
+  RunPrefill({{1, 65, 129, 63}, {0, 3, 64, 1}, 6, 96, 64, 1.0, kPrefillBf16RelTol, true}, 28);
+}
+TEST(MlaPrefill, TensorCoresRejectOtherDims) {
+  MlaPrefillParams p;
+  p.qk_dim = 80;
+  p.v_dim = 64;
+  EXPECT_FALSE(MlaPrefillUsesTensorCores(p));
+  EXPECT_TRUE(absl::IsInvalidArgument(MlaPrefillAttentionBf16(p, nullptr)));
 }
 TEST(MlaPrefill, LargeMagnitudeScores) {
   SKIP_WITHOUT_GPU();

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "kernels/cuda/bench_fill.h"
+#include "kernels/cuda/bench_util.h"
 #include "kernels/cuda/kda_test_util.h"
 #include "kernels/cuda/moe.h"
 
@@ -32,22 +33,6 @@ namespace {
 
 using testing::DeviceBuffer;
 
-#define BENCH_CHECK(expr)                                                                    \
-  do {                                                                                       \
-    const cudaError_t e_ = (expr);                                                           \
-    if (e_ != cudaSuccess) {                                                                 \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
-      return false;                                                                          \
-    }                                                                                        \
-  } while (0)
-#define BENCH_STATUS(expr)                                                           \
-  do {                                                                               \
-    const absl::Status s_ = (expr);                                                  \
-    if (!s_.ok()) {                                                                  \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, s_.ToString().c_str()); \
-      return false;                                                                  \
-    }                                                                                \
-  } while (0)
 #define BENCH_CUBLAS(expr)                                                             \
   do {                                                                                 \
     const cublasStatus_t c_ = (expr);                                                  \
@@ -61,78 +46,10 @@ using testing::DeviceBuffer;
 constexpr int64_t kE = 256, kK = 8, kD = 2304, kI = 1024;
 constexpr double kExpertBytes = 3.0 * kD * kI * 2;  // bf16 W1 + W3 + W2
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-// Median over `batches` of (event time of `per_batch` calls) / per_batch, in ms.
-bool TimeMs(const std::function<bool(int)>& call, int per_batch, int batches, int warmup,
-            cudaStream_t s, double* ms) {
-  for (int i = 0; i < warmup; ++i) {
-    if (!call(i)) return false;
-  }
-  cudaEvent_t a, b;
-  BENCH_CHECK(cudaEventCreate(&a));
-  BENCH_CHECK(cudaEventCreate(&b));
-  std::vector<double> t;
-  int idx = warmup;
-  for (int r = 0; r < batches; ++r) {
-    BENCH_CHECK(cudaEventRecord(a, s));
-    for (int i = 0; i < per_batch; ++i) {
-      if (!call(idx++)) return false;
-    }
-    BENCH_CHECK(cudaEventRecord(b, s));
-    BENCH_CHECK(cudaEventSynchronize(b));
-    float e = 0;
-    BENCH_CHECK(cudaEventElapsedTime(&e, a, b));
-    t.push_back(e / per_batch);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  *ms = Median(t);
-  return true;
-}
-
-struct Ceilings {
-  double copy_tbs = 0, gemm_tflops = 0;
-};
-
-bool MeasureCeilings(cudaStream_t s, cublasHandle_t h, bool quick, Ceilings* c) {
-  const size_t bytes = size_t{1} << 30;
-  {
-    DeviceBuffer src(bytes), dst(bytes);
-    if (!src.ok() || !dst.ok()) return false;
-    BENCH_CHECK(FillUniform(src.get(), bytes / 4, false, -1, 1, 1, s));
-    double ms = 0;
-    if (!TimeMs([&](int) {
-          return cudaMemcpyAsync(dst.get(), src.get(), bytes, cudaMemcpyDeviceToDevice, s) ==
-                 cudaSuccess;
-        }, 1, quick ? 5 : 15, 3, s, &ms)) {
-      return false;
-    }
-    c->copy_tbs = 2.0 * bytes / (ms * 1e-3) / 1e12;
-    std::printf("copy D2D %zu MiB: %.3f ms -> %.3f TB/s (read + write)\n", bytes >> 20, ms,
-                c->copy_tbs);
-  }
-  const int n = 8192;
-  DeviceBuffer A(size_t{n} * n * 2), B(size_t{n} * n * 2), C(size_t{n} * n * 2);
-  if (!A.ok() || !B.ok() || !C.ok()) return false;
-  BENCH_CHECK(FillUniform(A.get(), int64_t{n} * n, true, -1, 1, 2, s));
-  BENCH_CHECK(FillUniform(B.get(), int64_t{n} * n, true, -1, 1, 3, s));
-  const float alpha = 1.0f, beta = 0.0f;
-  auto gemm = [&](int) {
-    return cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, A.get(), CUDA_R_16BF, n,
-                        B.get(), CUDA_R_16BF, n, &beta, C.get(), CUDA_R_16BF, n,
-                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_SUCCESS;
-  };
-  double ms = 0;
-  if (!TimeMs(gemm, 1, quick ? 5 : 15, 3, s, &ms)) return false;
-  c->gemm_tflops = 2.0 * n * n * double(n) / (ms * 1e-3) / 1e12;
-  std::printf("cuBLAS bf16 GEMM %d^3 (fp32 accumulate): %.3f ms -> %.1f TFLOP/s\n", n, ms,
-              c->gemm_tflops);
-  return true;
-}
+using bench::Ceilings;
+using bench::MeasureCeilings;
+using bench::Median;
+using bench::TimeMs;
 
 // One routing set: device logits / x / ids / weights and the host view of the routing.
 struct RouteSet {
