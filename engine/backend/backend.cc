@@ -39,6 +39,14 @@ absl::Status Backend::MlaRefs(const std::vector<SequenceState*>& states, int64_t
   return absl::OkStatus();
 }
 
+absl::Status Backend::LinearMulti(const float* x, int64_t rows,
+                                  const std::vector<const Weight*>& ws,
+                                  const std::vector<float*>& ys) {
+  if (ws.size() != ys.size()) return absl::InvalidArgumentError("LinearMulti: ws != ys");
+  for (size_t i = 0; i < ws.size(); ++i) RETURN_IF_ERROR(Linear(x, rows, *ws[i], ys[i]));
+  return absl::OkStatus();
+}
+
 absl::Status Backend::GatherRows(const float* src, int64_t dim, const std::vector<int64_t>& rows,
                                  float* dst) {
   // Through host memory: correct for any backend, fast only for host backends.

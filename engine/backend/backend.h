@@ -209,6 +209,11 @@ class Backend {
   virtual absl::Status RmsNorm(const float* x, int64_t rows, int64_t dim, int64_t stride,
                                const Weight& w, double eps, float* y) = 0;
   virtual absl::Status Embedding(const int32_t* ids, int64_t n, const Weight& table, float* y) = 0;
+  // ys[i] = Linear(x, ws[i]) for projections that read the same input (one
+  // launch on a GPU for decode-sized batches). Default: one Linear each.
+  virtual absl::Status LinearMulti(const float* x, int64_t rows,
+                                   const std::vector<const Weight*>& ws,
+                                   const std::vector<float*>& ys);
   // dst[j][0..dim) = src[rows[j]][0..dim) for a [*][dim] row-major src.
   virtual absl::Status GatherRows(const float* src, int64_t dim, const std::vector<int64_t>& rows,
                                   float* dst);

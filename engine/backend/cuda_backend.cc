@@ -899,6 +899,27 @@ absl::Status CudaBackend::Linear(const float* x, int64_t rows, const Weight& w, 
   return LinearLd(x, w.cols, rows, w, y, w.rows);
 }
 
+absl::Status CudaBackend::LinearMulti(const float* x, int64_t rows,
+                                      const std::vector<const Weight*>& ws,
+                                      const std::vector<float*>& ys) {
+  if (ws.size() != ys.size() || ws.empty()) {
+    return absl::InvalidArgumentError("LinearMulti: ws != ys");
+  }
+  // Decode-sized batches over bf16 weights of one input width: one launch.
+  bool fused = ws.size() <= static_cast<size_t>(cuda::kMaxGemvSegments);
+  std::vector<cuda::GemvSegment> segs;
+  for (size_t i = 0; fused && i < ws.size(); ++i) {
+    const Weight& w = *ws[i];
+    fused = w.dtype == DType::kBF16 && w.cols == ws[0]->cols && w.rows > 0 &&
+            cuda::SkinnyGemvSupported(x, w.cols, rows, w.data, w.cols);
+    segs.push_back({w.data, w.rows, ys[i], w.rows});
+  }
+  if (!fused) return Backend::LinearMulti(x, rows, ws, ys);
+  KL_LAUNCH(cuda::SkinnyGemvMultiBf16(x, ws[0]->cols, rows, segs.data(),
+                                      static_cast<int>(segs.size()), ws[0]->cols, impl_->stream));
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::RmsNorm(const float* x, int64_t rows, int64_t dim, int64_t stride,
                                   const Weight& w, double eps, float* y) {
   if (w.rows * w.cols != dim || w.dtype != DType::kF32) {

@@ -104,6 +104,8 @@ class CudaBackend final : public Backend {
 
   // --- ops
   absl::Status Linear(const float* x, int64_t rows, const Weight& w, float* y) override;
+  absl::Status LinearMulti(const float* x, int64_t rows, const std::vector<const Weight*>& ws,
+                           const std::vector<float*>& ys) override;
   absl::Status RmsNorm(const float* x, int64_t rows, int64_t dim, int64_t stride, const Weight& w,
                        double eps, float* y) override;
   absl::Status Embedding(const int32_t* ids, int64_t n, const Weight& table, float* y) override;

@@ -110,6 +110,37 @@ TEST_F(OpTest, LinearFp32IsExactAndBf16WithinTolerance) {
   }
 }
 
+TEST_F(OpTest, LinearMultiMatchesSeparateLinears) {
+  const int64_t in = 256;
+  const std::vector<int64_t> outs = {96, 8, 130, 64};
+  const auto x = Rand(8 * in, 31);
+  std::vector<Weight> ws;
+  std::vector<const Weight*> wp;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    ws.push_back(Up(gpu_.get(), Rand(outs[i] * in, 40 + i, 0.1f), outs[i], in, DType::kBF16));
+  }
+  for (const Weight& w : ws) wp.push_back(&w);
+  Buffer dx = Dev(x);
+  for (int64_t rows : {1, 5, 8, 12}) {  // 12: beyond the fused (skinny) sizes
+    std::vector<Buffer> fused, single;
+    std::vector<float*> yp;
+    for (int64_t n : outs) {
+      fused.push_back(gpu_->Alloc(rows * n).value());
+      single.push_back(gpu_->Alloc(rows * n).value());
+      yp.push_back(fused.back().data());
+    }
+    ASSERT_TRUE(gpu_->LinearMulti(dx.data(), rows, wp, yp).ok());
+    for (size_t i = 0; i < outs.size(); ++i) {
+      ASSERT_TRUE(gpu_->Linear(dx.data(), rows, ws[i], single[i].data()).ok());
+      if (rows <= 8) {  // the same GEMV kernel: bit for bit
+        EXPECT_EQ(Host(fused[i]), Host(single[i])) << "rows " << rows << " weight " << i;
+      } else {  // cuBLAS may pick split-K reductions whose order varies between calls
+        EXPECT_LT(RelErr(Host(fused[i]), Host(single[i])), 1e-6) << "rows " << rows;
+      }
+    }
+  }
+}
+
 TEST_F(OpTest, NormsEmbeddingSwiGluAddGather) {
   const int64_t rows = 9, dim = 300, heads = 3, hd = 64;
   const auto x = Rand(rows * dim, 3), nw = Rand(dim, 4), z = Rand(rows * heads * hd, 5);

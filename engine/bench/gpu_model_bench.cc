@@ -8,6 +8,7 @@
 // "auto" runs the 48B shape with as many of its 27 layers as fit in the GPU
 // (all of them on an H200; layers are dropped from the end, keeping the 3:1
 // KDA:MLA pattern, on smaller GPUs) and says so in the output.
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -29,6 +30,9 @@
 ABSL_FLAG(std::string, config, "auto", "auto | 48b | small | tiny");
 ABSL_FLAG(bool, quick, false, "fewer and shorter runs");
 ABSL_FLAG(int64_t, decode_context, 4096, "tokens already in each sequence when decoding");
+ABSL_FLAG(int64_t, profile_decode_batch, 0,
+          "only run decode steps of this batch size, eagerly (no CUDA graphs), the last one "
+          "between cudaProfilerStart/Stop: for `ncu --profile-from-start off` per-kernel times");
 
 namespace kl {
 namespace {
@@ -131,8 +135,10 @@ int Run() {
                                              : std::vector<int64_t>{1, 16, 64};
   const std::vector<int64_t> prompts = quick ? std::vector<int64_t>{4096}
                                              : std::vector<int64_t>{4096, 16384};
-  const int64_t steps = quick ? 8 : 32;
-  const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
+  int64_t steps = quick ? 8 : 32;
+  const int64_t profile_batch = absl::GetFlag(FLAGS_profile_decode_batch);
+  const int64_t max_batch = profile_batch > 0 ? profile_batch
+                                              : *std::max_element(batches.begin(), batches.end());
 
   CudaBackendOptions o;
   o.max_seqs = max_batch + 1;
@@ -143,6 +149,10 @@ int Run() {
   o.bf16_weights = true;
   o.kda_tensor_cores = true;
   o.mla_tensor_cores = true;
+  if (profile_batch > 0) {
+    o.cuda_graphs = false;  // one launch per kernel, so the profiler sees each
+    steps = 3;
+  }
   auto be = CudaBackend::Create(c, o);
   if (!be.ok()) {
     std::printf("backend: %s\n", be.status().ToString().c_str());
@@ -170,7 +180,7 @@ int Run() {
   std::vector<std::string> summary;
 
   // ---- prefill (one sequence, chunk-free: the whole prompt in one forward)
-  {
+  if (profile_batch == 0) {
     SequenceState warm = m.NewState();
     auto wt = tokens(512);
     ForwardItem wi{&warm, wt};
@@ -185,6 +195,7 @@ int Run() {
                             c.moe_intermediate_size * (c.num_hidden_layers - c.first_k_dense_replace) -
                         double(c.vocab_size) * c.hidden_size;
   for (int64_t len : prompts) {
+    if (profile_batch > 0) break;
     SequenceState s = m.NewState();
     auto t = tokens(len);
     ForwardItem it{&s, t};
@@ -207,7 +218,9 @@ int Run() {
 
   // ---- decode: `batch` sequences at `context` tokens each (zero states, zero
   // latents: the values do not change the work), `steps` timed steps.
-  for (int64_t batch : batches) {
+  const std::vector<int64_t> decode_batches =
+      profile_batch > 0 ? std::vector<int64_t>{profile_batch} : batches;
+  for (int64_t batch : decode_batches) {
     std::vector<SequenceState> seqs(batch);
     for (auto& s : seqs) {
       s = m.NewState();
@@ -222,9 +235,12 @@ int Run() {
       std::vector<ForwardItem> items;
       for (int64_t i = 0; i < batch; ++i) items.push_back({&seqs[i], next[i]});
       ForwardOutput out;
+      const bool profiled = profile_batch > 0 && step == steps + 2;
+      if (profiled) cudaProfilerStart();
       const auto a = Clock::now();
       absl::Status st = m.Forward(absl::MakeSpan(items), &out);
       const double sec = Seconds(a, Clock::now());
+      if (profiled) cudaProfilerStop();
       if (!st.ok()) {
         std::printf("decode batch %ld: %s\n", static_cast<long>(batch), st.ToString().c_str());
         failed = true;

@@ -181,14 +181,13 @@ absl::Status Model::KdaLayer(int64_t layer, int64_t kda_index, const float* h, i
   ASSIGN_OR_RETURN(Buffer low, be->Alloc(rows * K));
   ASSIGN_OR_RETURN(Buffer b, be->Alloc(rows * H));
   ASSIGN_OR_RETURN(Buffer o, be->Alloc(rows * KD));
-  RETURN_IF_ERROR(be->Linear(h, rows, w.q, q.data()));
-  RETURN_IF_ERROR(be->Linear(h, rows, w.k, k.data()));
-  RETURN_IF_ERROR(be->Linear(h, rows, w.v, v.data()));
-  RETURN_IF_ERROR(be->Linear(h, rows, w.f_a, low.data()));
+  ASSIGN_OR_RETURN(Buffer low_g, be->Alloc(rows * K));
+  // Every projection of h in one call (one launch on a GPU at decode sizes).
+  RETURN_IF_ERROR(be->LinearMulti(h, rows, {&w.q, &w.k, &w.v, &w.f_a, &w.b, &w.g_a},
+                                  {q.data(), k.data(), v.data(), low.data(), b.data(),
+                                   low_g.data()}));
   RETURN_IF_ERROR(be->Linear(low.data(), rows, w.f_b, f.data()));
-  RETURN_IF_ERROR(be->Linear(h, rows, w.b, b.data()));
-  RETURN_IF_ERROR(be->Linear(h, rows, w.g_a, low.data()));
-  RETURN_IF_ERROR(be->Linear(low.data(), rows, w.g_b, z.data()));
+  RETURN_IF_ERROR(be->Linear(low_g.data(), rows, w.g_b, z.data()));
   std::vector<KdaStateRef> refs;
   RETURN_IF_ERROR(be->KdaRefs(states, kda_index, &refs));
   const KdaOpWeights ow{&w.conv_q, &w.conv_k, &w.conv_v, &w.a_log, &w.dt_bias};
@@ -209,8 +208,7 @@ absl::Status Model::MlaLayer(int64_t layer, int64_t mla_index, const float* h, i
   ASSIGN_OR_RETURN(Buffer q, be->Alloc(rows * H * c.MlaQHeadDim()));
   ASSIGN_OR_RETURN(Buffer kv, be->Alloc(rows * lat));
   ASSIGN_OR_RETURN(Buffer attn, be->Alloc(rows * H * c.v_head_dim));
-  RETURN_IF_ERROR(be->Linear(h, rows, w.q, q.data()));
-  RETURN_IF_ERROR(be->Linear(h, rows, w.kv_a, kv.data()));
+  RETURN_IF_ERROR(be->LinearMulti(h, rows, {&w.q, &w.kv_a}, {q.data(), kv.data()}));
   // c = RMSNorm(c_raw) in place on the first kv_lora_rank columns of each row.
   RETURN_IF_ERROR(be->RmsNorm(kv.data(), rows, c.kv_lora_rank, lat, w.kv_a_norm,
                               c.mla_kv_norm_eps, kv.data()));
@@ -231,8 +229,7 @@ absl::Status Model::Ffn(int64_t layer, const float* h, int64_t rows, float* out)
     const int64_t I = w.gate.rows;
     ASSIGN_OR_RETURN(Buffer g, be->Alloc(rows * I));
     ASSIGN_OR_RETURN(Buffer u, be->Alloc(rows * I));
-    RETURN_IF_ERROR(be->Linear(h, rows, w.gate, g.data()));
-    RETURN_IF_ERROR(be->Linear(h, rows, w.up, u.data()));
+    RETURN_IF_ERROR(be->LinearMulti(h, rows, {&w.gate, &w.up}, {g.data(), u.data()}));
     RETURN_IF_ERROR(be->SwiGlu(g.data(), u.data(), rows, I, g.data()));
     RETURN_IF_ERROR(be->Linear(g.data(), rows, w.down, out));
   }

@@ -126,15 +126,12 @@ __global__ void SwiGluKernel(const float* gate, const float* up, int64_t n, floa
   }
 }
 
+// One warp: y[r * ldy] = Σ_k x[r][k] · row[k] for r < R.
 template <int R>
-__global__ void __launch_bounds__(256) SkinnyGemvKernel(const float* __restrict__ x, int64_t ldx,
-                                                        const __nv_bfloat16* __restrict__ w,
-                                                        int64_t N, int64_t K, float* y,
-                                                        int64_t ldy) {
+__device__ __forceinline__ void GemvWarpRow(const float* __restrict__ x, int64_t ldx,
+                                            const __nv_bfloat16* __restrict__ row, int64_t K,
+                                            float* y, int64_t ldy) {
   const int lane = threadIdx.x & 31;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
-  if (n >= N) return;
-  const __nv_bfloat16* row = w + n * K;
   float acc[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = 0.0f;
@@ -161,8 +158,29 @@ __global__ void __launch_bounds__(256) SkinnyGemvKernel(const float* __restrict_
   for (int r = 0; r < R; ++r) {
     float v = acc[r];
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) y[r * ldy + n] = v;
+    if (lane == 0) y[r * ldy] = v;
   }
+}
+
+// Several weight matrices over the same x in one launch: blocks [begin[s],
+// begin[s+1]) compute segment s, 8 output columns (one per warp) per block.
+struct GemvMultiArgs {
+  const float* x;
+  int64_t ldx, K;
+  int num;
+  GemvSegment seg[kMaxGemvSegments];
+  int64_t begin[kMaxGemvSegments + 1];
+};
+
+template <int R>
+__global__ void __launch_bounds__(256) SkinnyGemvMultiKernel(const GemvMultiArgs a) {
+  int s = 0;
+  while (s + 1 < a.num && a.begin[s + 1] <= blockIdx.x) ++s;
+  const GemvSegment& g = a.seg[s];
+  const int64_t n = (blockIdx.x - a.begin[s]) * 8 + (threadIdx.x >> 5);
+  if (n >= g.n) return;
+  GemvWarpRow<R>(a.x, a.ldx, static_cast<const __nv_bfloat16*>(g.w) + n * a.K, a.K, g.y + n,
+                 g.ldy);
 }
 
 __global__ void F32ToBf16Kernel(const float* x, int64_t n, __nv_bfloat16* y) {
@@ -352,15 +370,35 @@ bool SkinnyGemvSupported(const float* x, int64_t ldx, int64_t rows, const void* 
 
 absl::Status SkinnyGemvBf16(const float* x, int64_t ldx, int64_t rows, const void* w, int64_t N,
                             int64_t K, float* y, int64_t ldy, cudaStream_t stream) {
-  if (!SkinnyGemvSupported(x, ldx, rows, w, K) || N < 1 || ldy < N) {
-    return absl::InvalidArgumentError("SkinnyGemvBf16: unsupported shape or alignment");
+  const GemvSegment seg{w, N, y, ldy};
+  return SkinnyGemvMultiBf16(x, ldx, rows, &seg, 1, K, stream);
+}
+
+absl::Status SkinnyGemvMultiBf16(const float* x, int64_t ldx, int64_t rows,
+                                 const GemvSegment* segs, int num_segs, int64_t K,
+                                 cudaStream_t stream) {
+  if (num_segs < 1 || num_segs > kMaxGemvSegments) {
+    return absl::InvalidArgumentError("SkinnyGemvMultiBf16: 1 to 8 segments");
   }
-  const unsigned blocks = static_cast<unsigned>((N + 7) / 8);
-  const auto* wb = static_cast<const __nv_bfloat16*>(w);
+  GemvMultiArgs a;
+  a.x = x;
+  a.ldx = ldx;
+  a.K = K;
+  a.num = num_segs;
+  a.begin[0] = 0;
+  for (int i = 0; i < num_segs; ++i) {
+    const GemvSegment& g = segs[i];
+    if (!SkinnyGemvSupported(x, ldx, rows, g.w, K) || g.n < 1 || g.ldy < g.n || g.y == nullptr) {
+      return absl::InvalidArgumentError("SkinnyGemvMultiBf16: unsupported shape or alignment");
+    }
+    a.seg[i] = g;
+    a.begin[i + 1] = a.begin[i] + (g.n + 7) / 8;
+  }
+  const unsigned blocks = static_cast<unsigned>(a.begin[num_segs]);
   switch (rows) {
-#define KL_SKINNY_CASE(R)                                                                 \
-  case R:                                                                                 \
-    SkinnyGemvKernel<R><<<blocks, 256, 0, stream>>>(x, ldx, wb, N, K, y, ldy);           \
+#define KL_SKINNY_CASE(R)                                                   \
+  case R:                                                                   \
+    SkinnyGemvMultiKernel<R><<<blocks, 256, 0, stream>>>(a);                \
     break;
     KL_SKINNY_CASE(1)
     KL_SKINNY_CASE(2)
@@ -372,7 +410,7 @@ absl::Status SkinnyGemvBf16(const float* x, int64_t ldx, int64_t rows, const voi
     KL_SKINNY_CASE(8)
 #undef KL_SKINNY_CASE
   }
-  return CudaStatus(cudaGetLastError(), "SkinnyGemvBf16");
+  return CudaStatus(cudaGetLastError(), "SkinnyGemvMultiBf16");
 }
 
 absl::Status F32ToBf16(const float* x, int64_t n, void* y, cudaStream_t stream) {

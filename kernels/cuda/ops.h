@@ -56,6 +56,19 @@ bool SkinnyGemvSupported(const float* x, int64_t ldx, int64_t rows, const void* 
 absl::Status SkinnyGemvBf16(const float* x, int64_t ldx, int64_t rows, const void* w, int64_t N,
                             int64_t K, float* y, int64_t ldy, cudaStream_t stream);
 
+// The same for up to 8 weight matrices (each [n][K]) that read the same x, in one
+// launch: segment i writes y_i[r][0..n_i) with row stride ldy_i.
+struct GemvSegment {
+  const void* w;  // bf16 [n][K]
+  int64_t n;
+  float* y;
+  int64_t ldy;
+};
+inline constexpr int kMaxGemvSegments = 8;
+absl::Status SkinnyGemvMultiBf16(const float* x, int64_t ldx, int64_t rows,
+                                 const GemvSegment* segs, int num_segs, int64_t K,
+                                 cudaStream_t stream);
+
 // Element-wise conversions.
 absl::Status F32ToBf16(const float* x, int64_t n, void* y_bf16, cudaStream_t stream);
 absl::Status Bf16ToF32(const void* x_bf16, int64_t n, float* y, cudaStream_t stream);
