@@ -113,7 +113,8 @@ TEST_F(OpTest, LinearFp32IsExactAndBf16WithinTolerance) {
 TEST_F(OpTest, LinearMultiMatchesSeparateLinears) {
   const int64_t in = 256;
   const std::vector<int64_t> outs = {96, 8, 130, 64};
-  const auto x = Rand(8 * in, 31);
+  const int64_t max_rows = 12;
+  const auto x = Rand(max_rows * in, 31);
   std::vector<Weight> ws;
   std::vector<const Weight*> wp;
   for (size_t i = 0; i < outs.size(); ++i) {
@@ -121,7 +122,7 @@ TEST_F(OpTest, LinearMultiMatchesSeparateLinears) {
   }
   for (const Weight& w : ws) wp.push_back(&w);
   Buffer dx = Dev(x);
-  for (int64_t rows : {1, 5, 8, 12}) {  // 12: beyond the fused (skinny) sizes
+  for (int64_t rows : {int64_t{1}, int64_t{5}, int64_t{8}, max_rows}) {  // 12: beyond the fused sizes
     std::vector<Buffer> fused, single;
     std::vector<float*> yp;
     for (int64_t n : outs) {
