@@ -1011,11 +1011,12 @@ absl::Status CudaBackend::KdaMix(float* q, float* k, float* v, float* f, float* 
   float* tails[3] = {states[0].conv_q, states[0].conv_k, states[0].conv_v};
   const Weight* conv_w[3] = {w.conv_q, w.conv_k, w.conv_v};
   float* conv_out[3];
+  cuda::ShortConvVarlenParams convs[3];
   for (int j = 0; j < 3; ++j) {
     if (conv_w[j]->dtype != DType::kF32) return absl::InvalidArgumentError("conv weight dtype");
     ASSIGN_OR_RETURN(void* out, Scratch(T * dim * sizeof(float)));
     conv_out[j] = static_cast<float*>(out);
-    cuda::ShortConvVarlenParams p;
+    cuda::ShortConvVarlenParams& p = convs[j];
     p.num_seqs = N;
     p.num_tokens = T;
     p.channels = dim;
@@ -1027,8 +1028,8 @@ absl::Status CudaBackend::KdaMix(float* q, float* k, float* v, float* f, float* 
     p.slots = static_cast<const int32_t*>(d_slots);
     p.tail_pool = tails[j];
     p.out = conv_out[j];
-    KL_LAUNCH(cuda::ShortConvVarlen(p, m.stream));
   }
+  KL_LAUNCH(cuda::ShortConvVarlenMulti(convs, 3, m.stream));
   const float* a_log = static_cast<const float*>(w.a_log->data);
   const float* dt_bias = static_cast<const float*>(w.dt_bias->data);
   const bool small_head = head_dim == 64 || head_dim == 128;

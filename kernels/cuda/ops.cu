@@ -217,11 +217,19 @@ __device__ __forceinline__ int64_t SeqOf(const int64_t* cu, int64_t n, int64_t t
   return lo;
 }
 
-// One thread per (token, channel).
-__global__ void ShortConvKernel(const ShortConvVarlenParams p) {
-  const int64_t C = p.channels, W = p.width;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-       idx < p.num_tokens * C; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+// Up to three same-shaped convs (q, k and v of a KDA layer) per launch.
+struct ConvGroup {
+  ShortConvVarlenParams p[kMaxConvGroup];
+  int n;
+};
+
+// One thread per (group, token, channel).
+__global__ void ShortConvKernel(const ConvGroup gp) {
+  const int64_t C = gp.p[0].channels, W = gp.p[0].width, per = gp.p[0].num_tokens * C;
+  for (int64_t gidx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       gidx < gp.n * per; gidx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const ShortConvVarlenParams& p = gp.p[gidx / per];
+    const int64_t idx = gidx % per;
     const int64_t t = idx / C, c = idx % C;
     const int64_t s = SeqOf(p.cu_seqlens, p.num_seqs, t);
     const int64_t begin = p.cu_seqlens[s], i = t - begin;
@@ -244,12 +252,14 @@ __global__ void ShortConvKernel(const ShortConvVarlenParams p) {
   }
 }
 
-// One thread per (sequence, channel): the new tail = last W-1 rows of [tail; x].
-__global__ void ShortConvTailKernel(const ShortConvVarlenParams p) {
-  const int64_t C = p.channels, W = p.width;
+// One thread per (group, sequence, channel): the new tail = last W-1 rows of [tail; x].
+__global__ void ShortConvTailKernel(const ConvGroup gp) {
+  const int64_t C = gp.p[0].channels, W = gp.p[0].width, per = gp.p[0].num_seqs * C;
   if (W < 2) return;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-       idx < p.num_seqs * C; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t gidx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       gidx < gp.n * per; gidx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const ShortConvVarlenParams& p = gp.p[gidx / per];
+    const int64_t idx = gidx % per;
     const int64_t s = idx / C, c = idx % C;
     const int32_t slot = p.slots[s];
     const int64_t begin = p.cu_seqlens[s], len = p.cu_seqlens[s + 1] - begin;
@@ -437,21 +447,40 @@ absl::Status GatherRowsF32(const float* src, int64_t src_stride, int64_t dim, co
 }
 
 absl::Status ShortConvVarlen(const ShortConvVarlenParams& p, cudaStream_t stream) {
-  if (p.num_seqs < 0 || p.num_tokens < 0 || p.channels <= 0 || p.width < 1 || p.width > 8 ||
-      p.num_slots < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("ShortConvVarlen: bad shape (N=", p.num_seqs,
-                                                   " T=", p.num_tokens, " C=", p.channels,
-                                                   " W=", p.width, ")"));
+  return ShortConvVarlenMulti(&p, 1, stream);
+}
+
+absl::Status ShortConvVarlenMulti(const ShortConvVarlenParams* ps, int n, cudaStream_t stream) {
+  if (n < 1 || n > kMaxConvGroup) return absl::InvalidArgumentError("ShortConvVarlen: 1 to 3 convs");
+  ConvGroup gp;
+  gp.n = n;
+  for (int i = 0; i < n; ++i) {
+    const ShortConvVarlenParams& p = ps[i];
+    if (p.num_seqs < 0 || p.num_tokens < 0 || p.channels <= 0 || p.width < 1 || p.width > 8 ||
+        p.num_slots < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("ShortConvVarlen: bad shape (N=", p.num_seqs,
+                                                     " T=", p.num_tokens, " C=", p.channels,
+                                                     " W=", p.width, ")"));
+    }
+    const ShortConvVarlenParams& q = ps[0];
+    if (p.num_seqs != q.num_seqs || p.num_tokens != q.num_tokens || p.channels != q.channels ||
+        p.width != q.width || p.num_slots != q.num_slots || p.cu_seqlens != q.cu_seqlens ||
+        p.slots != q.slots) {
+      return absl::InvalidArgumentError("ShortConvVarlenMulti: convs of different shapes");
+    }
+    if (p.num_seqs > 0 && p.num_tokens > 0 &&
+        (p.x == nullptr || p.w == nullptr || p.cu_seqlens == nullptr || p.slots == nullptr ||
+         p.out == nullptr || (p.num_slots > 0 && p.tail_pool == nullptr))) {
+      return absl::InvalidArgumentError("ShortConvVarlen: null pointer");
+    }
+    gp.p[i] = p;
   }
+  const ShortConvVarlenParams& p = ps[0];
   if (p.num_seqs == 0 || p.num_tokens == 0) return absl::OkStatus();
-  if (p.x == nullptr || p.w == nullptr || p.cu_seqlens == nullptr || p.slots == nullptr ||
-      p.out == nullptr || (p.num_slots > 0 && p.tail_pool == nullptr)) {
-    return absl::InvalidArgumentError("ShortConvVarlen: null pointer");
-  }
-  ShortConvKernel<<<Blocks(p.num_tokens * p.channels), kThreads, 0, stream>>>(p);
+  ShortConvKernel<<<Blocks(n * p.num_tokens * p.channels), kThreads, 0, stream>>>(gp);
   KL_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   if (p.width > 1 && p.num_slots > 0) {
-    ShortConvTailKernel<<<Blocks(p.num_seqs * p.channels), kThreads, 0, stream>>>(p);
+    ShortConvTailKernel<<<Blocks(n * p.num_seqs * p.channels), kThreads, 0, stream>>>(gp);
     KL_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }
   return absl::OkStatus();

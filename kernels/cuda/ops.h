@@ -98,6 +98,10 @@ struct ShortConvVarlenParams {
   float* out = nullptr;                 // [num_tokens][C]
 };
 absl::Status ShortConvVarlen(const ShortConvVarlenParams& p, cudaStream_t stream);
+// The same for up to 3 convs of one shape (q, k and v of a KDA layer: same
+// sequences, slots, channels and width), in two launches instead of six.
+inline constexpr int kMaxConvGroup = 3;
+absl::Status ShortConvVarlenMulti(const ShortConvVarlenParams* ps, int n, cudaStream_t stream);
 
 // MLA decode operand: qcat[r][h] = [ · (lora, written by the absorption GEMM) ;
 // q[r][h][nope..nope+rope) ]. Copies the q_pe part of q [rows][H][nope+rope] into qcat
