@@ -34,6 +34,7 @@
 #include "tests/fault/cut_proxy.h"
 #include "tools/kl/client.h"
 #include "tools/kl/local_cluster.h"
+#include "tests/common/tiny_oracle.h"
 #include "tools/make_checkpoint/maker.h"
 
 namespace kl {
@@ -47,37 +48,13 @@ double Since(Clock::time_point t0) {
 
 std::string ModelDir() { return std::string(std::getenv("TEST_TMPDIR")) + "/tiny"; }
 
-// The single-process engine on the same checkpoint: greedy tokens to compare with.
+// The single-process engine on the checkpoint the workers load (tests/common).
 class Oracle {
  public:
-  static Oracle& Get() {
-    static Oracle* o = new Oracle();
+  static testing::TinyOracle& Get() {
+    static auto* o = new testing::TinyOracle(ModelDir(), /*seed=*/11, /*threads=*/1);
     return *o;
   }
-  std::vector<int32_t> Greedy(const std::string& prompt, int64_t max_tokens) {
-    std::lock_guard<std::mutex> l(mu_);
-    SamplingParams p;
-    p.temperature = 0;
-    p.max_tokens = max_tokens;
-    p.ignore_eos = true;
-    auto ids = engine_->tokenizer().Encode(prompt, /*allow_special=*/false);
-    auto r = Generate(engine_->model(), engine_->tokenizer(), ids, p);
-    EXPECT_TRUE(r.ok()) << r.status();
-    return r.ok() ? r->tokens : std::vector<int32_t>{};
-  }
-
- private:
-  Oracle() {
-    MakerOptions mo;
-    mo.seed = 11;
-    EXPECT_TRUE(MakeCheckpoint(TinyConfig(), ModelDir(), mo).ok());
-    LocalEngineOptions o;
-    o.model_dir = ModelDir();
-    o.threads = 1;
-    engine_ = std::move(LocalEngine::Open(o).value());
-  }
-  std::mutex mu_;
-  std::unique_ptr<LocalEngine> engine_;
 };
 
 std::string Prompt(int words, int seed) {
@@ -221,7 +198,7 @@ TEST(FaultSuite, ContinuousLoadSurvivesKillsStallsAndCuts) {
   for (int k = 0; k < kPrompts; ++k) {
     prompts.push_back(Prompt(6 + 14 * k, k));
     max_tokens.push_back(24 + 16 * k);  // long enough that kills hit streams mid-decode
-    expected.push_back(Oracle::Get().Greedy(prompts.back(), max_tokens.back()));
+    expected.push_back(Oracle::Get().Greedy(prompts.back(), max_tokens.back(), /*ignore_eos=*/true));
   }
 
   std::map<std::pair<int, int>, std::unique_ptr<CutProxy>> proxies;  // (role, index)
@@ -451,7 +428,7 @@ TEST(FaultSuite, DamagedStatePushesAreRefusedNeverDecodedAndRetried) {
     const std::string prompt = Prompt(10 + 7 * i, 20 + i);
     StreamResult r = client.Generate(Req(prompt, 8), 60);
     ASSERT_TRUE(r.status.ok()) << i << ": " << r.status.error_message();
-    EXPECT_EQ(r.tokens, Oracle::Get().Greedy(prompt, 8)) << i;
+    EXPECT_EQ(r.tokens, Oracle::Get().Greedy(prompt, 8, /*ignore_eos=*/true)) << i;
   }
   kl::v1::WorkerStats d;
   ASSERT_TRUE(StatsOf<kl::v1::Decode>(c.decode_address(0), &d));

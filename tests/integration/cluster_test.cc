@@ -22,6 +22,7 @@
 #include "services/common/http_get.h"
 #include "tools/kl/client.h"
 #include "tools/kl/local_cluster.h"
+#include "tests/common/tiny_oracle.h"
 #include "tools/make_checkpoint/maker.h"
 
 namespace kl {
@@ -31,36 +32,13 @@ using Clock = std::chrono::steady_clock;
 
 std::string ModelDir() { return std::string(std::getenv("TEST_TMPDIR")) + "/tiny"; }
 
-// The single-process oracle, built once.
+// The single-process engine on the checkpoint the workers load (tests/common).
 class Oracle {
  public:
-  static Oracle& Get() {
-    static Oracle* o = new Oracle();
+  static testing::TinyOracle& Get() {
+    static auto* o = new testing::TinyOracle(ModelDir(), /*seed=*/7, /*threads=*/0);
     return *o;
   }
-  std::vector<int32_t> Greedy(const std::string& prompt, int64_t max_tokens, bool ignore_eos) {
-    std::lock_guard<std::mutex> l(mu_);
-    SamplingParams p;
-    p.temperature = 0;
-    p.max_tokens = max_tokens;
-    p.ignore_eos = ignore_eos;
-    auto ids = engine_->tokenizer().Encode(prompt, /*allow_special=*/false);
-    auto r = Generate(engine_->model(), engine_->tokenizer(), ids, p);
-    EXPECT_TRUE(r.ok()) << r.status();
-    return r.ok() ? r->tokens : std::vector<int32_t>{};
-  }
-
- private:
-  Oracle() {
-    MakerOptions mo;
-    mo.seed = 7;
-    EXPECT_TRUE(MakeCheckpoint(TinyConfig(), ModelDir(), mo).ok());
-    LocalEngineOptions o;
-    o.model_dir = ModelDir();
-    engine_ = std::move(LocalEngine::Open(o).value());
-  }
-  std::mutex mu_;
-  std::unique_ptr<LocalEngine> engine_;
 };
 
 std::string LongPrompt(int words, int seed) {

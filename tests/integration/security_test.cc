@@ -24,7 +24,7 @@
 #include "tools/certs/test_certs.h"
 #include "tools/kl/client.h"
 #include "tools/kl/local_cluster.h"
-#include "tools/make_checkpoint/maker.h"
+#include "tests/common/tiny_oracle.h"
 
 namespace kl {
 namespace {
@@ -43,7 +43,7 @@ class SecuredCluster {
   }
   LocalCluster& cluster() { return *cluster_; }
   const TestCerts& certs() const { return certs_; }
-  LocalEngine& engine() { return *engine_; }
+  testing::TinyOracle& oracle() { return *oracle_; }
 
   ClientSecurity Client(const std::string& api_key) const {
     ClientSecurity s;
@@ -54,12 +54,7 @@ class SecuredCluster {
 
  private:
   SecuredCluster() {
-    MakerOptions mo;
-    mo.seed = 7;
-    EXPECT_TRUE(MakeCheckpoint(TinyConfig(), ModelDir(), mo).ok());
-    LocalEngineOptions eo;
-    eo.model_dir = ModelDir();
-    engine_ = std::move(LocalEngine::Open(eo).value());
+    oracle_ = std::make_unique<testing::TinyOracle>(ModelDir(), /*seed=*/7);
     absl::StatusOr<TestCerts> certs = TestCerts::Make(TmpDir() + "/pki");
     EXPECT_TRUE(certs.ok()) << certs.status();
     certs_ = *certs;
@@ -83,7 +78,7 @@ class SecuredCluster {
     EXPECT_TRUE(s.ok()) << s;
   }
   TestCerts certs_;
-  std::unique_ptr<LocalEngine> engine_;
+  std::unique_ptr<testing::TinyOracle> oracle_;
   std::unique_ptr<LocalCluster> cluster_;
 };
 
@@ -113,14 +108,7 @@ TEST(SecurityTest, TlsClientWithKeyStreamsWhatTheEngineGenerates) {
   StreamResult r = client.Generate(Req(prompt, 12), 60);
   ASSERT_TRUE(r.status.ok()) << r.status.error_message();
 
-  SamplingParams p;
-  p.temperature = 0;
-  p.max_tokens = 12;
-  p.ignore_eos = true;
-  auto ids = sc.engine().tokenizer().Encode(prompt, /*allow_special=*/false);
-  auto oracle = Generate(sc.engine().model(), sc.engine().tokenizer(), ids, p);
-  ASSERT_TRUE(oracle.ok()) << oracle.status();
-  EXPECT_EQ(r.tokens, oracle->tokens);
+  EXPECT_EQ(r.tokens, sc.oracle().Greedy(prompt, 12, /*ignore_eos=*/true));
   EXPECT_EQ(r.finish, v1::FINISH_REASON_LENGTH);
 }
 
