@@ -46,9 +46,13 @@ bool GenerateCall::Write(const v1::GenerateResponse& response, absl::Time deadli
   StartWrite(&pending_);
   absl::MutexLock l(&mu_);
   auto done = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !write_in_flight_; };
-  if (!mu_.AwaitWithDeadline(absl::Condition(&done), deadline)) {
-    // A client that stops reading must not hold a driver thread past the
-    // deadline: cancelling the call completes the write with ok = false.
+  // A client that stops reading must not hold a driver thread much past the
+  // deadline: cancelling the call completes the write with ok = false. The
+  // grace keeps a write that is merely slow (a loaded machine) from turning the
+  // request's DEADLINE_EXCEEDED into a server-side CANCELLED: a write that
+  // completes lets the caller see the deadline and finish with that status.
+  constexpr absl::Duration kStuckWriteGrace = absl::Seconds(1);
+  if (!mu_.AwaitWithDeadline(absl::Condition(&done), deadline + kStuckWriteGrace)) {
     ctx_->TryCancel();
     mu_.Await(absl::Condition(&done));
   }
