@@ -17,6 +17,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "engine/backend/device_state.h"
 #include "engine/state/sequence_state.h"
 #include "kernels/common/dtype.h"
 #include "kernels/common/splitmix64.h"
@@ -181,6 +182,9 @@ class Backend {
   }
   // Bytes of weights this backend holds.
   virtual int64_t weight_bytes() const { return 0; }
+  // Device-to-device state transports (NCCL) reach device-resident states
+  // through this; null for host-resident backends.
+  virtual DeviceStateAccess* device_state() { return nullptr; }
   // Gives a bound state's memory back now and makes the host vectors the state
   // again (after SyncStateToHost, or on a failure). No-op for host states.
   virtual absl::Status ReleaseState(SequenceState* s) { return absl::OkStatus(); }

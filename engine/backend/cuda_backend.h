@@ -93,6 +93,7 @@ class CudaBackend final : public Backend {
   int64_t free_slots() const;
   int64_t free_pages() const;
   int64_t weight_bytes() const override { return weight_bytes_; }
+  DeviceStateAccess* device_state() override;
   absl::Status SyncLayerToHost(SequenceState* s, bool kda, int64_t index, int64_t row_begin,
                                int64_t row_end) override;
 
@@ -166,6 +167,7 @@ class CudaBackend final : public Backend {
                         int64_t ldy);
 
   friend struct CudaResidency;
+  friend class CudaDeviceState;
 
   ModelConfig config_;
   CudaBackendOptions options_;

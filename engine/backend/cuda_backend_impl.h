@@ -9,6 +9,7 @@
 
 #include <array>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <tuple>
 #include <vector>
@@ -127,6 +128,8 @@ struct CudaBackend::Impl {
   std::vector<int32_t> free_slots;
   std::vector<int32_t> free_pages;
   std::vector<std::vector<int32_t>> slot_pages;
+
+  std::unique_ptr<DeviceStateAccess> device_state;  // made on first use
 };
 
 // A sequence's claim on a slot (and the pages recorded for it in slot_pages).

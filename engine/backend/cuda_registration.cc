@@ -25,6 +25,7 @@ const bool kRegistered = RegisterBackend(
       o.latent_dtype = spec.fast ? DType::kBF16 : DType::kF32;
       o.kda_tensor_cores = spec.fast;
       o.mla_tensor_cores = spec.fast;
+      o.cuda_graphs = spec.graphs;
       absl::StatusOr<std::unique_ptr<CudaBackend>> be = CudaBackend::Create(config, o);
       if (!be.ok()) return be.status();
       return std::unique_ptr<Backend>(std::move(*be));

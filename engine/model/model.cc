@@ -126,6 +126,7 @@ absl::Status Model::ForwardBound(absl::Span<ForwardItem> items,
       const int64_t index = (kda ? kda_index : mla_index) - 1;
       for (size_t i = 0; i < states.size(); ++i) {
         if (states[i]->device == nullptr || seqs[i].rows == 0) continue;
+        if (!items[i].sync_layers_to_host) continue;
         RETURN_IF_ERROR(be->SyncLayerToHost(states[i], kda, index, seqs[i].pos,
                                             seqs[i].pos + seqs[i].rows));
       }

@@ -29,6 +29,10 @@ struct ForwardItem {
   SequenceState* state = nullptr;      // advanced in place by the call
   absl::Span<const int32_t> tokens;    // new tokens (may be empty: no-op for this item)
   bool all_logits = false;             // logits for every new token, not just the last
+  // With a layer-done callback: copy each finished layer of a device-resident
+  // state to its host vectors before the callback (a gRPC state push reads
+  // them). False for a state a device transport ships straight from the GPU.
+  bool sync_layers_to_host = true;
 };
 
 // Called during Forward right after layer `layer`'s mixer has updated every

@@ -35,6 +35,7 @@ DecodeService::DecodeService(Model* model, uint64_t checkpoint_fingerprint,
   push_deps_.checkpoint_fingerprint = checkpoint_fingerprint_;
   push_deps_.integrity_failures = &integrity_failures_;
   push_deps_.state_pool = state_pool_.get();
+  push_deps_.transport = options_.transport;
   reaper_ = std::thread([this] { ReapLoop(); });
 }
 
@@ -92,6 +93,12 @@ v1::WorkerStats DecodeService::Snapshot() const {
   s.set_integrity_failures(integrity_failures_.load());
   s.set_state_fingerprint(FingerprintHex(StateFingerprint(model_->config())));
   s.set_checkpoint_fingerprint(FingerprintHex(checkpoint_fingerprint_));
+  if (options_.transport != nullptr) {
+    const DeviceTransportStats t = options_.transport->Stats();
+    s.set_device_links(t.links_ready);
+    s.set_device_transfers(t.transfers_ok);
+    s.set_device_transfer_failures(t.transfers_failed);
+  }
   return s;
 }
 
@@ -157,6 +164,23 @@ grpc::ServerUnaryReactor* DecodeService::Stats(grpc::CallbackServerContext* ctx,
   return reactor;
 }
 
+grpc::ServerUnaryReactor* DecodeService::OpenTransport(grpc::CallbackServerContext* ctx,
+                                                       const v1::OpenTransportRequest* request,
+                                                       v1::OpenTransportResponse* response) {
+  auto* reactor = ctx->DefaultReactor();
+  if (options_.transport == nullptr) {
+    response->set_transport("grpc");
+    response->set_reason("this decode worker has no device transport (CPU build or backend)");
+  } else {
+    *response = options_.transport->Accept(*request);
+  }
+  KL_LOG(INFO).Field("peer", ctx->peer()).Field("transport", response->transport())
+      << "device transport offer" << (response->reason().empty() ? "" : ": ")
+      << response->reason();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
 void RegisterDecodeCallbacks(Metrics& m, const DecodeService* s) {
   using Field = int64_t (v1::WorkerStats::*)() const;
   auto get = [s](Field f) { return [s, f] { return static_cast<double>((s->Snapshot().*f)()); }; };
@@ -187,6 +211,14 @@ void RegisterDecodeCallbacks(Metrics& m, const DecodeService* s) {
   m.AddCallbackCounter("kl_state_integrity_failures_total",
                        "Pushed states refused by verification (fingerprint, size, checksum).",
                        {}, get(&v1::WorkerStats::integrity_failures));
+  m.AddCallbackGauge("kl_device_links", "NCCL device links to prefill workers that are up.", {},
+                     get(&v1::WorkerStats::device_links));
+  m.AddCallbackCounter("kl_device_transfers_total",
+                       "States received over device links (NCCL) and verified.", {},
+                       get(&v1::WorkerStats::device_transfers));
+  m.AddCallbackCounter("kl_device_transfer_failures_total",
+                       "Device transfers (NCCL) refused, cut or timed out; the link was dropped.",
+                       {}, get(&v1::WorkerStats::device_transfer_failures));
   m.AddCallbackCounter("kl_decode_requests_completed_total",
                        "Sequences that finished on this worker (stop or length).", {},
                        get(&v1::WorkerStats::requests_completed));

@@ -30,6 +30,7 @@
 #include "services/decode/decode_stream.h"
 #include "services/decode/lease_manager.h"
 #include "services/decode/push_stream.h"
+#include "services/transport/device_transport.h"
 
 namespace kl {
 
@@ -42,6 +43,9 @@ struct DecodeServiceOptions {
   absl::Duration reap_interval = absl::ZeroDuration();  // 0 = min(ttl / 4, 1 s)
   LeaseManager::Clock clock;           // tests; default absl::Now
   DecodeMetrics* metrics = nullptr;    // null: metrics off; must outlive the service
+  // GPU builds: receives states over device links (NCCL); null: gRPC only.
+  // Must outlive the service.
+  DeviceTransport* transport = nullptr;
 };
 
 class DecodeService final : public v1::Decode::CallbackService {
@@ -77,6 +81,9 @@ class DecodeService final : public v1::Decode::CallbackService {
   grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* ctx,
                                   const v1::WorkerStatsRequest* request,
                                   v1::WorkerStats* response) override;
+  grpc::ServerUnaryReactor* OpenTransport(grpc::CallbackServerContext* ctx,
+                                          const v1::OpenTransportRequest* request,
+                                          v1::OpenTransportResponse* response) override;
 
  private:
   void ReapLoop();

@@ -19,6 +19,7 @@
 #include "services/common/metrics.h"
 #include "services/common/server_util.h"
 #include "services/common/tls_flags.h"
+#include "services/transport/transport_flags.h"
 #include "services/decode/decode_service.h"
 
 ABSL_FLAG(std::string, model, "", "model folder (config.json, safetensors, tokenizer)");
@@ -92,6 +93,13 @@ int Main() {
     std::fprintf(stderr, "kl-decode: %s\n", engine.status().ToString().c_str());
     return 1;
   }
+  absl::StatusOr<std::unique_ptr<DeviceTransport>> transport =
+      DeviceTransportFromFlags((*engine)->model());
+  if (!transport.ok()) {
+    std::fprintf(stderr, "kl-decode: %s\n", transport.status().ToString().c_str());
+    return 2;
+  }
+  opts.transport = transport->get();
   auto service = std::make_unique<DecodeService>(&(*engine)->model(),
                                                  (*engine)->checkpoint_fingerprint(), opts);
   ServerOptions so;

@@ -3,6 +3,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
+#include <vector>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -32,12 +34,22 @@ class PushListener final : public LeaseListener {
  public:
   void OnLeaseRevoked(const absl::Status& why) override {
     std::shared_ptr<BundleAssembler> assembler;
+    std::shared_ptr<DeviceReceive> receive;
     {
       absl::MutexLock l(&mu_);
       revoked_ = why;
       assembler = std::move(assembler_);
+      receive = std::move(receive_);
     }
     if (assembler) assembler->Abort();
+    if (receive) receive->Abort();
+  }
+  // False if already revoked.
+  bool AttachReceive(std::shared_ptr<DeviceReceive> receive) {
+    absl::MutexLock l(&mu_);
+    if (revoked_.has_value()) return false;
+    receive_ = std::move(receive);
+    return true;
   }
   // False if already revoked.
   bool Attach(std::shared_ptr<BundleAssembler> assembler) {
@@ -55,6 +67,7 @@ class PushListener final : public LeaseListener {
   absl::Mutex mu_;
   std::optional<absl::Status> revoked_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<BundleAssembler> assembler_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<DeviceReceive> receive_ ABSL_GUARDED_BY(mu_);
 };
 
 // Reactions run one at a time (one read outstanding), so members need no lock.
@@ -74,7 +87,17 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
     }
     absl::Status s = Absorb();
     if (!s.ok()) return;  // Absorb finished the call
+    if (device_done_) {
+      CompleteDevice();  // finishes the call from its own thread
+      return;
+    }
     StartRead(&part_);
+  }
+
+  // The prefill worker went away while the device receives were being waited
+  // for (no read is outstanding then): end them, the waiting thread fails the call.
+  void OnCancel() override {
+    if (device_done_ && receive_ != nullptr) receive_->Abort();
   }
 
   void OnDone() override {
@@ -108,6 +131,11 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
     if (absl::Status s = deps_.leases->RenewPush(lease_id_, push_id_); !s.ok()) {
       return Fail(s, false);
     }
+    if (part_.has_device() || receive_ != nullptr) return AbsorbDevice();
+    if (part_.device_done()) {
+      return Fail(absl::InvalidArgumentError("device_done on a push without a device transfer"),
+                  false);
+    }
     if (absl::Status s = assembler_->Add(part_.frame()); !s.ok()) {
       if (auto why = listener_->revoked()) return Fail(*why, false);
       return Fail(TransferStatus(s), true);
@@ -115,6 +143,77 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
     ++frames_;
     bytes_ += static_cast<int64_t>(part_.frame().size());
     return absl::OkStatus();
+  }
+
+  // A device transfer: the header frame and the plan first (the receives are
+  // queued at once), then only the checksums.
+  absl::Status AbsorbDevice() {
+    if (receive_ == nullptr) {
+      if (deps_.transport == nullptr) {
+        return Fail(absl::FailedPreconditionError(
+                        "device transfer offered, but this decode worker has no device transport"),
+                    false);
+      }
+      if (absl::Status s = assembler_->Add(part_.frame()); !s.ok()) {
+        if (auto why = listener_->revoked()) return Fail(*why, false);
+        return Fail(TransferStatus(s), true);
+      }
+      const std::optional<BundleHeader> header = assembler_->header();
+      if (!header.has_value()) {
+        return Fail(absl::InvalidArgumentError("a device transfer's first frame must be the header"),
+                    false);
+      }
+      absl::StatusOr<std::unique_ptr<DeviceReceive>> r = deps_.transport->BeginReceive(
+          part_.device().link_id(), part_.device(), header->num_tokens);
+      if (!r.ok()) {
+        const absl::Status& e = r.status();
+        // A link that is gone or busy is the sender's to fix (it drops the link).
+        const bool link = e.code() == absl::StatusCode::kNotFound ||
+                          e.code() == absl::StatusCode::kAborted;
+        return Fail(link ? absl::UnavailableError(e.message()) : e,
+                    e.code() == absl::StatusCode::kInvalidArgument);
+      }
+      receive_ = std::shared_ptr<DeviceReceive>(std::move(*r));
+      if (!listener_->AttachReceive(receive_)) return Fail(*listener_->revoked(), false);
+      ++frames_;
+      bytes_ += static_cast<int64_t>(part_.frame().size());
+      return absl::OkStatus();
+    }
+    if (!part_.frame().empty() || !part_.device_done()) {
+      return Fail(absl::InvalidArgumentError(
+                      "a device transfer carries no frames after its header, only device_done"),
+                  false);
+    }
+    checksums_.assign(part_.device_checksums().begin(), part_.device_checksums().end());
+    device_done_ = true;
+    return absl::OkStatus();
+  }
+
+  // Waits for the device receives off the callback threads, then adopts or fails.
+  void CompleteDevice() {
+    std::thread([this] {
+      ScopedRequestId rid(request_id_);
+      absl::StatusOr<SequenceState> state = receive_->Complete(checksums_);
+      if (!state.ok()) {
+        if (auto why = listener_->revoked()) {
+          Fail(*why, false);
+        } else {
+          Fail(state.status(), state.status().code() == absl::StatusCode::kDataLoss);
+        }
+        return;
+      }
+      if (absl::Status s = deps_.leases->AdoptState(lease_id_, push_id_, *std::move(state));
+          !s.ok()) {
+        Fail(s, false);
+        return;
+      }
+      push_id_ = 0;
+      KL_LOG(INFO).Field("lease", lease_id_).Field("messages", checksums_.size())
+          << "state received over the device link";
+      response_->set_frames(frames_);
+      response_->set_bytes(bytes_);
+      Finish(grpc::Status::OK);
+    }).detach();
   }
 
   // The client closed its side (or the call broke): finish the bundle.
@@ -125,6 +224,10 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
     }
     if (push_id_ == 0) {
       Fail(absl::InvalidArgumentError("PushState stream carried no StatePart"), false);
+      return;
+    }
+    if (receive_ != nullptr) {
+      Fail(absl::DataLossError("PushState ended before the device transfer's checksums"), true);
       return;
     }
     absl::StatusOr<SequenceState> state = assembler_->Finish();
@@ -164,6 +267,7 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
           << "state push refused: " << status.message();
     }
     if (assembler_) assembler_->Abort();  // free the partial state now
+    if (receive_) receive_->Abort();      // ends the link's receives, frees the device state
     if (push_id_ != 0) deps_.leases->EndPush(lease_id_, push_id_);
     push_id_ = 0;
     Finish(ToGrpcStatus(status));
@@ -179,6 +283,9 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
   uint64_t push_id_ = 0;  // nonzero while this push is registered with the lease
   std::shared_ptr<PushListener> listener_;
   std::shared_ptr<BundleAssembler> assembler_;
+  std::shared_ptr<DeviceReceive> receive_;  // a device transfer in progress
+  std::vector<uint64_t> checksums_;
+  bool device_done_ = false;
   int64_t frames_ = 0;
   int64_t bytes_ = 0;
 };

@@ -12,6 +12,15 @@
 // was complete;
 // ALREADY_EXISTS the lease already holds a state; ABORTED superseded by a newer
 // push on the same lease; CANCELLED the client went away.
+//
+// Device transfers (StatePart.device, services/transport): the first message
+// carries the header frame and the plan; the parts arrive over the device link
+// straight into a freshly allocated device state; the last message carries the
+// sender's checksums. Also: FAILED_PRECONDITION this worker has no device
+// transport; UNAVAILABLE the named link is unknown or not ready; DATA_LOSS a
+// checksum mismatch or the stream ended before the checksums; DEADLINE_EXCEEDED
+// the device receives did not finish in time. Every failure aborts the link
+// (pending receives end) and frees the device state.
 #ifndef KL_SERVICES_DECODE_PUSH_STREAM_H_
 #define KL_SERVICES_DECODE_PUSH_STREAM_H_
 
@@ -25,6 +34,7 @@
 #include "services/decode/lease_manager.h"
 
 #include "services/decode/state_pool.h"
+#include "services/transport/device_transport.h"
 
 namespace kl {
 
@@ -34,6 +44,7 @@ struct PushStreamDeps {
   uint64_t checkpoint_fingerprint = 0;    // bundles must carry exactly this
   std::atomic<int64_t>* integrity_failures = nullptr;  // bumped on refused bundles
   StatePool* state_pool = nullptr;  // buffers to import into (optional)
+  DeviceTransport* transport = nullptr;  // device transfers (optional)
 };
 
 // Starts a PushState call; the reactor deletes itself when done.

@@ -20,6 +20,7 @@
 #include "services/common/metrics.h"
 #include "services/common/server_util.h"
 #include "services/common/tls_flags.h"
+#include "services/transport/transport_flags.h"
 #include "services/prefill/prefill_service.h"
 
 ABSL_FLAG(std::string, model, "", "model folder (config.json, safetensors, tokenizer)");
@@ -103,13 +104,23 @@ int Main() {
   LocalEngineOptions eo;
   eo.model_dir = absl::GetFlag(FLAGS_model);
   eo.threads = absl::GetFlag(FLAGS_threads);
-  // A slot per sequence of a batched forward, and one for a chunked prompt.
-  eo.backend = BackendSpecFromFlags(kPrefillMaxBatchSeqs + 1);
+  // A slot per sequence of a batched forward and one for a chunked prompt, twice
+  // over: a device transfer keeps its slot until the sends are done, while the
+  // next batch runs.
+  eo.backend = BackendSpecFromFlags(2 * kPrefillMaxBatchSeqs + 1);
+  eo.backend.graphs = false;  // layer-done callbacks run between layers (no graph capture)
   auto engine = LocalEngine::Open(eo);
   if (!engine.ok()) {
     std::fprintf(stderr, "kl-prefill: %s\n", engine.status().ToString().c_str());
     return 1;
   }
+  absl::StatusOr<std::unique_ptr<DeviceTransport>> transport =
+      DeviceTransportFromFlags((*engine)->model());
+  if (!transport.ok()) {
+    std::fprintf(stderr, "kl-prefill: %s\n", transport.status().ToString().c_str());
+    return 2;
+  }
+  opts.transport = transport->get();
   auto service = std::make_unique<PrefillService>(&(*engine)->model(),
                                                   (*engine)->checkpoint_fingerprint(), opts);
   ServerOptions so;

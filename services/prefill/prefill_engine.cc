@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/common/log.h"
+#include "services/transport/transfer_plan.h"
 
 namespace kl {
 
@@ -144,6 +145,30 @@ void PrefillEngine::Loop() {
   }
 }
 
+std::shared_ptr<DeviceSend> PrefillEngine::StartDeviceSend(const PrefillJob& job,
+                                                            const PushTarget& target) {
+  DeviceStateAccess* access = model_->backend()->device_state();
+  if (options_.transport == nullptr || access == nullptr) return nullptr;
+  // Frame faults need frames: those pushes go over gRPC.
+  if (target.fault == StateFault::kTruncate || target.fault == StateFault::kDuplicate ||
+      target.fault == StateFault::kReorder) {
+    return nullptr;
+  }
+  const ModelConfig& c = model_->config();
+  const int64_t n = static_cast<int64_t>(job.spec().tokens.size());
+  const int64_t chunk = n > options_.max_batch_tokens ? options_.max_batch_tokens : n;
+  PlanSizes sizes{KdaLayerBytes(c), access->latent_row_bytes()};
+  absl::StatusOr<std::unique_ptr<DeviceSend>> send = options_.transport->BeginSend(
+      target.address, target.channel, BuildTransferPlan(c, n, chunk, sizes));
+  if (!send.ok()) {
+    KL_LOG(DEBUG).Field("target", target.address) << "state goes over gRPC: "
+                                                  << send.status().message();
+    return nullptr;
+  }
+  if (target.fault == StateFault::kCut) (*send)->InjectCut();
+  return std::shared_ptr<DeviceSend>(std::move(*send));
+}
+
 std::shared_ptr<StatePusher> PrefillEngine::StartJob(const std::shared_ptr<PrefillJob>& job) {
   if (job->done()) return nullptr;
   ScopedRequestId rid(job->spec().request_id);  // engine-thread log lines about this job
@@ -172,6 +197,8 @@ std::shared_ptr<StatePusher> PrefillEngine::StartJob(const std::shared_ptr<Prefi
   target.request_id = spec.request_id;
   target.deadline = spec.deadline;
   if (options_.fault_injector != nullptr) target.fault = options_.fault_injector->Next();
+  job->device_ = StartDeviceSend(*job, target);
+  target.device = job->device_;
   // `done` holds the job until the push ends (the pusher drops it after the call).
   auto done = [this, job](absl::StatusOr<PushResult> push) {
     PrefillMetrics* const m = options_.metrics;
@@ -228,12 +255,20 @@ void PrefillEngine::RunBatch(const std::vector<std::shared_ptr<PrefillJob>>& bat
   }
   if (jobs.empty()) return;
   std::vector<ForwardItem> items;
-  for (const auto& job : jobs) items.push_back({job->state_.get(), job->spec().tokens, false});
+  for (const auto& job : jobs) {
+    items.push_back({job->state_.get(), job->spec().tokens, false, job->device_ == nullptr});
+  }
   const ModelConfig& c = model_->config();
   // Runs on this thread between layers: queue references only.
   auto on_layer = [&](int64_t layer) {
     for (size_t i = 0; i < jobs.size(); ++i) {
       if (pushers[i]->failed()) continue;
+      if (jobs[i]->device_ != nullptr) {
+        const int64_t n = static_cast<int64_t>(jobs[i]->spec().tokens.size());
+        absl::Status s = jobs[i]->device_->OnLayer(*jobs[i]->state_, layer, 0, n);
+        if (!s.ok()) pushers[i]->Cancel(s);
+        continue;
+      }
       if (c.IsKda(layer)) {
         pushers[i]->ShipKdaLayer(layer, ordinal_[layer]);
       } else {
@@ -250,8 +285,15 @@ void PrefillEngine::RunBatch(const std::vector<std::shared_ptr<PrefillJob>>& bat
   }
   const absl::Status s = model_->Forward(absl::MakeSpan(items), &out, on_layer);
   forwards_.fetch_add(1);
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    if (s.ok() && jobs[i]->device_ != nullptr) {
+      absl::Status a = jobs[i]->device_->AfterForward(*jobs[i]->state_);
+      if (!a.ok()) pushers[i]->Cancel(a);
+    }
+  }
   // A device backend's slots go back now: every layer was copied to host memory
-  // for the pushers (Model::Forward syncs layers when a listener is given).
+  // for the pushers (Model::Forward syncs layers when a listener is given), or
+  // a device transfer holds the slot until its sends are done.
   for (const auto& job : jobs) model_->ReleaseState(job->state_.get()).IgnoreError();
   for (size_t i = 0; i < jobs.size(); ++i) {
     if (!s.ok()) {
@@ -277,9 +319,15 @@ void PrefillEngine::RunChunked(const std::shared_ptr<PrefillJob>& job) {
     const int64_t end = std::min(n, begin + chunk);
     const bool last = end == n;
     ForwardItem item{job->state_.get(), absl::MakeConstSpan(tokens.data() + begin, end - begin),
-                     false};
+                     false, job->device_ == nullptr};
     auto on_layer = [&](int64_t layer) {
       if (pusher->failed()) return;
+      if (job->device_ != nullptr) {
+        if (c.IsKda(layer) && !last) return;  // final state only
+        absl::Status s = job->device_->OnLayer(*job->state_, layer, begin, end);
+        if (!s.ok()) pusher->Cancel(s);
+        return;
+      }
       if (c.IsKda(layer)) {
         if (last) pusher->ShipKdaLayer(layer, ordinal_[layer]);  // final state only
       } else {
@@ -295,6 +343,10 @@ void PrefillEngine::RunChunked(const std::shared_ptr<PrefillJob>& job) {
       FailJob(*job, absl::InternalError(absl::StrCat("prefill forward: ", s.message())));
       return;
     }
+  }
+  if (job->device_ != nullptr) {
+    absl::Status a = job->device_->AfterForward(*job->state_);
+    if (!a.ok()) pusher->Cancel(a);
   }
   model_->ReleaseState(job->state_.get()).IgnoreError();
   FinishJob(*job, out.logits[0]);

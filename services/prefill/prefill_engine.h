@@ -95,6 +95,7 @@ class PrefillJob {
   std::shared_ptr<StatePusher> pusher_ ABSL_GUARDED_BY(mu_);
   // Engine thread only.
   std::shared_ptr<SequenceState> state_;
+  std::shared_ptr<DeviceSend> device_;  // set when the state goes over a device link
   absl::Time started_;
   PrefillResult result_;
 };
@@ -110,6 +111,9 @@ struct PrefillEngineOptions {
   ChannelSecurity push_security;        // how state pushes dial decode workers (tls.h)
   // FAULT INJECTION (tests only; null = off): damages pushes (state_fault.h).
   std::shared_ptr<StateFaultInjector> fault_injector;
+  // GPU builds: ship states over device links (NCCL) where the decode worker
+  // can take them; null: gRPC only. Must outlive the engine.
+  DeviceTransport* transport = nullptr;
 };
 
 struct PrefillEngineStats {
@@ -144,6 +148,8 @@ class PrefillEngine {
   void Loop();
   // Takes the next batch off the queue (engine thread).
   std::vector<std::shared_ptr<PrefillJob>> NextBatch() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A device transfer for `job`'s state, or null (the push goes over gRPC).
+  std::shared_ptr<DeviceSend> StartDeviceSend(const PrefillJob& job, const PushTarget& target);
   // Creates the job's state, bundle writer and pusher (null if the job ended).
   std::shared_ptr<StatePusher> StartJob(const std::shared_ptr<PrefillJob>& job);
   // One varlen Forward over jobs that each fit in one chunk.

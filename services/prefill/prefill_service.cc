@@ -74,6 +74,7 @@ PrefillService::PrefillService(Model* model, uint64_t checkpoint_fingerprint,
   eo.metrics = options.metrics;
   eo.push_security = options.push_security;
   eo.fault_injector = options.fault_injector;
+  eo.transport = options.transport;
   engine_ = std::make_unique<PrefillEngine>(model_, eo);
 }
 

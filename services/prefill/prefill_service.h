@@ -37,6 +37,8 @@ struct PrefillServiceOptions {
   ChannelSecurity push_security;      // state pushes to decode workers: cluster mTLS or plaintext
   // FAULT INJECTION (tests only; null = off): damages pushes (state_fault.h).
   std::shared_ptr<StateFaultInjector> fault_injector;
+  // GPU builds: device links to decode workers (NCCL); null: gRPC only.
+  DeviceTransport* transport = nullptr;
 };
 
 class PrefillService final : public v1::Prefill::CallbackService {

@@ -13,6 +13,7 @@ std::string_view StateFaultName(StateFault f) {
     case StateFault::kDuplicate: return "duplicate";
     case StateFault::kReorder: return "reorder";
     case StateFault::kDropFinal: return "drop_final";
+    case StateFault::kCut: return "cut";
   }
   return "?";
 }
@@ -27,7 +28,7 @@ absl::StatusOr<std::shared_ptr<StateFaultInjector>> StateFaultInjector::Parse(
     const std::string k(piece);
     bool found = false;
     for (StateFault f : {StateFault::kCorrupt, StateFault::kTruncate, StateFault::kDuplicate,
-                         StateFault::kReorder, StateFault::kDropFinal}) {
+                         StateFault::kReorder, StateFault::kDropFinal, StateFault::kCut}) {
       if (k == StateFaultName(f)) {
         inj->kinds_.push_back(f);
         found = true;
@@ -35,7 +36,8 @@ absl::StatusOr<std::shared_ptr<StateFaultInjector>> StateFaultInjector::Parse(
     }
     if (!found) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "unknown state fault '", k, "' (corrupt, truncate, duplicate, reorder, drop_final)"));
+          "unknown state fault '", k,
+          "' (corrupt, truncate, duplicate, reorder, drop_final, cut)"));
     }
   }
   return inj;

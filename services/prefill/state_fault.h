@@ -12,6 +12,12 @@
 //   duplicate   sends the first part frame twice
 //   reorder     sends the first part frame before the header
 //   drop_final  closes the stream without the final record
+//   cut         over a device link: stops sending after half the plan's
+//               messages and aborts the link (a sender dying mid-transfer);
+//               over gRPC: cancels the push after half the parts
+// Over a device link, corrupt flips a bit of the first message's checksum and
+// drop_final closes the stream without the checksums; truncate, duplicate and
+// reorder are frame faults, so those pushes go over gRPC.
 #ifndef KL_SERVICES_PREFILL_STATE_FAULT_H_
 #define KL_SERVICES_PREFILL_STATE_FAULT_H_
 
@@ -26,7 +32,7 @@
 
 namespace kl {
 
-enum class StateFault { kNone, kCorrupt, kTruncate, kDuplicate, kReorder, kDropFinal };
+enum class StateFault { kNone, kCorrupt, kTruncate, kDuplicate, kReorder, kDropFinal, kCut };
 
 std::string_view StateFaultName(StateFault f);
 

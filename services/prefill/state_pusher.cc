@@ -118,6 +118,8 @@ void StatePusher::Cancel(const absl::Status& why) {
   }
   failed_ = true;
   ctx_.TryCancel();  // unblocks a Write waiting on flow control
+  // A device transfer: abort the link, which also ends a wait for the sends.
+  if (target_.device != nullptr) target_.device->End(false);
 }
 
 absl::StatusOr<std::vector<BundleFrame>> StatePusher::Serialize(const Item& item) {
@@ -131,6 +133,10 @@ absl::StatusOr<std::vector<BundleFrame>> StatePusher::Serialize(const Item& item
 }
 
 void StatePusher::Run() {
+  if (target_.device != nullptr) {
+    RunDevice();
+    return;
+  }
   auto stub = v1::Decode::NewStub(target_.channel);
   ctx_.set_deadline(target_.deadline);
   if (!target_.request_id.empty()) ctx_.AddMetadata(kRequestIdKey, target_.request_id);
@@ -157,7 +163,8 @@ void StatePusher::Run() {
   // FAULT INJECTION (tests only): the first part frame is damaged as
   // target_.fault says; "reorder" holds the header back until after it.
   const StateFault fault = target_.fault;
-  bool fault_pending = fault != StateFault::kNone && fault != StateFault::kDropFinal;
+  bool fault_pending =
+      fault != StateFault::kNone && fault != StateFault::kDropFinal && fault != StateFault::kCut;
   std::optional<BundleFrame> held_header;
   if (fault != StateFault::kNone) {
     KL_LOG(WARNING).Field("fault", StateFaultName(fault)).Field("target", target_.address)
@@ -182,6 +189,7 @@ void StatePusher::Run() {
     }
   };
 
+  int64_t items_sent = 0;
   absl::Status local;     // an error of ours (serialisation)
   bool closed = false;    // the final record went out and the stream was half-closed
   bool ok = true;
@@ -218,6 +226,10 @@ void StatePusher::Run() {
       closed = ok;
       break;
     }
+    if (fault == StateFault::kCut && ++items_sent > config_.num_hidden_layers / 2) {
+      local = absl::UnavailableError("state push cut (fault injection)");
+      break;
+    }
     const absl::Time item_start = absl::Now();
     const int64_t bytes_before = result.bytes;
     absl::StatusOr<std::vector<BundleFrame>> frames = Serialize(item);
@@ -239,7 +251,11 @@ void StatePusher::Run() {
   }
   if (!local.ok()) ctx_.TryCancel();
   const grpc::Status gs = stream->Finish();
+  Conclude(local, closed, gs, result, first_sent);
+}
 
+void StatePusher::Conclude(absl::Status local, bool closed, const grpc::Status& gs,
+                           PushResult result, absl::Time first_sent) {
   std::optional<absl::Status> cancelled;
   {
     absl::MutexLock l(&mu_);
@@ -260,8 +276,73 @@ void StatePusher::Run() {
     outcome = result;
   }
   if (!outcome.ok()) failed_ = true;
+  if (target_.device != nullptr) target_.device->End(outcome.ok());
   Done done = std::move(done_);
   done(std::move(outcome));
+}
+
+void StatePusher::RunDevice() {
+  DeviceSend& device = *target_.device;
+  auto stub = v1::Decode::NewStub(target_.channel);
+  ctx_.set_deadline(target_.deadline);
+  if (!target_.request_id.empty()) ctx_.AddMetadata(kRequestIdKey, target_.request_id);
+  v1::PushStateResponse response;
+  std::unique_ptr<grpc::ClientWriter<v1::StatePart>> stream = stub->PushState(&ctx_, &response);
+
+  const StateFault fault = target_.fault;
+  if (fault != StateFault::kNone) {
+    KL_LOG(WARNING).Field("fault", StateFaultName(fault)).Field("target", target_.address)
+        << "FAULT INJECTION: damaging this device transfer";
+  }
+  PushResult result;
+  for (const v1::DeviceMessage& m : device.plan()) {
+    result.bytes += m.bytes();
+    (m.kda() ? result.kda_bytes : result.mla_bytes) += m.bytes();
+  }
+  const absl::Time first_sent = absl::Now();
+  absl::Status local;
+  bool closed = false;
+  {
+    v1::StatePart part;
+    part.set_lease_id(target_.lease_id);
+    part.set_request_id(target_.request_id);
+    part.set_frame(writer_->HeaderFrame().bytes);
+    part.mutable_device()->set_link_id(device.link_id());
+    for (const v1::DeviceMessage& m : device.plan()) *part.mutable_device()->add_messages() = m;
+    result.frames = 1;
+    result.bytes += static_cast<int64_t>(part.frame().size());
+    if (!stream->Write(part)) failed_ = true;
+  }
+  bool finishing = false;
+  if (!failed_) {
+    absl::MutexLock l(&mu_);
+    mu_.Await(absl::Condition(
+        +[](StatePusher* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) {
+          return p->finish_ || p->cancel_.has_value();
+        },
+        this));
+    finishing = !cancel_.has_value();
+  }
+  if (finishing) {
+    absl::StatusOr<std::vector<uint64_t>> sums = device.Complete();
+    if (!sums.ok()) {
+      local = sums.status();
+    } else if (fault != StateFault::kDropFinal) {
+      if (fault == StateFault::kCorrupt && !sums->empty()) (*sums)[0] ^= 1;
+      v1::StatePart done;
+      for (uint64_t v : *sums) done.add_device_checksums(v);
+      done.set_device_done(true);
+      closed = stream->Write(done) && stream->WritesDone();
+    } else {
+      closed = stream->WritesDone();
+    }
+    const double seconds = absl::ToDoubleSeconds(absl::Now() - first_sent);
+    result.kda_seconds = seconds;
+    result.mla_seconds = seconds;
+  }
+  if (!local.ok() || !finishing) ctx_.TryCancel();
+  const grpc::Status gs = stream->Finish();
+  Conclude(local, closed, gs, result, first_sent);
 }
 
 }  // namespace kl

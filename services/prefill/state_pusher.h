@@ -41,6 +41,7 @@
 #include "engine/state/bundle_writer.h"
 #include "engine/state/sequence_state.h"
 #include "services/prefill/state_fault.h"
+#include "services/transport/device_transport.h"
 
 namespace kl {
 
@@ -65,6 +66,9 @@ struct PushTarget {
   std::chrono::system_clock::time_point deadline = std::chrono::system_clock::time_point::max();
   // FAULT INJECTION (tests only, state_fault.h): damage this push's frames.
   StateFault fault = StateFault::kNone;
+  // Set: the parts go over this device link (services/transport); the stream
+  // carries the header, the plan and the checksums only.
+  std::shared_ptr<DeviceSend> device;
 };
 
 struct PushResult {
@@ -117,6 +121,10 @@ class StatePusher : public std::enable_shared_from_this<StatePusher> {
   void Run();
   // Serialises one item into frames; INTERNAL on a writer error.
   absl::StatusOr<std::vector<BundleFrame>> Serialize(const Item& item);
+  // Run() for a device transfer (target_.device set).
+  void RunDevice();
+  void Conclude(absl::Status local, bool closed, const grpc::Status& gs, PushResult result,
+                absl::Time first_sent);
   void Enqueue(Item item);
 
   const ModelConfig config_;

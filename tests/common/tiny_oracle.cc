@@ -6,13 +6,15 @@
 
 namespace kl::testing {
 
-TinyOracle::TinyOracle(const std::string& model_dir, uint64_t seed, int threads) {
+TinyOracle::TinyOracle(const std::string& model_dir, uint64_t seed, int threads,
+                       BackendSpec backend) {
   MakerOptions mo;
   mo.seed = seed;
   EXPECT_TRUE(MakeCheckpoint(TinyConfig(), model_dir, mo).ok());
   LocalEngineOptions o;
   o.model_dir = model_dir;
   o.threads = threads;
+  o.backend = std::move(backend);
   engine_ = std::move(LocalEngine::Open(o).value());
 }
 

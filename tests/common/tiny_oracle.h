@@ -17,7 +17,8 @@ class TinyOracle {
  public:
   // Makes the tiny model (random weights from `seed`) in `model_dir` and opens it;
   // the worker processes of the test load the same folder.
-  TinyOracle(const std::string& model_dir, uint64_t seed, int threads = 0);
+  TinyOracle(const std::string& model_dir, uint64_t seed, int threads = 0,
+             BackendSpec backend = {});
   // Greedy tokens of `prompt` (thread-safe).
   std::vector<int32_t> Greedy(const std::string& prompt, int64_t max_tokens, bool ignore_eos);
 

@@ -1,0 +1,126 @@
+#include "kernels/cuda/transfer.h"
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_status.h"
+
+namespace kl::cuda {
+namespace {
+
+constexpr uint64_t kPosKey = 0x9E3779B97F4A7C15ull;
+constexpr uint64_t kLenKey = 0xD6E8FEB86659FD93ull;
+
+__device__ __forceinline__ uint64_t DevMix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// One thread per 16-byte chunk of a row; grid-stride over (row, chunk).
+template <bool kPack>
+__global__ void CopyRowsKernel(PagedRows paged, int64_t row_begin, int64_t rows, char* flat) {
+  const int64_t chunks = paged.row_bytes / 16;
+  const int64_t total = rows * chunks;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / chunks, c = i % chunks;
+    const int64_t row = row_begin + r;
+    const int64_t page = paged.pages[row / paged.page_rows];
+    char* p = static_cast<char*>(paged.pool) +
+              (page * paged.page_rows + row % paged.page_rows) * paged.row_bytes + c * 16;
+    char* f = flat + r * paged.row_bytes + c * 16;
+    if (kPack) {
+      *reinterpret_cast<uint4*>(f) = *reinterpret_cast<const uint4*>(p);
+    } else {
+      *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(f);
+    }
+  }
+}
+
+// Each thread folds the 64-bit words it owns; warp sums go to *out atomically
+// (integer addition: the result does not depend on the order).
+__global__ void ChecksumKernel(const uint32_t* p, int64_t words32, uint64_t* out) {
+  const int64_t words = (words32 + 1) / 2;
+  uint64_t acc = 0;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < words;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const uint64_t lo = p[2 * i];
+    const uint64_t hi = 2 * i + 1 < words32 ? p[2 * i + 1] : 0;
+    acc += DevMix((lo | (hi << 32)) ^ (static_cast<uint64_t>(i + 1) * kPosKey));
+  }
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
+  if ((threadIdx.x & 31) == 0 && acc != 0) {
+    atomicAdd(reinterpret_cast<unsigned long long*>(out), static_cast<unsigned long long>(acc));
+  }
+}
+
+__global__ void XorKernel(uint64_t* out, uint64_t v) { *out ^= v; }
+
+int Blocks(int64_t work, int threads) {
+  const int64_t b = (work + threads - 1) / threads;
+  return static_cast<int>(b < 1 ? 1 : (b > 4096 ? 4096 : b));
+}
+
+absl::Status CheckPaged(const PagedRows& p, int64_t row_begin, int64_t row_end) {
+  if (p.pool == nullptr || p.pages == nullptr || p.page_rows <= 0 || p.row_bytes <= 0 ||
+      p.row_bytes % 16 != 0 || row_begin < 0 || row_end < row_begin) {
+    return absl::InvalidArgumentError(absl::StrCat("PagedRows: bad geometry (row_bytes ",
+                                                   p.row_bytes, ", rows [", row_begin, ", ",
+                                                   row_end, "))"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status PackRows(const PagedRows& src, int64_t row_begin, int64_t row_end, void* dst,
+                      cudaStream_t stream) {
+  if (absl::Status s = CheckPaged(src, row_begin, row_end); !s.ok()) return s;
+  if (row_end == row_begin) return absl::OkStatus();
+  const int64_t work = (row_end - row_begin) * (src.row_bytes / 16);
+  CopyRowsKernel<true><<<Blocks(work, 256), 256, 0, stream>>>(src, row_begin, row_end - row_begin,
+                                                              static_cast<char*>(dst));
+  return CudaStatus(cudaGetLastError(), "PackRows");
+}
+
+absl::Status UnpackRows(const void* src, int64_t row_begin, int64_t row_end, const PagedRows& dst,
+                        cudaStream_t stream) {
+  if (absl::Status s = CheckPaged(dst, row_begin, row_end); !s.ok()) return s;
+  if (row_end == row_begin) return absl::OkStatus();
+  const int64_t work = (row_end - row_begin) * (dst.row_bytes / 16);
+  CopyRowsKernel<false><<<Blocks(work, 256), 256, 0, stream>>>(
+      dst, row_begin, row_end - row_begin, const_cast<char*>(static_cast<const char*>(src)));
+  return CudaStatus(cudaGetLastError(), "UnpackRows");
+}
+
+absl::Status Checksum64(const void* p, int64_t bytes, uint64_t* out, cudaStream_t stream) {
+  if (bytes < 0 || bytes % 4 != 0 || reinterpret_cast<uintptr_t>(p) % 4 != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Checksum64: ", bytes, " bytes; needs a multiple of 4, 4-aligned"));
+  }
+  KL_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(out, 0, sizeof(uint64_t), stream));
+  const int64_t words32 = bytes / 4;
+  if (words32 > 0) {
+    ChecksumKernel<<<Blocks((words32 + 1) / 2, 256), 256, 0, stream>>>(
+        static_cast<const uint32_t*>(p), words32, out);
+    KL_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  XorKernel<<<1, 1, 0, stream>>>(out, static_cast<uint64_t>(bytes) * kLenKey);
+  return CudaStatus(cudaGetLastError(), "Checksum64");
+}
+
+uint64_t Checksum64Host(const void* p, int64_t bytes) {
+  const unsigned char* b = static_cast<const unsigned char*>(p);
+  const int64_t words = (bytes + 7) / 8;
+  uint64_t acc = 0;
+  for (int64_t i = 0; i < words; ++i) {
+    uint64_t w = 0;
+    const int64_t n = bytes - 8 * i < 8 ? bytes - 8 * i : 8;
+    std::memcpy(&w, b + 8 * i, static_cast<size_t>(n));
+    acc += ChecksumMix(w ^ (static_cast<uint64_t>(i + 1) * kPosKey));
+  }
+  return acc ^ (static_cast<uint64_t>(bytes) * kLenKey);
+}
+
+}  // namespace kl::cuda

@@ -1,0 +1,49 @@
+// Kernels of the device-to-device state transport (services/transport): packing
+// a sequence's paged latent rows into one contiguous buffer and back, and a
+// position-keyed 64-bit checksum of device bytes that both ends of a transfer
+// compute on the GPU (memory-bound; a byte-serial CRC would cost more than the
+// NVLink transfer it checks).
+#ifndef KL_KERNELS_CUDA_TRANSFER_H_
+#define KL_KERNELS_CUDA_TRANSFER_H_
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+
+namespace kl::cuda {
+
+// Rows [row_begin, row_end) of one sequence in a paged pool
+// ([pages][page_rows][row_bytes]); row r lives in page pages[r / page_rows].
+struct PagedRows {
+  void* pool = nullptr;
+  const int32_t* pages = nullptr;  // device
+  int64_t page_rows = 0;
+  int64_t row_bytes = 0;           // a multiple of 16
+};
+
+// dst[(r - row_begin) * row_bytes ...] = row r, for r in [row_begin, row_end).
+absl::Status PackRows(const PagedRows& src, int64_t row_begin, int64_t row_end, void* dst,
+                      cudaStream_t stream);
+// The reverse: writes rows [row_begin, row_end) of `dst` from contiguous `src`.
+absl::Status UnpackRows(const void* src, int64_t row_begin, int64_t row_end, const PagedRows& dst,
+                        cudaStream_t stream);
+
+// *out (device) = Checksum64(bytes of p); `bytes` a multiple of 4, p 4-aligned.
+// Enqueued on `stream` (zeroes *out first).
+absl::Status Checksum64(const void* p, int64_t bytes, uint64_t* out, cudaStream_t stream);
+
+// The same function on the host (tests; the definition both sides implement):
+// words w_i = little-endian u64 of bytes [8i, 8i + 8) (zero-padded), sum over i
+// of Mix(w_i ^ (i + 1) * 0x9E3779B97F4A7C15) mod 2^64, xor bytes * 0xD6E8FEB86659FD93.
+inline uint64_t ChecksumMix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+uint64_t Checksum64Host(const void* p, int64_t bytes);
+
+}  // namespace kl::cuda
+
+#endif  // KL_KERNELS_CUDA_TRANSFER_H_

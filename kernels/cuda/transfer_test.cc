@@ -1,0 +1,104 @@
+// Transfer kernels vs their host definitions (GPU; skips without a device).
+#include "kernels/cuda/transfer.h"
+
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace kl::cuda {
+namespace {
+
+bool HaveGpu() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+std::vector<uint8_t> RandomBytes(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<uint8_t> b(n);
+  for (auto& x : b) x = static_cast<uint8_t>(rng());
+  return b;
+}
+
+TEST(Checksum64Host, DetectsFlipsSwapsAndLength) {
+  std::vector<uint8_t> a = RandomBytes(4096, 1);
+  const uint64_t base = Checksum64Host(a.data(), a.size());
+  for (size_t bit : {0, 7, 100 * 8 + 3, 4095 * 8 + 7}) {
+    std::vector<uint8_t> b = a;
+    b[bit / 8] ^= static_cast<uint8_t>(1u << (bit % 8));
+    EXPECT_NE(Checksum64Host(b.data(), b.size()), base) << bit;
+  }
+  std::vector<uint8_t> swapped = a;  // two 8-byte words exchanged
+  std::swap_ranges(swapped.begin(), swapped.begin() + 8, swapped.begin() + 64);
+  EXPECT_NE(Checksum64Host(swapped.data(), swapped.size()), base);
+  std::vector<uint8_t> zeros(64, 0);  // zero padding does not alias a shorter buffer
+  EXPECT_NE(Checksum64Host(zeros.data(), 60), Checksum64Host(zeros.data(), 64));
+}
+
+TEST(TransferKernels, ChecksumMatchesHost) {
+  if (!HaveGpu()) GTEST_SKIP() << "no GPU";
+  for (size_t n : {size_t{0}, size_t{4}, size_t{12}, size_t{4096}, size_t{3} << 20, (size_t{64} << 20) + 4}) {
+    std::vector<uint8_t> h = RandomBytes(n, static_cast<uint32_t>(n));
+    void* d = nullptr;
+    uint64_t* out = nullptr;
+    ASSERT_EQ(cudaMalloc(&d, n + 16), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&out, 8), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(d, h.data(), n, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_TRUE(Checksum64(d, static_cast<int64_t>(n), out, nullptr).ok());
+    uint64_t got = 0;
+    ASSERT_EQ(cudaMemcpy(&got, out, 8, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(got, Checksum64Host(h.data(), static_cast<int64_t>(n))) << n;
+    cudaFree(d);
+    cudaFree(out);
+  }
+  EXPECT_FALSE(Checksum64(nullptr, 6, nullptr, nullptr).ok());
+}
+
+TEST(TransferKernels, PackUnpackRoundTripThroughScatteredPages) {
+  if (!HaveGpu()) GTEST_SKIP() << "no GPU";
+  const int64_t page_rows = 4, row_bytes = 1152, pages_total = 16;
+  const std::vector<int32_t> pages = {9, 2, 15, 0, 7};  // a sequence's pages, in row order
+  const int64_t rows = 18;                              // last page partly used
+  std::vector<uint8_t> pool_h = RandomBytes(pages_total * page_rows * row_bytes, 5);
+  void *pool = nullptr, *flat = nullptr, *pool2 = nullptr;
+  int32_t* d_pages = nullptr;
+  ASSERT_EQ(cudaMalloc(&pool, pool_h.size()), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&pool2, pool_h.size()), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&flat, rows * row_bytes), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&d_pages, pages.size() * 4), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(pool, pool_h.data(), pool_h.size(), cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemset(pool2, 0, pool_h.size()), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d_pages, pages.data(), pages.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  PagedRows src{pool, d_pages, page_rows, row_bytes};
+  // Two ranges, as a chunked prefill ships them.
+  ASSERT_TRUE(PackRows(src, 0, 7, flat, nullptr).ok());
+  ASSERT_TRUE(PackRows(src, 7, rows, static_cast<char*>(flat) + 7 * row_bytes, nullptr).ok());
+  std::vector<uint8_t> flat_h(rows * row_bytes);
+  ASSERT_EQ(cudaMemcpy(flat_h.data(), flat, flat_h.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* want = pool_h.data() + (pages[r / page_rows] * page_rows + r % page_rows) * row_bytes;
+    ASSERT_EQ(std::memcmp(flat_h.data() + r * row_bytes, want, row_bytes), 0) << r;
+  }
+  PagedRows dst{pool2, d_pages, page_rows, row_bytes};
+  ASSERT_TRUE(UnpackRows(flat, 0, rows, dst, nullptr).ok());
+  std::vector<uint8_t> pool2_h(pool_h.size());
+  ASSERT_EQ(cudaMemcpy(pool2_h.data(), pool2, pool2_h.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t off = (pages[r / page_rows] * page_rows + r % page_rows) * row_bytes;
+    ASSERT_EQ(std::memcmp(pool2_h.data() + off, pool_h.data() + off, row_bytes), 0) << r;
+  }
+  EXPECT_EQ(pool2_h[(1 * page_rows) * row_bytes], 0);  // a page not listed stays untouched
+  EXPECT_FALSE(PackRows(PagedRows{pool, d_pages, page_rows, 1000}, 0, 1, flat, nullptr).ok());
+  cudaFree(pool);
+  cudaFree(pool2);
+  cudaFree(flat);
+  cudaFree(d_pages);
+}
+
+}  // namespace
+}  // namespace kl::cuda

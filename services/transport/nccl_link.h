@@ -1,0 +1,101 @@
+// NcclLink: one NCCL communicator of two ranks (prefill = 0, decode = 1) on
+// this process's GPU, with its own stream and the scratch a transfer needs.
+// Non-blocking NCCL (every call bounded by a deadline); Abort() ends pending
+// operations (ncclCommAbort) and drains the stream, so nothing waits forever.
+// Thread-safe: every NCCL call and Abort take the link's lock.
+#ifndef KL_SERVICES_TRANSPORT_NCCL_LINK_H_
+#define KL_SERVICES_TRANSPORT_NCCL_LINK_H_
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace kl {
+
+class NcclLink {
+ public:
+  enum class State { kInit, kReady, kBusy, kDead };
+
+  NcclLink(uint64_t id, int device, int rank, std::string peer)
+      : id_(id), device_(device), rank_(rank), peer_(std::move(peer)) {}
+  ~NcclLink();
+  NcclLink(const NcclLink&) = delete;
+  NcclLink& operator=(const NcclLink&) = delete;
+
+  // ncclGetUniqueId as bytes (the decode side creates it).
+  static absl::StatusOr<std::string> NewUniqueId();
+  static int Version();
+
+  // Joins the communicator (blocks until the peer joins, at most `timeout`).
+  // On failure the link is dead.
+  absl::Status Init(const std::string& unique_id, absl::Duration timeout);
+
+  // Queues a group of sends (or receives) to the peer on stream().
+  absl::Status Send(const void* const* ptrs, const int64_t* bytes, int n);
+  absl::Status Recv(void* const* ptrs, const int64_t* bytes, int n);
+  // Polls `event` until it completes, the communicator reports an error, or
+  // `deadline` passes (then the link is aborted). `stop` (may be null) ends the
+  // wait early with ABORTED.
+  absl::Status Wait(cudaEvent_t event, absl::Time deadline, const std::atomic<bool>* stop);
+  // Aborts the communicator and drains the stream; the link is dead.
+  void Abort();
+
+  // Scratch (grown on demand, device memory of this link's GPU).
+  absl::Status Reserve(int64_t staging_bytes, int64_t pages, int64_t sums);
+  void* staging() const { return staging_; }
+  int32_t* d_pages() const { return d_pages_; }
+  int32_t* h_pages() const { return h_pages_; }
+  uint64_t* d_sums() const { return d_sums_; }
+  uint64_t* h_sums() const { return h_sums_; }
+  cudaEvent_t done() const { return done_; }
+
+  uint64_t id() const { return id_; }
+  int device() const { return device_; }
+  const std::string& peer() const { return peer_; }
+  cudaStream_t stream() const { return stream_; }
+  State state() const { return state_.load(); }
+  void set_state(State s) { state_.store(s); }
+  // kReady -> kBusy; false if the link was not ready.
+  bool TryAcquire() {
+    State want = State::kReady;
+    return state_.compare_exchange_strong(want, State::kBusy);
+  }
+  absl::Time last_used() const;
+  void Touch();
+
+ private:
+  absl::Status Settle(absl::Time deadline, const char* what);  // mu_ held
+  absl::Status Group(bool send, void* const* ptrs, const int64_t* bytes, int n);
+
+  const uint64_t id_;
+  const int device_;
+  const int rank_;
+  const std::string peer_;
+  std::atomic<State> state_{State::kInit};
+  mutable std::mutex mu_;
+  ncclComm_t comm_ = nullptr;
+  bool aborted_ = false;
+  cudaStream_t stream_ = nullptr;
+  cudaEvent_t done_ = nullptr;
+  void* staging_ = nullptr;
+  int64_t staging_bytes_ = 0;
+  int32_t* d_pages_ = nullptr;
+  int32_t* h_pages_ = nullptr;
+  int64_t pages_cap_ = 0;
+  uint64_t* d_sums_ = nullptr;
+  uint64_t* h_sums_ = nullptr;
+  int64_t sums_cap_ = 0;
+  absl::Time last_used_ = absl::Now();
+};
+
+}  // namespace kl
+
+#endif  // KL_SERVICES_TRANSPORT_NCCL_LINK_H_

@@ -1,0 +1,711 @@
+// The NCCL DeviceTransport (device_transport.h; design in docs/nccl_transfer.md).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <random>
+#include <thread>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "engine/common/log.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/transfer.h"
+#include "proto/worker.grpc.pb.h"
+#include "services/common/status_util.h"
+#include "services/transport/device_transport.h"
+#include "services/transport/nccl_link.h"
+#include "services/transport/transfer_plan.h"
+
+namespace kl {
+namespace {
+
+constexpr int kMaxSpans = 4;           // a KDA layer: state + 3 conv tails
+constexpr int kMaxLinksAccepted = 64;  // decode side, all peers together
+
+#define RETURN_IF_ERROR_T(expr)               \
+  do {                                        \
+    absl::Status kl_s_ = (expr);              \
+    if (!kl_s_.ok()) return kl_s_;            \
+  } while (0)
+
+std::string HostId() {
+  std::ifstream f("/proc/sys/kernel/random/boot_id");
+  std::string id;
+  std::getline(f, id);
+  if (id.empty()) {
+    char host[256] = {0};
+    gethostname(host, sizeof(host) - 1);
+    id = host;
+  }
+  return id;
+}
+
+std::string GpuUuid(int device) {
+  cudaDeviceProp p{};
+  if (cudaGetDeviceProperties(&p, device) != cudaSuccess) return "";
+  return absl::BytesToHexString(std::string(p.uuid.bytes, sizeof(p.uuid.bytes)));
+}
+
+uint64_t RandomId() {
+  std::random_device rd;
+  uint64_t v = 0;
+  while (v == 0) v = (uint64_t{rd()} << 32) ^ rd();
+  return v;
+}
+
+absl::Duration TransferBudget(const DeviceTransportOptions& o, int64_t bytes) {
+  return o.transfer_timeout + absl::Seconds(static_cast<double>(bytes) / 1e9);
+}
+
+// What the link registries share with background threads (link init), so a
+// thread that outlives a call never touches a destroyed transport.
+struct Core {
+  ModelConfig config;
+  DeviceStateAccess* access;
+  DeviceTransportOptions options;
+  PlanSizes sizes;
+  std::string host_id;
+  std::string gpu_uuid;
+  std::string layout;
+
+  mutable std::mutex mu;
+  std::map<uint64_t, std::shared_ptr<NcclLink>> accepted;                  // decode side
+  std::map<std::string, std::vector<std::shared_ptr<NcclLink>>> outgoing;  // prefill side
+  std::map<std::string, absl::Time> grpc_only_until;  // peers that answered "grpc"
+  DeviceTransportStats stats;
+
+  void Count(int64_t DeviceTransportStats::*field, int64_t n = 1) {
+    std::lock_guard<std::mutex> l(mu);
+    stats.*field += n;
+  }
+  // Drops a dead link from the registries.
+  void Forget(const std::shared_ptr<NcclLink>& link) {
+    std::lock_guard<std::mutex> l(mu);
+    if (accepted.erase(link->id()) > 0) ++stats.links_dropped;
+    auto it = outgoing.find(link->peer());
+    if (it != outgoing.end()) {
+      auto& v = it->second;
+      const size_t before = v.size();
+      v.erase(std::remove(v.begin(), v.end(), link), v.end());
+      if (v.size() != before) ++stats.links_dropped;
+    }
+  }
+};
+
+// Queues `n` per-span checksums of the spans into d_sums[first..] on the link's stream.
+absl::Status QueueSums(NcclLink& link, void* const* ptrs, const int64_t* bytes, int n, int64_t first) {
+  for (int i = 0; i < n; ++i) {
+    RETURN_IF_ERROR_T(cuda::Checksum64(ptrs[i], bytes[i], link.d_sums() + first + i, link.stream()));
+  }
+  return absl::OkStatus();
+}
+
+// The spans of a plan message's device memory on this side (KDA: the slot's
+// state + tails; MLA: the link's staging buffer).
+absl::Status KdaMessageSpans(Core& core, const SequenceState& s, int64_t layer, void** ptrs,
+                             int64_t* bytes, int* n) {
+  int64_t kda_index = 0;
+  for (int64_t l = 0; l < layer; ++l) kda_index += core.config.IsKda(l) ? 1 : 0;
+  std::vector<DeviceSpan> spans;
+  RETURN_IF_ERROR_T(core.access->KdaSpans(s, kda_index, &spans));
+  if (spans.size() > kMaxSpans) return absl::InternalError("KDA layer of more than 4 spans");
+  *n = static_cast<int>(spans.size());
+  for (int i = 0; i < *n; ++i) {
+    ptrs[i] = spans[i].ptr;
+    bytes[i] = spans[i].bytes;
+  }
+  return absl::OkStatus();
+}
+
+int64_t MlaIndex(const ModelConfig& c, int64_t layer) {
+  int64_t i = 0;
+  for (int64_t l = 0; l < layer; ++l) i += c.IsKda(l) ? 0 : 1;
+  return i;
+}
+
+absl::StatusOr<cuda::PagedRows> Paged(Core& core, NcclLink& link, int64_t layer) {
+  cuda::PagedRows p;
+  auto pool = core.access->LatentPool(MlaIndex(core.config, layer));
+  if (!pool.ok()) return pool.status();
+  p.pool = *pool;
+  p.pages = link.d_pages();
+  p.page_rows = core.access->page_rows();
+  p.row_bytes = core.access->latent_row_bytes();
+  return p;
+}
+
+std::vector<uint64_t> FoldSums(const NcclLink& link, int64_t messages) {
+  std::vector<uint64_t> out(messages);
+  for (int64_t m = 0; m < messages; ++m) {
+    uint64_t v = 0;
+    for (int j = 0; j < kMaxSpans; ++j) v += link.h_sums()[m * kMaxSpans + j];
+    out[m] = v;
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------ sending
+
+class NcclSend final : public DeviceSend {
+ public:
+  NcclSend(std::shared_ptr<Core> core, std::shared_ptr<NcclLink> link,
+           std::vector<v1::DeviceMessage> plan)
+      : core_(std::move(core)), link_(std::move(link)), plan_(std::move(plan)) {
+    for (const auto& m : plan_) bytes_ += m.bytes();
+  }
+  ~NcclSend() override { End(false); }
+
+  uint64_t link_id() const override { return link_->id(); }
+  const std::vector<v1::DeviceMessage>& plan() const override { return plan_; }
+  void InjectCut() override { cut_at_ = static_cast<int64_t>(plan_.size()) / 2; }
+
+  absl::Status OnLayer(const SequenceState& state, int64_t layer, int64_t row_begin,
+                       int64_t row_end) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!status_.ok()) return status_;
+    if (next_ >= static_cast<int64_t>(plan_.size())) return Fail("layer past the plan's end");
+    const v1::DeviceMessage& m = plan_[next_];
+    if (m.layer() != layer || (!m.kda() && (m.row_begin() != row_begin || m.row_end() != row_end))) {
+      return Fail(absl::StrCat("layer ", layer, " rows [", row_begin, ", ", row_end,
+                               ") is not plan message ", next_));
+    }
+    if (hold_ == nullptr) hold_ = state.device;  // keeps the slot until the sends end
+    if (core_->options.ship_at_end) {
+      ++next_;
+      return absl::OkStatus();
+    }
+    absl::Status s = Queue(state, next_);
+    ++next_;
+    return s.ok() ? s : Fail(std::string(s.message()));
+  }
+
+  absl::Status AfterForward(const SequenceState& state) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!status_.ok() || !core_->options.ship_at_end) return status_;
+    for (int64_t i = 0; i < next_; ++i) {
+      absl::Status s = Queue(state, i);
+      if (!s.ok()) return Fail(std::string(s.message()));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::vector<uint64_t>> Complete() override {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (!status_.ok()) return status_;
+      if (cut_at_ >= 0) {
+        status_ = absl::UnavailableError("device transfer cut (fault injection)");
+      } else if (next_ != static_cast<int64_t>(plan_.size())) {
+        status_ = absl::InternalError(absl::StrCat("device transfer: ", next_, " of ",
+                                                   plan_.size(), " messages queued"));
+      }
+      if (status_.ok()) {
+        cudaSetDevice(link_->device());
+        absl::Status s = cuda::CudaStatus(
+            cudaMemcpyAsync(link_->h_sums(), link_->d_sums(),
+                            plan_.size() * kMaxSpans * sizeof(uint64_t), cudaMemcpyDeviceToHost,
+                            link_->stream()),
+            "checksums");
+        if (s.ok()) s = cuda::CudaStatus(cudaEventRecord(link_->done(), link_->stream()), "event");
+        if (!s.ok()) status_ = s;
+      }
+    }
+    if (!status_.ok()) {
+      End(false);
+      return status_;
+    }
+    absl::Status w = link_->Wait(link_->done(), absl::Now() + TransferBudget(core_->options, bytes_),
+                                 &stop_);
+    if (!w.ok()) {
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        status_ = absl::Status(w.code(), absl::StrCat("device send: ", w.message()));
+      }
+      End(false);
+      return status_;
+    }
+    return FoldSums(*link_, static_cast<int64_t>(plan_.size()));
+  }
+
+  void End(bool ok) override {
+    stop_ = true;
+    std::shared_ptr<StateResidency> hold;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (ended_) return;
+      ended_ = true;
+      hold = std::move(hold_);
+    }
+    if (ok) {
+      link_->Touch();
+      link_->set_state(NcclLink::State::kReady);
+      core_->Count(&DeviceTransportStats::transfers_ok);
+      core_->Count(&DeviceTransportStats::bytes, bytes_);
+    } else {
+      link_->Abort();  // drains the stream: the slot is no longer read
+      core_->Forget(link_);
+      core_->Count(&DeviceTransportStats::transfers_failed);
+    }
+    hold.reset();
+  }
+
+ private:
+  absl::Status Fail(const std::string& why) {
+    status_ = absl::InternalError(absl::StrCat("device send: ", why));
+    return status_;
+  }
+
+  // Queues plan message `i` (mu_ held).
+  absl::Status Queue(const SequenceState& state, int64_t i) {
+    if (cut_at_ >= 0 && i >= cut_at_) return absl::OkStatus();  // FAULT INJECTION
+    const v1::DeviceMessage& m = plan_[i];
+    NcclLink& link = *link_;
+    RETURN_IF_ERROR_T(cuda::CudaStatus(cudaSetDevice(link.device()), "cudaSetDevice"));
+    RETURN_IF_ERROR_T(core_->access->OrderAfterCompute(link.stream()));
+    void* ptrs[kMaxSpans] = {};
+    int64_t bytes[kMaxSpans] = {};
+    int n = 0;
+    if (m.kda()) {
+      RETURN_IF_ERROR_T(KdaMessageSpans(*core_, state, m.layer(), ptrs, bytes, &n));
+    } else {
+      // The state's page list (pages only grow: copy the new tail).
+      auto pages = core_->access->SlotPages(state);
+      if (!pages.ok()) return pages.status();
+      const int64_t have = static_cast<int64_t>(pages->size());
+      if (have > pages_sent_) {
+        std::copy(pages->begin() + pages_sent_, pages->end(), link.h_pages() + pages_sent_);
+        RETURN_IF_ERROR_T(cuda::CudaStatus(
+            cudaMemcpyAsync(link.d_pages() + pages_sent_, link.h_pages() + pages_sent_,
+                            (have - pages_sent_) * sizeof(int32_t), cudaMemcpyHostToDevice,
+                            link.stream()),
+            "page list"));
+        pages_sent_ = have;
+      }
+      auto paged = Paged(*core_, link, m.layer());
+      if (!paged.ok()) return paged.status();
+      RETURN_IF_ERROR_T(cuda::PackRows(*paged, m.row_begin(), m.row_end(), link.staging(),
+                                       link.stream()));
+      ptrs[0] = link.staging();
+      bytes[0] = m.bytes();
+      n = 1;
+    }
+    RETURN_IF_ERROR_T(QueueSums(link, ptrs, bytes, n, i * kMaxSpans));
+    return link.Send(ptrs, bytes, n);
+  }
+
+  const std::shared_ptr<Core> core_;
+  const std::shared_ptr<NcclLink> link_;
+  const std::vector<v1::DeviceMessage> plan_;
+  int64_t bytes_ = 0;
+  std::atomic<bool> stop_{false};
+  std::mutex mu_;
+  absl::Status status_;
+  int64_t next_ = 0;
+  int64_t pages_sent_ = 0;
+  int64_t cut_at_ = -1;
+  bool ended_ = false;
+  std::shared_ptr<StateResidency> hold_;
+};
+
+// ---------------------------------------------------------------- receiving
+
+class NcclReceive final : public DeviceReceive {
+ public:
+  NcclReceive(std::shared_ptr<Core> core, std::shared_ptr<NcclLink> link, SequenceState state,
+              int64_t messages, int64_t bytes)
+      : core_(std::move(core)),
+        link_(std::move(link)),
+        state_(std::move(state)),
+        messages_(messages),
+        bytes_(bytes) {}
+  ~NcclReceive() override { Abort(); }
+
+  absl::StatusOr<SequenceState> Complete(const std::vector<uint64_t>& checksums) override {
+    if (static_cast<int64_t>(checksums.size()) != messages_) {
+      Abort();
+      return absl::DataLossError(absl::StrCat("device transfer: ", checksums.size(),
+                                              " checksums for ", messages_, " messages"));
+    }
+    absl::Status w = link_->Wait(link_->done(), absl::Now() + TransferBudget(core_->options, bytes_),
+                                 &stop_);
+    if (!w.ok()) {
+      Abort();
+      return absl::Status(w.code(), absl::StrCat("device receive: ", w.message()));
+    }
+    const std::vector<uint64_t> got = FoldSums(*link_, messages_);
+    std::lock_guard<std::mutex> l(mu_);
+    if (done_) return absl::AbortedError("device receive aborted");
+    done_ = true;
+    link_->Touch();
+    link_->set_state(NcclLink::State::kReady);  // every operation completed: reusable
+    for (int64_t m = 0; m < messages_; ++m) {
+      if (got[m] != checksums[m]) {
+        // The sender drops its end when we refuse: drop ours too.
+        link_->Abort();
+        core_->Forget(link_);
+        core_->Count(&DeviceTransportStats::transfers_failed);
+        state_ = SequenceState();  // frees the slot (the stream is idle)
+        return absl::DataLossError(absl::StrCat("device transfer: checksum mismatch in message ",
+                                                m, " of ", messages_));
+      }
+    }
+    core_->Count(&DeviceTransportStats::transfers_ok);
+    core_->Count(&DeviceTransportStats::bytes, bytes_);
+    return std::move(state_);
+  }
+
+  void Abort() override {
+    stop_ = true;
+    std::lock_guard<std::mutex> l(mu_);
+    if (done_) return;
+    done_ = true;
+    link_->Abort();  // pending receives end; the stream drains
+    core_->Forget(link_);
+    core_->Count(&DeviceTransportStats::transfers_failed);
+    state_ = SequenceState();  // now the slot may go back
+  }
+
+ private:
+  const std::shared_ptr<Core> core_;
+  const std::shared_ptr<NcclLink> link_;
+  std::mutex mu_;
+  SequenceState state_;
+  const int64_t messages_;
+  const int64_t bytes_;
+  std::atomic<bool> stop_{false};
+  bool done_ = false;
+};
+
+// ---------------------------------------------------------------- transport
+
+class NcclTransport final : public DeviceTransport {
+ public:
+  explicit NcclTransport(std::shared_ptr<Core> core) : core_(std::move(core)) {}
+
+  v1::OpenTransportResponse Accept(const v1::OpenTransportRequest& req) override {
+    v1::OpenTransportResponse r;
+    r.set_transport("grpc");
+    const Core& c = *core_;
+    const int mine = NcclLink::Version(), theirs = req.nccl_version();
+    if (req.protocol_version() != kDeviceTransportProtocol) {
+      r.set_reason(absl::StrCat("protocol ", req.protocol_version(), ", this worker speaks ",
+                                kDeviceTransportProtocol));
+    } else if (req.layout_tag() != c.layout) {
+      r.set_reason(absl::StrCat("state layout differs: peer ", req.layout_tag(), ", here ", c.layout));
+    } else if (req.state_fingerprint() != StateFingerprint(c.config)) {
+      r.set_reason("model state fingerprint differs");
+    } else if (theirs / 100 != mine / 100) {
+      r.set_reason(absl::StrCat("NCCL ", theirs, " vs ", mine));
+    } else if (req.host_id() != c.host_id && !c.options.cross_host) {
+      r.set_reason("peer on another host (--nccl_cross_host is off)");
+    } else if (req.gpu_uuid() == c.gpu_uuid) {
+      r.set_reason("peer on the same GPU");
+    } else {
+      {
+        std::lock_guard<std::mutex> l(core_->mu);
+        if (core_->accepted.size() >= kMaxLinksAccepted) DropOldestIdleLocked();
+        if (core_->accepted.size() >= kMaxLinksAccepted) {
+          r.set_reason("too many device links");
+          return r;
+        }
+      }
+      absl::StatusOr<std::string> id = NcclLink::NewUniqueId();
+      if (!id.ok()) {
+        r.set_reason(std::string(id.status().message()));
+        return r;
+      }
+      auto link = std::make_shared<NcclLink>(RandomId(), c.access->device(), /*rank=*/1,
+                                             req.host_id() + "/" + req.gpu_uuid());
+      {
+        std::lock_guard<std::mutex> l(core_->mu);
+        core_->accepted[link->id()] = link;
+        ++core_->stats.links_opened;
+      }
+      std::thread([core = core_, link, uid = *id] {
+        absl::Status s = link->Init(uid, core->options.init_timeout);
+        if (!s.ok()) {
+          KL_LOG(WARNING).Field("link", link->id()) << "device link init failed: " << s.ToString();
+          core->Forget(link);
+        } else {
+          KL_LOG(INFO).Field("link", link->id()).Field("peer", link->peer()) << "device link ready";
+        }
+      }).detach();
+      r.set_transport("nccl");
+      r.set_reason("");
+      r.set_link_id(link->id());
+      r.set_nccl_unique_id(*id);
+      r.set_init_timeout_seconds(absl::ToDoubleSeconds(c.options.init_timeout));
+    }
+    return r;
+  }
+
+  absl::StatusOr<std::unique_ptr<DeviceReceive>> BeginReceive(
+      uint64_t link_id, const v1::DeviceTransfer& transfer, int64_t num_tokens) override {
+    std::shared_ptr<NcclLink> link;
+    {
+      std::lock_guard<std::mutex> l(core_->mu);
+      auto it = core_->accepted.find(link_id);
+      if (it == core_->accepted.end()) {
+        return absl::NotFoundError(absl::StrCat("no device link ", link_id, " on this worker"));
+      }
+      link = it->second;
+    }
+    // A link still initialising becomes ready within init_timeout.
+    const absl::Time until = absl::Now() + core_->options.init_timeout;
+    while (link->state() == NcclLink::State::kInit && absl::Now() < until) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    if (!link->TryAcquire()) {
+      return absl::AbortedError(absl::StrCat("device link ", link_id, " is not ready"));
+    }
+    auto fail = [&](absl::Status s) {
+      link->Abort();
+      core_->Forget(link);
+      return s;
+    };
+    PlanSummary summary;
+    absl::Status v = ValidateTransferPlan(transfer.messages(), core_->config, num_tokens,
+                                          core_->sizes, &summary);
+    if (!v.ok()) return fail(v);
+    const int64_t messages = transfer.messages_size();
+    const int64_t page_rows = core_->access->page_rows();
+    const int64_t pages = (num_tokens + page_rows - 1) / page_rows;
+    absl::Status s = link->Reserve(std::max<int64_t>(summary.max_mla_bytes, 16), std::max<int64_t>(pages, 1),
+                                   std::max<int64_t>(messages, 1) * kMaxSpans);
+    if (!s.ok()) return fail(s);
+    SequenceState state;
+    s = core_->access->AllocateState(&state, num_tokens);
+    if (!s.ok()) return fail(s);
+    s = QueueReceives(*link, transfer, state, pages);
+    if (!s.ok()) {
+      link->Abort();  // drains before `state` (the slot) goes
+      core_->Forget(link);
+      return s;
+    }
+    return std::unique_ptr<DeviceReceive>(
+        new NcclReceive(core_, link, std::move(state), messages, summary.total_bytes));
+  }
+
+  absl::StatusOr<std::unique_ptr<DeviceSend>> BeginSend(
+      const std::string& address, const std::shared_ptr<grpc::Channel>& channel,
+      std::vector<v1::DeviceMessage> plan) override {
+    std::shared_ptr<NcclLink> link;
+    bool open = false;
+    {
+      std::lock_guard<std::mutex> l(core_->mu);
+      auto g = core_->grpc_only_until.find(address);
+      if (g != core_->grpc_only_until.end() && absl::Now() < g->second) {
+        ++core_->stats.fallbacks;
+        return absl::UnavailableError("peer takes gRPC transfers");
+      }
+      auto& links = core_->outgoing[address];
+      for (auto& k : links) {
+        if (k->TryAcquire()) {
+          link = k;
+          break;
+        }
+      }
+      open = link == nullptr && static_cast<int>(links.size()) < core_->options.links_per_peer;
+    }
+    if (link == nullptr && open) {
+      if (core_->options.sync_open) {
+        absl::StatusOr<std::shared_ptr<NcclLink>> l = Open(core_, address, channel);
+        if (l.ok() && (*l)->TryAcquire()) link = *l;
+      } else {
+        std::thread([core = core_, address, channel] { Open(core, address, channel).IgnoreError(); })
+            .detach();
+      }
+    }
+    if (link == nullptr) {
+      core_->Count(&DeviceTransportStats::fallbacks);
+      return absl::UnavailableError("no free device link to " + address);
+    }
+    int64_t rows = 0, max_mla = 16;
+    for (const auto& m : plan) {
+      rows = std::max<int64_t>(rows, m.row_end());
+      if (!m.kda()) max_mla = std::max<int64_t>(max_mla, m.bytes());
+    }
+    const int64_t pages = (rows + core_->access->page_rows() - 1) / core_->access->page_rows();
+    absl::Status s = link->Reserve(max_mla, std::max<int64_t>(pages, 1),
+                                   std::max<int64_t>(static_cast<int64_t>(plan.size()), 1) * kMaxSpans);
+    if (s.ok()) {
+      s = cuda::CudaStatus(cudaMemsetAsync(link->d_sums(), 0, plan.size() * kMaxSpans * sizeof(uint64_t),
+                                           link->stream()), "checksum scratch");
+    }
+    if (!s.ok()) {
+      link->Abort();
+      core_->Forget(link);
+      return absl::UnavailableError(s.message());
+    }
+    return std::unique_ptr<DeviceSend>(new NcclSend(core_, link, std::move(plan)));
+  }
+
+  v1::OpenTransportRequest Offer() const override { return MakeOffer(*core_); }
+
+  DeviceTransportStats Stats() const override {
+    std::lock_guard<std::mutex> l(core_->mu);
+    DeviceTransportStats s = core_->stats;
+    s.links_ready = 0;
+    for (const auto& [id, k] : core_->accepted) {
+      s.links_ready += k->state() == NcclLink::State::kReady || k->state() == NcclLink::State::kBusy;
+    }
+    for (const auto& [peer, v] : core_->outgoing) {
+      for (const auto& k : v) {
+        s.links_ready += k->state() == NcclLink::State::kReady || k->state() == NcclLink::State::kBusy;
+      }
+    }
+    return s;
+  }
+
+ private:
+  static v1::OpenTransportRequest MakeOffer(const Core& c) {
+    v1::OpenTransportRequest r;
+    r.set_protocol_version(kDeviceTransportProtocol);
+    r.set_host_id(c.host_id);
+    r.set_gpu_uuid(c.gpu_uuid);
+    r.set_nccl_version(NcclLink::Version());
+    r.set_layout_tag(c.layout);
+    r.set_state_fingerprint(StateFingerprint(c.config));
+    return r;
+  }
+
+  // Prefill side: rendezvous with the decode worker and join the communicator.
+  static absl::StatusOr<std::shared_ptr<NcclLink>> Open(const std::shared_ptr<Core>& core,
+                                                        const std::string& address,
+                                                        const std::shared_ptr<grpc::Channel>& channel) {
+    auto placeholder = std::make_shared<NcclLink>(0, core->access->device(), 0, address);
+    {
+      std::lock_guard<std::mutex> l(core->mu);
+      core->outgoing[address].push_back(placeholder);  // counts against links_per_peer
+    }
+    auto drop = [&](absl::Status s) {
+      placeholder->set_state(NcclLink::State::kDead);
+      core->Forget(placeholder);
+      return s;
+    };
+    auto stub = v1::Decode::NewStub(channel);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    v1::OpenTransportResponse resp;
+    const grpc::Status gs = stub->OpenTransport(&ctx, MakeOffer(*core), &resp);
+    if (!gs.ok()) {
+      if (gs.error_code() == grpc::StatusCode::UNIMPLEMENTED) {
+        std::lock_guard<std::mutex> l(core->mu);
+        core->grpc_only_until[address] = absl::Now() + absl::Seconds(60);
+      }
+      return drop(FromGrpcStatus(gs));
+    }
+    if (resp.transport() != "nccl") {
+      KL_LOG(INFO).Field("peer", address) << "device link refused, using gRPC: " << resp.reason();
+      std::lock_guard<std::mutex> l(core->mu);
+      core->grpc_only_until[address] = absl::Now() + absl::Seconds(60);
+      return drop(absl::UnavailableError(resp.reason()));
+    }
+    auto link = std::make_shared<NcclLink>(resp.link_id(), core->access->device(), 0, address);
+    {
+      std::lock_guard<std::mutex> l(core->mu);
+      auto& v = core->outgoing[address];
+      std::replace(v.begin(), v.end(), placeholder, link);
+      ++core->stats.links_opened;
+    }
+    const absl::Duration timeout =
+        std::min(core->options.init_timeout, absl::Seconds(resp.init_timeout_seconds()));
+    absl::Status s = link->Init(resp.nccl_unique_id(), timeout);
+    if (!s.ok()) {
+      KL_LOG(WARNING).Field("peer", address) << "device link init failed: " << s.ToString();
+      core->Forget(link);
+      return s;
+    }
+    KL_LOG(INFO).Field("peer", address).Field("link", link->id()) << "device link ready";
+    return link;
+  }
+
+  void DropOldestIdleLocked() {
+    std::shared_ptr<NcclLink> oldest;
+    for (const auto& [id, k] : core_->accepted) {
+      if (k->state() != NcclLink::State::kReady) continue;
+      if (oldest == nullptr || k->last_used() < oldest->last_used()) oldest = k;
+    }
+    if (oldest == nullptr) return;
+    core_->accepted.erase(oldest->id());
+    ++core_->stats.links_dropped;
+    std::thread([oldest] { oldest->Abort(); }).detach();
+  }
+
+  // Decode side: one group of receives per plan message, in plan order, with
+  // the checksum (and, for MLA, the scatter into the pages) right behind it.
+  absl::Status QueueReceives(NcclLink& link, const v1::DeviceTransfer& transfer,
+                             const SequenceState& state, int64_t pages) {
+    RETURN_IF_ERROR_T(cuda::CudaStatus(cudaSetDevice(link.device()), "cudaSetDevice"));
+    auto list = core_->access->SlotPages(state);
+    if (!list.ok()) return list.status();
+    if (static_cast<int64_t>(list->size()) < pages) return absl::InternalError("pages missing");
+    std::copy(list->begin(), list->begin() + pages, link.h_pages());
+    RETURN_IF_ERROR_T(cuda::CudaStatus(
+        cudaMemcpyAsync(link.d_pages(), link.h_pages(), pages * sizeof(int32_t),
+                        cudaMemcpyHostToDevice, link.stream()),
+        "page list"));
+    const int64_t messages = transfer.messages_size();
+    RETURN_IF_ERROR_T(cuda::CudaStatus(
+        cudaMemsetAsync(link.d_sums(), 0, messages * kMaxSpans * sizeof(uint64_t), link.stream()),
+        "checksum scratch"));
+    for (int64_t i = 0; i < messages; ++i) {
+      const v1::DeviceMessage& m = transfer.messages(static_cast<int>(i));
+      void* ptrs[kMaxSpans] = {};
+      int64_t bytes[kMaxSpans] = {};
+      int n = 0;
+      if (m.kda()) {
+        RETURN_IF_ERROR_T(KdaMessageSpans(*core_, state, m.layer(), ptrs, bytes, &n));
+        int64_t total = 0;
+        for (int j = 0; j < n; ++j) total += bytes[j];
+        if (total != m.bytes()) return absl::InternalError("KDA spans disagree with the plan");
+        RETURN_IF_ERROR_T(link.Recv(ptrs, bytes, n));
+        RETURN_IF_ERROR_T(QueueSums(link, ptrs, bytes, n, i * kMaxSpans));
+      } else {
+        ptrs[0] = link.staging();
+        bytes[0] = m.bytes();
+        RETURN_IF_ERROR_T(link.Recv(ptrs, bytes, 1));
+        RETURN_IF_ERROR_T(QueueSums(link, ptrs, bytes, 1, i * kMaxSpans));
+        auto paged = Paged(*core_, link, m.layer());
+        if (!paged.ok()) return paged.status();
+        RETURN_IF_ERROR_T(cuda::UnpackRows(link.staging(), m.row_begin(), m.row_end(), *paged,
+                                           link.stream()));
+      }
+    }
+    RETURN_IF_ERROR_T(cuda::CudaStatus(
+        cudaMemcpyAsync(link.h_sums(), link.d_sums(), messages * kMaxSpans * sizeof(uint64_t),
+                        cudaMemcpyDeviceToHost, link.stream()),
+        "checksums"));
+    return cuda::CudaStatus(cudaEventRecord(link.done(), link.stream()), "event");
+  }
+
+  const std::shared_ptr<Core> core_;
+};
+
+const bool kRegistered = RegisterDeviceTransport(
+    [](const ModelConfig& config, DeviceStateAccess* access,
+       const DeviceTransportOptions& options) -> absl::StatusOr<std::unique_ptr<DeviceTransport>> {
+      // NVLink multicast stays off (it can take a shared host's GPUs out of
+      // service); an operator's explicit setting wins.
+      setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/0);
+      auto core = std::make_shared<Core>();
+      core->config = config;
+      core->access = access;
+      core->options = options;
+      core->sizes.kda_layer_bytes = KdaLayerBytes(config);
+      core->sizes.latent_row_bytes = access->latent_row_bytes();
+      core->host_id = HostId();
+      core->gpu_uuid = GpuUuid(access->device());
+      core->layout = access->layout_tag();
+      KL_LOG(INFO).Field("nccl", NcclLink::Version()).Field("gpu", core->gpu_uuid.substr(0, 8))
+          << "NCCL device transport available";
+      return std::unique_ptr<DeviceTransport>(new NcclTransport(std::move(core)));
+    });
+
+}  // namespace
+}  // namespace kl

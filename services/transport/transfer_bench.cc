@@ -1,0 +1,289 @@
+// Device state transfer benchmark (issue: NCCL transport), on a machine with two
+// GPUs. One process: a decode worker (DecodeService + NCCL transport) on GPU 1
+// and prefill workers on GPU 0 serving the same synthetic model, all over real
+// gRPC on loopback, exactly as in the cluster.
+//  1. NCCL send/recv bandwidth GPU 0 -> GPU 1 (our own nccl-tests-style loop);
+//  2. for prompts of 4K / 32K / 128K tokens, the Prefill call of the router
+//     (prefill + state push until the decode worker has verified the state),
+//     three ways: NCCL layer by layer (overlapped with the next layers'
+//     compute), NCCL after the forward (ship-at-end), and the gRPC bundle.
+//     "tail" = call time - queue - prefill compute = last layer -> decode-ready.
+// Run: tools/gpu_run.sh --bundle //services/transport:transfer_bench, then on
+// the GPU machine `NCCL_NVLS_ENABLE=0 .bundle/bin/transfer_bench`.
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "engine/backend/cuda_backend.h"
+#include "engine/config/model_config.h"
+#include "engine/model/model.h"
+#include "engine/model/random_source.h"
+#include "proto/worker.grpc.pb.h"
+#include "services/common/server_util.h"
+#include "services/decode/decode_service.h"
+#include "services/prefill/prefill_service.h"
+#include "services/transport/device_transport.h"
+
+ABSL_FLAG(int, layers, 8, "first layers of the 48B shape (keeps the 3:1 KDA:MLA pattern)");
+ABSL_FLAG(std::string, prompts, "4096,32768,131072", "prompt lengths");
+ABSL_FLAG(int, reps, 2, "timed calls per (mode, prompt); the best is reported");
+ABSL_FLAG(int64_t, max_batch_tokens, 16384, "prefill chunk");
+
+namespace kl {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
+
+#define CHECK_NCCL(x)                                                              \
+  do {                                                                             \
+    ncclResult_t r_ = (x);                                                         \
+    if (r_ != ncclSuccess) {                                                       \
+      std::printf("NCCL error %s at %s\n", ncclGetErrorString(r_), #x);            \
+      std::exit(1);                                                                \
+    }                                                                              \
+  } while (0)
+
+// Best-of-5 time of one ncclSend (GPU 0) / ncclRecv (GPU 1) of `bytes`.
+void NcclPeak(const std::vector<int64_t>& sizes) {
+  ncclUniqueId id;
+  CHECK_NCCL(ncclGetUniqueId(&id));
+  ncclComm_t comms[2];
+  cudaStream_t streams[2];
+  void* bufs[2];
+  const int64_t max_bytes = *std::max_element(sizes.begin(), sizes.end());
+  std::vector<std::thread> init;
+  for (int r = 0; r < 2; ++r) {
+    init.emplace_back([&, r] {
+      cudaSetDevice(r);
+      cudaStreamCreateWithFlags(&streams[r], cudaStreamNonBlocking);
+      cudaMalloc(&bufs[r], max_bytes);
+      cudaMemset(bufs[r], r, max_bytes);
+      CHECK_NCCL(ncclCommInitRank(&comms[r], 2, id, r));
+    });
+  }
+  for (auto& t : init) t.join();
+  std::printf("\nNCCL send/recv GPU0 -> GPU1 (one message, best of 5)\n");
+  std::printf("%12s | %10s | %8s\n", "bytes", "ms", "GB/s");
+  for (int64_t bytes : sizes) {
+    double best = 1e30;
+    for (int it = 0; it < 6; ++it) {
+      const auto t0 = Clock::now();
+      std::vector<std::thread> th;
+      for (int r = 0; r < 2; ++r) {
+        th.emplace_back([&, r] {
+          cudaSetDevice(r);
+          if (r == 0) {
+            CHECK_NCCL(ncclSend(bufs[0], bytes, ncclUint8, 1, comms[0], streams[0]));
+          } else {
+            CHECK_NCCL(ncclRecv(bufs[1], bytes, ncclUint8, 0, comms[1], streams[1]));
+          }
+          cudaStreamSynchronize(streams[r]);
+        });
+      }
+      for (auto& t : th) t.join();
+      const double ms = Ms(Clock::now() - t0);
+      if (it > 0) best = std::min(best, ms);  // first: warm-up
+    }
+    std::printf("%12ld | %10.3f | %8.1f\n", static_cast<long>(bytes), best, bytes / (best * 1e6));
+  }
+  for (int r = 0; r < 2; ++r) {
+    cudaSetDevice(r);
+    ncclCommDestroy(comms[r]);
+    cudaFree(bufs[r]);
+  }
+}
+
+struct Worker {
+  std::unique_ptr<CudaBackend> backend;
+  std::unique_ptr<Model> model;
+};
+
+Worker MakeWorker(const ModelConfig& c, int device, int64_t max_seqs, int64_t max_rows) {
+  CudaBackendOptions o;
+  o.device = device;
+  o.max_seqs = max_seqs;
+  o.page_rows = 64;
+  o.latent_pages = max_seqs * ((max_rows + 63) / 64 + 2);
+  o.latent_dtype = DType::kBF16;
+  o.bf16_weights = true;
+  o.kda_tensor_cores = true;
+  o.mla_tensor_cores = true;
+  o.cuda_graphs = device == 1;
+  Worker w;
+  auto be = CudaBackend::Create(c, o);
+  if (!be.ok()) {
+    std::printf("backend: %s\n", be.status().ToString().c_str());
+    std::exit(1);
+  }
+  w.backend = std::move(*be);
+  auto m = Model::Create(c, SyntheticTensorSource(1), w.backend.get());
+  if (!m.ok()) {
+    std::printf("model: %s\n", m.status().ToString().c_str());
+    std::exit(1);
+  }
+  w.model = std::move(*m);
+  return w;
+}
+
+int Main() {
+  int gpus = 0;
+  cudaGetDeviceCount(&gpus);
+  if (gpus < 2) {
+    std::printf("transfer_bench needs two GPUs (found %d)\n", gpus);
+    return 0;
+  }
+  std::vector<int64_t> prompts;
+  for (absl::string_view p : absl::StrSplit(absl::GetFlag(FLAGS_prompts), ',')) {
+    int64_t v = 0;
+    if (absl::SimpleAtoi(p, &v) && v > 0) prompts.push_back(v);
+  }
+  const int64_t max_rows = *std::max_element(prompts.begin(), prompts.end()) + 16;
+  ModelConfig c = Kimi48BConfig();
+  c.num_hidden_layers = absl::GetFlag(FLAGS_layers);
+  c.layer_kinds.resize(c.num_hidden_layers);
+  for (int d = 0; d < 2; ++d) {
+    cudaDeviceProp p{};
+    cudaGetDeviceProperties(&p, d);
+    std::printf("GPU %d: %s\n", d, p.name);
+  }
+  std::printf("model: 48B shape, first %ld layers (%ld KDA + %ld MLA), bf16 weights + latents\n",
+              static_cast<long>(c.num_hidden_layers), static_cast<long>(c.NumKdaLayers()),
+              static_cast<long>(c.NumMlaLayers()));
+  NcclPeak({int64_t{2} << 20, int64_t{16} << 20, int64_t{64} << 20, int64_t{256} << 20,
+            int64_t{1} << 30});
+
+  Worker decode = MakeWorker(c, 1, 5, max_rows);
+  Worker prefill = MakeWorker(c, 0, 9, max_rows);
+
+  DeviceTransportOptions to;
+  to.sync_open = true;
+  auto decode_transport =
+      MakeDeviceTransport(c, decode.backend->device_state(), to).value();
+  if (decode_transport == nullptr) {
+    std::printf("no device transport linked\n");
+    return 1;
+  }
+  DecodeServiceOptions dso;
+  dso.slots = 4;
+  dso.transport = decode_transport.get();
+  DecodeService decode_service(decode.model.get(), 0, dso);
+  ServerOptions so;
+  auto decode_server = StartServer(so, {&decode_service}).value();
+  const std::string decode_addr = "127.0.0.1:" + std::to_string(decode_server.port);
+  auto decode_stub = v1::Decode::NewStub(
+      grpc::CreateChannel(decode_addr, grpc::InsecureChannelCredentials()));
+
+  struct Mode {
+    const char* name;
+    std::unique_ptr<DeviceTransport> transport;
+    std::unique_ptr<PrefillService> service;
+    std::unique_ptr<RunningServer> server;
+    std::unique_ptr<v1::Prefill::Stub> stub;
+  };
+  std::vector<Mode> modes(3);
+  modes[0].name = "nccl, layer by layer";
+  modes[1].name = "nccl, ship at end";
+  modes[2].name = "grpc bundle (bf16)";
+  for (int i = 0; i < 3; ++i) {
+    DeviceTransportOptions po = to;
+    po.ship_at_end = i == 1;
+    if (i < 2) modes[i].transport = MakeDeviceTransport(c, prefill.backend->device_state(), po).value();
+    PrefillServiceOptions pso;
+    pso.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
+    pso.bundle_dtype = DType::kBF16;
+    pso.transport = modes[i].transport.get();
+    modes[i].service = std::make_unique<PrefillService>(prefill.model.get(), 0, pso);
+    modes[i].server = std::make_unique<RunningServer>(StartServer(so, {modes[i].service.get()}).value());
+    modes[i].stub = v1::Prefill::NewStub(grpc::CreateChannel(
+        "127.0.0.1:" + std::to_string(modes[i].server->port), grpc::InsecureChannelCredentials()));
+  }
+
+  auto call = [&](Mode& m, int64_t tokens, v1::PrefillResponse* resp) -> double {
+    grpc::ClientContext rc;
+    v1::ReserveRequest rr;
+    rr.set_request_id("bench");
+    rr.set_max_total_tokens(tokens + 8);
+    v1::ReserveResponse lease;
+    if (!decode_stub->Reserve(&rc, rr, &lease).ok()) return -1;
+    v1::PrefillRequest pr;
+    pr.set_request_id("bench");
+    for (int64_t t = 0; t < tokens; ++t) pr.add_token_ids(static_cast<int32_t>((t * 7919) % 50000 + 10));
+    pr.mutable_sampling()->set_temperature(0);
+    pr.mutable_target()->set_address(decode_addr);
+    pr.mutable_target()->set_lease_id(lease.lease_id());
+    grpc::ClientContext pc;
+    pc.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(300));
+    const auto t0 = Clock::now();
+    const grpc::Status s = m.stub->Prefill(&pc, pr, resp);
+    const double ms = Ms(Clock::now() - t0);
+    grpc::ClientContext lc;
+    v1::ReleaseRequest rel;
+    rel.set_lease_id(lease.lease_id());
+    v1::ReleaseResponse rr2;
+    decode_stub->Release(&lc, rel, &rr2);
+    if (!s.ok()) {
+      std::printf("  %s T=%ld: %s\n", m.name, static_cast<long>(tokens), s.error_message().c_str());
+      return -1;
+    }
+    return ms;
+  };
+
+  // Warm-up: links, arenas, kernels.
+  for (auto& m : modes) {
+    v1::PrefillResponse r;
+    call(m, 512, &r);
+  }
+  std::printf("\nPrefill call = prefill + state transfer until the decode worker verified it\n");
+  std::printf("%-22s | %7s | %9s | %9s | %9s | %10s | %8s\n", "mode", "T", "call ms",
+              "prefill", "tail ms", "state MB", "tail GB/s");
+  for (int64_t t : prompts) {
+    for (auto& m : modes) {
+      double best = 1e30, best_prefill = 0, best_tail = 0;
+      int64_t bytes = 0;
+      for (int rep = 0; rep < absl::GetFlag(FLAGS_reps); ++rep) {
+        v1::PrefillResponse r;
+        const double ms = call(m, t, &r);
+        if (ms < 0) continue;
+        if (ms < best) {
+          best = ms;
+          best_prefill = r.prefill_seconds() * 1e3;
+          best_tail = ms - r.queue_seconds() * 1e3 - best_prefill;
+          bytes = r.transfer_bytes();
+        }
+      }
+      std::printf("%-22s | %7ld | %9.1f | %9.1f | %9.2f | %10.1f | %8.1f\n", m.name,
+                  static_cast<long>(t), best, best_prefill, best_tail, bytes / 1e6,
+                  best_tail > 0 ? bytes / (best_tail * 1e6) : 0.0);
+    }
+  }
+  const DeviceTransportStats ds = decode_transport->Stats();
+  std::printf("\ndecode transport: %ld transfers ok, %ld failed, %.1f MB\n",
+              static_cast<long>(ds.transfers_ok), static_cast<long>(ds.transfers_failed),
+              ds.bytes / 1e6);
+  for (auto& m : modes) {
+    m.server->server->Shutdown();
+    m.service.reset();
+  }
+  decode_server.server->Shutdown();
+  return 0;
+}
+
+}  // namespace
+}  // namespace kl
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  return kl::Main();
+}

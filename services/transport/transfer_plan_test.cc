@@ -1,0 +1,112 @@
+#include "services/transport/transfer_plan.h"
+
+#include "gtest/gtest.h"
+
+namespace kl {
+namespace {
+
+google::protobuf::RepeatedPtrField<v1::DeviceMessage> Field(const std::vector<v1::DeviceMessage>& v) {
+  google::protobuf::RepeatedPtrField<v1::DeviceMessage> f;
+  for (const auto& m : v) *f.Add() = m;
+  return f;
+}
+
+PlanSizes Sizes(const ModelConfig& c) { return {KdaLayerBytes(c), 1152}; }
+
+TEST(TransferPlan, OneChunkFollowsLayerOrder) {
+  const ModelConfig c = TinyConfig();
+  const auto plan = BuildTransferPlan(c, 100, 4096, Sizes(c));
+  ASSERT_EQ(static_cast<int64_t>(plan.size()), c.num_hidden_layers);
+  int64_t total = 0;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    EXPECT_EQ(plan[l].layer(), l);
+    EXPECT_EQ(plan[l].kda(), c.IsKda(l));
+    if (!c.IsKda(l)) {
+      EXPECT_EQ(plan[l].row_begin(), 0);
+      EXPECT_EQ(plan[l].row_end(), 100);
+      EXPECT_EQ(plan[l].bytes(), 100 * 1152);
+    } else {
+      EXPECT_EQ(plan[l].bytes(), KdaLayerBytes(c));
+    }
+    total += plan[l].bytes();
+  }
+  PlanSummary s;
+  ASSERT_TRUE(ValidateTransferPlan(Field(plan), c, 100, Sizes(c), &s).ok());
+  EXPECT_EQ(s.total_bytes, total);
+  EXPECT_EQ(s.max_mla_bytes, 100 * 1152);
+}
+
+TEST(TransferPlan, ChunkedShipsMlaRowsPerChunkAndKdaOnceAtTheEnd) {
+  const ModelConfig c = TinyConfig();
+  const auto plan = BuildTransferPlan(c, 250, 100, Sizes(c));
+  const int64_t kda = c.NumKdaLayers(), mla = c.NumMlaLayers();
+  ASSERT_EQ(static_cast<int64_t>(plan.size()), 3 * mla + kda);
+  // KDA messages only in the last chunk: after every MLA message of rows < 200.
+  int64_t first_kda = -1, last_early_mla = -1;
+  for (size_t i = 0; i < plan.size(); ++i) {
+    if (plan[i].kda() && first_kda < 0) first_kda = static_cast<int64_t>(i);
+    if (!plan[i].kda() && plan[i].row_begin() < 200) last_early_mla = static_cast<int64_t>(i);
+  }
+  EXPECT_GT(first_kda, last_early_mla);
+  PlanSummary s;
+  ASSERT_TRUE(ValidateTransferPlan(Field(plan), c, 250, Sizes(c), &s).ok());
+  EXPECT_EQ(s.max_mla_bytes, 100 * 1152);
+}
+
+TEST(TransferPlan, ValidationRefusesEveryMalformedPlan) {
+  const ModelConfig c = TinyConfig();
+  const auto good = BuildTransferPlan(c, 64, 4096, Sizes(c));
+  int64_t mla_at = -1, kda_at = -1;
+  for (size_t i = 0; i < good.size(); ++i) (good[i].kda() ? kda_at : mla_at) = static_cast<int64_t>(i);
+  ASSERT_GE(mla_at, 0);
+  ASSERT_GE(kda_at, 0);
+  auto expect_bad = [&](std::vector<v1::DeviceMessage> p, const char* what) {
+    absl::Status s = ValidateTransferPlan(Field(p), c, 64, Sizes(c), nullptr);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << what << ": " << s;
+  };
+  {
+    auto p = good;
+    p.erase(p.begin() + kda_at);
+    expect_bad(p, "missing KDA layer");
+  }
+  {
+    auto p = good;
+    p.push_back(good[kda_at]);
+    expect_bad(p, "KDA layer twice");
+  }
+  {
+    auto p = good;
+    p[kda_at].set_bytes(p[kda_at].bytes() - 4);
+    expect_bad(p, "KDA size");
+  }
+  {
+    auto p = good;
+    p[mla_at].set_row_end(63);
+    p[mla_at].set_bytes(63 * 1152);
+    expect_bad(p, "MLA rows short");
+  }
+  {
+    auto p = good;
+    p[mla_at].set_bytes(p[mla_at].bytes() + 1152);
+    expect_bad(p, "MLA bytes");
+  }
+  {
+    auto p = good;
+    p[mla_at].set_kda(true);
+    expect_bad(p, "kind");
+  }
+  {
+    auto p = good;
+    p[0].set_layer(static_cast<int32_t>(c.num_hidden_layers));
+    expect_bad(p, "layer range");
+  }
+  {
+    auto p = good;
+    p.push_back(good[mla_at]);
+    expect_bad(p, "MLA rows twice");
+  }
+  expect_bad({}, "empty");
+}
+
+}  // namespace
+}  // namespace kl

@@ -1,0 +1,179 @@
+// The NCCL state transfer end to end on two GPUs: kl-router, kl-prefill-cuda on
+// GPU 0 and kl-decode-cuda on GPU 1 (tools/kl/local_cluster.h numbers GPU
+// workers prefill first), the embedded tiny model, and the single-process GPU
+// engine as the oracle. Skips without two GPUs.
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "gtest/gtest.h"
+#include "proto/worker.grpc.pb.h"
+#include "tests/common/tiny_oracle.h"
+#include "tools/kl/client.h"
+#include "tools/kl/local_cluster.h"
+
+namespace kl {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+bool TwoGpus() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n >= 2;
+}
+
+std::string TmpDir() {
+  const char* t = std::getenv("TEST_TMPDIR");
+  return t != nullptr ? t : "/tmp";
+}
+std::string ModelDir() { return TmpDir() + "/tiny_nccl"; }
+
+// The single-process engine on GPU 0, same fast paths as the workers.
+testing::TinyOracle& Oracle() {
+  static auto* o = [] {
+    BackendSpec spec;
+    spec.name = "cuda";
+    spec.device = 0;
+    spec.fast = true;
+    spec.max_seqs = 4;
+    return new testing::TinyOracle(ModelDir(), /*seed=*/7, /*threads=*/0, spec);
+  }();
+  return *o;
+}
+
+std::string Prompt(int words, int seed) {
+  std::string s;
+  const char* vocab[] = {"alpha", "beta", "KDA", "state", "decode", "prefill", "的", "模型", "42", "\n"};
+  for (int i = 0; i < words; ++i) {
+    s += vocab[(i * 7 + seed * 13 + i / 3) % 10];
+    s += ' ';
+  }
+  return s;
+}
+
+v1::GenerateRequest Req(const std::string& prompt, int64_t max_tokens) {
+  v1::GenerateRequest r;
+  r.set_text(prompt);
+  r.mutable_sampling()->set_temperature(0);
+  r.mutable_sampling()->set_max_tokens(max_tokens);
+  r.mutable_sampling()->set_ignore_eos(true);
+  return r;
+}
+
+v1::WorkerStats DecodeStats(const std::string& addr) {
+  auto stub = v1::Decode::NewStub(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  v1::WorkerStats s;
+  EXPECT_TRUE(stub->Stats(&ctx, v1::WorkerStatsRequest(), &s).ok());
+  return s;
+}
+
+bool DecodeIdle(LocalCluster& c, double seconds) {
+  const auto until = Clock::now() + std::chrono::duration<double>(seconds);
+  while (Clock::now() < until) {
+    const v1::WorkerStats s = DecodeStats(c.decode_address(0));
+    if (s.slots_used() == 0 && s.leases_active() == 0 && s.transfers_in_flight() == 0 &&
+        s.running() == 0) {
+      return true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return false;
+}
+
+std::unique_ptr<LocalCluster> Start(std::vector<std::string> prefill_args) {
+  Oracle();  // makes the model folder
+  LocalClusterOptions o;
+  o.model_dir = ModelDir();
+  o.prefill_workers = 1;
+  o.decode_workers = 1;
+  o.decode_slots = 8;
+  o.worker_backend = "cuda";
+  // Prompts over 48 tokens take the chunked path (MLA rows shipped per chunk).
+  prefill_args.push_back("--max_batch_tokens=48");
+  prefill_args.push_back("--nccl_sync_open");
+  o.prefill_args = std::move(prefill_args);
+  o.log_dir = TmpDir();
+  auto c = std::make_unique<LocalCluster>(o);
+  const absl::Status s = c->Start();
+  EXPECT_TRUE(s.ok()) << s;
+  return c;
+}
+
+TEST(NcclTransfer, GreedyTokensEqualTheSingleProcessGpuEngine) {
+  if (!TwoGpus()) GTEST_SKIP() << "needs two GPUs";
+  auto c = Start({});
+  GenerationClient client(c->router_address());
+  const std::vector<std::string> prompts = {"Once upon a time", Prompt(20, 1), Prompt(150, 2),
+                                            Prompt(400, 3)};
+  int64_t done = 0;
+  for (const std::string& p : prompts) {
+    StreamResult r = client.Generate(Req(p, 24), 120);
+    ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+    EXPECT_EQ(r.tokens, Oracle().Greedy(p, 24, true)) << p.size();
+    ++done;
+  }
+  // Concurrent requests: several transfers to one decode worker at once.
+  std::vector<StreamResult> results(6);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 6; ++i) {
+    threads.emplace_back([&, i] { results[i] = client.Generate(Req(Prompt(10 + 40 * i, i), 16), 120); });
+  }
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < 6; ++i) {
+    ASSERT_TRUE(results[i].status.ok()) << i << ": " << results[i].status.error_message();
+    EXPECT_EQ(results[i].tokens, Oracle().Greedy(Prompt(10 + 40 * i, i), 16, true)) << i;
+    ++done;
+  }
+  const v1::WorkerStats s = DecodeStats(c->decode_address(0));
+  EXPECT_GE(s.device_links(), 1);
+  // Every sequential request went over NCCL; concurrent ones may exceed the
+  // links (4 per peer) and go over gRPC.
+  EXPECT_GE(s.device_transfers(), static_cast<int64_t>(prompts.size()));
+  EXPECT_EQ(s.device_transfer_failures(), 0);
+  EXPECT_EQ(s.integrity_failures(), 0);
+  EXPECT_TRUE(DecodeIdle(*c, 10));
+}
+
+TEST(NcclTransfer, CutTransferIsRefusedAndRetried) {
+  if (!TwoGpus()) GTEST_SKIP() << "needs two GPUs";
+  // Every second push stops half way and aborts its link.
+  auto c = Start({"--fault_inject_state=cut", "--fault_inject_every=2"});
+  GenerationClient client(c->router_address());
+  for (int i = 0; i < 4; ++i) {
+    const std::string p = Prompt(30 + 50 * i, i);
+    StreamResult r = client.Generate(Req(p, 12), 120);
+    ASSERT_TRUE(r.status.ok()) << i << ": " << r.status.error_message();
+    EXPECT_EQ(r.tokens, Oracle().Greedy(p, 12, true)) << i;
+  }
+  const v1::WorkerStats s = DecodeStats(c->decode_address(0));
+  EXPECT_GE(s.device_transfer_failures(), 1);  // the cut transfers were refused
+  EXPECT_GE(s.device_transfers(), 4);          // and their retries went through
+  EXPECT_TRUE(DecodeIdle(*c, 10));
+}
+
+TEST(NcclTransfer, ChecksumMismatchIsRefusedAndRetried) {
+  if (!TwoGpus()) GTEST_SKIP() << "needs two GPUs";
+  auto c = Start({"--fault_inject_state=corrupt", "--fault_inject_every=2"});
+  GenerationClient client(c->router_address());
+  for (int i = 0; i < 4; ++i) {
+    const std::string p = Prompt(25 + 40 * i, i + 5);
+    StreamResult r = client.Generate(Req(p, 12), 120);
+    ASSERT_TRUE(r.status.ok()) << i << ": " << r.status.error_message();
+    EXPECT_EQ(r.tokens, Oracle().Greedy(p, 12, true)) << i;
+  }
+  const v1::WorkerStats s = DecodeStats(c->decode_address(0));
+  EXPECT_GE(s.integrity_failures(), 1);
+  EXPECT_GE(s.device_transfers(), 4);
+  EXPECT_TRUE(DecodeIdle(*c, 10));
+}
+
+}  // namespace
+}  // namespace kl
