@@ -28,8 +28,8 @@ for t in "$@"; do
 done
 chmod -R u+w "$BUNDLE"
 # What travels is capped (64 MiB with the checkout): strip the binaries and gzip
-# the big libraries (OpenBLAS is 36 MB); tools/gpu_run.sh unpacks them.
+# every file over 1 MB (OpenBLAS is 36 MB); tools/gpu_run.sh unpacks them.
 strip --strip-unneeded "$BUNDLE"/bin/* 2>/dev/null || true
-find "$BUNDLE/lib" -type f ! -name '*.gz' -size +8M -exec gzip -9f {} \;
+find "$BUNDLE/lib" "$BUNDLE/bin" -type f ! -name '*.gz' -size +1M -exec gzip -9f {} \;
 du -sh "$BUNDLE" >&2
 ls "$BUNDLE/bin" >&2

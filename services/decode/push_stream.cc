@@ -179,11 +179,12 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
       bytes_ += static_cast<int64_t>(part_.frame().size());
       return absl::OkStatus();
     }
-    if (!part_.frame().empty() || !part_.device_done()) {
+    if (!part_.frame().empty()) {
       return Fail(absl::InvalidArgumentError(
                       "a device transfer carries no frames after its header, only device_done"),
                   false);
     }
+    if (!part_.device_done()) return absl::OkStatus();  // progress: the lease was renewed
     checksums_.assign(part_.device_checksums().begin(), part_.device_checksums().end());
     device_done_ = true;
     return absl::OkStatus();

@@ -313,15 +313,24 @@ void StatePusher::RunDevice() {
     result.bytes += static_cast<int64_t>(part.frame().size());
     if (!stream->Write(part)) failed_ = true;
   }
+  // While the forward runs the stream carries nothing else: a progress message
+  // every second keeps the lease renewed through long prefills.
   bool finishing = false;
-  if (!failed_) {
-    absl::MutexLock l(&mu_);
-    mu_.Await(absl::Condition(
-        +[](StatePusher* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) {
-          return p->finish_ || p->cancel_.has_value();
-        },
-        this));
-    finishing = !cancel_.has_value();
+  while (!failed_) {
+    bool woke;
+    {
+      absl::MutexLock l(&mu_);
+      woke = mu_.AwaitWithTimeout(
+          absl::Condition(
+              +[](StatePusher* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) {
+                return p->finish_ || p->cancel_.has_value();
+              },
+              this),
+          absl::Seconds(1));
+      finishing = woke && !cancel_.has_value();
+    }
+    if (woke) break;
+    if (!stream->Write(v1::StatePart())) failed_ = true;
   }
   if (finishing) {
     absl::StatusOr<std::vector<uint64_t>> sums = device.Complete();

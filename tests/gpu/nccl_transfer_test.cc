@@ -100,7 +100,8 @@ std::unique_ptr<LocalCluster> Start(std::vector<std::string> prefill_args) {
   prefill_args.push_back("--max_batch_tokens=48");
   prefill_args.push_back("--nccl_sync_open");
   o.prefill_args = std::move(prefill_args);
-  o.log_dir = TmpDir();
+  const char* out = std::getenv("TEST_UNDECLARED_OUTPUTS_DIR");
+  o.log_dir = out != nullptr ? out : TmpDir();
   auto c = std::make_unique<LocalCluster>(o);
   const absl::Status s = c->Start();
   EXPECT_TRUE(s.ok()) << s;
