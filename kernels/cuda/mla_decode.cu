@@ -82,35 +82,6 @@ __host__ __device__ inline TcLayout MakeTcLayout(int D, int M) {
   return t;
 }
 
-// mbarrier / bulk-copy wrappers (sm_90).
-__device__ __forceinline__ void MbarInit(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(count));
-}
-__device__ __forceinline__ void MbarExpectTx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)),
-               "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  while (!done) {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        " selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(SmemAddr(bar)), "r"(parity)
-        : "memory");
-  }
-}
-// Bulk global -> shared copy (size and addresses multiples of 16) completing on `bar`.
-__device__ __forceinline__ void BulkCopy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-          SmemAddr(dst)),
-      "l"(src), "r"(bytes), "r"(SmemAddr(bar))
-      : "memory");
-}
-
 // Warp 0 issues tile `t` of the range into `dst_tile`: lane r owns rows r and r + 32
 // (one block-table lookup each), copies each with one bulk copy (the copy engine, not
 // the load/store units, so the bytes in flight per SM are not capped by them), or
@@ -412,6 +383,17 @@ cudaError_t LaunchTcM(const DecodeArgs& a, int N, cudaStream_t stream) {
 
 }  // namespace
 
+namespace {
+bool UsesWgmma(const MlaDecodeParams& p) {
+  return p.kernel == MlaDecodeParams::Kernel::kAuto && MlaDecodeUsesTensorCores(p) &&
+         DecodeWgSupported(p);
+}
+}  // namespace
+
+const char* MlaDecodeKernelName(const MlaDecodeParams& p) {
+  return UsesWgmma(p) ? "wgmma" : MlaDecodeUsesTensorCores(p) ? "mma" : "simt";
+}
+
 bool MlaDecodeUsesTensorCores(const MlaDecodeParams& p) {
   const MlaPagedCache& c = p.cache;
   if (c.dtype != DType::kBF16 || p.num_heads < 1 || p.num_heads > 32) return false;
@@ -499,7 +481,9 @@ absl::Status MlaDecodeAttention(const MlaDecodeParams& p, void* workspace, size_
   const int N = static_cast<int>(p.num_seqs);
 
   cudaError_t err;
-  if (tc) {
+  if (tc && UsesWgmma(p)) {
+    err = LaunchDecodeWg(a, N, stream);
+  } else if (tc) {
     err = TcHeadTiles(p.num_heads) == 1 ? LaunchTcM<1>(a, N, stream) : LaunchTcM<2>(a, N, stream);
   } else {
     err = LaunchDecodeSimt(a, N, p.cache.dtype == DType::kF32, stream);

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -412,13 +413,28 @@ struct DecodeCase {
   int expect_tc = -1;  // 1 / 0: the case must (not) take the tensor-core path; -1: either
   double tol = kFp32RelTol;
   bool graph = false;  // also replay the launch from a captured CUDA graph
+  MlaDecodeParams::Kernel kernel = MlaDecodeParams::Kernel::kAuto;
+  const char* expect_kernel = nullptr;  // on a compute capability 9.0 device: this kernel
+  // Block-table entries (sequence, page index) replaced by `hole_id` (unmapped pages
+  // inside a sequence: their rows are not attended to).
+  std::vector<std::pair<int64_t, int64_t>> holes;
+  int32_t hole_id = -1;
 };
+
+bool DeviceIsSm90() {
+  int dev = 0, major = 0, minor = 0;
+  return cudaGetDevice(&dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
+         major == 9 && minor == 0;
+}
 
 void RunDecode(const DecodeCase& dc, int64_t num_splits, uint64_t seed) {
   Rng rng(seed);
   const int64_t N = static_cast<int64_t>(dc.lens.size()), H = dc.H, D = dc.latent + dc.rope;
   std::vector<int64_t> lens64(dc.lens.begin(), dc.lens.end());
-  const HostCache h = MakeCache(rng, dc.dtype, dc.page_size, dc.latent, dc.rope, lens64);
+  HostCache h = MakeCache(rng, dc.dtype, dc.page_size, dc.latent, dc.rope, lens64);
+  for (const auto& [seq, page] : dc.holes) h.table[seq * h.max_pages + page] = dc.hole_id;
   std::vector<float> q = Normals(rng, N * H * D, dc.q_scale);
   const double scale = 1.0 / std::sqrt(192.0);
 
@@ -435,9 +451,14 @@ void RunDecode(const DecodeCase& dc, int64_t num_splits, uint64_t seed) {
   p.scale = static_cast<float>(scale);
   p.max_seq_len_hint = *std::max_element(dc.lens.begin(), dc.lens.end());
   p.num_splits = num_splits;
+  p.kernel = dc.kernel;
   const bool tc = MlaDecodeUsesTensorCores(p);
+  const char* kname = MlaDecodeKernelName(p);
   if (dc.expect_tc >= 0) {
     ASSERT_EQ(tc, dc.expect_tc == 1);
+  }
+  if (dc.expect_kernel != nullptr && DeviceIsSm90()) {
+    ASSERT_STREQ(kname, dc.expect_kernel);
   }
   DeviceBuffer ws(MlaDecodeWorkspaceBytes(p));
   ASSERT_TRUE(ws.ok());
@@ -465,11 +486,12 @@ void RunDecode(const DecodeCase& dc, int64_t num_splits, uint64_t seed) {
       worst = std::max(worst, err);
       EXPECT_LE(err, dc.tol) << what << ": sequence " << n << " (len " << dc.lens[n]
                              << "), splits " << MlaDecodeNumSplits(p)
-                             << (tc ? ", tensor cores" : ", SIMT");
+                             << ", kernel " << kname;
     }
-    std::printf("decode %s H=%ld latent=%ld splits=%ld %s: worst rel err %.2e (tol %.0e)\n", what,
-                static_cast<long>(H), static_cast<long>(dc.latent),
-                static_cast<long>(MlaDecodeNumSplits(p)), tc ? "tc" : "simt", worst, dc.tol);
+    std::printf("decode %s H=%ld latent=%ld rope=%ld page=%ld splits=%ld %s: worst rel err %.2e (tol %.0e)\n",
+                what, static_cast<long>(H), static_cast<long>(dc.latent), static_cast<long>(dc.rope),
+                static_cast<long>(dc.page_size), static_cast<long>(MlaDecodeNumSplits(p)), kname,
+                worst, dc.tol);
   };
   cudaStream_t s;
   ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
@@ -517,7 +539,42 @@ TEST(MlaDecode, Bf16TensorCoresModelDims) {
   dc.expect_tc = 1;
   dc.tol = kBf16RelTol;
   dc.graph = true;
+  dc.expect_kernel = "wgmma";
   for (int64_t splits : {0, 1, 5}) RunDecode(dc, splits, 41 + splits);
+  // The same on the mma.sync kernel (the path of the shapes wgmma does not take).
+  dc.kernel = MlaDecodeParams::Kernel::kMmaSync;
+  dc.expect_kernel = "mma";
+  for (int64_t splits : {0, 1, 5}) RunDecode(dc, splits, 44 + splits);
+}
+// Edge cases of the wgmma kernel: one sequence, contexts shorter than a tile / not a
+// multiple of it / one past it, TMA boxes of 8, 16 and 64 rows (page 8, 24, 16, 64, 128),
+// unmapped pages inside a sequence (-1 and an id past the pool), heads 1 / 20 / 32,
+// the other latent / rope shapes, forced and auto splits.
+TEST(MlaDecode, Bf16WgmmaEdgeCases) {
+  SKIP_WITHOUT_GPU();
+  auto wg = [](std::vector<int32_t> lens, int64_t H, int64_t latent, int64_t rope, int64_t page) {
+    DecodeCase dc{DType::kBF16, std::move(lens), H, latent, rope, page};
+    dc.expect_tc = 1;
+    dc.tol = kBf16RelTol;
+    dc.expect_kernel = "wgmma";
+    return dc;
+  };
+  uint64_t seed = 100;
+  for (int32_t len : {1, 63, 64, 65, 4097}) {  // B = 1
+    for (int64_t splits : {0, 1, 3}) RunDecode(wg({len}, 32, 512, 64, 64), splits, ++seed);
+  }
+  for (int64_t splits : {0, 1, 3}) RunDecode(wg(kMixedLens, 32, 512, 64, 16), splits, ++seed);
+  RunDecode(wg({5, 200, 777, 0}, 20, 512, 64, 8), 0, ++seed);
+  RunDecode(wg({5, 200, 777}, 20, 512, 64, 24), 2, ++seed);
+  RunDecode(wg({1, 130, 1000}, 1, 512, 64, 128), 0, ++seed);
+  DecodeCase holes = wg({1000, 300, 129}, 32, 512, 64, 64);
+  holes.holes = {{0, 3}, {1, 0}, {2, 2}};  // mid-sequence, first page, the partial last page
+  for (int64_t splits : {0, 1, 4}) RunDecode(holes, splits, ++seed);
+  holes.hole_id = 1 << 30;  // outside the pool
+  RunDecode(holes, 0, ++seed);
+  for (int64_t latent : {64, 128, 256}) {
+    for (int64_t rope : {0, 64}) RunDecode(wg(kMixedLens, 8, latent, rope, 16), 0, ++seed);
+  }
 }
 TEST(MlaDecode, Bf16TensorCoresSmallShapes) {
   SKIP_WITHOUT_GPU();
@@ -547,6 +604,8 @@ TEST(MlaDecode, LargeMagnitudeScores) {
   bf.expect_tc = 1;
   bf.tol = kBf16RelTol;
   RunDecode(bf, 0, 72);
+  bf.kernel = MlaDecodeParams::Kernel::kMmaSync;
+  RunDecode(bf, 0, 73);
 }
 
 // ----------------------------------------------------------------------------------
