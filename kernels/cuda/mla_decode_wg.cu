@@ -13,11 +13,13 @@
 //
 // CTA = one (split, sequence), 160 threads, ~190 KB of shared memory (one CTA per SM):
 //  - warp 4, the producer: per 64-row tile, one block-table lookup per TMA box (box =
-//    gcd(page_size, 64) rows x 64 columns, never straddling a page), the tile's row mask,
-//    then D / 64 boxes per box row (cp.async.bulk.tensor.2d) into a 2-stage ring guarded
-//    by full / empty mbarriers. Boxes past the range or on unmapped pages are pointed
-//    outside the tensor map, which the TMA unit fills with zeros (no bytes read);
-//  - warps 0-3, one consumer warpgroup: scores (fp32 in registers), online softmax in the
+//    gcd(page_size, 64) rows x 64 columns, never straddling a page), then D / 64 boxes
+//    per box row (cp.async.bulk.tensor.2d) into a 2-stage ring guarded by full / empty
+//    mbarriers. Boxes past the range or on unmapped pages are pointed outside the tensor
+//    map, which the TMA unit fills with zeros (no bytes read);
+//  - warps 0-3, one consumer warpgroup: each thread looks up whether its 2 score rows are
+//    attended to (in range, mapped page: the producer's rule) before waiting for the
+//    tile; scores (fp32 in registers), online softmax in the
 //    exp2 domain per head (column max over the 64 rows: shuffles inside a warp, shared
 //    memory across the 4 warps), P rounded to bf16 (the running sum adds exactly the
 //    rounded weights), O^T += V^T P^T with the [dl][32] fp32 accumulator in registers
@@ -53,7 +55,7 @@ constexpr uint32_t kQChunk = kWgHeads * 128;      // one 64-column chunk of q (4
 constexpr int kBarConsumers = 1;                  // named barrier of the consumer warpgroup
 
 struct WgLayout {
-  uint32_t kv, q, p, red, mask, bar, total;  // byte offsets from the 1024-aligned base
+  uint32_t kv, q, p, red, bar, total;  // byte offsets from the 1024-aligned base
 };
 __host__ __device__ constexpr WgLayout MakeWgLayout(int nc) {
   WgLayout L{};
@@ -61,8 +63,7 @@ __host__ __device__ constexpr WgLayout MakeWgLayout(int nc) {
   L.q = L.kv + kWgStages * nc * kChunk;
   L.p = L.q + nc * kQChunk;
   L.red = L.p + kWgHeads * 128;
-  L.mask = L.red + 4 * kWgHeads * 4;
-  L.bar = L.mask + kWgStages * 8;
+  L.bar = L.red + 4 * kWgHeads * 4;
   L.total = L.bar + 2 * kWgStages * 8 + 1024;  // + slack for aligning the base to 1024
   return L;
 }
@@ -107,7 +108,6 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   unsigned char* smem = smem_raw + (base - raw);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L.bar);
   uint64_t* empty = full + kWgStages;
-  uint64_t* tile_mask = reinterpret_cast<uint64_t*>(smem + L.mask);
   float* red = reinterpret_cast<float*>(smem + L.red);  // [4 warps][32 heads]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -133,27 +133,15 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     const int nbox = kWgRows / box_rows;  // lane b < nbox owns box row b of every tile
     for (int t = 0; t < ntiles; ++t) {
       const int stage = t % kWgStages;
-      // Lookups first: they do not depend on the stage being free.
+      // The lookup first: it does not depend on the stage being free.
       int row = oob_row;  // outside the tensor map: zero fill, no bytes read
-      uint64_t bits = 0;
       if (lane < nbox) {
         const int64_t pos = rg.begin + static_cast<int64_t>(t) * kWgRows + lane * box_rows;
-        if (pos < rg.end) {
-          const int64_t phys = PhysRow32(a.c, n, static_cast<int>(pos));  // box stays in this page
-          if (phys >= 0) {
-            row = static_cast<int>(phys);
-            const int64_t nv = rg.end - pos < box_rows ? rg.end - pos : box_rows;
-            bits = (nv >= 64 ? ~uint64_t{0} : (uint64_t{1} << nv) - 1) << (lane * box_rows);
-          }
-        }
+        const int64_t phys = pos < rg.end ? PhysRow32(a.c, n, static_cast<int>(pos)) : -1;
+        if (phys >= 0) row = static_cast<int>(phys);  // the whole box lies in this page
       }
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) bits |= __shfl_xor_sync(0xffffffffu, bits, off);
       if (t >= kWgStages) MbarWait(&empty[stage], (t / kWgStages - 1) & 1);  // tile t-2 consumed
-      if (lane == 0) {
-        tile_mask[stage] = bits;  // published by the arrive below (release), read after the wait
-        MbarExpectTx(&full[stage], kStage);
-      }
+      if (lane == 0) MbarExpectTx(&full[stage], kStage);
       __syncwarp();
       if (lane < nbox) {
         const uint32_t dst = base + L.kv + stage * kStage + lane * box_rows * 128;
@@ -203,9 +191,13 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   for (int t = 0; t < ntiles; ++t) {
     const int stage = t % kWgStages;
     const uint32_t kv = base + L.kv + stage * kStage;
+    // Rows r0 and r0 + 8 attended to: inside the range and on a mapped page (the lookups
+    // are in flight while the tile lands).
+    const int64_t t0 = rg.begin + static_cast<int64_t>(t) * kWgRows, p0 = t0 + r0, p1 = p0 + 8;
+    const bool ok0 = p0 < rg.end && PhysRow32(a.c, n, static_cast<int>(p0)) >= 0;
+    const bool ok1 = p1 < rg.end && PhysRow32(a.c, n, static_cast<int>(p1)) >= 0;
     MbarWait(&full[stage], (t / kWgStages) & 1);
-    const uint64_t bits = tile_mask[stage];
-    const int64_t left = rg.end - (rg.begin + static_cast<int64_t>(t) * kWgRows);
+    const int64_t left = rg.end - t0;
     if (left < kWgRows) {  // last tile of the range: zero the rows past its end
       const int nv = static_cast<int>(left), nz = (kWgRows - nv) * 8;  // 16-byte units per chunk
       for (int i = tid; i < NC * nz; i += kWgConsumers) {
@@ -232,7 +224,6 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     WgmmaWaitAll();
 
     // ---- online softmax per head (column) ----
-    const bool ok0 = (bits >> r0) & 1u, ok1 = (bits >> (r0 + 8)) & 1u;
     float mx[8];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
