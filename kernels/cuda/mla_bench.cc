@@ -1,5 +1,6 @@
 // Benchmark of the MLA CUDA kernels with the copy ceiling measured in the same run:
-//   mla_bench [--quick] [--decode-only] [--bf16-only] [--compare]
+//   mla_bench [--quick] [--decode-only] [--bf16-only] [--compare] [--only CTX BATCH]
+//             [--splits S]
 // Prints: device; D2D copy bandwidth (1 GiB, read + write counted); decode (absorbed,
 // H = 32, latent 512 + rope 64, page 64, context {4K, 32K, 128K} x batch {1, 16, 64},
 // bf16 and fp32 caches; shuffled pages; small caches rotate over several page sets so
@@ -9,6 +10,7 @@
 // warm-up. --quick: fewer repetitions, no 128K decode, no 16K prefill. --decode-only:
 // no prefill; --bf16-only: no fp32-cache decode; --compare: bf16 decode on both
 // tensor-core kernels (wgmma, the default on sm_90, and mma.sync), rows side by side.
+// --only CTX BATCH: only that bf16 decode shape; --splits S: S splits instead of auto.
 // --profile CTX BATCH: only a few bf16 decode launches of that shape (for ncu; with
 // --compare, of both kernels).
 #include <cuda_runtime.h>
@@ -42,7 +44,8 @@ using bench::TimeMs;
 struct DecodeFilter {
   bool profile = false;
   int64_t ctx = 0, batch = 0;
-  bool bf16_only = false, compare = false, decode_only = false;
+  bool bf16_only = false, compare = false, decode_only = false, only = false;
+  int64_t splits = 0;
 };
 DecodeFilter g_filter;
 
@@ -58,7 +61,10 @@ bool BenchDecode(cudaStream_t s, bool quick, double copy_tbs, std::vector<std::s
     for (int64_t ctx : {int64_t{4096}, int64_t{32768}, int64_t{131072}}) {
       if (quick && ctx > 32768) continue;
       for (int64_t B : {int64_t{1}, int64_t{16}, int64_t{64}}) {
-        if (g_filter.profile && (dt != DType::kBF16 || ctx != g_filter.ctx || B != g_filter.batch)) continue;
+        if ((g_filter.profile || g_filter.only) &&
+            (dt != DType::kBF16 || ctx != g_filter.ctx || B != g_filter.batch)) {
+          continue;
+        }
         const int64_t esz = DTypeSize(dt);
         const int64_t pages_per_call = B * ((ctx + page - 1) / page);
         const int64_t page_bytes = page * D * esz;
@@ -106,6 +112,7 @@ bool BenchDecode(cudaStream_t s, bool quick, double copy_tbs, std::vector<std::s
         p.out = out.as<float>();
         p.scale = 1.0f / std::sqrt(192.0f);
         p.max_seq_len_hint = ctx;
+        p.num_splits = g_filter.splits;
         DeviceBuffer ws(MlaDecodeWorkspaceBytes(p));
         if (!ws.ok()) return false;
         std::vector<MlaDecodeParams::Kernel> kernels = {MlaDecodeParams::Kernel::kAuto};
@@ -219,9 +226,13 @@ int main(int argc, char** argv) {
     kl::cuda::g_filter.decode_only |= std::strcmp(argv[i], "--decode-only") == 0;
     kl::cuda::g_filter.bf16_only |= std::strcmp(argv[i], "--bf16-only") == 0;
     kl::cuda::g_filter.compare |= std::strcmp(argv[i], "--compare") == 0;
-    // --profile CTX BATCH: a few bf16 decode launches of that shape only (for ncu).
-    if (std::strcmp(argv[i], "--profile") == 0 && i + 2 < argc) {
-      kl::cuda::g_filter.profile = true;
+    if (std::strcmp(argv[i], "--splits") == 0 && i + 1 < argc) {
+      kl::cuda::g_filter.splits = std::atoll(argv[++i]);
+      continue;
+    }
+    // --profile / --only CTX BATCH: that bf16 decode shape only (--profile: a few launches, for ncu).
+    if ((std::strcmp(argv[i], "--profile") == 0 || std::strcmp(argv[i], "--only") == 0) && i + 2 < argc) {
+      (std::strcmp(argv[i], "--profile") == 0 ? kl::cuda::g_filter.profile : kl::cuda::g_filter.only) = true;
       kl::cuda::g_filter.ctx = std::atoll(argv[i + 1]);
       kl::cuda::g_filter.batch = std::atoll(argv[i + 2]);
       i += 2;

@@ -156,17 +156,32 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   const int g = lane / 4, tq = lane % 4;
   const uint32_t q_base = base + L.q, p_base = base + L.p;
   if (ntiles > 0) {  // q -> bf16 [chunk][head][64], 16-byte units swizzled by head % 8
-    for (int i = tid; i < kWgHeads * D / 8; i += kWgConsumers) {
-      const int h = i / (D / 8), k0 = (i % (D / 8)) * 8;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (h < H) {
-        const float4* src = reinterpret_cast<const float4*>(a.q + (n * H + h) * D + k0);
-        const float4 x0 = src[0], x1 = src[1];
-        v = make_uint4(PackBf16(x0.x, x0.y), PackBf16(x0.z, x0.w), PackBf16(x1.x, x1.y),
-                       PackBf16(x1.z, x1.w));
+    // Units of 8 values, kQIters per thread, loaded kQBatch at a time (a few round trips
+    // to L2 instead of one per unit: this is on the path to the first tile's scores).
+    constexpr int kQIters = kWgHeads * D / 8 / kWgConsumers, kQBatch = 6;
+#pragma unroll
+    for (int b0 = 0; b0 < kQIters; b0 += kQBatch) {
+      float4 x[kQBatch][2];
+#pragma unroll
+      for (int b = 0; b < kQBatch; ++b) {
+        const int i = tid + (b0 + b) * kWgConsumers, h = i / (D / 8), k0 = (i % (D / 8)) * 8;
+        x[b][0] = x[b][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (b0 + b < kQIters && h < H) {
+          const float4* src = reinterpret_cast<const float4*>(a.q + (n * H + h) * D + k0);
+          x[b][0] = src[0];
+          x[b][1] = src[1];
+        }
       }
-      const int c = k0 / 64, u = (k0 % 64) / 8;
-      *reinterpret_cast<uint4*>(smem + L.q + c * kQChunk + h * 128 + ((u ^ (h & 7)) << 4)) = v;
+#pragma unroll
+      for (int b = 0; b < kQBatch; ++b) {
+        const int i = tid + (b0 + b) * kWgConsumers, h = i / (D / 8), k0 = (i % (D / 8)) * 8;
+        const int c = k0 / 64, u = (k0 % 64) / 8;
+        if (b0 + b < kQIters) {
+          *reinterpret_cast<uint4*>(smem + L.q + c * kQChunk + h * 128 + ((u ^ (h & 7)) << 4)) =
+              make_uint4(PackBf16(x[b][0].x, x[b][0].y), PackBf16(x[b][0].z, x[b][0].w),
+                         PackBf16(x[b][1].x, x[b][1].y), PackBf16(x[b][1].z, x[b][1].w));
+        }
+      }
     }
     FenceProxyAsync();
   }
