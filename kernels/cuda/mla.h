@@ -116,10 +116,12 @@ absl::Status MlaPrefillAttentionBf16(const MlaPrefillParams& p, cudaStream_t str
 // kernel merges the partial softmax states when num_splits > 1.
 //
 // Paths: a bf16 cache with latent_dim in {64, 128, 256, 512}, rope_dim % 16 == 0,
-// H <= 32 and latent_dim + rope_dim <= 576 (H > 16) / 1152 (H <= 16) runs the
-// tensor-core kernel (mma.sync bf16, q and the softmax weights rounded to bf16, fp32
-// accumulation and softmax: ~1e-3 relative); everything else (fp32 cache: exact fp32
-// FFMA math) the SIMT kernel. MlaDecodeUsesTensorCores says which.
+// H <= 32 and latent_dim + rope_dim <= 576 (H > 16) / 1152 (H <= 16) runs on tensor
+// cores (bf16 operands: q and the softmax weights rounded to bf16, fp32 accumulation
+// and softmax: ~1e-3 relative): the warp-specialised wgmma kernel (TMA ring, sm_90 only)
+// when rope_dim is 0 or 64 and page_size % 8 == 0, otherwise the mma.sync kernel;
+// everything else (fp32 cache: exact fp32 FFMA math) the SIMT kernel.
+// MlaDecodeUsesTensorCores / MlaDecodeKernelName say which.
 struct MlaDecodeParams {
   int64_t num_seqs = 0;    // N (<= 65535)
   int64_t num_heads = 0;   // H (<= 65535)
@@ -134,6 +136,9 @@ struct MlaDecodeParams {
   int64_t max_seq_len_hint = 0;
   // Ranges per sequence; 0 = auto (enough CTAs to fill the device, <= kMlaMaxSplits).
   int64_t num_splits = 0;
+  // kMmaSync keeps a wgmma-eligible launch on the mma.sync kernel (benchmarks, tests).
+  enum class Kernel { kAuto, kMmaSync };
+  Kernel kernel = Kernel::kAuto;
 };
 
 constexpr int64_t kMlaMaxSplits = 256;
@@ -146,8 +151,10 @@ int64_t MlaDecodeNumSplits(const MlaDecodeParams& p);
 // outputs and softmax states of every (sequence, split, head). Depends on shapes only.
 size_t MlaDecodeWorkspaceBytes(const MlaDecodeParams& p);
 
-// True when the tensor-core path serves these shapes (see MlaDecodeParams).
+// True when a tensor-core kernel serves these shapes (see MlaDecodeParams).
 bool MlaDecodeUsesTensorCores(const MlaDecodeParams& p);
+// The kernel that serves p on the current device: "wgmma", "mma" or "simt".
+const char* MlaDecodeKernelName(const MlaDecodeParams& p);
 
 // `workspace` holds MlaDecodeWorkspaceBytes(p) bytes (16-byte aligned, may be null
 // when 0) and is not used by anything else until the work on `stream` completes.

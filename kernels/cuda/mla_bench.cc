@@ -1,13 +1,18 @@
 // Benchmark of the MLA CUDA kernels with the copy ceiling measured in the same run:
-//   mla_bench [--quick]
+//   mla_bench [--quick] [--decode-only] [--bf16-only] [--compare] [--only CTX BATCH]
+//             [--splits S]
 // Prints: device; D2D copy bandwidth (1 GiB, read + write counted); decode (absorbed,
 // H = 32, latent 512 + rope 64, page 64, context {4K, 32K, 128K} x batch {1, 16, 64},
 // bf16 and fp32 caches; shuffled pages; small caches rotate over several page sets so
 // the timed reads come from DRAM, not L2) with the cache bytes read per second and the
 // share of the copy bandwidth; prefill (exact fp32 path, B = 1, H = 32, qk 192, v 128,
 // T in {4K, 16K}, causal) with TFLOP/s. Times are medians of CUDA-event timings after
-// warm-up. --quick: fewer repetitions, no 128K decode, no 16K prefill.
-// --profile CTX BATCH: only a few bf16 decode launches of that shape (for ncu).
+// warm-up. --quick: fewer repetitions, no 128K decode, no 16K prefill. --decode-only:
+// no prefill; --bf16-only: no fp32-cache decode; --compare: bf16 decode on both
+// tensor-core kernels (wgmma, the default on sm_90, and mma.sync), rows side by side.
+// --only CTX BATCH: only that bf16 decode shape; --splits S: S splits instead of auto.
+// --profile CTX BATCH: only a few bf16 decode launches of that shape (for ncu; with
+// --compare, of both kernels).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -39,6 +44,8 @@ using bench::TimeMs;
 struct DecodeFilter {
   bool profile = false;
   int64_t ctx = 0, batch = 0;
+  bool bf16_only = false, compare = false, decode_only = false, only = false;
+  int64_t splits = 0;
 };
 DecodeFilter g_filter;
 
@@ -47,13 +54,17 @@ bool BenchDecode(cudaStream_t s, bool quick, double copy_tbs, std::vector<std::s
   std::printf("\n== decode: absorbed MLA, H=%ld, latent %ld + rope %ld, page %ld, shuffled pages\n",
               static_cast<long>(H), static_cast<long>(latent), static_cast<long>(rope),
               static_cast<long>(page));
-  std::printf("%5s %7s %6s %7s %5s %11s %10s %8s\n", "cache", "ctx", "batch", "splits", "path",
+  std::printf("%5s %7s %6s %7s %6s %11s %10s %8s\n", "cache", "ctx", "batch", "splits", "kernel",
               "us/call", "GB/s", "% copy");
   for (DType dt : {DType::kBF16, DType::kF32}) {
+    if (g_filter.bf16_only && dt != DType::kBF16) continue;
     for (int64_t ctx : {int64_t{4096}, int64_t{32768}, int64_t{131072}}) {
       if (quick && ctx > 32768) continue;
       for (int64_t B : {int64_t{1}, int64_t{16}, int64_t{64}}) {
-        if (g_filter.profile && (dt != DType::kBF16 || ctx != g_filter.ctx || B != g_filter.batch)) continue;
+        if ((g_filter.profile || g_filter.only) &&
+            (dt != DType::kBF16 || ctx != g_filter.ctx || B != g_filter.batch)) {
+          continue;
+        }
         const int64_t esz = DTypeSize(dt);
         const int64_t pages_per_call = B * ((ctx + page - 1) / page);
         const int64_t page_bytes = page * D * esz;
@@ -101,32 +112,38 @@ bool BenchDecode(cudaStream_t s, bool quick, double copy_tbs, std::vector<std::s
         p.out = out.as<float>();
         p.scale = 1.0f / std::sqrt(192.0f);
         p.max_seq_len_hint = ctx;
+        p.num_splits = g_filter.splits;
         DeviceBuffer ws(MlaDecodeWorkspaceBytes(p));
         if (!ws.ok()) return false;
-        auto call = [&](int i) {
-          p.cache.block_table = tables.as<int32_t>() + static_cast<int64_t>(i % rot) * pages_per_call;
-          const absl::Status st = MlaDecodeAttention(p, ws.get(), ws.bytes(), s);
-          if (!st.ok()) std::fprintf(stderr, "%s\n", st.ToString().c_str());
-          return st.ok();
-        };
-        const int per_batch = g_filter.profile ? 1 : B * ctx <= 32768 * 16 ? 20 : 3;
-        double ms = 0;
-        if (!TimeMs(call, per_batch, g_filter.profile ? 2 : quick ? 5 : 11, g_filter.profile ? 1 : 3, s, &ms)) {
-          return false;
+        std::vector<MlaDecodeParams::Kernel> kernels = {MlaDecodeParams::Kernel::kAuto};
+        if (g_filter.compare && dt == DType::kBF16) kernels.push_back(MlaDecodeParams::Kernel::kMmaSync);
+        for (MlaDecodeParams::Kernel kernel : kernels) {
+          p.kernel = kernel;
+          auto call = [&](int i) {
+            p.cache.block_table = tables.as<int32_t>() + static_cast<int64_t>(i % rot) * pages_per_call;
+            const absl::Status st = MlaDecodeAttention(p, ws.get(), ws.bytes(), s);
+            if (!st.ok()) std::fprintf(stderr, "%s\n", st.ToString().c_str());
+            return st.ok();
+          };
+          const int per_batch = g_filter.profile ? 1 : B * ctx <= 32768 * 16 ? 20 : 3;
+          double ms = 0;
+          if (!TimeMs(call, per_batch, g_filter.profile ? 2 : quick ? 5 : 11, g_filter.profile ? 1 : 3, s, &ms)) {
+            return false;
+          }
+          const double bytes = static_cast<double>(B) * ctx * D * esz;
+          const double gbs = bytes / (ms * 1e-3) / 1e9;
+          const double pct = 100.0 * gbs / (copy_tbs * 1e3);
+          const char* path = MlaDecodeKernelName(p);
+          const long splits = static_cast<long>(MlaDecodeNumSplits(p));
+          std::printf("%5s %7ld %6ld %7ld %6s %11.2f %10.1f %7.1f%%\n", DTypeName(dt).data(),
+                      static_cast<long>(ctx), static_cast<long>(B), splits, path, ms * 1e3, gbs, pct);
+          char buf[220];
+          std::snprintf(buf, sizeof(buf),
+                        "decode %-4s ctx=%-6ld B=%-3ld (%-5s, %3ld splits) | %9.2f us | %7.1f GB/s cache | %5.1f%% of copy",
+                        DTypeName(dt).data(), static_cast<long>(ctx), static_cast<long>(B), path, splits,
+                        ms * 1e3, gbs, pct);
+          rows->push_back(buf);
         }
-        const double bytes = static_cast<double>(B) * ctx * D * esz;
-        const double gbs = bytes / (ms * 1e-3) / 1e9;
-        const double pct = 100.0 * gbs / (copy_tbs * 1e3);
-        const char* path = MlaDecodeUsesTensorCores(p) ? "tc" : "simt";
-        const long splits = static_cast<long>(MlaDecodeNumSplits(p));
-        std::printf("%5s %7ld %6ld %7ld %5s %11.2f %10.1f %7.1f%%\n", DTypeName(dt).data(),
-                    static_cast<long>(ctx), static_cast<long>(B), splits, path, ms * 1e3, gbs, pct);
-        char buf[220];
-        std::snprintf(buf, sizeof(buf),
-                      "decode %-4s ctx=%-6ld B=%-3ld (%s, %3ld splits) | %9.2f us | %7.1f GB/s cache | %5.1f%% of copy",
-                      DTypeName(dt).data(), static_cast<long>(ctx), static_cast<long>(B), path, splits,
-                      ms * 1e3, gbs, pct);
-        rows->push_back(buf);
       }
     }
   }
@@ -191,7 +208,7 @@ bool Run(bool quick) {
   if (!MeasureCopy(s, quick, &copy_tbs)) return false;
   if (!BenchDecode(s, quick, copy_tbs, &rows)) return false;
   if (g_filter.profile) return true;
-  if (!BenchPrefill(s, quick, &rows)) return false;
+  if (!g_filter.decode_only && !BenchPrefill(s, quick, &rows)) return false;
   std::printf("\n== summary (%s)\n", prop.name);
   std::printf("ceiling: copy %.3f TB/s (read + write)\n", copy_tbs);
   for (const std::string& r : rows) std::printf("%s\n", r.c_str());
@@ -206,9 +223,16 @@ int main(int argc, char** argv) {
   bool quick = false;
   for (int i = 1; i < argc; ++i) {
     quick |= std::strcmp(argv[i], "--quick") == 0;
-    // --profile CTX BATCH: a few bf16 decode launches of that shape only (for ncu).
-    if (std::strcmp(argv[i], "--profile") == 0 && i + 2 < argc) {
-      kl::cuda::g_filter.profile = true;
+    kl::cuda::g_filter.decode_only |= std::strcmp(argv[i], "--decode-only") == 0;
+    kl::cuda::g_filter.bf16_only |= std::strcmp(argv[i], "--bf16-only") == 0;
+    kl::cuda::g_filter.compare |= std::strcmp(argv[i], "--compare") == 0;
+    if (std::strcmp(argv[i], "--splits") == 0 && i + 1 < argc) {
+      kl::cuda::g_filter.splits = std::atoll(argv[++i]);
+      continue;
+    }
+    // --profile / --only CTX BATCH: that bf16 decode shape only (--profile: a few launches, for ncu).
+    if ((std::strcmp(argv[i], "--profile") == 0 || std::strcmp(argv[i], "--only") == 0) && i + 2 < argc) {
+      (std::strcmp(argv[i], "--profile") == 0 ? kl::cuda::g_filter.profile : kl::cuda::g_filter.only) = true;
       kl::cuda::g_filter.ctx = std::atoll(argv[i + 1]);
       kl::cuda::g_filter.batch = std::atoll(argv[i + 2]);
       i += 2;

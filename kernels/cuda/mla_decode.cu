@@ -1,7 +1,9 @@
 // MLA absorbed decode over the paged latent cache (one new token per sequence, all H
 // heads sharing each cache row: MQA with a (latent + rope)-d key and a latent-d value):
-// the launcher (validation, split choice, workspace) and the tensor-core kernel. The SIMT
-// kernel and the combine kernel are in mla_decode_simt.cu.
+// the launcher (validation, split choice, workspace, kernel choice) and the mma.sync
+// tensor-core kernel. The default kernel for a bf16 cache on sm_90 is the warp-specialised
+// wgmma kernel (mla_decode_wg.cu: TMA ring + wgmma, ~96-101% of the D2D copy rate at
+// 32K-128K x 64 on an H100); the SIMT and combine kernels are in mla_decode_simt.cu.
 //
 // Split-KV: grid (split, sequence); sequence n's rows [0, len) are cut into S ranges of
 // ceil(ceil(len / S) / 64) * 64 rows, so every sequence spreads over all S CTAs whatever
@@ -10,8 +12,10 @@
 // the combine kernel merges the S partial softmax states (S == 1: the attention kernel
 // writes the final output itself).
 //
-// Tensor-core kernel (bf16 cache, latent in {64, 128, 256, 512}, rope % 16 == 0,
-// H <= 32), 256 threads, one CTA per SM (~192 KB shared at latent 512 + rope 64):
+// mma.sync kernel (bf16 cache, latent in {64, 128, 256, 512}, rope % 16 == 0, H <= 32;
+// serves the shapes the wgmma kernel does not take: rope not in {0, 64}, page_size not
+// a multiple of 8, devices other than sm_90, or MlaDecodeParams::Kernel::kMmaSync),
+// 256 threads, one CTA per SM (~192 KB shared at latent 512 + rope 64):
 //  - 64-row cache tiles, double-buffered; warp 0 issues one bulk copy
 //    (cp.async.bulk, completing on the stage's mbarrier) per row, zero-filling rows
 //    past the range or on an unmapped page; tile t+1 is in flight while t is computed;
@@ -24,10 +28,9 @@
 //  - O += P V with V = the first latent columns of the same tile (ldmatrix.trans),
 //    each warp owning latent / 8 output columns for all heads in registers.
 // Measured (H100, mla_bench): ~64-71% of the D2D copy rate at batch 16-64 and 32K-128K
-// context. With the compute skipped the copies alone reach ~78%, with the copies skipped
-// the compute runs at ~130%; deeper rings did not help (3 x 48-row tiles: 61%; 5 half
-// tiles = 110 KB in flight: 66%), so the serial copy-wait / compute of one CTA per SM is
-// the limit: the next step is a warp-specialised producer / consumer split (FlashMLA).
+// context: the copy waits and the mma.sync work of one CTA per SM overlap only partly
+// (with the compute skipped the copies alone reach ~78%, with the copies skipped the
+// compute runs at ~130%), which is what the wgmma kernel's producer warp fixes.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -80,35 +83,6 @@ __host__ __device__ inline TcLayout MakeTcLayout(int D, int M) {
   t.bar = (t.ok + kTcStages * kTcRows * 4 + 7) / 8 * 8;
   t.total = t.bar + kTcStages * 8;
   return t;
-}
-
-// mbarrier / bulk-copy wrappers (sm_90).
-__device__ __forceinline__ void MbarInit(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(count));
-}
-__device__ __forceinline__ void MbarExpectTx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)),
-               "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  while (!done) {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        " selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(SmemAddr(bar)), "r"(parity)
-        : "memory");
-  }
-}
-// Bulk global -> shared copy (size and addresses multiples of 16) completing on `bar`.
-__device__ __forceinline__ void BulkCopy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-          SmemAddr(dst)),
-      "l"(src), "r"(bytes), "r"(SmemAddr(bar))
-      : "memory");
 }
 
 // Warp 0 issues tile `t` of the range into `dst_tile`: lane r owns rows r and r + 32
@@ -412,6 +386,17 @@ cudaError_t LaunchTcM(const DecodeArgs& a, int N, cudaStream_t stream) {
 
 }  // namespace
 
+namespace {
+bool UsesWgmma(const MlaDecodeParams& p) {
+  return p.kernel == MlaDecodeParams::Kernel::kAuto && MlaDecodeUsesTensorCores(p) &&
+         DecodeWgSupported(p);
+}
+}  // namespace
+
+const char* MlaDecodeKernelName(const MlaDecodeParams& p) {
+  return UsesWgmma(p) ? "wgmma" : MlaDecodeUsesTensorCores(p) ? "mma" : "simt";
+}
+
 bool MlaDecodeUsesTensorCores(const MlaDecodeParams& p) {
   const MlaPagedCache& c = p.cache;
   if (c.dtype != DType::kBF16 || p.num_heads < 1 || p.num_heads > 32) return false;
@@ -499,7 +484,9 @@ absl::Status MlaDecodeAttention(const MlaDecodeParams& p, void* workspace, size_
   const int N = static_cast<int>(p.num_seqs);
 
   cudaError_t err;
-  if (tc) {
+  if (tc && UsesWgmma(p)) {
+    err = LaunchDecodeWg(a, N, stream);
+  } else if (tc) {
     err = TcHeadTiles(p.num_heads) == 1 ? LaunchTcM<1>(a, N, stream) : LaunchTcM<2>(a, N, stream);
   } else {
     err = LaunchDecodeSimt(a, N, p.cache.dtype == DType::kF32, stream);

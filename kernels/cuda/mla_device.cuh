@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "kernels/cuda/kda_device.cuh"
 #include "kernels/cuda/mla.h"
 
 namespace kl::cuda::mla {
@@ -105,6 +106,38 @@ __device__ __forceinline__ int64_t PhysRow32(const CacheView& c, int64_t n, int 
   return static_cast<int64_t>(phys) * ps + (pos - page * ps);
 }
 
+// ---- mbarrier / bulk-copy wrappers (sm_90), shared by the tensor-core decode kernels ----
+__device__ __forceinline__ void MbarInit(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(dev::SmemAddr(bar)), "r"(count));
+}
+__device__ __forceinline__ void MbarExpectTx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(dev::SmemAddr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void MbarArrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(dev::SmemAddr(bar)) : "memory");
+}
+__device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(dev::SmemAddr(bar)), "r"(parity)
+        : "memory");
+  }
+}
+// Bulk global -> shared copy (size and addresses multiples of 16) completing on `bar`.
+__device__ __forceinline__ void BulkCopy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+          dev::SmemAddr(dst)),
+      "l"(src), "r"(bytes), "r"(dev::SmemAddr(bar))
+      : "memory");
+}
+
 // Device's opt-in shared memory per block (48 KB when it cannot be read).
 inline int DeviceSmemOptin() {
   int dev = 0, v = 0;
@@ -136,6 +169,12 @@ inline size_t SimtSmemBytes(int D, int dl) {
 }
 cudaError_t LaunchDecodeSimt(const DecodeArgs& a, int N, bool f32_cache, cudaStream_t stream);
 cudaError_t LaunchDecodeCombine(const DecodeArgs& a, int N, cudaStream_t stream);
+
+// Warp-specialised wgmma kernel (mla_decode_wg.cu, sm_90a): bf16 cache, latent_dim in
+// {64, 128, 256, 512}, rope_dim in {0, 64}, H <= 32, page_size % 8 == 0, pool rows
+// < 2^31 - 64, on a compute capability 9.0 device whose driver encodes tensor maps.
+bool DecodeWgSupported(const MlaDecodeParams& p);
+cudaError_t LaunchDecodeWg(const DecodeArgs& a, int N, cudaStream_t stream);
 
 }  // namespace kl::cuda::mla
 
