@@ -98,6 +98,18 @@ absl::Status NcclLink::Init(const std::string& unique_id, absl::Duration timeout
     if (r != ncclSuccess && r != ncclInProgress) return NcclError(r, "ncclCommInitRankConfig", comm_);
     return Settle(absl::Now() + timeout, "ncclCommInitRankConfig");
   }();
+  // NCCL connects a peer lazily, at the first send / receive, and both ranks
+  // must take part: exchange 4 bytes now, so that a later transfer's sends and
+  // receives are only queued, never held until the peer shows up.
+  if (s.ok()) s = Reserve(256, 1, 1);
+  if (s.ok()) {
+    void* p = staging_;
+    const int64_t four = 4;
+    s = rank_ == 0 ? Group(true, &p, &four, 1, absl::Now() + timeout)
+                   : Group(false, &p, &four, 1, absl::Now() + timeout);
+  }
+  if (s.ok()) s = cuda::CudaStatus(cudaEventRecord(done_, stream_), "cudaEventRecord");
+  if (s.ok()) s = Wait(done_, absl::Now() + timeout, nullptr);
   if (!s.ok()) {
     Abort();
     return s;
@@ -106,10 +118,10 @@ absl::Status NcclLink::Init(const std::string& unique_id, absl::Duration timeout
   return absl::OkStatus();
 }
 
-absl::Status NcclLink::Group(bool send, void* const* ptrs, const int64_t* bytes, int n) {
+absl::Status NcclLink::Group(bool send, void* const* ptrs, const int64_t* bytes, int n,
+                             absl::Time deadline) {
   std::lock_guard<std::mutex> l(mu_);
   if (aborted_ || comm_ == nullptr) return absl::UnavailableError("NCCL link aborted");
-  const absl::Time deadline = absl::Now() + absl::Seconds(10);
   const int peer = 1 - rank_;
   ncclResult_t r = ncclGroupStart();
   if (r != ncclSuccess) return NcclError(r, "ncclGroupStart", comm_);
@@ -128,11 +140,11 @@ absl::Status NcclLink::Group(bool send, void* const* ptrs, const int64_t* bytes,
 }
 
 absl::Status NcclLink::Send(const void* const* ptrs, const int64_t* bytes, int n) {
-  return Group(true, const_cast<void* const*>(ptrs), bytes, n);
+  return Group(true, const_cast<void* const*>(ptrs), bytes, n, absl::Now() + absl::Seconds(10));
 }
 
 absl::Status NcclLink::Recv(void* const* ptrs, const int64_t* bytes, int n) {
-  return Group(false, ptrs, bytes, n);
+  return Group(false, ptrs, bytes, n, absl::Now() + absl::Seconds(10));
 }
 
 absl::Status NcclLink::Wait(cudaEvent_t event, absl::Time deadline, const std::atomic<bool>* stop) {

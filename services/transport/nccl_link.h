@@ -34,8 +34,8 @@ class NcclLink {
   static absl::StatusOr<std::string> NewUniqueId();
   static int Version();
 
-  // Joins the communicator (blocks until the peer joins, at most `timeout`).
-  // On failure the link is dead.
+  // Joins the communicator and connects to the peer (blocks until the peer
+  // does the same, at most `timeout`). On failure the link is dead.
   absl::Status Init(const std::string& unique_id, absl::Duration timeout);
 
   // Queues a group of sends (or receives) to the peer on stream().
@@ -73,7 +73,8 @@ class NcclLink {
 
  private:
   absl::Status Settle(absl::Time deadline, const char* what);  // mu_ held
-  absl::Status Group(bool send, void* const* ptrs, const int64_t* bytes, int n);
+  absl::Status Group(bool send, void* const* ptrs, const int64_t* bytes, int n,
+                     absl::Time deadline);
 
   const uint64_t id_;
   const int device_;

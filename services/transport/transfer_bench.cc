@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <functional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -33,6 +34,7 @@
 #include "services/decode/decode_service.h"
 #include "services/prefill/prefill_service.h"
 #include "services/transport/device_transport.h"
+#include "services/transport/transfer_plan.h"
 
 ABSL_FLAG(int, layers, 8, "first layers of the 48B shape (keeps the 3:1 KDA:MLA pattern)");
 ABSL_FLAG(std::string, prompts, "4096,32768,131072", "prompt lengths");
@@ -43,6 +45,9 @@ namespace kl {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// Raw NCCL time (ms) of a list of messages GPU 0 -> GPU 1 (set by NcclPeak).
+std::function<double(const std::vector<int64_t>&)> g_raw;
 
 double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
 
@@ -98,11 +103,30 @@ void NcclPeak(const std::vector<int64_t>& sizes) {
     }
     std::printf("%12ld | %10.3f | %8.1f\n", static_cast<long>(bytes), best, bytes / (best * 1e6));
   }
-  for (int r = 0; r < 2; ++r) {
-    cudaSetDevice(r);
-    ncclCommDestroy(comms[r]);
-    cudaFree(bufs[r]);
-  }
+  g_raw = [=](const std::vector<int64_t>& msgs) {
+    // The same messages as a transfer, raw: one group per message, in order.
+    double best = 1e30;
+    for (int it = 0; it < 4; ++it) {
+      const auto t0 = Clock::now();
+      std::vector<std::thread> th;
+      for (int r = 0; r < 2; ++r) {
+        th.emplace_back([&, r] {
+          cudaSetDevice(r);
+          for (int64_t b : msgs) {
+            if (r == 0) {
+              CHECK_NCCL(ncclSend(bufs[0], b, ncclUint8, 1, comms[0], streams[0]));
+            } else {
+              CHECK_NCCL(ncclRecv(bufs[1], b, ncclUint8, 0, comms[1], streams[1]));
+            }
+          }
+          cudaStreamSynchronize(streams[r]);
+        });
+      }
+      for (auto& t : th) t.join();
+      if (it > 0) best = std::min(best, Ms(Clock::now() - t0));
+    }
+    return best;
+  };
 }
 
 struct Worker {
@@ -239,6 +263,64 @@ int Main() {
     }
     return ms;
   };
+
+  // The transport alone: a device state of T tokens sent over a link and
+  // received into a fresh decode state (pack, checksums, sends, receives,
+  // scatter), against raw NCCL moving the same messages.
+  {
+    std::printf("\nDevice transfer of a whole state (no compute to overlap), best of 3\n");
+    std::printf("%7s | %9s | %10s | %10s | %9s | %9s | %9s\n", "T", "state MB", "sends ms",
+                "verified", "raw NCCL", "GB/s", "% of raw");
+    DeviceStateAccess* pa = prefill.backend->device_state();
+    auto channel = grpc::CreateChannel(decode_addr, grpc::InsecureChannelCredentials());
+    for (int64_t t : prompts) {
+      double best_send = 1e30, best_all = 1e30, raw = 0;
+      int64_t bytes = 0;
+      for (int rep = 0; rep < 4; ++rep) {
+        SequenceState st;
+        if (!pa->AllocateState(&st, t).ok()) break;
+        const auto plan = BuildTransferPlan(c, t, t, {KdaLayerBytes(c), pa->latent_row_bytes()});
+        auto send = modes[0].transport->BeginSend(decode_addr, channel, plan);
+        if (!send.ok()) {
+          std::printf("BeginSend: %s\n", send.status().ToString().c_str());
+          break;
+        }
+        v1::DeviceTransfer xfer;
+        std::vector<int64_t> msgs;
+        bytes = 0;
+        for (const auto& m : plan) {
+          *xfer.add_messages() = m;
+          bytes += m.bytes();
+          msgs.push_back(m.bytes());
+        }
+        auto recv = decode_transport->BeginReceive((*send)->link_id(), xfer, t);
+        if (!recv.ok()) {
+          std::printf("BeginReceive: %s\n", recv.status().ToString().c_str());
+          break;
+        }
+        const auto t0 = Clock::now();
+        for (const auto& m : plan) {
+          if (!(*send)->OnLayer(st, m.layer(), m.row_begin(), m.row_end()).ok()) break;
+        }
+        auto sums = (*send)->Complete();
+        const double ms_send = Ms(Clock::now() - t0);
+        auto got = sums.ok() ? (*recv)->Complete(*sums) : absl::StatusOr<SequenceState>(sums.status());
+        const double ms_all = Ms(Clock::now() - t0);
+        (*send)->End(got.ok());
+        if (!got.ok()) {
+          std::printf("transfer: %s\n", got.status().ToString().c_str());
+          break;
+        }
+        if (rep == 0) continue;  // warm-up (link set-up, scratch)
+        best_send = std::min(best_send, ms_send);
+        best_all = std::min(best_all, ms_all);
+        if (raw == 0) raw = g_raw(msgs);
+      }
+      std::printf("%7ld | %9.1f | %10.3f | %10.3f | %9.3f | %9.1f | %8.1f%%\n",
+                  static_cast<long>(t), bytes / 1e6, best_send, best_all, raw,
+                  bytes / (best_all * 1e6), 100.0 * raw / best_all);
+    }
+  }
 
   // Warm-up: links, arenas, kernels.
   for (auto& m : modes) {

@@ -26,6 +26,10 @@ ABSL_FLAG(int64_t, max_shard_bytes, 0, "Largest shard in bytes; 0 = about a quar
 ABSL_FLAG(bool, tokenizer, true, "Also write a synthetic tokenizer (tiktoken.model etc.).");
 ABSL_FLAG(int64_t, max_total_gib, 8, "Refuse to write more than this many GiB of weights.");
 ABSL_FLAG(int, threads, 0, "Generator threads; 0 = all cores.");
+ABSL_FLAG(int64_t, layers, 0,
+          "Keep only the first N layers of the preset / config (0 = all): the per-layer "
+          "shapes stay the model's (benchmarks of a large model's layers on small disks)");
+ABSL_FLAG(int64_t, experts, 0, "Routed experts per MoE layer instead of the config's (0 = same)");
 
 namespace {
 
@@ -54,6 +58,19 @@ int main(int argc, char** argv) {
     else if (preset == "small100m") config = kl::Small100MConfig();
     else if (preset == "kimi48b") config = kl::Kimi48BConfig();
     else return Fail("--preset must be tiny, small100m or kimi48b, got " + preset);
+  }
+
+  if (const int64_t n = absl::GetFlag(FLAGS_layers); n > 0) {
+    if (n > config.num_hidden_layers) return Fail("--layers exceeds the model's layers");
+    config.num_hidden_layers = n;
+    config.layer_kinds.resize(n);
+  }
+  if (const int64_t e = absl::GetFlag(FLAGS_experts); e > 0) {
+    if (e < config.num_experts_per_token) return Fail("--experts below experts per token");
+    config.num_experts = e;
+  }
+  if (absl::Status v = config.Validate(); !v.ok()) {
+    return Fail(std::string(v.message()));
   }
 
   kl::MakerOptions options;
