@@ -88,29 +88,17 @@ class CudaDeviceState final : public DeviceStateAccess {
     return absl::OkStatus();
   }
 
-  absl::Status OrderAfterCompute(void* stream) override {
+  absl::Status RecordCompute(void* event) override {
     CudaBackend::Impl& m = *be_->impl_;
     if (m.mode == CudaBackend::Impl::Mode::kCapture || m.mode == CudaBackend::Impl::Mode::kReplay) {
-      return absl::FailedPreconditionError("OrderAfterCompute inside a CUDA graph");
+      return absl::FailedPreconditionError("RecordCompute inside a CUDA graph");
     }
-    std::lock_guard<std::mutex> l(event_mu_);
-    if (event_ == nullptr) {
-      KL_CUDA_RETURN_IF_ERROR(cudaSetDevice(be_->options_.device));
-      KL_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
-    }
-    KL_CUDA_RETURN_IF_ERROR(cudaEventRecord(event_, m.stream));
-    KL_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), event_, 0));
+    KL_CUDA_RETURN_IF_ERROR(cudaEventRecord(static_cast<cudaEvent_t>(event), m.stream));
     return absl::OkStatus();
-  }
-
-  ~CudaDeviceState() override {
-    if (event_ != nullptr) cudaEventDestroy(event_);
   }
 
  private:
   CudaBackend* const be_;
-  std::mutex event_mu_;
-  cudaEvent_t event_ = nullptr;
 };
 
 DeviceStateAccess* CudaBackend::device_state() {

@@ -53,10 +53,11 @@ class DeviceStateAccess {
   // RESOURCE_EXHAUSTED when out of slots or pages. The memory goes back when
   // s->device is dropped (as for any bound state).
   virtual absl::Status AllocateState(SequenceState* s, int64_t num_tokens) = 0;
-  // Makes work later queued on `stream` wait for everything queued so far on
-  // the backend's compute stream (an event; never blocks the host). Not inside
-  // a CUDA graph capture.
-  virtual absl::Status OrderAfterCompute(void* stream) = 0;
+  // Records `event` (a cudaEvent_t of this device) on the backend's compute
+  // stream, after everything queued so far: a transport's stream that waits
+  // on it sees the state as of now. Never blocks the host. Not inside a CUDA
+  // graph capture.
+  virtual absl::Status RecordCompute(void* event) = 0;
 };
 
 }  // namespace kl

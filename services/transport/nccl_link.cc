@@ -18,24 +18,35 @@ absl::Status NcclError(ncclResult_t r, const char* what, ncclComm_t comm) {
                                              last != nullptr ? last : ""));
 }
 
+// Operations wait for the peer as long as it takes; what bounds a transfer is
+// the caller's Drain / Wait deadline, after which it aborts the link.
+constexpr absl::Duration kPeerPatience = absl::Hours(1);
+
 }  // namespace
 
 NcclLink::~NcclLink() {
   cudaSetDevice(device_);
   {
     std::lock_guard<std::mutex> l(mu_);
+    aborted_ = true;
     if (comm_ != nullptr) {
-      // A healthy idle link is torn down collectively only if the peer does the
-      // same; abort never waits for the peer.
+      // Never a collective destroy: abort does not wait for the peer.
       ncclCommAbort(comm_);
       comm_ = nullptr;
     }
   }
+  {
+    std::lock_guard<std::mutex> l(qmu_);
+    stopping_ = true;
+  }
+  qcv_.notify_all();
+  if (worker_.joinable()) worker_.join();
   if (stream_ != nullptr) {
     cudaStreamSynchronize(stream_);
     cudaStreamDestroy(stream_);
   }
   if (done_ != nullptr) cudaEventDestroy(done_);
+  for (cudaEvent_t e : events_) cudaEventDestroy(e);
   cudaFree(staging_);
   cudaFree(d_pages_);
   cudaFree(d_sums_);
@@ -68,15 +79,19 @@ void NcclLink::Touch() {
 
 absl::Status NcclLink::Settle(absl::Time deadline, const char* what) {
   for (;;) {
-    ncclResult_t st = ncclSuccess;
-    const ncclResult_t r = ncclCommGetAsyncError(comm_, &st);
-    if (r != ncclSuccess) return NcclError(r, "ncclCommGetAsyncError", comm_);
-    if (st == ncclSuccess) return absl::OkStatus();
-    if (st != ncclInProgress) return NcclError(st, what, comm_);
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (aborted_ || comm_ == nullptr) return absl::AbortedError("NCCL link aborted");
+      ncclResult_t st = ncclSuccess;
+      const ncclResult_t r = ncclCommGetAsyncError(comm_, &st);
+      if (r != ncclSuccess) return NcclError(r, "ncclCommGetAsyncError", comm_);
+      if (st == ncclSuccess) return absl::OkStatus();
+      if (st != ncclInProgress) return NcclError(st, what, comm_);
+    }
     if (absl::Now() >= deadline) {
       return absl::DeadlineExceededError(absl::StrCat("NCCL ", what, ": timed out"));
     }
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
   }
 }
 
@@ -85,6 +100,7 @@ absl::Status NcclLink::Init(const std::string& unique_id, absl::Duration timeout
     state_ = State::kDead;
     return absl::InvalidArgumentError(absl::StrCat("ncclUniqueId of ", unique_id.size(), " bytes"));
   }
+  const absl::Time deadline = absl::Now() + timeout;
   absl::Status s = [&]() -> absl::Status {
     KL_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     KL_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -93,23 +109,31 @@ absl::Status NcclLink::Init(const std::string& unique_id, absl::Duration timeout
     std::memcpy(id.internal, unique_id.data(), sizeof(id.internal));
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;
-    std::lock_guard<std::mutex> l(mu_);
-    const ncclResult_t r = ncclCommInitRankConfig(&comm_, 2, id, rank_, &config);
-    if (r != ncclSuccess && r != ncclInProgress) return NcclError(r, "ncclCommInitRankConfig", comm_);
-    return Settle(absl::Now() + timeout, "ncclCommInitRankConfig");
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      const ncclResult_t r = ncclCommInitRankConfig(&comm_, 2, id, rank_, &config);
+      if (r != ncclSuccess && r != ncclInProgress) {
+        return NcclError(r, "ncclCommInitRankConfig", comm_);
+      }
+    }
+    return Settle(deadline, "ncclCommInitRankConfig");
   }();
+  if (s.ok()) worker_ = std::thread([this] { WorkerLoop(); });
   // NCCL connects a peer lazily, at the first send / receive, and both ranks
-  // must take part: exchange 4 bytes now, so that a later transfer's sends and
-  // receives are only queued, never held until the peer shows up.
+  // take part: exchange 4 bytes now so the first transfer does not pay for it.
   if (s.ok()) s = Reserve(256, 1, 1);
   if (s.ok()) {
-    void* p = staging_;
-    const int64_t four = 4;
-    s = rank_ == 0 ? Group(true, &p, &four, 1, absl::Now() + timeout)
-                   : Group(false, &p, &four, 1, absl::Now() + timeout);
+    Post([this, deadline] {
+      void* p = staging_;
+      const int64_t four = 4;
+      absl::Status g = rank_ == 0 ? Group(true, &p, &four, 1, deadline)
+                                  : Group(false, &p, &four, 1, deadline);
+      if (!g.ok()) return g;
+      return cuda::CudaStatus(cudaEventRecord(done_, stream_), "cudaEventRecord");
+    });
+    s = Drain(deadline, nullptr);
   }
-  if (s.ok()) s = cuda::CudaStatus(cudaEventRecord(done_, stream_), "cudaEventRecord");
-  if (s.ok()) s = Wait(done_, absl::Now() + timeout, nullptr);
+  if (s.ok()) s = Wait(done_, deadline, nullptr);
   if (!s.ok()) {
     Abort();
     return s;
@@ -120,31 +144,96 @@ absl::Status NcclLink::Init(const std::string& unique_id, absl::Duration timeout
 
 absl::Status NcclLink::Group(bool send, void* const* ptrs, const int64_t* bytes, int n,
                              absl::Time deadline) {
-  std::lock_guard<std::mutex> l(mu_);
-  if (aborted_ || comm_ == nullptr) return absl::UnavailableError("NCCL link aborted");
-  const int peer = 1 - rank_;
-  ncclResult_t r = ncclGroupStart();
-  if (r != ncclSuccess) return NcclError(r, "ncclGroupStart", comm_);
-  for (int i = 0; i < n; ++i) {
-    if (bytes[i] == 0) continue;
-    r = send ? ncclSend(ptrs[i], static_cast<size_t>(bytes[i]), ncclUint8, peer, comm_, stream_)
-             : ncclRecv(ptrs[i], static_cast<size_t>(bytes[i]), ncclUint8, peer, comm_, stream_);
-    if (r != ncclSuccess && r != ncclInProgress) {
-      ncclGroupEnd();
-      return NcclError(r, send ? "ncclSend" : "ncclRecv", comm_);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (aborted_ || comm_ == nullptr) return absl::AbortedError("NCCL link aborted");
+    const int peer = 1 - rank_;
+    ncclResult_t r = ncclGroupStart();
+    if (r != ncclSuccess) return NcclError(r, "ncclGroupStart", comm_);
+    for (int i = 0; i < n; ++i) {
+      if (bytes[i] == 0) continue;
+      r = send ? ncclSend(ptrs[i], static_cast<size_t>(bytes[i]), ncclUint8, peer, comm_, stream_)
+               : ncclRecv(ptrs[i], static_cast<size_t>(bytes[i]), ncclUint8, peer, comm_, stream_);
+      if (r != ncclSuccess && r != ncclInProgress) {
+        ncclGroupEnd();
+        return NcclError(r, send ? "ncclSend" : "ncclRecv", comm_);
+      }
     }
+    r = ncclGroupEnd();
+    if (r != ncclSuccess && r != ncclInProgress) return NcclError(r, "ncclGroupEnd", comm_);
   }
-  r = ncclGroupEnd();
-  if (r != ncclSuccess && r != ncclInProgress) return NcclError(r, "ncclGroupEnd", comm_);
+  // Not under mu_: Abort must be able to end a wait for the peer.
   return Settle(deadline, send ? "ncclSend" : "ncclRecv");
 }
 
 absl::Status NcclLink::Send(const void* const* ptrs, const int64_t* bytes, int n) {
-  return Group(true, const_cast<void* const*>(ptrs), bytes, n, absl::Now() + absl::Seconds(10));
+  return Group(true, const_cast<void* const*>(ptrs), bytes, n, absl::Now() + kPeerPatience);
 }
 
 absl::Status NcclLink::Recv(void* const* ptrs, const int64_t* bytes, int n) {
-  return Group(false, ptrs, bytes, n, absl::Now() + absl::Seconds(10));
+  return Group(false, ptrs, bytes, n, absl::Now() + kPeerPatience);
+}
+
+void NcclLink::Post(std::function<absl::Status()> work) {
+  {
+    std::lock_guard<std::mutex> l(qmu_);
+    queue_.push_back(std::move(work));
+  }
+  qcv_.notify_all();
+}
+
+void NcclLink::WorkerLoop() {
+  cudaSetDevice(device_);
+  std::unique_lock<std::mutex> l(qmu_);
+  for (;;) {
+    qcv_.wait(l, [this] { return stopping_ || !queue_.empty(); });
+    if (queue_.empty()) return;  // stopping
+    std::function<absl::Status()> work = std::move(queue_.front());
+    queue_.pop_front();
+    const bool skip = !work_status_.ok() || aborted_;
+    running_ = true;
+    l.unlock();
+    absl::Status s = skip ? absl::OkStatus() : work();
+    if (!skip && s.ok() && aborted_) s = absl::AbortedError("NCCL link aborted");
+    l.lock();
+    running_ = false;
+    if (work_status_.ok() && !s.ok()) work_status_ = s;
+    if (work_status_.ok() && aborted_) work_status_ = absl::AbortedError("NCCL link aborted");
+    qcv_.notify_all();
+  }
+}
+
+absl::Status NcclLink::Drain(absl::Time deadline, const std::atomic<bool>* stop) {
+  std::unique_lock<std::mutex> l(qmu_);
+  for (;;) {
+    if (queue_.empty() && !running_) return work_status_;
+    if (aborted_) return absl::AbortedError("NCCL link aborted");
+    if (stop != nullptr && stop->load()) return absl::AbortedError("device transfer cancelled");
+    if (absl::Now() >= deadline) return absl::DeadlineExceededError("device transfer timed out");
+    qcv_.wait_for(l, std::chrono::milliseconds(1));
+  }
+}
+
+void NcclLink::WaitIdle() {
+  if (std::this_thread::get_id() == worker_.get_id()) return;
+  std::unique_lock<std::mutex> l(qmu_);
+  qcv_.wait(l, [this] { return !running_; });
+}
+
+void NcclLink::ResetWork() {
+  std::lock_guard<std::mutex> l(qmu_);
+  work_status_ = absl::OkStatus();
+}
+
+absl::StatusOr<cudaEvent_t> NcclLink::Event(int64_t i) {
+  std::lock_guard<std::mutex> l(mu_);
+  while (static_cast<int64_t>(events_.size()) <= i) {
+    cudaEvent_t e = nullptr;
+    KL_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    KL_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    events_.push_back(e);
+  }
+  return events_[i];
 }
 
 absl::Status NcclLink::Wait(cudaEvent_t event, absl::Time deadline, const std::atomic<bool>* stop) {
@@ -178,10 +267,12 @@ void NcclLink::Abort() {
     if (aborted_) return;
     aborted_ = true;
     if (comm_ != nullptr) {
-      ncclCommAbort(comm_);  // pending sends / receives on stream_ end
+      ncclCommAbort(comm_);  // pending sends / receives end; a waiting worker returns
       comm_ = nullptr;
     }
   }
+  qcv_.notify_all();
+  WaitIdle();  // the worker queues nothing more on the stream
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
   KL_LOG(WARNING).Field("link", id_).Field("peer", peer_) << "NCCL link aborted";
 }

@@ -1,8 +1,13 @@
 // NcclLink: one NCCL communicator of two ranks (prefill = 0, decode = 1) on
-// this process's GPU, with its own stream and the scratch a transfer needs.
-// Non-blocking NCCL (every call bounded by a deadline); Abort() ends pending
-// operations (ncclCommAbort) and drains the stream, so nothing waits forever.
-// Thread-safe: every NCCL call and Abort take the link's lock.
+// this process's GPU, with its own stream, its own worker thread and the
+// scratch a transfer needs.
+//
+// NCCL calls that may wait for the peer (a send or receive can be held until
+// the peer posts its side, e.g. while NCCL connects more channels) run only on
+// the link's worker thread (Post): a gRPC thread or the prefill engine thread
+// never waits for the other process. Non-blocking NCCL; Abort() ends pending
+// operations (ncclCommAbort), which also releases a worker waiting on them,
+// then drains the stream, so nothing waits forever. Thread-safe.
 #ifndef KL_SERVICES_TRANSPORT_NCCL_LINK_H_
 #define KL_SERVICES_TRANSPORT_NCCL_LINK_H_
 
@@ -10,9 +15,14 @@
 #include <nccl.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
+#include <functional>
 #include <mutex>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -38,9 +48,20 @@ class NcclLink {
   // does the same, at most `timeout`). On failure the link is dead.
   absl::Status Init(const std::string& unique_id, absl::Duration timeout);
 
-  // Queues a group of sends (or receives) to the peer on stream().
+  // Worker thread only (inside Post): queues a group of sends (or receives)
+  // to the peer on stream(); may wait until the peer posts its side.
   absl::Status Send(const void* const* ptrs, const int64_t* bytes, int n);
   absl::Status Recv(void* const* ptrs, const int64_t* bytes, int n);
+  // Runs `work` on the worker thread, after the work posted before. The first
+  // failure sticks: later work is skipped and Drain returns it.
+  void Post(std::function<absl::Status()> work);
+  // Waits until the posted work has run: its status, DEADLINE_EXCEEDED or
+  // ABORTED (`stop` set or the link aborted).
+  absl::Status Drain(absl::Time deadline, const std::atomic<bool>* stop);
+  // Clears the sticky status (a new transfer on an idle link).
+  void ResetWork();
+  // Event `i` of this link (created on demand; one per plan message).
+  absl::StatusOr<cudaEvent_t> Event(int64_t i);
   // Polls `event` until it completes, the communicator reports an error, or
   // `deadline` passes (then the link is aborted). `stop` (may be null) ends the
   // wait early with ABORTED.
@@ -72,7 +93,9 @@ class NcclLink {
   void Touch();
 
  private:
-  absl::Status Settle(absl::Time deadline, const char* what);  // mu_ held
+  absl::Status Settle(absl::Time deadline, const char* what);  // takes mu_ briefly
+  void WorkerLoop();
+  void WaitIdle();
   absl::Status Group(bool send, void* const* ptrs, const int64_t* bytes, int n,
                      absl::Time deadline);
 
@@ -83,7 +106,16 @@ class NcclLink {
   std::atomic<State> state_{State::kInit};
   mutable std::mutex mu_;
   ncclComm_t comm_ = nullptr;
-  bool aborted_ = false;
+  std::atomic<bool> aborted_{false};
+  std::vector<cudaEvent_t> events_;
+
+  std::mutex qmu_;
+  std::condition_variable qcv_;
+  std::deque<std::function<absl::Status()>> queue_;
+  bool running_ = false;   // the worker is executing an item
+  bool stopping_ = false;
+  absl::Status work_status_;
+  std::thread worker_;
   cudaStream_t stream_ = nullptr;
   cudaEvent_t done_ = nullptr;
   void* staging_ = nullptr;

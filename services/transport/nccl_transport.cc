@@ -149,6 +149,42 @@ std::vector<uint64_t> FoldSums(const NcclLink& link, int64_t messages) {
   return out;
 }
 
+// One plan message resolved to device addresses on the calling thread, so the
+// link's worker never touches the SequenceState.
+struct Piece {
+  int64_t index = 0;
+  bool kda = false;
+  void* ptrs[kMaxSpans] = {};
+  int64_t bytes[kMaxSpans] = {};
+  int n = 0;
+  int64_t row_begin = 0, row_end = 0;  // MLA
+  cuda::PagedRows paged;               // MLA (pages: the link's device list)
+  cudaEvent_t after = nullptr;         // compute to wait for (sender)
+};
+
+absl::StatusOr<Piece> Resolve(Core& core, NcclLink& link, const SequenceState& s,
+                              const v1::DeviceMessage& m, int64_t index) {
+  Piece p;
+  p.index = index;
+  p.kda = m.kda();
+  if (m.kda()) {
+    RETURN_IF_ERROR_T(KdaMessageSpans(core, s, m.layer(), p.ptrs, p.bytes, &p.n));
+    int64_t total = 0;
+    for (int j = 0; j < p.n; ++j) total += p.bytes[j];
+    if (total != m.bytes()) return absl::InternalError("KDA spans disagree with the plan");
+  } else {
+    auto paged = Paged(core, link, m.layer());
+    if (!paged.ok()) return paged.status();
+    p.paged = *paged;
+    p.row_begin = m.row_begin();
+    p.row_end = m.row_end();
+    p.ptrs[0] = link.staging();
+    p.bytes[0] = m.bytes();
+    p.n = 1;
+  }
+  return p;
+}
+
 // ------------------------------------------------------------------ sending
 
 class NcclSend final : public DeviceSend {
@@ -175,12 +211,9 @@ class NcclSend final : public DeviceSend {
                                ") is not plan message ", next_));
     }
     if (hold_ == nullptr) hold_ = state.device;  // keeps the slot until the sends end
-    if (core_->options.ship_at_end) {
-      ++next_;
-      return absl::OkStatus();
-    }
-    absl::Status s = Queue(state, next_);
-    ++next_;
+    const int64_t i = next_++;
+    if (core_->options.ship_at_end) return absl::OkStatus();
+    absl::Status s = Queue(state, i);
     return s.ok() ? s : Fail(std::string(s.message()));
   }
 
@@ -197,37 +230,38 @@ class NcclSend final : public DeviceSend {
   absl::StatusOr<std::vector<uint64_t>> Complete() override {
     {
       std::lock_guard<std::mutex> l(mu_);
-      if (!status_.ok()) return status_;
-      if (cut_at_ >= 0) {
+      if (status_.ok() && cut_at_ >= 0) {
         status_ = absl::UnavailableError("device transfer cut (fault injection)");
-      } else if (next_ != static_cast<int64_t>(plan_.size())) {
+      } else if (status_.ok() && next_ != static_cast<int64_t>(plan_.size())) {
         status_ = absl::InternalError(absl::StrCat("device transfer: ", next_, " of ",
                                                    plan_.size(), " messages queued"));
       }
       if (status_.ok()) {
-        cudaSetDevice(link_->device());
-        absl::Status s = cuda::CudaStatus(
-            cudaMemcpyAsync(link_->h_sums(), link_->d_sums(),
-                            plan_.size() * kMaxSpans * sizeof(uint64_t), cudaMemcpyDeviceToHost,
-                            link_->stream()),
-            "checksums");
-        if (s.ok()) s = cuda::CudaStatus(cudaEventRecord(link_->done(), link_->stream()), "event");
-        if (!s.ok()) status_ = s;
+        NcclLink* link = link_.get();
+        const size_t n = plan_.size();
+        link->Post([link, n] {
+          RETURN_IF_ERROR_T(cuda::CudaStatus(
+              cudaMemcpyAsync(link->h_sums(), link->d_sums(), n * kMaxSpans * sizeof(uint64_t),
+                              cudaMemcpyDeviceToHost, link->stream()),
+              "checksums"));
+          return cuda::CudaStatus(cudaEventRecord(link->done(), link->stream()), "event");
+        });
       }
     }
-    if (!status_.ok()) {
-      End(false);
-      return status_;
+    absl::Status w = status_;
+    if (w.ok()) {
+      const absl::Time deadline = absl::Now() + TransferBudget(core_->options, bytes_);
+      w = link_->Drain(deadline, &stop_);
+      if (w.ok()) w = link_->Wait(link_->done(), deadline, &stop_);
+      if (!w.ok()) w = absl::Status(w.code(), absl::StrCat("device send: ", w.message()));
     }
-    absl::Status w = link_->Wait(link_->done(), absl::Now() + TransferBudget(core_->options, bytes_),
-                                 &stop_);
     if (!w.ok()) {
       {
         std::lock_guard<std::mutex> l(mu_);
-        status_ = absl::Status(w.code(), absl::StrCat("device send: ", w.message()));
+        if (status_.ok()) status_ = w;
       }
       End(false);
-      return status_;
+      return w;
     }
     return FoldSums(*link_, static_cast<int64_t>(plan_.size()));
   }
@@ -247,7 +281,7 @@ class NcclSend final : public DeviceSend {
       core_->Count(&DeviceTransportStats::transfers_ok);
       core_->Count(&DeviceTransportStats::bytes, bytes_);
     } else {
-      link_->Abort();  // drains the stream: the slot is no longer read
+      link_->Abort();  // ends the sends, drains the stream: the slot is no longer read
       core_->Forget(link_);
       core_->Count(&DeviceTransportStats::transfers_failed);
     }
@@ -260,42 +294,43 @@ class NcclSend final : public DeviceSend {
     return status_;
   }
 
-  // Queues plan message `i` (mu_ held).
+  // Marks the compute done so far and hands plan message `i` to the link's
+  // worker (mu_ held; calling thread: the prefill engine's).
   absl::Status Queue(const SequenceState& state, int64_t i) {
     if (cut_at_ >= 0 && i >= cut_at_) return absl::OkStatus();  // FAULT INJECTION
-    const v1::DeviceMessage& m = plan_[i];
-    NcclLink& link = *link_;
-    RETURN_IF_ERROR_T(cuda::CudaStatus(cudaSetDevice(link.device()), "cudaSetDevice"));
-    RETURN_IF_ERROR_T(core_->access->OrderAfterCompute(link.stream()));
-    void* ptrs[kMaxSpans] = {};
-    int64_t bytes[kMaxSpans] = {};
-    int n = 0;
-    if (m.kda()) {
-      RETURN_IF_ERROR_T(KdaMessageSpans(*core_, state, m.layer(), ptrs, bytes, &n));
-    } else {
-      // The state's page list (pages only grow: copy the new tail).
-      auto pages = core_->access->SlotPages(state);
-      if (!pages.ok()) return pages.status();
-      const int64_t have = static_cast<int64_t>(pages->size());
-      if (have > pages_sent_) {
-        std::copy(pages->begin() + pages_sent_, pages->end(), link.h_pages() + pages_sent_);
-        RETURN_IF_ERROR_T(cuda::CudaStatus(
-            cudaMemcpyAsync(link.d_pages() + pages_sent_, link.h_pages() + pages_sent_,
-                            (have - pages_sent_) * sizeof(int32_t), cudaMemcpyHostToDevice,
-                            link.stream()),
-            "page list"));
-        pages_sent_ = have;
-      }
-      auto paged = Paged(*core_, link, m.layer());
-      if (!paged.ok()) return paged.status();
-      RETURN_IF_ERROR_T(cuda::PackRows(*paged, m.row_begin(), m.row_end(), link.staging(),
-                                       link.stream()));
-      ptrs[0] = link.staging();
-      bytes[0] = m.bytes();
-      n = 1;
+    NcclLink* link = link_.get();
+    RETURN_IF_ERROR_T(cuda::CudaStatus(cudaSetDevice(link->device()), "cudaSetDevice"));
+    auto piece = Resolve(*core_, *link, state, plan_[i], i);
+    if (!piece.ok()) return piece.status();
+    auto ev = link->Event(i);
+    if (!ev.ok()) return ev.status();
+    piece->after = *ev;
+    RETURN_IF_ERROR_T(core_->access->RecordCompute(*ev));
+    std::vector<int32_t> pages;
+    if (!piece->kda) {
+      auto list = core_->access->SlotPages(state);  // pages only grow
+      if (!list.ok()) return list.status();
+      pages = *std::move(list);
     }
-    RETURN_IF_ERROR_T(QueueSums(link, ptrs, bytes, n, i * kMaxSpans));
-    return link.Send(ptrs, bytes, n);
+    link->Post([this, link, p = *piece, pages = std::move(pages)]() mutable {
+      cudaStream_t st = link->stream();
+      RETURN_IF_ERROR_T(cuda::CudaStatus(cudaStreamWaitEvent(st, p.after, 0), "wait compute"));
+      if (!p.kda) {
+        const int64_t have = static_cast<int64_t>(pages.size());
+        if (have > pages_sent_) {  // the new tail of the page list
+          std::copy(pages.begin() + pages_sent_, pages.end(), link->h_pages() + pages_sent_);
+          RETURN_IF_ERROR_T(cuda::CudaStatus(
+              cudaMemcpyAsync(link->d_pages() + pages_sent_, link->h_pages() + pages_sent_,
+                              (have - pages_sent_) * sizeof(int32_t), cudaMemcpyHostToDevice, st),
+              "page list"));
+          pages_sent_ = have;
+        }
+        RETURN_IF_ERROR_T(cuda::PackRows(p.paged, p.row_begin, p.row_end, link->staging(), st));
+      }
+      RETURN_IF_ERROR_T(QueueSums(*link, p.ptrs, p.bytes, p.n, p.index * kMaxSpans));
+      return link->Send(p.ptrs, p.bytes, p.n);
+    });
+    return absl::OkStatus();
   }
 
   const std::shared_ptr<Core> core_;
@@ -306,7 +341,7 @@ class NcclSend final : public DeviceSend {
   std::mutex mu_;
   absl::Status status_;
   int64_t next_ = 0;
-  int64_t pages_sent_ = 0;
+  int64_t pages_sent_ = 0;  // the link's worker only
   int64_t cut_at_ = -1;
   bool ended_ = false;
   std::shared_ptr<StateResidency> hold_;
@@ -331,8 +366,9 @@ class NcclReceive final : public DeviceReceive {
       return absl::DataLossError(absl::StrCat("device transfer: ", checksums.size(),
                                               " checksums for ", messages_, " messages"));
     }
-    absl::Status w = link_->Wait(link_->done(), absl::Now() + TransferBudget(core_->options, bytes_),
-                                 &stop_);
+    const absl::Time deadline = absl::Now() + TransferBudget(core_->options, bytes_);
+    absl::Status w = link_->Drain(deadline, &stop_);
+    if (w.ok()) w = link_->Wait(link_->done(), deadline, &stop_);
     if (!w.ok()) {
       Abort();
       return absl::Status(w.code(), absl::StrCat("device receive: ", w.message()));
@@ -341,19 +377,19 @@ class NcclReceive final : public DeviceReceive {
     std::lock_guard<std::mutex> l(mu_);
     if (done_) return absl::AbortedError("device receive aborted");
     done_ = true;
-    link_->Touch();
-    link_->set_state(NcclLink::State::kReady);  // every operation completed: reusable
     for (int64_t m = 0; m < messages_; ++m) {
       if (got[m] != checksums[m]) {
         // The sender drops its end when we refuse: drop ours too.
         link_->Abort();
         core_->Forget(link_);
         core_->Count(&DeviceTransportStats::transfers_failed);
-        state_ = SequenceState();  // frees the slot (the stream is idle)
+        state_ = SequenceState();  // frees the slot (the stream is drained)
         return absl::DataLossError(absl::StrCat("device transfer: checksum mismatch in message ",
                                                 m, " of ", messages_));
       }
     }
+    link_->Touch();
+    link_->set_state(NcclLink::State::kReady);  // every operation completed: reusable
     core_->Count(&DeviceTransportStats::transfers_ok);
     core_->Count(&DeviceTransportStats::bytes, bytes_);
     return std::move(state_);
@@ -364,7 +400,7 @@ class NcclReceive final : public DeviceReceive {
     std::lock_guard<std::mutex> l(mu_);
     if (done_) return;
     done_ = true;
-    link_->Abort();  // pending receives end; the stream drains
+    link_->Abort();  // pending receives end; the worker stops; the stream drains
     core_->Forget(link_);
     core_->Count(&DeviceTransportStats::transfers_failed);
     state_ = SequenceState();  // now the slot may go back
@@ -534,8 +570,14 @@ class NcclTransport final : public DeviceTransport {
     absl::Status s = link->Reserve(max_mla, std::max<int64_t>(pages, 1),
                                    std::max<int64_t>(static_cast<int64_t>(plan.size()), 1) * kMaxSpans);
     if (s.ok()) {
-      s = cuda::CudaStatus(cudaMemsetAsync(link->d_sums(), 0, plan.size() * kMaxSpans * sizeof(uint64_t),
-                                           link->stream()), "checksum scratch");
+      link->ResetWork();
+      NcclLink* l = link.get();
+      const size_t n = plan.size();
+      l->Post([l, n] {
+        return cuda::CudaStatus(
+            cudaMemsetAsync(l->d_sums(), 0, n * kMaxSpans * sizeof(uint64_t), l->stream()),
+            "checksum scratch");
+      });
     }
     if (!s.ok()) {
       link->Abort();
@@ -602,9 +644,11 @@ class NcclTransport final : public DeviceTransport {
     }
     if (resp.transport() != "nccl") {
       KL_LOG(INFO).Field("peer", address) << "device link refused, using gRPC: " << resp.reason();
-      std::lock_guard<std::mutex> l(core->mu);
-      core->grpc_only_until[address] = absl::Now() + absl::Seconds(60);
-      return drop(absl::UnavailableError(resp.reason()));
+      {
+        std::lock_guard<std::mutex> l(core->mu);
+        core->grpc_only_until[address] = absl::Now() + absl::Seconds(60);
+      }
+      return drop(absl::UnavailableError(resp.reason()));  // Forget takes core->mu
     }
     auto link = std::make_shared<NcclLink>(resp.link_id(), core->access->device(), 0, address);
     {
@@ -638,7 +682,8 @@ class NcclTransport final : public DeviceTransport {
   }
 
   // Decode side: one group of receives per plan message, in plan order, with
-  // the checksum (and, for MLA, the scatter into the pages) right behind it.
+  // the checksum (and, for MLA, the scatter into the pages) right behind it,
+  // all handed to the link's worker (a receive may wait there for the peer).
   absl::Status QueueReceives(NcclLink& link, const v1::DeviceTransfer& transfer,
                              const SequenceState& state, int64_t pages) {
     RETURN_IF_ERROR_T(cuda::CudaStatus(cudaSetDevice(link.device()), "cudaSetDevice"));
@@ -646,42 +691,38 @@ class NcclTransport final : public DeviceTransport {
     if (!list.ok()) return list.status();
     if (static_cast<int64_t>(list->size()) < pages) return absl::InternalError("pages missing");
     std::copy(list->begin(), list->begin() + pages, link.h_pages());
-    RETURN_IF_ERROR_T(cuda::CudaStatus(
-        cudaMemcpyAsync(link.d_pages(), link.h_pages(), pages * sizeof(int32_t),
-                        cudaMemcpyHostToDevice, link.stream()),
-        "page list"));
     const int64_t messages = transfer.messages_size();
-    RETURN_IF_ERROR_T(cuda::CudaStatus(
-        cudaMemsetAsync(link.d_sums(), 0, messages * kMaxSpans * sizeof(uint64_t), link.stream()),
-        "checksum scratch"));
+    std::vector<Piece> pieces;
     for (int64_t i = 0; i < messages; ++i) {
-      const v1::DeviceMessage& m = transfer.messages(static_cast<int>(i));
-      void* ptrs[kMaxSpans] = {};
-      int64_t bytes[kMaxSpans] = {};
-      int n = 0;
-      if (m.kda()) {
-        RETURN_IF_ERROR_T(KdaMessageSpans(*core_, state, m.layer(), ptrs, bytes, &n));
-        int64_t total = 0;
-        for (int j = 0; j < n; ++j) total += bytes[j];
-        if (total != m.bytes()) return absl::InternalError("KDA spans disagree with the plan");
-        RETURN_IF_ERROR_T(link.Recv(ptrs, bytes, n));
-        RETURN_IF_ERROR_T(QueueSums(link, ptrs, bytes, n, i * kMaxSpans));
-      } else {
-        ptrs[0] = link.staging();
-        bytes[0] = m.bytes();
-        RETURN_IF_ERROR_T(link.Recv(ptrs, bytes, 1));
-        RETURN_IF_ERROR_T(QueueSums(link, ptrs, bytes, 1, i * kMaxSpans));
-        auto paged = Paged(*core_, link, m.layer());
-        if (!paged.ok()) return paged.status();
-        RETURN_IF_ERROR_T(cuda::UnpackRows(link.staging(), m.row_begin(), m.row_end(), *paged,
-                                           link.stream()));
-      }
+      auto p = Resolve(*core_, link, state, transfer.messages(static_cast<int>(i)), i);
+      if (!p.ok()) return p.status();
+      pieces.push_back(*std::move(p));
     }
-    RETURN_IF_ERROR_T(cuda::CudaStatus(
-        cudaMemcpyAsync(link.h_sums(), link.d_sums(), messages * kMaxSpans * sizeof(uint64_t),
-                        cudaMemcpyDeviceToHost, link.stream()),
-        "checksums"));
-    return cuda::CudaStatus(cudaEventRecord(link.done(), link.stream()), "event");
+    NcclLink* l = &link;
+    link.ResetWork();
+    link.Post([l, pages, messages, pieces = std::move(pieces)]() -> absl::Status {
+      cudaStream_t st = l->stream();
+      RETURN_IF_ERROR_T(cuda::CudaStatus(
+          cudaMemcpyAsync(l->d_pages(), l->h_pages(), pages * sizeof(int32_t),
+                          cudaMemcpyHostToDevice, st),
+          "page list"));
+      RETURN_IF_ERROR_T(cuda::CudaStatus(
+          cudaMemsetAsync(l->d_sums(), 0, messages * kMaxSpans * sizeof(uint64_t), st),
+          "checksum scratch"));
+      for (const Piece& p : pieces) {
+        RETURN_IF_ERROR_T(l->Recv(p.ptrs, p.bytes, p.n));
+        RETURN_IF_ERROR_T(QueueSums(*l, p.ptrs, p.bytes, p.n, p.index * kMaxSpans));
+        if (!p.kda) {
+          RETURN_IF_ERROR_T(cuda::UnpackRows(l->staging(), p.row_begin, p.row_end, p.paged, st));
+        }
+      }
+      RETURN_IF_ERROR_T(cuda::CudaStatus(
+          cudaMemcpyAsync(l->h_sums(), l->d_sums(), messages * kMaxSpans * sizeof(uint64_t),
+                          cudaMemcpyDeviceToHost, st),
+          "checksums"));
+      return cuda::CudaStatus(cudaEventRecord(l->done(), st), "event");
+    });
+    return absl::OkStatus();
   }
 
   const std::shared_ptr<Core> core_;

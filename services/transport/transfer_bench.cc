@@ -38,6 +38,8 @@
 
 ABSL_FLAG(int, layers, 8, "first layers of the 48B shape (keeps the 3:1 KDA:MLA pattern)");
 ABSL_FLAG(std::string, prompts, "4096,32768,131072", "prompt lengths");
+ABSL_FLAG(std::string, call_prompts, "",
+          "prompt lengths of the Prefill-call table (default: --prompts)");
 ABSL_FLAG(int, reps, 2, "timed calls per (mode, prompt); the best is reported");
 ABSL_FLAG(int64_t, max_batch_tokens, 16384, "prefill chunk");
 
@@ -162,6 +164,7 @@ Worker MakeWorker(const ModelConfig& c, int device, int64_t max_seqs, int64_t ma
 }
 
 int Main() {
+  setvbuf(stdout, nullptr, _IOLBF, 0);  // a killed run still shows its tables
   int gpus = 0;
   cudaGetDeviceCount(&gpus);
   if (gpus < 2) {
@@ -330,7 +333,15 @@ int Main() {
   std::printf("\nPrefill call = prefill + state transfer until the decode worker verified it\n");
   std::printf("%-22s | %7s | %9s | %9s | %9s | %10s | %8s\n", "mode", "T", "call ms",
               "prefill", "tail ms", "state MB", "tail GB/s");
-  for (int64_t t : prompts) {
+  std::vector<int64_t> call_prompts = prompts;
+  if (!absl::GetFlag(FLAGS_call_prompts).empty()) {
+    call_prompts.clear();
+    for (absl::string_view p : absl::StrSplit(absl::GetFlag(FLAGS_call_prompts), ',')) {
+      int64_t v = 0;
+      if (absl::SimpleAtoi(p, &v) && v > 0) call_prompts.push_back(v);
+    }
+  }
+  for (int64_t t : call_prompts) {
     for (auto& m : modes) {
       double best = 1e30, best_prefill = 0, best_tail = 0;
       int64_t bytes = 0;

@@ -88,7 +88,8 @@ bool DecodeIdle(LocalCluster& c, double seconds) {
   return false;
 }
 
-std::unique_ptr<LocalCluster> Start(std::vector<std::string> prefill_args) {
+std::unique_ptr<LocalCluster> Start(std::vector<std::string> prefill_args,
+                                    std::vector<std::string> decode_args = {}) {
   Oracle();  // makes the model folder
   LocalClusterOptions o;
   o.model_dir = ModelDir();
@@ -100,6 +101,7 @@ std::unique_ptr<LocalCluster> Start(std::vector<std::string> prefill_args) {
   prefill_args.push_back("--max_batch_tokens=48");
   prefill_args.push_back("--nccl_sync_open");
   o.prefill_args = std::move(prefill_args);
+  o.decode_args = std::move(decode_args);
   const char* out = std::getenv("TEST_UNDECLARED_OUTPUTS_DIR");
   o.log_dir = out != nullptr ? out : TmpDir();
   auto c = std::make_unique<LocalCluster>(o);
@@ -173,6 +175,26 @@ TEST(NcclTransfer, ChecksumMismatchIsRefusedAndRetried) {
   const v1::WorkerStats s = DecodeStats(c->decode_address(0));
   EXPECT_GE(s.integrity_failures(), 1);
   EXPECT_GE(s.device_transfers(), 4);
+  EXPECT_TRUE(DecodeIdle(*c, 10));
+}
+
+TEST(NcclTransfer, WorkersOnOneGpuFallBackToGrpc) {
+  if (!TwoGpus()) GTEST_SKIP() << "needs two GPUs";
+  // The decode worker joins the prefill worker on GPU 0: NCCL cannot link two
+  // ranks on one GPU, so the rendezvous answers "grpc" and the state goes as a
+  // bundle (the later flag wins over the cluster's --cuda_device=1).
+  auto c = Start({}, {"--cuda_device=0"});
+  GenerationClient client(c->router_address());
+  for (int i = 0; i < 3; ++i) {
+    const std::string p = Prompt(20 + 60 * i, i + 9);
+    StreamResult r = client.Generate(Req(p, 12), 120);
+    ASSERT_TRUE(r.status.ok()) << i << ": " << r.status.error_message();
+    EXPECT_EQ(r.tokens, Oracle().Greedy(p, 12, true)) << i;
+  }
+  const v1::WorkerStats s = DecodeStats(c->decode_address(0));
+  EXPECT_EQ(s.device_transfers(), 0);
+  EXPECT_EQ(s.device_links(), 0);
+  EXPECT_EQ(s.device_transfer_failures(), 0);
   EXPECT_TRUE(DecodeIdle(*c, 10));
 }
 
