@@ -45,8 +45,9 @@ struct DeviceTransportOptions {
   absl::Duration init_timeout = absl::Seconds(20);   // ncclCommInitRank
   // A transfer's receives / sends must finish within this plus bytes at 1 GB/s.
   absl::Duration transfer_timeout = absl::Seconds(10);
-  // Prefill side: the first transfer to a peer waits for its link to come up
-  // instead of going over gRPC while it does (tests and benchmarks).
+  // Prefill side: the first transfer to a peer waits for its first link to
+  // come up instead of going over gRPC while it does (tests and benchmarks);
+  // further links always come up in the background.
   bool sync_open = false;
   // Ship every layer after the forward instead of as each layer finishes
   // (benchmarks: layer-wise overlap against ship-at-end).

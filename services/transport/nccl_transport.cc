@@ -531,7 +531,7 @@ class NcclTransport final : public DeviceTransport {
       const std::string& address, const std::shared_ptr<grpc::Channel>& channel,
       std::vector<v1::DeviceMessage> plan) override {
     std::shared_ptr<NcclLink> link;
-    bool open = false;
+    bool open = false, sync = false;
     {
       std::lock_guard<std::mutex> l(core_->mu);
       auto g = core_->grpc_only_until.find(address);
@@ -547,9 +547,14 @@ class NcclTransport final : public DeviceTransport {
         }
       }
       open = link == nullptr && static_cast<int>(links.size()) < core_->options.links_per_peer;
+      // Only the first link to a peer may be waited for. With transfers to the
+      // peer in flight, its receives spin on its GPU until our next forward
+      // sends the data; if its half of a new communicator's set-up waited for
+      // those kernels, this (engine) thread would wait for itself.
+      sync = core_->options.sync_open && links.empty();
     }
     if (link == nullptr && open) {
-      if (core_->options.sync_open) {
+      if (sync) {
         absl::StatusOr<std::shared_ptr<NcclLink>> l = Open(core_, address, channel);
         if (l.ok() && (*l)->TryAcquire()) link = *l;
       } else {
