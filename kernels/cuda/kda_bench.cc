@@ -231,6 +231,116 @@ bool BenchPrefill(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row
   return true;
 }
 
+// --exp: experiments on the tensor-core prefill (phase costs, L2 prefetch, L2-hot state).
+bool Exp() {
+  cudaStream_t s;
+  BENCH_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  const int64_t H = 32, K = 128, V = 128, Tmax = 32768;
+  DeviceBuffer q(Tmax * H * K * 2), k(Tmax * H * K * 2), v(Tmax * H * V * 2), f(Tmax * H * K * 2),
+      b(Tmax * H * 2), o(Tmax * H * V * 2), a_log(H * 4), dt_bias(H * K * 4), pool(H * K * V * 4),
+      slot(4), cu(16), flush(size_t{256} << 20);
+  BENCH_CHECK(FillUniform(q.get(), Tmax * H * K, true, -1, 1, 21, s));
+  BENCH_CHECK(FillUniform(k.get(), Tmax * H * K, true, -1, 1, 22, s));
+  BENCH_CHECK(FillUniform(v.get(), Tmax * H * V, true, -1, 1, 23, s));
+  BENCH_CHECK(FillUniform(f.get(), Tmax * H * K, true, -3, 3, 24, s));
+  BENCH_CHECK(FillUniform(b.get(), Tmax * H, true, -3, 3, 25, s));
+  BENCH_CHECK(FillUniform(a_log.get(), H, false, 1, 16, 26, s, true));
+  BENCH_CHECK(FillUniform(dt_bias.get(), H * K, false, -1, 1, 27, s));
+  BENCH_CHECK(FillUniform(pool.get(), H * K * V, false, -0.3f, 0.3f, 28, s));
+  BENCH_CHECK(cudaMemset(slot.get(), 0, 4));
+  KdaChunkParams p;
+  p.num_seqs = 1;
+  p.num_heads = H;
+  p.num_slots = 1;
+  p.algo = KdaChunkAlgo::kTensorCore;
+  p.q = q.get();
+  p.k = k.get();
+  p.v = v.get();
+  p.f = f.get();
+  p.b = b.get();
+  p.a_log = a_log.as<float>();
+  p.dt_bias = dt_bias.as<float>();
+  p.cu_seqlens = cu.as<int64_t>();
+  p.slots = slot.as<int32_t>();
+  p.state_pool = pool.as<float>();
+  p.o = o.get();
+  p.num_tokens = Tmax;
+  DeviceBuffer ws(KdaChunkWorkspaceBytes(p));
+  cudaEvent_t e0, e1, e2;
+  BENCH_CHECK(cudaEventCreate(&e0));
+  BENCH_CHECK(cudaEventCreate(&e1));
+  BENCH_CHECK(cudaEventCreate(&e2));
+  // Median (intra, state) ms over `reps` calls with tuning t; flush L2 before each if asked.
+  auto run = [&](int64_t T, internal::TcTuning t, int reps, bool flush_l2, double* mi, double* ms) {
+    const int64_t cu_h[2] = {0, T};
+    if (cudaMemcpy(cu.get(), cu_h, sizeof(cu_h), cudaMemcpyHostToDevice) != cudaSuccess) return false;
+    p.num_tokens = T;
+    std::vector<double> vi, vs;
+    for (int r = 0; r < reps + 1; ++r) {
+      if (flush_l2 && cudaMemsetAsync(flush.get(), r, flush.bytes(), s) != cudaSuccess) return false;
+      internal::SetTcTuning(t);
+      if (cudaEventRecord(e0, s) != cudaSuccess) return false;
+      if (internal::LaunchChunkTc(p, ws.get(), s, e1) != cudaSuccess) return false;
+      if (cudaEventRecord(e2, s) != cudaSuccess || cudaEventSynchronize(e2) != cudaSuccess) return false;
+      float x = 0, y = 0;
+      cudaEventElapsedTime(&x, e0, e1);
+      cudaEventElapsedTime(&y, e1, e2);
+      if (r > 0) {
+        vi.push_back(x);
+        vs.push_back(y);
+      }
+    }
+    internal::SetTcTuning(internal::TcTuning{});
+    *mi = Median(vi);
+    *ms = Median(vs);
+    return true;
+  };
+  double mi = 0, ms = 0;
+  for (int64_t T : {int64_t{8192}, int64_t{32768}}) {
+    internal::TcTuning t;
+    if (!run(T, t, 7, false, &mi, &ms)) return false;
+    std::printf("exp T=%ld base: intra %.4f state %.4f total %.4f ms\n", (long)T, mi, ms, mi + ms);
+    for (int stop = 1; stop <= 7; ++stop) {
+      t = internal::TcTuning{};
+      t.stop_after = stop;
+      t.skip_state = true;
+      if (!run(T, t, 7, false, &mi, &ms)) return false;
+      std::printf("exp T=%ld intra stop_after=%d: %.4f ms\n", (long)T, stop, mi);
+    }
+    for (int pf : {132, 264, 396, 528, 792}) {
+      t = internal::TcTuning{};
+      t.pf_items = pf;
+      t.skip_state = true;
+      if (!run(T, t, 7, false, &mi, &ms)) return false;
+      std::printf("exp T=%ld intra pf_items=%d: %.4f ms\n", (long)T, pf, mi);
+    }
+    t = internal::TcTuning{};
+    if (!run(T, t, 1, false, &mi, &ms)) return false;  // valid items for state-only runs
+    for (int spf : {0, 1, 2, 4, 8}) {
+      t = internal::TcTuning{};
+      t.st_pf = spf;
+      t.skip_intra = true;
+      if (!run(T, t, 5, true, &mi, &ms)) return false;
+      std::printf("exp T=%ld state-only (L2 flushed) st_pf=%d: %.4f ms, %.3f us/chunk\n", (long)T, spf, ms,
+                  ms * 1e3 / (T / 64));
+    }
+  }
+  for (int64_t T : {int64_t{512}, int64_t{1024}, int64_t{2048}, int64_t{4096}}) {
+    internal::TcTuning t;
+    if (!run(T, t, 7, false, &mi, &ms)) return false;
+    std::printf("exp T=%ld hot: intra %.4f state %.4f ms (%.3f us/chunk)\n", (long)T, mi, ms, ms * 1e3 / (T / 64));
+    t.skip_intra = true;
+    if (!run(T, t, 7, true, &mi, &ms)) return false;
+    std::printf("exp T=%ld state-only flushed: %.4f ms (%.3f us/chunk)\n", (long)T, ms, ms * 1e3 / (T / 64));
+    if (!run(T, t, 7, false, &mi, &ms)) return false;
+    std::printf("exp T=%ld state-only L2-hot: %.4f ms (%.3f us/chunk)\n", (long)T, ms, ms * 1e3 / (T / 64));
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaEventDestroy(e2);
+  return true;
+}
+
 // --profile: two T = 8192 prefill calls and one N = 64 decode launch, for ncu.
 bool Profile() {
   cudaStream_t s;
@@ -313,15 +423,17 @@ bool Run(bool quick) {
 }  // namespace kl::cuda
 
 int main(int argc, char** argv) {
-  bool quick = false, profile = false;
+  bool quick = false, profile = false, exp = false;
   for (int i = 1; i < argc; ++i) {
     quick |= std::strcmp(argv[i], "--quick") == 0;
     profile |= std::strcmp(argv[i], "--profile") == 0;
+    exp |= std::strcmp(argv[i], "--exp") == 0;
   }
   if (!kl::cuda::testing::HasCudaDevice()) {
     std::printf("kda_bench: no CUDA device\n");
     return 0;
   }
   if (profile) return kl::cuda::Profile() ? 0 : 1;
+  if (exp) return kl::cuda::Exp() ? 0 : 1;
   return kl::cuda::Run(quick) ? 0 : 1;
 }

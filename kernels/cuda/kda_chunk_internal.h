@@ -61,6 +61,15 @@ cudaError_t LaunchChunkTc(const KdaChunkParams& p, void* workspace, cudaStream_t
 enum class TcStateImpl { kWgmma = 0, kMmaSync = 1 };
 void SetTcStateImpl(TcStateImpl impl);
 
+// Experiment knobs of the tensor-core path (benchmark only; process-wide).
+struct TcTuning {
+  int stop_after = 7;   // intra kernel returns after phase 1..6 (7: whole kernel)
+  int pf_items = 0;     // intra: L2 prefetch of the item this many items ahead
+  int st_pf = 0;        // state: L2 prefetch this many chunks past the bulk-copy pipeline
+  bool skip_intra = false, skip_state = false;
+};
+void SetTcTuning(const TcTuning& t);
+
 // Exact fp32 SIMT path (any K <= 128, any V).
 cudaError_t LaunchChunkExact(const KdaChunkParams& p, cudaStream_t stream);
 

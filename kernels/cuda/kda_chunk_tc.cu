@@ -87,6 +87,10 @@ struct TcArgs {
   unsigned char* items;
   int N, H, num_slots;
   float scale;
+  // Experiment knobs (benchmark only; defaults = production behaviour).
+  int stop_after;  // intra kernel returns after this phase (7 = run all)
+  int pf_items;    // intra: L2 prefetch of the inputs of item (linear index + pf_items); 0 = off
+  int st_pf;       // state: L2 prefetch of the item st_pf chunks past the pipeline; 0 = off
 };
 
 // ---------------------------------------------------------------------------------
@@ -249,6 +253,20 @@ __global__ void __launch_bounds__(kIntraThreads, 2) KdaChunkIntraKernel(const Tc
   const int g8 = lane >> 2, t4 = lane & 3;
   const int lrow = (lane & 7) + 8 * (lane >> 4), lcol = 8 * ((lane >> 3) & 1);
   unsigned char* item = a.items + (static_cast<size_t>(c) * H + h) * kItemBytes;
+  if (a.pf_items > 0) {  // experiment: warm L2 with the inputs of a later item
+    const int lin = (c * H + h) + a.pf_items;
+    const int c2 = lin / H, h2 = lin - c2 * H;
+    if (c2 < a.offs[a.N]) {
+      const int n2 = FindSeq(a.offs, a.N, c2);
+      const int64_t t2 = a.cu[n2] + static_cast<int64_t>(c2 - a.offs[n2]) * kC;
+      const int r = tid & 63, which = tid >> 6;
+      if (t2 + r < a.cu[n2 + 1]) {
+        const bf16* base = which == 0 ? a.q : which == 1 ? a.k : which == 2 ? a.v : a.f;
+        const bf16* src = base + ((t2 + r) * H + h2) * kK;
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], 256;\n" ::"l"(src) : "memory");
+      }
+    }
+  }
 
   // ---- phase 0: async loads of q, k, v rows (rows >= nr zero-filled), zero A ----
   {
@@ -323,6 +341,7 @@ __global__ void __launch_bounds__(kIntraThreads, 2) KdaChunkIntraKernel(const Tc
   }
   CpAsyncWait<0>();
   __syncthreads();
+  if (a.stop_after == 1) return;
 
   // ---- phase 1b: row norms of q, k and the diagonal q_r . k_r (tiles are not rewritten) ----
   {
@@ -356,6 +375,7 @@ __global__ void __launch_bounds__(kIntraThreads, 2) KdaChunkIntraKernel(const Tc
     }
   }
   __syncthreads();
+  if (a.stop_after == 2) return;
 
   // ---- phase 2: L and A_qk on tensor cores. Warps 4-7: diagonal block w - 4, all four
   //      levels; warps 0-3: off-diagonal rows, balanced (8 x 8 B sides per warp: 6/6/6/6). ----
@@ -373,6 +393,7 @@ __global__ void __launch_bounds__(kIntraThreads, 2) KdaChunkIntraKernel(const Tc
     }
   }
   __syncthreads();
+  if (a.stop_after == 3) return;
 
   // ---- phase 2c: elementwise: QG, KH out; K o Gamma (normalised) in place; EG out ----
   {
@@ -409,6 +430,7 @@ __global__ void __launch_bounds__(kIntraThreads, 2) KdaChunkIntraKernel(const Tc
     }
   }
   __syncthreads();
+  if (a.stop_after == 4) return;
 
   // ---- phase 3: LT16 (bf16, in the dead q tile): T_II = (I + L_II)^-1 on the diagonal
   //      blocks (fp32 forward substitution, warps 0-3), -L_IJ below them (warps 4-7) ----
@@ -436,6 +458,7 @@ __global__ void __launch_bounds__(kIntraThreads, 2) KdaChunkIntraKernel(const Tc
     }
   }
   __syncthreads();
+  if (a.stop_after == 5) return;
 
   // ---- phase 4: [W | U] = (I + L)^-1 diag(beta) [K o Gamma | V] by block forward
   //      substitution on tensor cores, transposed (X^T = Z^T T_II^T with
@@ -498,6 +521,7 @@ __global__ void __launch_bounds__(kIntraThreads, 2) KdaChunkIntraKernel(const Tc
     }
   }
   __syncthreads();
+  if (a.stop_after == 6) return;
 
   // ---- phase 5: copy-out of W and A (core-matrix layout) and U (two padded slices) ----
   {
@@ -643,6 +667,15 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateKernel(const Tc
       const int nxt = (k + kStages - 1) % kStages;
       IssueStage(smem + nxt * kStageBytes, item_of(ci + kStages - 1), vs, &s_bar[nxt]);
     }
+    if (tid == 0 && a.st_pf > 0 && vs == 0 && ci + kStages - 1 + a.st_pf < c_end) {
+      const unsigned char* pf = item_of(ci + kStages - 1 + a.st_pf);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(pf + i * (kItemBytes / 4)),
+                     "r"(static_cast<uint32_t>(kItemBytes / 4))
+                     : "memory");
+      }
+    }
     const bf16* sU = reinterpret_cast<const bf16*>(st + kStU);
     const float* sE = reinterpret_cast<const float*>(st + kStE);
     const uint32_t st_addr = SmemAddr(st);
@@ -783,6 +816,7 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateKernel(const Tc
 }
 
 TcStateImpl g_state_impl = TcStateImpl::kWgmma;
+TcTuning g_tuning;
 
 template <bool kWgmma>
 cudaError_t LaunchState(const TcArgs& a, int H, int N, cudaStream_t stream) {
@@ -822,6 +856,9 @@ cudaError_t LaunchChunkTc(const KdaChunkParams& p, void* workspace, cudaStream_t
   a.H = H;
   a.num_slots = static_cast<int>(p.num_slots);
   a.scale = p.scale != 0.0f ? p.scale : 1.0f / sqrtf(static_cast<float>(kK));
+  a.stop_after = g_tuning.stop_after;
+  a.pf_items = g_tuning.pf_items;
+  a.st_pf = g_tuning.st_pf;
 
   ChunkOffsetsKernel<<<1, kScanThreads, 0, stream>>>(p.cu_seqlens, N, reinterpret_cast<int32_t*>(ws));
   cudaError_t err = cudaGetLastError();
@@ -833,17 +870,19 @@ cudaError_t LaunchChunkTc(const KdaChunkParams& p, void* workspace, cudaStream_t
     attr_set = true;
   }
   const int64_t max_chunks = MaxChunks(p.num_tokens, p.num_seqs);
-  KdaChunkIntraKernel<<<dim3(H, static_cast<unsigned>(max_chunks)), kIntraThreads, kIntraSmem, stream>>>(a);
+  if (!g_tuning.skip_intra) KdaChunkIntraKernel<<<dim3(H, static_cast<unsigned>(max_chunks)), kIntraThreads, kIntraSmem, stream>>>(a);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   if (after_intra != nullptr) {
     err = cudaEventRecord(after_intra, stream);
     if (err != cudaSuccess) return err;
   }
+  if (g_tuning.skip_state) return cudaSuccess;
   return g_state_impl == TcStateImpl::kWgmma ? LaunchState<true>(a, H, N, stream)
                                              : LaunchState<false>(a, H, N, stream);
 }
 
 void SetTcStateImpl(TcStateImpl impl) { g_state_impl = impl; }
+void SetTcTuning(const TcTuning& t) { g_tuning = t; }
 
 }  // namespace kl::cuda::internal
