@@ -161,7 +161,7 @@ bool BenchPrefill(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row
   if (!ws.ok()) return false;
   std::printf("\n== prefill: tensor-core path, bf16, B=1, H=32, K=V=128, C=64 (workspace %.2f GB at T=%ld)\n",
               ws.bytes() / 1e9, static_cast<long>(Tmax));
-  std::printf("%8s %9s %9s %9s %9s %10s %8s %10s %10s\n", "T", "ms", "intra ms", "state ms",
+  std::printf("%8s %9s %11s %9s %9s %9s %10s %8s %10s %10s\n", "T", "ms", "seq. ms", "intra ms", "state ms",
               "Mtok/s", "TFLOP/s", "%GEMM", "TB/s(min)", "TB/s(all)");
   cudaEvent_t e0, e1, e2;
   BENCH_CHECK(cudaEventCreate(&e0));
@@ -173,33 +173,45 @@ bool BenchPrefill(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row
     BENCH_CHECK(cudaMemcpy(cu.get(), cu_h, sizeof(cu_h), cudaMemcpyHostToDevice));
     p.num_tokens = T;
     const int reps = quick ? 3 : (T <= 8192 ? 21 : T <= 32768 ? 11 : 5);
-    std::vector<double> tot, intra, state;
+    // Default: the segmented intra / state pipeline (one total time).
+    std::vector<double> tot, seq, intra, state;
+    for (int r = 0; r < reps + 2; ++r) {
+      BENCH_CHECK(cudaEventRecord(e0, s));
+      BENCH_CHECK(internal::LaunchChunkTc(p, ws.get(), s, nullptr));
+      BENCH_CHECK(cudaEventRecord(e2, s));
+      BENCH_CHECK(cudaEventSynchronize(e2));
+      if (r < 2) continue;  // warm-up
+      float x = 0;
+      BENCH_CHECK(cudaEventElapsedTime(&x, e0, e2));
+      tot.push_back(x);
+    }
+    // Sequential (intra kernel, then state kernel), with the phase split.
     for (int r = 0; r < reps + 2; ++r) {
       BENCH_CHECK(cudaEventRecord(e0, s));
       BENCH_CHECK(internal::LaunchChunkTc(p, ws.get(), s, e1));
       BENCH_CHECK(cudaEventRecord(e2, s));
       BENCH_CHECK(cudaEventSynchronize(e2));
-      if (r < 2) continue;  // warm-up
+      if (r < 2) continue;
       float a = 0, bb = 0;
       BENCH_CHECK(cudaEventElapsedTime(&a, e0, e1));
       BENCH_CHECK(cudaEventElapsedTime(&bb, e1, e2));
       intra.push_back(a);
       state.push_back(bb);
-      tot.push_back(a + bb);
+      seq.push_back(a + bb);
     }
-    const double ms = Median(tot), ms_i = Median(intra), ms_s = Median(state);
+    const double ms = Median(tot), ms_seq = Median(seq), ms_i = Median(intra), ms_s = Median(state);
     const double n = 64, chunks = std::ceil(T / 64.0);
     const double flops = 2.0 * (2 * n * n * K + n * n * n / 6 + n * n * (K + V) + 3 * n * K * V + n * n * V) * chunks * H;
     const double min_bytes = T * H * (3.0 * 128 * 2 + 128 * 2 + 2 + 128 * 2) + 2.0 * H * K * V * 4;
     const double all_bytes = min_bytes + 2.0 * chunks * H * internal::kItemBytes;
     const double tflops = flops / (ms * 1e-3) / 1e12;
     const double tbs_min = min_bytes / (ms * 1e-3) / 1e12, tbs_all = all_bytes / (ms * 1e-3) / 1e12;
-    std::printf("%8ld %9.3f %9.3f %9.3f %9.2f %10.1f %7.1f%% %10.3f %10.3f\n", static_cast<long>(T), ms,
-                ms_i, ms_s, T / (ms * 1e-3) / 1e6, tflops, 100.0 * tflops / c.gemm_tflops, tbs_min, tbs_all);
-    char buf[260];
+    std::printf("%8ld %9.3f %11.3f %9.3f %9.3f %9.2f %10.1f %7.1f%% %10.3f %10.3f\n", static_cast<long>(T), ms,
+                ms_seq, ms_i, ms_s, T / (ms * 1e-3) / 1e6, tflops, 100.0 * tflops / c.gemm_tflops, tbs_min, tbs_all);
+    char buf[320];
     std::snprintf(buf, sizeof(buf),
-                  "prefill T=%-6ld | %8.3f ms (intra %.3f + state %.3f) | %6.2f Mtok/s | %5.1f TFLOP/s (%4.1f%% GEMM) | %5.3f TB/s min, %5.3f TB/s incl. workspace (%4.1f%% copy)",
-                  static_cast<long>(T), ms, ms_i, ms_s, T / (ms * 1e-3) / 1e6, tflops,
+                  "prefill T=%-6ld | %8.3f ms pipelined (sequential %.3f = intra %.3f + state %.3f) | %6.2f Mtok/s | %5.1f TFLOP/s (%4.1f%% GEMM) | %5.3f TB/s min, %5.3f TB/s incl. workspace (%4.1f%% copy)",
+                  static_cast<long>(T), ms, ms_seq, ms_i, ms_s, T / (ms * 1e-3) / 1e6, tflops,
                   100.0 * tflops / c.gemm_tflops, tbs_min, tbs_all, 100.0 * tbs_all / c.copy_tbs);
     rows->push_back({buf});
   }
@@ -296,44 +308,59 @@ bool Exp() {
     return true;
   };
   double mi = 0, ms = 0;
+  // Pipelined total for a tuning (after_intra = null), median of `reps`.
+  auto run_total = [&](int64_t T, internal::TcTuning t, int reps, double* tot) {
+    const int64_t cu_h[2] = {0, T};
+    if (cudaMemcpy(cu.get(), cu_h, sizeof(cu_h), cudaMemcpyHostToDevice) != cudaSuccess) return false;
+    p.num_tokens = T;
+    internal::SetTcTuning(t);
+    std::vector<double> v;
+    for (int r = 0; r < reps + 1; ++r) {
+      if (cudaEventRecord(e0, s) != cudaSuccess) return false;
+      if (internal::LaunchChunkTc(p, ws.get(), s, nullptr) != cudaSuccess) return false;
+      if (cudaEventRecord(e2, s) != cudaSuccess || cudaEventSynchronize(e2) != cudaSuccess) return false;
+      float x = 0;
+      cudaEventElapsedTime(&x, e0, e2);
+      if (r > 0) v.push_back(x);
+    }
+    internal::SetTcTuning(internal::TcTuning{});
+    *tot = Median(v);
+    return true;
+  };
   for (int64_t T : {int64_t{8192}, int64_t{32768}}) {
     internal::TcTuning t;
+    t.seg_chunks = 0;
     if (!run(T, t, 7, false, &mi, &ms)) return false;
-    std::printf("exp T=%ld base: intra %.4f state %.4f total %.4f ms\n", (long)T, mi, ms, mi + ms);
-    for (int stop = 1; stop <= 7; ++stop) {
+    std::printf("exp T=%ld sequential: intra %.4f state %.4f total %.4f ms (state %.3f us/chunk)\n", (long)T, mi,
+                ms, mi + ms, ms * 1e3 / (T / 64));
+    for (int stop = 1; stop <= 6; ++stop) {
       t = internal::TcTuning{};
+      t.seg_chunks = 0;
       t.stop_after = stop;
       t.skip_state = true;
       if (!run(T, t, 7, false, &mi, &ms)) return false;
       std::printf("exp T=%ld intra stop_after=%d: %.4f ms\n", (long)T, stop, mi);
     }
-    for (int pf : {132, 264, 396, 528, 792}) {
-      t = internal::TcTuning{};
-      t.pf_items = pf;
-      t.skip_state = true;
-      if (!run(T, t, 7, false, &mi, &ms)) return false;
-      std::printf("exp T=%ld intra pf_items=%d: %.4f ms\n", (long)T, pf, mi);
+    t = internal::TcTuning{};
+    t.seg_chunks = 0;
+    t.skip_intra = true;
+    if (!run(T, t, 5, true, &mi, &ms)) return false;
+    std::printf("exp T=%ld state-only (L2 flushed): %.4f ms, %.3f us/chunk\n", (long)T, ms, ms * 1e3 / (T / 64));
+    for (int seg : {4, 8, 16}) {
+      for (int ahead : {0, 2, 3, 6}) {
+        t = internal::TcTuning{};
+        t.seg_chunks = seg;
+        t.max_ahead = ahead;
+        double tot = 0;
+        if (!run_total(T, t, 7, &tot)) return false;
+        std::printf("exp T=%ld pipelined seg=%d ahead=%d: %.4f ms\n", (long)T, seg, ahead, tot);
+      }
     }
     t = internal::TcTuning{};
-    if (!run(T, t, 1, false, &mi, &ms)) return false;  // valid items for state-only runs
-    for (int spf : {0, 1, 2, 4, 8}) {
-      t = internal::TcTuning{};
-      t.st_pf = spf;
-      t.skip_intra = true;
-      if (!run(T, t, 5, true, &mi, &ms)) return false;
-      std::printf("exp T=%ld state-only (L2 flushed) st_pf=%d: %.4f ms, %.3f us/chunk\n", (long)T, spf, ms,
-                  ms * 1e3 / (T / 64));
-    }
-  }
-  for (int64_t T : {int64_t{512}, int64_t{1024}, int64_t{2048}, int64_t{4096}}) {
-    internal::TcTuning t;
-    if (!run(T, t, 7, false, &mi, &ms)) return false;
-    std::printf("exp T=%ld hot: intra %.4f state %.4f ms (%.3f us/chunk)\n", (long)T, mi, ms, ms * 1e3 / (T / 64));
-    t.skip_intra = true;
-    if (!run(T, t, 7, true, &mi, &ms)) return false;
-    std::printf("exp T=%ld state-only flushed: %.4f ms (%.3f us/chunk)\n", (long)T, ms, ms * 1e3 / (T / 64));
-    if (!run(T, t, 7, false, &mi, &ms)) return false;
-    std::printf("exp T=%ld state-only L2-hot: %.4f ms (%.3f us/chunk)\n", (long)T, ms, ms * 1e3 / (T / 64));
+    t.skip_state = true;
+    double tot = 0;
+    if (!run_total(T, t, 7, &tot)) return false;
+    std::printf("exp T=%ld pipelined intra launches only (seg 8): %.4f ms\n", (long)T, tot);
   }
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
@@ -379,7 +406,11 @@ bool Profile() {
   p.state_pool = pool.as<float>();
   p.o = o.get();
   DeviceBuffer ws(KdaChunkWorkspaceBytes(p));
+  internal::TcTuning t;
+  t.seg_chunks = 0;  // one intra and one state launch per call (whole kernels for ncu)
+  internal::SetTcTuning(t);
   for (int i = 0; i < 2; ++i) BENCH_STATUS(KdaChunkPrefill(p, ws.get(), ws.bytes(), s));
+  internal::SetTcTuning(internal::TcTuning{});
   KdaDecodeParams d;
   d.num_seqs = d.num_tokens = 64;
   d.num_heads = H;
