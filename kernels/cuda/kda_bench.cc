@@ -346,21 +346,31 @@ bool Exp() {
     t.skip_intra = true;
     if (!run(T, t, 5, true, &mi, &ms)) return false;
     std::printf("exp T=%ld state-only (L2 flushed): %.4f ms, %.3f us/chunk\n", (long)T, ms, ms * 1e3 / (T / 64));
-    for (int seg : {4, 8, 16}) {
-      for (int ahead : {0, 2, 3, 6}) {
-        t = internal::TcTuning{};
-        t.seg_chunks = seg;
-        t.max_ahead = ahead;
-        double tot = 0;
-        if (!run_total(T, t, 7, &tot)) return false;
-        std::printf("exp T=%ld pipelined seg=%d ahead=%d: %.4f ms\n", (long)T, seg, ahead, tot);
+    for (int seg : {16, 32, 64}) {
+      for (int taper : {0, 1}) {
+        for (int streams : {2, 4}) {
+          for (int ahead : {0, 3}) {
+            t = internal::TcTuning{};
+            t.seg_chunks = seg;
+            t.taper = taper != 0;
+            t.intra_streams = streams;
+            t.max_ahead = ahead;
+            double tot = 0;
+            if (!run_total(T, t, 7, &tot)) return false;
+            std::printf("exp T=%ld pipelined seg=%d taper=%d streams=%d ahead=%d: %.4f ms\n", (long)T, seg, taper,
+                        streams, ahead, tot);
+          }
+        }
       }
     }
-    t = internal::TcTuning{};
-    t.skip_state = true;
-    double tot = 0;
-    if (!run_total(T, t, 7, &tot)) return false;
-    std::printf("exp T=%ld pipelined intra launches only (seg 8): %.4f ms\n", (long)T, tot);
+    for (int seg : {16, 32, 64}) {
+      t = internal::TcTuning{};
+      t.seg_chunks = seg;
+      t.skip_state = true;
+      double tot = 0;
+      if (!run_total(T, t, 7, &tot)) return false;
+      std::printf("exp T=%ld pipelined intra launches only (seg %d): %.4f ms\n", (long)T, seg, tot);
+    }
   }
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);

@@ -73,7 +73,9 @@ void SetTcStateImpl(TcStateImpl impl);
 
 // Knobs of the tensor-core path (process-wide; tests and the benchmark change them).
 struct TcTuning {
-  int seg_chunks = 8;   // chunks per segment of the intra / state pipeline (0: no pipeline)
+  int seg_chunks = 32;  // chunks per segment of the intra / state pipeline (0: no pipeline)
+  bool taper = true;    // short first segment, halving segments at the end
+  int intra_streams = 4;  // intra segments round-robin over this many streams (1..4)
   int max_ahead = 3;    // segments the intra kernel may run ahead of the state pass (0: any)
   int stop_after = 7;   // experiment: intra kernel returns after phase 1..6 (7: whole kernel)
   bool skip_intra = false, skip_state = false;  // experiment: launch only one kernel

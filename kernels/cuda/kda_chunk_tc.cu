@@ -58,10 +58,11 @@ TcTuning g_tuning;
 // Internal streams and events of the segmented pipeline, one set per device, created
 // on first use; `mu` serialises the enqueueing of one call.
 constexpr int kEvents = 8;
+constexpr int kIntraStreams = 4;
 struct Pipeline {
   bool ready = false;
-  cudaStream_t intra[2] = {nullptr, nullptr}, state = nullptr;
-  cudaEvent_t fork = nullptr, join[3] = {nullptr, nullptr, nullptr};
+  cudaStream_t intra[kIntraStreams] = {}, state = nullptr;
+  cudaEvent_t fork = nullptr, join[kIntraStreams + 1] = {};
   cudaEvent_t ev_intra[kEvents] = {}, ev_state[kEvents] = {};
 };
 constexpr int kMaxDevices = 16;
@@ -77,7 +78,7 @@ cudaError_t GetPipeline(Pipeline** out) {
   if (!p.ready) {
     int least = 0, greatest = 0;
     err = cudaDeviceGetStreamPriorityRange(&least, &greatest);
-    for (int i = 0; i < 2 && err == cudaSuccess; ++i) {
+    for (int i = 0; i < kIntraStreams && err == cudaSuccess; ++i) {
       err = cudaStreamCreateWithPriority(&p.intra[i], cudaStreamNonBlocking, least);
     }
     if (err == cudaSuccess) err = cudaStreamCreateWithPriority(&p.state, cudaStreamNonBlocking, greatest);
@@ -102,6 +103,39 @@ cudaError_t LaunchIntraIf(const TcArgs& a, cudaStream_t s) {
 }
 cudaError_t LaunchStateIf(const TcArgs& a, cudaStream_t s) {
   return g_tuning.skip_state ? cudaSuccess : tc::LaunchState(a, g_state_impl == TcStateImpl::kWgmma, s);
+}
+
+// Segment boundaries over [0, total) chunks: a short first segment (the state pass
+// starts early), then `seg`-chunk segments, then (taper) halving sizes down to 4 so
+// that little state work is left once the last intra segment is done.
+int BuildSegments(int total, int seg, bool taper, int* bounds, int max_bounds) {
+  int tail[16], nt = 0;
+  if (taper) {
+    for (int t = 4, sum = 0; t < seg && nt < 15; t = nt == 1 ? t : 2 * t) {  // 4, 4, 8, 16, ...
+      if (sum + t > total / 2) break;
+      tail[nt++] = t;
+      sum += t;
+    }
+  }
+  int tail_sum = 0;
+  for (int i = 0; i < nt; ++i) tail_sum += tail[i];
+  int n = 0, c = 0;
+  bounds[n++] = 0;
+  const int head = seg > 8 ? 8 : seg;
+  if (total - tail_sum > head && n < max_bounds - 1) {
+    c = head;
+    bounds[n++] = c;
+  }
+  while (total - tail_sum - c > 0 && n < max_bounds - 1 - nt) {
+    c += total - tail_sum - c < seg ? total - tail_sum - c : seg;
+    bounds[n++] = c;
+  }
+  for (int i = nt - 1; i >= 0 && n < max_bounds; --i) {
+    c += tail[i];
+    bounds[n++] = c;
+  }
+  bounds[n - 1] = total;
+  return n - 1;  // segments
 }
 
 #define KL_TRY(expr)                           \
@@ -159,15 +193,18 @@ cudaError_t LaunchChunkTc(const KdaChunkParams& p, void* workspace, cudaStream_t
   KL_TRY(GetPipeline(&pl));
   const int ahead = g_tuning.max_ahead < 0 ? 0 : g_tuning.max_ahead > kEvents - 2 ? kEvents - 2 : g_tuning.max_ahead;
   KL_TRY(cudaEventRecord(pl->fork, stream));
-  KL_TRY(cudaStreamWaitEvent(pl->intra[0], pl->fork, 0));
-  KL_TRY(cudaStreamWaitEvent(pl->intra[1], pl->fork, 0));
+  for (cudaStream_t is : pl->intra) KL_TRY(cudaStreamWaitEvent(is, pl->fork, 0));
   KL_TRY(cudaStreamWaitEvent(pl->state, pl->fork, 0));
-  const int nseg = static_cast<int>((max_chunks + seg - 1) / seg);
+  static thread_local int bounds[65536 / 4 + 64];
+  const int nseg = BuildSegments(static_cast<int>(max_chunks), seg < 4 ? 4 : seg, g_tuning.taper, bounds,
+                                 static_cast<int>(sizeof(bounds) / sizeof(bounds[0])));
+  const int nstreams = g_tuning.intra_streams < 1 ? 1 : g_tuning.intra_streams > kIntraStreams ? kIntraStreams
+                                                                                                 : g_tuning.intra_streams;
   for (int s = 0; s < nseg; ++s) {
-    a.c0 = s * seg;
-    a.c1 = static_cast<int>(max_chunks < static_cast<int64_t>(a.c0) + seg ? max_chunks : a.c0 + seg);
+    a.c0 = bounds[s];
+    a.c1 = bounds[s + 1];
     a.seg = s;
-    cudaStream_t is = pl->intra[s & 1];
+    cudaStream_t is = pl->intra[s % nstreams];
     if (ahead > 0 && s >= ahead) KL_TRY(cudaStreamWaitEvent(is, pl->ev_state[(s - ahead) % kEvents], 0));
     KL_TRY(LaunchIntraIf(a, is));
     KL_TRY(cudaEventRecord(pl->ev_intra[s % kEvents], is));
@@ -175,9 +212,8 @@ cudaError_t LaunchChunkTc(const KdaChunkParams& p, void* workspace, cudaStream_t
     KL_TRY(LaunchStateIf(a, pl->state));
     KL_TRY(cudaEventRecord(pl->ev_state[s % kEvents], pl->state));
   }
-  KL_TRY(cudaEventRecord(pl->join[0], pl->intra[0]));
-  KL_TRY(cudaEventRecord(pl->join[1], pl->intra[1]));
-  KL_TRY(cudaEventRecord(pl->join[2], pl->state));
+  for (int i = 0; i < kIntraStreams; ++i) KL_TRY(cudaEventRecord(pl->join[i], pl->intra[i]));
+  KL_TRY(cudaEventRecord(pl->join[kIntraStreams], pl->state));
   for (cudaEvent_t e : pl->join) KL_TRY(cudaStreamWaitEvent(stream, e, 0));
   return cudaSuccess;
 }

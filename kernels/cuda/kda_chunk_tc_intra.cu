@@ -87,12 +87,39 @@ struct Smem {
   bf16* A;
 };
 
-// A fragments for upper row `ur` (k in rows 0-7, q in rows 8-15) with reference `ref`.
-__device__ __forceinline__ void UpperFrag(const Smem& m, int ur, int ref, int c, uint32_t (&af)[4]) {
-  const float4 gu = *reinterpret_cast<const float4*>(m.G + TG(ur, c));
-  const float4 gr = *reinterpret_cast<const float4*>(m.G + TG(ref, c));
-  const uint2 k4 = *reinterpret_cast<const uint2*>(m.K + TB(ur, c));
-  const uint2 q4 = *reinterpret_cast<const uint2*>(m.Q + TB(ur, c));
+// Per-lane offsets of the 4-channel group c = 16 kk + 4 t4 of a row (excluding r * 128)
+// in the swizzled tiles. The swizzles depend on r % 8 only and touch the low chunk
+// bits, so with kk known at compile time an access is a register plus an immediate:
+//   G:    TG(r, c) = r * 128 + g[kk & 1] + 16 * (kk & 6)
+//   bf16: TB(r, c) = r * 128 + b[kk & 3] + 16 * (kk & 4)
+struct RowOff {
+  int g[2], b[4];
+};
+__device__ __forceinline__ RowOff MakeRowOff(int r, int t4) {
+  const int sg = SwzG(r), sb = SwzB(r);
+  const int gl = 4 * (t4 ^ (sg & 3)), g2 = sg >> 2;
+  const int bl = 8 * ((t4 >> 1) ^ (sb & 1)) + 4 * (t4 & 1), mb = sb >> 1;
+  RowOff o;
+  o.g[0] = gl + 16 * g2;
+  o.g[1] = gl + 16 * (1 ^ g2);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) o.b[j] = bl + 16 * (j ^ mb);
+  return o;
+}
+__device__ __forceinline__ float4 LdG(const float* G, int r, const RowOff& o, int kk) {
+  return *reinterpret_cast<const float4*>(G + r * kK + o.g[kk & 1] + 16 * (kk & 6));
+}
+__device__ __forceinline__ uint2 LdB(const bf16* T, int r, const RowOff& o, int kk) {
+  return *reinterpret_cast<const uint2*>(T + r * kK + o.b[kk & 3] + 16 * (kk & 4));
+}
+
+// A fragments of k-step kk for upper row `ur` (k in rows 0-7, q in rows 8-15) with the
+// reference row's G values `gr`.
+__device__ __forceinline__ void UpperFrag(const Smem& m, int ur, const RowOff& ou, const float4& gr, int kk,
+                                          uint32_t (&af)[4]) {
+  const float4 gu = LdG(m.G, ur, ou, kk);
+  const uint2 k4 = LdB(m.K, ur, ou, kk);
+  const uint2 q4 = LdB(m.Q, ur, ou, kk);
   const uint32_t r01 = PackBf16(Exp2Fast(gu.x - gr.x), Exp2Fast(gu.y - gr.y));
   const uint32_t r23 = PackBf16(Exp2Fast(gu.z - gr.z), Exp2Fast(gu.w - gr.w));
   af[0] = MulBf16x2(k4.x, r01);
@@ -100,11 +127,11 @@ __device__ __forceinline__ void UpperFrag(const Smem& m, int ur, int ref, int c,
   af[2] = MulBf16x2(k4.y, r23);
   af[3] = MulBf16x2(q4.y, r23);
 }
-// B fragment pair for lower row `lr` with reference `ref` (exp2(G_ref - G_lr) <= 1).
-__device__ __forceinline__ void LowerFrag(const Smem& m, int lr, const float4& gr, int c,
+// B fragment pair of k-step kk for lower row `lr` with reference G `gr` (exp2(G_ref - G_lr) <= 1).
+__device__ __forceinline__ void LowerFrag(const Smem& m, int lr, const RowOff& ol, const float4& gr, int kk,
                                           uint32_t& b0, uint32_t& b1) {
-  const float4 gl = *reinterpret_cast<const float4*>(m.G + TG(lr, c));
-  const uint2 k4 = *reinterpret_cast<const uint2*>(m.K + TB(lr, c));
+  const float4 gl = LdG(m.G, lr, ol, kk);
+  const uint2 k4 = LdB(m.K, lr, ol, kk);
   b0 = MulBf16x2(k4.x, PackBf16(Exp2Fast(gr.x - gl.x), Exp2Fast(gr.y - gl.y)));
   b1 = MulBf16x2(k4.y, PackBf16(Exp2Fast(gr.z - gl.z), Exp2Fast(gr.w - gl.w)));
 }
@@ -133,14 +160,14 @@ __device__ __forceinline__ void DiagLevel(const Smem& m, int b, int l, int lane)
   auto lower_row = [&](int idx) { return base + ((idx >> l) << (l + 1)) + (idx & mask); };
   const int ref = base + ((g8 >> l) << (l + 1)) + (1 << l) - 1;  // shared by upper/lower index g8
   const int ur = ref + 1 + (g8 & mask), lr = lower_row(g8);
+  const RowOff ou = MakeRowOff(ur, t4), orf = MakeRowOff(ref, t4), ol = MakeRowOff(lr, t4);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll 4
+#pragma unroll
   for (int kk = 0; kk < 8; ++kk) {
-    const int c = 16 * kk + 4 * t4;
     uint32_t af[4], b0, b1;
-    UpperFrag(m, ur, ref, c, af);
-    const float4 gr = *reinterpret_cast<const float4*>(m.G + TG(ref, c));
-    LowerFrag(m, lr, gr, c, b0, b1);
+    const float4 gr = LdG(m.G, ref, orf, kk);
+    UpperFrag(m, ur, ou, gr, kk, af);
+    LowerFrag(m, lr, ol, gr, kk, b0, b1);
     Mma16816(acc, af, b0, b1);
   }
   const int w0 = 2 * t4, w1 = w0 + 1;
@@ -154,17 +181,18 @@ template <int kNJ>
 __device__ __forceinline__ void OffDiagRows(const Smem& m, int I, int hu, int J0, int lane) {
   const int g8 = lane >> 2, t4 = lane & 3;
   const int ref = 16 * I - 1, ur = 16 * I + 8 * hu + g8;
+  // The upper and all lower rows of this lane are g8 modulo 8: one set of offsets.
+  const RowOff o = MakeRowOff(g8, t4), orf = MakeRowOff(7, t4);
   float acc[2 * kNJ][4] = {};
-#pragma unroll 2
+#pragma unroll
   for (int kk = 0; kk < 8; ++kk) {
-    const int c = 16 * kk + 4 * t4;
     uint32_t af[4];
-    UpperFrag(m, ur, ref, c, af);
-    const float4 gr = *reinterpret_cast<const float4*>(m.G + TG(ref, c));
+    const float4 gr = LdG(m.G, ref, orf, kk);
+    UpperFrag(m, ur, o, gr, kk, af);
 #pragma unroll
     for (int bs = 0; bs < 2 * kNJ; ++bs) {
       uint32_t b0, b1;
-      LowerFrag(m, 16 * (J0 + (bs >> 1)) + 8 * (bs & 1) + g8, gr, c, b0, b1);
+      LowerFrag(m, 16 * (J0 + (bs >> 1)) + 8 * (bs & 1) + g8, o, gr, kk, b0, b1);
       Mma16816(acc[bs], af, b0, b1);
     }
   }

@@ -161,13 +161,16 @@ __device__ __forceinline__ void StoreO(const float (&o)[32], bf16* sO, bf16* dst
     Stmatrix4Trans(sO + r * 16 + 8 * (hf ^ ((r >> 2) & 1)), x);
   }
   __syncwarp();
+  // Lane reads rows r = lane / 2 + 16 m, half lane % 2 (bit 2 of r is bit 3 of lane).
+  const int r0 = lane >> 1, hf = lane & 1;
+  const bf16* src = sO + r0 * 16 + 8 * (hf ^ ((lane >> 3) & 1));
+  uint4 val[4];
+#pragma unroll
+  for (int m = 0; m < 4; ++m) val[m] = *reinterpret_cast<const uint4*>(src + 256 * m);
+  bf16* out = dst + r0 * row_stride + 8 * hf;
 #pragma unroll
   for (int m = 0; m < 4; ++m) {
-    const int idx = lane + 32 * m, r = idx >> 1, hf = idx & 1;
-    if (r < nr) {
-      *reinterpret_cast<uint4*>(dst + r * row_stride + 8 * hf) =
-          *reinterpret_cast<const uint4*>(sO + r * 16 + 8 * (hf ^ ((r >> 2) & 1)));
-    }
+    if (r0 + 16 * m < nr) *reinterpret_cast<uint4*>(out + 16 * m * row_stride) = val[m];
   }
 }
 
@@ -232,6 +235,10 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(con
   bf16* sO = reinterpret_cast<bf16*>(smem + kOffO) + warp * kC * 16;
   const uint32_t base = SmemAddr(smem);
   const int64_t row_stride = static_cast<int64_t>(H) * kV;
+  // Matrix descriptors (start address in 16-B units in the low bits: + 16 per 256 B).
+  const uint64_t desc_x0 = WgmmaDesc(base + kOffX, 128, 2048), desc_x1 = WgmmaDesc(base + kOffX + kXBytes, 128, 2048);
+  const uint64_t desc_kh = WgmmaDesc(base + kOffY2, 128, 1024);
+  const uint64_t desc_a = WgmmaDesc(base + kOffY2 + 64 * 128 * 2, 128, 1024);
   float o[32];  // O^T of the previous chunk (written while the next chunk's P runs)
   int64_t o_tok = 0;
   int o_nr = 0;
@@ -239,7 +246,7 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(con
 #pragma unroll 1
   for (int ci = ch.cb; ci < ch.ce; ++ci) {
     const int k = ci - ch.cb, b = k & 1;
-    const uint32_t x_addr = base + kOffX + b * kXBytes, y2_addr = base + kOffY2;
+    const uint64_t dw = b ? desc_x1 : desc_x0, dq = dw + (64 * 128 * 2 / 16);
     const unsigned char* y1 = smem + kOffY1 + b * kY1Bytes;
     MbarWait(&bar_x[b], (k >> 1) & 1);
 
@@ -254,15 +261,13 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(con
     }
     float pw[32], pq[32];
     WgmmaFence();
-    WgmmaM64N64K16Zero(pw, af[0], WgmmaDesc(x_addr, 128, 2048));
+    WgmmaM64N64K16Zero(pw, af[0], dw);
 #pragma unroll
-    for (int kk = 1; kk < 8; ++kk) WgmmaM64N64K16(pw, af[kk], WgmmaDesc(x_addr + kk * 256, 128, 2048));
+    for (int kk = 1; kk < 8; ++kk) WgmmaM64N64K16(pw, af[kk], dw + 16 * kk);
     WgmmaCommit();
-    WgmmaM64N64K16Zero(pq, af[0], WgmmaDesc(x_addr + 8 * 2048, 128, 2048));
+    WgmmaM64N64K16Zero(pq, af[0], dq);
 #pragma unroll
-    for (int kk = 1; kk < 8; ++kk) {
-      WgmmaM64N64K16(pq, af[kk], WgmmaDesc(x_addr + 8 * 2048 + kk * 256, 128, 2048));
-    }
+    for (int kk = 1; kk < 8; ++kk) WgmmaM64N64K16(pq, af[kk], dq + 16 * kk);
     WgmmaCommit();
     // Meanwhile: the previous chunk's output.
     if (k > 0) StoreO(o, sO, a.o + (o_tok * H + h) * kV + vw, row_stride, o_nr, lane);
@@ -277,15 +282,11 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(con
     // Group 3: O^T = Vt^T A^T (+ P_QG below), S^T += Vt^T KH.
     MbarWait(&bar_y2, k & 1);
     WgmmaFence();
-    WgmmaM64N64K16Zero(o, va[0], WgmmaDesc(y2_addr + 64 * 128 * 2, 128, 1024));
+    WgmmaM64N64K16Zero(o, va[0], desc_a);
 #pragma unroll
-    for (int kk = 1; kk < 4; ++kk) {
-      WgmmaM64N64K16(o, va[kk], WgmmaDesc(y2_addr + 64 * 128 * 2 + kk * 256, 128, 1024));
-    }
+    for (int kk = 1; kk < 4; ++kk) WgmmaM64N64K16(o, va[kk], desc_a + 16 * kk);
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      WgmmaM64N128K16Trans(s, va[kk], WgmmaDesc(y2_addr + kk * 256, 128, 1024));
-    }
+    for (int kk = 0; kk < 4; ++kk) WgmmaM64N128K16Trans(s, va[kk], desc_kh + 16 * kk);
     WgmmaCommit();
     WgmmaWaitAll();
     FenceRegs(pq, 32);

@@ -418,20 +418,26 @@ TEST(KdaChunk, TensorCoreSegmentedPipelineVarlen) {
   const LayerInputs in = MakeInputs(870, cu.back(), H, 128, 128);
   const internal::TcTuning saved = internal::GetTcTuning();
   struct Case {
-    int seg, ahead;
+    int seg, ahead, streams;
+    bool taper;
     internal::TcStateImpl impl;
   };
-  for (const Case c : {Case{2, 3, internal::TcStateImpl::kWgmma}, Case{3, 1, internal::TcStateImpl::kWgmma},
-                       Case{5, 0, internal::TcStateImpl::kWgmma}, Case{8, 3, internal::TcStateImpl::kWgmma},
-                       Case{3, 2, internal::TcStateImpl::kMmaSync}}) {
+  for (const Case c : {Case{4, 3, 4, false, internal::TcStateImpl::kWgmma},
+                       Case{5, 1, 1, false, internal::TcStateImpl::kWgmma},
+                       Case{8, 0, 2, true, internal::TcStateImpl::kWgmma},
+                       Case{16, 3, 4, true, internal::TcStateImpl::kWgmma},
+                       Case{4, 2, 3, true, internal::TcStateImpl::kMmaSync}}) {
     internal::TcTuning t = saved;
     t.seg_chunks = c.seg;
     t.max_ahead = c.ahead;
+    t.intra_streams = c.streams;
+    t.taper = c.taper;
     internal::SetTcTuning(t);
     internal::SetTcStateImpl(c.impl);
     const Result r = RunPrefill(in, DType::kBF16, KdaChunkAlgo::kTensorCore, cu, slots, num_slots, 19);
-    char what[96];
-    std::snprintf(what, sizeof(what), "chunk tensor-core segmented (seg %d, ahead %d, %s)", c.seg, c.ahead,
+    char what[128];
+    std::snprintf(what, sizeof(what), "chunk tensor-core segmented (seg %d%s, ahead %d, %d streams, %s)", c.seg,
+                  c.taper ? " tapered" : "", c.ahead, c.streams,
                   c.impl == internal::TcStateImpl::kWgmma ? "wgmma" : "mma.sync");
     ExpectRel(r, kBf16RelTol, what);
     ExpectUntouched(r, slots, cu, num_slots, H * 128 * 128);
