@@ -215,6 +215,30 @@ bool BenchPrefill(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row
                   100.0 * tflops / c.gemm_tflops, tbs_min, tbs_all, 100.0 * tbs_all / c.copy_tbs);
     rows->push_back({buf});
   }
+  // Segment length of the pipeline at the largest T.
+  {
+    const int64_t T = Tmax;
+    const int64_t cu_h[2] = {0, T};
+    BENCH_CHECK(cudaMemcpy(cu.get(), cu_h, sizeof(cu_h), cudaMemcpyHostToDevice));
+    p.num_tokens = T;
+    for (int seg : {16, 32, 64, 128}) {
+      internal::TcTuning t;
+      t.seg_chunks = seg;
+      internal::SetTcTuning(t);
+      std::vector<double> v;
+      for (int r = 0; r < (quick ? 3 : 5) + 1; ++r) {
+        BENCH_CHECK(cudaEventRecord(e0, s));
+        BENCH_CHECK(internal::LaunchChunkTc(p, ws.get(), s, nullptr));
+        BENCH_CHECK(cudaEventRecord(e2, s));
+        BENCH_CHECK(cudaEventSynchronize(e2));
+        float x = 0;
+        BENCH_CHECK(cudaEventElapsedTime(&x, e0, e2));
+        if (r > 0) v.push_back(x);
+      }
+      std::printf("pipelined T=%ld, %d-chunk segments: %.3f ms\n", static_cast<long>(T), seg, Median(v));
+    }
+    internal::SetTcTuning(internal::TcTuning{});
+  }
   // State-pass implementation: wgmma (default) vs mma.sync, T = 32K.
   {
     const int64_t T = std::min<int64_t>(32768, Tmax);
@@ -347,18 +371,18 @@ bool Exp() {
     if (!run(T, t, 5, true, &mi, &ms)) return false;
     std::printf("exp T=%ld state-only (L2 flushed): %.4f ms, %.3f us/chunk\n", (long)T, ms, ms * 1e3 / (T / 64));
     for (int seg : {16, 32, 64}) {
-      for (int taper : {0, 1}) {
-        for (int streams : {2, 4}) {
-          for (int ahead : {0, 3}) {
+      for (int head : {0, 8}) {
+        for (int tail : {0, 8}) {
+          for (int streams : {2, 4}) {
             t = internal::TcTuning{};
             t.seg_chunks = seg;
-            t.taper = taper != 0;
+            t.head_chunks = head;
+            t.tail_chunks = tail;
             t.intra_streams = streams;
-            t.max_ahead = ahead;
             double tot = 0;
             if (!run_total(T, t, 7, &tot)) return false;
-            std::printf("exp T=%ld pipelined seg=%d taper=%d streams=%d ahead=%d: %.4f ms\n", (long)T, seg, taper,
-                        streams, ahead, tot);
+            std::printf("exp T=%ld pipelined seg=%d head=%d tail=%d streams=%d: %.4f ms\n", (long)T, seg, head, tail,
+                        streams, tot);
           }
         }
       }

@@ -74,7 +74,8 @@ void SetTcStateImpl(TcStateImpl impl);
 // Knobs of the tensor-core path (process-wide; tests and the benchmark change them).
 struct TcTuning {
   int seg_chunks = 32;  // chunks per segment of the intra / state pipeline (0: no pipeline)
-  bool taper = true;    // short first segment, halving segments at the end
+  int head_chunks = 0;  // size of the first segment (0: seg_chunks)
+  int tail_chunks = 0;  // size of the last segment (0: what is left)
   int intra_streams = 4;  // intra segments round-robin over this many streams (1..4)
   int max_ahead = 3;    // segments the intra kernel may run ahead of the state pass (0: any)
   int stop_after = 7;   // experiment: intra kernel returns after phase 1..6 (7: whole kernel)

@@ -105,36 +105,16 @@ cudaError_t LaunchStateIf(const TcArgs& a, cudaStream_t s) {
   return g_tuning.skip_state ? cudaSuccess : tc::LaunchState(a, g_state_impl == TcStateImpl::kWgmma, s);
 }
 
-// Segment boundaries over [0, total) chunks: a short first segment (the state pass
-// starts early), then `seg`-chunk segments, then (taper) halving sizes down to 4 so
-// that little state work is left once the last intra segment is done.
-int BuildSegments(int total, int seg, bool taper, int* bounds, int max_bounds) {
-  int tail[16], nt = 0;
-  if (taper) {
-    for (int t = 4, sum = 0; t < seg && nt < 15; t = nt == 1 ? t : 2 * t) {  // 4, 4, 8, 16, ...
-      if (sum + t > total / 2) break;
-      tail[nt++] = t;
-      sum += t;
-    }
-  }
-  int tail_sum = 0;
-  for (int i = 0; i < nt; ++i) tail_sum += tail[i];
+// Segment boundaries over [0, total) chunks: an optional `head`-chunk first segment
+// (the state pass starts earlier), `seg`-chunk segments, an optional `tail`-chunk last
+// segment (less state work left once the last intra segment is done).
+int BuildSegments(int total, int seg, int head, int tail, int* bounds, int max_bounds) {
   int n = 0, c = 0;
   bounds[n++] = 0;
-  const int head = seg > 8 ? 8 : seg;
-  if (total - tail_sum > head && n < max_bounds - 1) {
-    c = head;
-    bounds[n++] = c;
-  }
-  while (total - tail_sum - c > 0 && n < max_bounds - 1 - nt) {
-    c += total - tail_sum - c < seg ? total - tail_sum - c : seg;
-    bounds[n++] = c;
-  }
-  for (int i = nt - 1; i >= 0 && n < max_bounds; --i) {
-    c += tail[i];
-    bounds[n++] = c;
-  }
-  bounds[n - 1] = total;
+  const int body_end = tail > 0 && total > tail + head ? total - tail : total;
+  if (head > 0 && head < body_end) bounds[n++] = c = head;
+  while (c < body_end && n < max_bounds - 2) bounds[n++] = c = c + seg < body_end ? c + seg : body_end;
+  if (c < total) bounds[n++] = total;
   return n - 1;  // segments
 }
 
@@ -196,8 +176,10 @@ cudaError_t LaunchChunkTc(const KdaChunkParams& p, void* workspace, cudaStream_t
   for (cudaStream_t is : pl->intra) KL_TRY(cudaStreamWaitEvent(is, pl->fork, 0));
   KL_TRY(cudaStreamWaitEvent(pl->state, pl->fork, 0));
   static thread_local int bounds[65536 / 4 + 64];
-  const int nseg = BuildSegments(static_cast<int>(max_chunks), seg < 4 ? 4 : seg, g_tuning.taper, bounds,
-                                 static_cast<int>(sizeof(bounds) / sizeof(bounds[0])));
+  // Chunks of the batch <= ceil(T / 64) + N - 1 (tighter than MaxChunks for N = 1).
+  const int64_t chunks_ub = (p.num_tokens + kC - 1) / kC + p.num_seqs - 1;
+  const int nseg = BuildSegments(static_cast<int>(chunks_ub < max_chunks ? chunks_ub : max_chunks), seg < 4 ? 4 : seg, g_tuning.head_chunks,
+                                 g_tuning.tail_chunks, bounds, static_cast<int>(sizeof(bounds) / sizeof(bounds[0])));
   const int nstreams = g_tuning.intra_streams < 1 ? 1 : g_tuning.intra_streams > kIntraStreams ? kIntraStreams
                                                                                                  : g_tuning.intra_streams;
   for (int s = 0; s < nseg; ++s) {

@@ -161,17 +161,43 @@ __device__ __forceinline__ void StoreO(const float (&o)[32], bf16* sO, bf16* dst
     Stmatrix4Trans(sO + r * 16 + 8 * (hf ^ ((r >> 2) & 1)), x);
   }
   __syncwarp();
-  // Lane reads rows r = lane / 2 + 16 m, half lane % 2 (bit 2 of r is bit 3 of lane).
-  const int r0 = lane >> 1, hf = lane & 1;
-  const bf16* src = sO + r0 * 16 + 8 * (hf ^ ((lane >> 3) & 1));
-  uint4 val[4];
-#pragma unroll
-  for (int m = 0; m < 4; ++m) val[m] = *reinterpret_cast<const uint4*>(src + 256 * m);
-  bf16* out = dst + r0 * row_stride + 8 * hf;
 #pragma unroll
   for (int m = 0; m < 4; ++m) {
-    if (r0 + 16 * m < nr) *reinterpret_cast<uint4*>(out + 16 * m * row_stride) = val[m];
+    const int idx = lane + 32 * m, r = idx >> 1, hf = idx & 1;
+    if (r < nr) {
+      *reinterpret_cast<uint4*>(dst + r * row_stride + 8 * hf) =
+          *reinterpret_cast<const uint4*>(sO + r * 16 + 8 * (hf ^ ((r >> 2) & 1)));
+    }
   }
+}
+
+// Same, with asynchronous bulk copies: the warp tile sO [64 r][24] (16 v used, 48-B
+// rows: conflict-free stmatrix) goes to global as 32-B rows, lane l copying rows l and
+// l + 32; the previous copies of this lane must have read sO first.
+constexpr int kLdOB = 24;
+__device__ __forceinline__ void StoreOBulk(const float (&o)[32], bf16* sO, bf16* dst, int64_t row_stride, int nr,
+                                           int lane) {
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+  __syncwarp();
+  const int mi = lane >> 3, i = lane & 7;
+#pragma unroll
+  for (int jp = 0; jp < 4; ++jp) {
+    const uint32_t x[4] = {PackBf16(o[8 * jp + 0], o[8 * jp + 1]), PackBf16(o[8 * jp + 2], o[8 * jp + 3]),
+                           PackBf16(o[8 * jp + 4], o[8 * jp + 5]), PackBf16(o[8 * jp + 6], o[8 * jp + 7])};
+    Stmatrix4Trans(sO + (16 * jp + 8 * (mi >> 1) + i) * kLdOB + 8 * (mi & 1), x);
+  }
+  ProxyFence();  // this lane's stmatrix writes -> visible to the bulk copies
+  __syncwarp();
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int r = lane + 32 * k;
+    if (r < nr) {
+      asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], 32;\n" ::"l"(dst + r * row_stride),
+                   "r"(SmemAddr(sO + r * kLdOB))
+                   : "memory");
+    }
+  }
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
 }
 
 // ---------------------------------------------------------------------------------
@@ -183,8 +209,8 @@ constexpr int kY2Bytes = static_cast<int>(kItemU - kItemKH);       // KH + A: 24
 constexpr int kOffX = 0;                                  // [2] W, QG
 constexpr int kOffY1 = kOffX + 2 * kXBytes;               // [2] U slice, EG
 constexpr int kOffY2 = kOffY1 + 2 * kY1Bytes;             // KH, A
-constexpr int kOffO = kOffY2 + kY2Bytes;                  // [4 warps] O tile bf16 [64][16]
-constexpr int kWgSmem = kOffO + 4 * kC * 16 * 2;          // 117,760 B
+constexpr int kOffO = kOffY2 + kY2Bytes;                  // [4 warps] O tile bf16 [64][24]
+constexpr int kWgSmem = kOffO + 4 * kC * kLdOB * 2;       // 121,856 B
 static_assert(kWgSmem + 1024 + 109312 + 1024 <= 233472, "state CTA must fit beside an intra CTA");
 
 __device__ __forceinline__ void IssueX(unsigned char* smem, int b, const unsigned char* item, uint64_t* bar) {
@@ -232,7 +258,7 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(con
   float s[64];
   LoadS(s, ch.s_in, vw, g8, t4);
   __syncthreads();  // barrier init visible before anyone waits on it
-  bf16* sO = reinterpret_cast<bf16*>(smem + kOffO) + warp * kC * 16;
+  bf16* sO = reinterpret_cast<bf16*>(smem + kOffO) + warp * kC * kLdOB;
   const uint32_t base = SmemAddr(smem);
   const int64_t row_stride = static_cast<int64_t>(H) * kV;
   // Matrix descriptors (start address in 16-B units in the low bits: + 16 per 256 B).
@@ -270,7 +296,7 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(con
     for (int kk = 1; kk < 8; ++kk) WgmmaM64N64K16(pq, af[kk], dq + 16 * kk);
     WgmmaCommit();
     // Meanwhile: the previous chunk's output.
-    if (k > 0) StoreO(o, sO, a.o + (o_tok * H + h) * kV + vw, row_stride, o_nr, lane);
+    if (k > 0) StoreOBulk(o, sO, a.o + (o_tok * H + h) * kV + vw, row_stride, o_nr, lane);
     MbarWait(&bar_y1[b], (k >> 1) & 1);
     WgmmaWait<1>();
     FenceRegs(pw, 32);
@@ -306,8 +332,9 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(con
       }
     }
   }
-  StoreO(o, sO, a.o + (o_tok * H + h) * kV + vw, row_stride, o_nr, lane);
+  StoreOBulk(o, sO, a.o + (o_tok * H + h) * kV + vw, row_stride, o_nr, lane);
   StoreS(s, ch.s_out, vw, g8, t4);
+  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");  // output copies done before exit
 }
 
 // ---------------------------------------------------------------------------------

@@ -418,26 +418,26 @@ TEST(KdaChunk, TensorCoreSegmentedPipelineVarlen) {
   const LayerInputs in = MakeInputs(870, cu.back(), H, 128, 128);
   const internal::TcTuning saved = internal::GetTcTuning();
   struct Case {
-    int seg, ahead, streams;
-    bool taper;
+    int seg, ahead, streams, head, tail;
     internal::TcStateImpl impl;
   };
-  for (const Case c : {Case{4, 3, 4, false, internal::TcStateImpl::kWgmma},
-                       Case{5, 1, 1, false, internal::TcStateImpl::kWgmma},
-                       Case{8, 0, 2, true, internal::TcStateImpl::kWgmma},
-                       Case{16, 3, 4, true, internal::TcStateImpl::kWgmma},
-                       Case{4, 2, 3, true, internal::TcStateImpl::kMmaSync}}) {
+  for (const Case c : {Case{4, 3, 4, 0, 0, internal::TcStateImpl::kWgmma},
+                       Case{5, 1, 1, 2, 3, internal::TcStateImpl::kWgmma},
+                       Case{8, 0, 2, 0, 4, internal::TcStateImpl::kWgmma},
+                       Case{16, 3, 4, 8, 0, internal::TcStateImpl::kWgmma},
+                       Case{4, 2, 3, 1, 1, internal::TcStateImpl::kMmaSync}}) {
     internal::TcTuning t = saved;
     t.seg_chunks = c.seg;
     t.max_ahead = c.ahead;
     t.intra_streams = c.streams;
-    t.taper = c.taper;
+    t.head_chunks = c.head;
+    t.tail_chunks = c.tail;
     internal::SetTcTuning(t);
     internal::SetTcStateImpl(c.impl);
     const Result r = RunPrefill(in, DType::kBF16, KdaChunkAlgo::kTensorCore, cu, slots, num_slots, 19);
     char what[128];
-    std::snprintf(what, sizeof(what), "chunk tensor-core segmented (seg %d%s, ahead %d, %d streams, %s)", c.seg,
-                  c.taper ? " tapered" : "", c.ahead, c.streams,
+    std::snprintf(what, sizeof(what), "chunk tensor-core segmented (seg %d head %d tail %d, ahead %d, %d streams, %s)",
+                  c.seg, c.head, c.tail, c.ahead, c.streams,
                   c.impl == internal::TcStateImpl::kWgmma ? "wgmma" : "mma.sync");
     ExpectRel(r, kBf16RelTol, what);
     ExpectUntouched(r, slots, cu, num_slots, H * 128 * 128);
