@@ -73,7 +73,8 @@ void SetTcStateImpl(TcStateImpl impl);
 
 // Knobs of the tensor-core path (process-wide; tests and the benchmark change them).
 struct TcTuning {
-  int seg_chunks = 32;  // chunks per segment of the intra / state pipeline (0: no pipeline)
+  int seg_chunks = -1;  // chunks per segment of the intra / state pipeline (0: no pipeline,
+                        // < 0: chunks / 16 clamped to [32, 128])
   int head_chunks = 0;  // size of the first segment (0: seg_chunks)
   int tail_chunks = 0;  // size of the last segment (0: what is left)
   int intra_streams = 4;  // intra segments round-robin over this many streams (1..4)

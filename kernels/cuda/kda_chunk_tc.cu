@@ -157,8 +157,14 @@ cudaError_t LaunchChunkTc(const KdaChunkParams& p, void* workspace, cudaStream_t
   ChunkOffsetsKernel<<<1, kScanThreads, 0, stream>>>(p.cu_seqlens, N, reinterpret_cast<int32_t*>(ws));
   KL_TRY(cudaGetLastError());
 
-  const int seg = g_tuning.seg_chunks;
-  const bool segmented = a.carry != nullptr && seg > 0 && max_chunks > seg && after_intra == nullptr;
+  // Chunks of the batch <= ceil(T / 64) + N - 1 (tighter than MaxChunks for N = 1).
+  const int64_t chunks_ub_raw = (p.num_tokens + kC - 1) / kC + p.num_seqs - 1;
+  const int chunks_ub = static_cast<int>(chunks_ub_raw < max_chunks ? chunks_ub_raw : max_chunks);
+  // Segment length: as set, or (< 0) chunks / 16 clamped to [32, 128]: fewer launches
+  // for long inputs, enough segments to overlap for short ones.
+  int seg = g_tuning.seg_chunks;
+  if (seg < 0) seg = chunks_ub / 16 < 32 ? 32 : chunks_ub / 16 > 128 ? 128 : chunks_ub / 16;
+  const bool segmented = a.carry != nullptr && seg > 0 && chunks_ub > seg && after_intra == nullptr;
   if (!segmented) {
     a.c0 = 0;
     a.c1 = static_cast<int>(max_chunks);
@@ -176,9 +182,7 @@ cudaError_t LaunchChunkTc(const KdaChunkParams& p, void* workspace, cudaStream_t
   for (cudaStream_t is : pl->intra) KL_TRY(cudaStreamWaitEvent(is, pl->fork, 0));
   KL_TRY(cudaStreamWaitEvent(pl->state, pl->fork, 0));
   static thread_local int bounds[65536 / 4 + 64];
-  // Chunks of the batch <= ceil(T / 64) + N - 1 (tighter than MaxChunks for N = 1).
-  const int64_t chunks_ub = (p.num_tokens + kC - 1) / kC + p.num_seqs - 1;
-  const int nseg = BuildSegments(static_cast<int>(chunks_ub < max_chunks ? chunks_ub : max_chunks), seg < 4 ? 4 : seg, g_tuning.head_chunks,
+  const int nseg = BuildSegments(chunks_ub, seg < 4 ? 4 : seg, g_tuning.head_chunks,
                                  g_tuning.tail_chunks, bounds, static_cast<int>(sizeof(bounds) / sizeof(bounds[0])));
   const int nstreams = g_tuning.intra_streams < 1 ? 1 : g_tuning.intra_streams > kIntraStreams ? kIntraStreams
                                                                                                  : g_tuning.intra_streams;

@@ -10,7 +10,7 @@
 // the range holds the last chunk, else to the carry buffer of the next range.
 //  - KdaChunkStateWgmmaKernel (default): wgmma; P_W and P_QG in separate groups so
 //    Vt^T starts as soon as P_W is done; the output of chunk c is written while the
-//    tensor cores run P of chunk c + 1; items arrive in three parts by bulk copies
+//    tensor cores run the S update of chunk c + 1; items arrive in three parts by bulk copies
 //    ([W, QG] and [U, EG] double-buffered, [KH, A] single), 115 KB of shared memory
 //    so that one CTA fits beside an intra-kernel CTA on an SM.
 //  - KdaChunkStateMmaKernel: mma.sync + ldmatrix fallback, 3-stage whole-item pipeline.
@@ -171,35 +171,6 @@ __device__ __forceinline__ void StoreO(const float (&o)[32], bf16* sO, bf16* dst
   }
 }
 
-// Same, with asynchronous bulk copies: the warp tile sO [64 r][24] (16 v used, 48-B
-// rows: conflict-free stmatrix) goes to global as 32-B rows, lane l copying rows l and
-// l + 32; the previous copies of this lane must have read sO first.
-constexpr int kLdOB = 24;
-__device__ __forceinline__ void StoreOBulk(const float (&o)[32], bf16* sO, bf16* dst, int64_t row_stride, int nr,
-                                           int lane) {
-  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-  __syncwarp();
-  const int mi = lane >> 3, i = lane & 7;
-#pragma unroll
-  for (int jp = 0; jp < 4; ++jp) {
-    const uint32_t x[4] = {PackBf16(o[8 * jp + 0], o[8 * jp + 1]), PackBf16(o[8 * jp + 2], o[8 * jp + 3]),
-                           PackBf16(o[8 * jp + 4], o[8 * jp + 5]), PackBf16(o[8 * jp + 6], o[8 * jp + 7])};
-    Stmatrix4Trans(sO + (16 * jp + 8 * (mi >> 1) + i) * kLdOB + 8 * (mi & 1), x);
-  }
-  ProxyFence();  // this lane's stmatrix writes -> visible to the bulk copies
-  __syncwarp();
-#pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    const int r = lane + 32 * k;
-    if (r < nr) {
-      asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], 32;\n" ::"l"(dst + r * row_stride),
-                   "r"(SmemAddr(sO + r * kLdOB))
-                   : "memory");
-    }
-  }
-  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-}
-
 // ---------------------------------------------------------------------------------
 // wgmma kernel
 // ---------------------------------------------------------------------------------
@@ -209,8 +180,8 @@ constexpr int kY2Bytes = static_cast<int>(kItemU - kItemKH);       // KH + A: 24
 constexpr int kOffX = 0;                                  // [2] W, QG
 constexpr int kOffY1 = kOffX + 2 * kXBytes;               // [2] U slice, EG
 constexpr int kOffY2 = kOffY1 + 2 * kY1Bytes;             // KH, A
-constexpr int kOffO = kOffY2 + kY2Bytes;                  // [4 warps] O tile bf16 [64][24]
-constexpr int kWgSmem = kOffO + 4 * kC * kLdOB * 2;       // 121,856 B
+constexpr int kOffO = kOffY2 + kY2Bytes;                  // [4 warps] O tile bf16 [64][16]
+constexpr int kWgSmem = kOffO + 4 * kC * 16 * 2;          // 117,760 B
 static_assert(kWgSmem + 1024 + 109312 + 1024 <= 233472, "state CTA must fit beside an intra CTA");
 
 __device__ __forceinline__ void IssueX(unsigned char* smem, int b, const unsigned char* item, uint64_t* bar) {
@@ -258,14 +229,14 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(con
   float s[64];
   LoadS(s, ch.s_in, vw, g8, t4);
   __syncthreads();  // barrier init visible before anyone waits on it
-  bf16* sO = reinterpret_cast<bf16*>(smem + kOffO) + warp * kC * kLdOB;
+  bf16* sO = reinterpret_cast<bf16*>(smem + kOffO) + warp * kC * 16;
   const uint32_t base = SmemAddr(smem);
   const int64_t row_stride = static_cast<int64_t>(H) * kV;
   // Matrix descriptors (start address in 16-B units in the low bits: + 16 per 256 B).
   const uint64_t desc_x0 = WgmmaDesc(base + kOffX, 128, 2048), desc_x1 = WgmmaDesc(base + kOffX + kXBytes, 128, 2048);
   const uint64_t desc_kh = WgmmaDesc(base + kOffY2, 128, 1024);
   const uint64_t desc_a = WgmmaDesc(base + kOffY2 + 64 * 128 * 2, 128, 1024);
-  float o[32];  // O^T of the previous chunk (written while the next chunk's P runs)
+  float o[32];  // O^T of the previous chunk (written while the next chunk's S update runs)
   int64_t o_tok = 0;
   int o_nr = 0;
 
@@ -295,8 +266,6 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(con
 #pragma unroll
     for (int kk = 1; kk < 8; ++kk) WgmmaM64N64K16(pq, af[kk], dq + 16 * kk);
     WgmmaCommit();
-    // Meanwhile: the previous chunk's output.
-    if (k > 0) StoreOBulk(o, sO, a.o + (o_tok * H + h) * kV + vw, row_stride, o_nr, lane);
     MbarWait(&bar_y1[b], (k >> 1) & 1);
     WgmmaWait<1>();
     FenceRegs(pw, 32);
@@ -305,21 +274,21 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(con
     // S^T diag(EG) while P_QG runs (touching S with both groups in flight makes ptxas
     // insert a full wait).
     ScaleS(s, reinterpret_cast<const float*>(y1 + kItemUSlice), t4);
-    // Group 3: O^T = Vt^T A^T (+ P_QG below), S^T += Vt^T KH.
+    // Group 3: O^T = P_QG + Vt^T A^T (accumulating onto group 2's registers, in issue
+    // order), S^T += Vt^T KH. Meanwhile: the previous chunk's output.
     MbarWait(&bar_y2, k & 1);
     WgmmaFence();
-    WgmmaM64N64K16Zero(o, va[0], desc_a);
 #pragma unroll
-    for (int kk = 1; kk < 4; ++kk) WgmmaM64N64K16(o, va[kk], desc_a + 16 * kk);
+    for (int kk = 0; kk < 4; ++kk) WgmmaM64N64K16(pq, va[kk], desc_a + 16 * kk);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) WgmmaM64N128K16Trans(s, va[kk], desc_kh + 16 * kk);
     WgmmaCommit();
+    if (k > 0) StoreO(o, sO, a.o + (o_tok * H + h) * kV + vw, row_stride, o_nr, lane);
     WgmmaWaitAll();
     FenceRegs(pq, 32);
-    FenceRegs(o, 32);
     FenceRegs(s, 64);
 #pragma unroll
-    for (int i = 0; i < 32; ++i) o[i] += pq[i];
+    for (int i = 0; i < 32; ++i) o[i] = pq[i];
     o_tok = ch.tok_cb + static_cast<int64_t>(k) * kC;
     o_nr = ch.tok_end - o_tok < kC ? static_cast<int>(ch.tok_end - o_tok) : kC;
     __syncthreads();  // all reads of X[b], Y1[b], Y2 (wgmma and ldmatrix / loads) are done
@@ -332,9 +301,8 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(con
       }
     }
   }
-  StoreOBulk(o, sO, a.o + (o_tok * H + h) * kV + vw, row_stride, o_nr, lane);
+  StoreO(o, sO, a.o + (o_tok * H + h) * kV + vw, row_stride, o_nr, lane);
   StoreS(s, ch.s_out, vw, g8, t4);
-  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");  // output copies done before exit
 }
 
 // ---------------------------------------------------------------------------------
