@@ -215,18 +215,24 @@ bool BenchPrefill(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row
                   100.0 * tflops / c.gemm_tflops, tbs_min, tbs_all, 100.0 * tbs_all / c.copy_tbs);
     rows->push_back({buf});
   }
-  // Segment length of the pipeline at the largest T.
-  {
-    const int64_t T = Tmax;
+  // Pipeline schedule sweep: segment length, first / last segment sizes.
+  struct Sched {
+    int seg, head, tail;
+  };
+  for (int64_t T : {int64_t{8192}, int64_t{32768}, int64_t{131072}}) {
+    if (T > Tmax) continue;
     const int64_t cu_h[2] = {0, T};
     BENCH_CHECK(cudaMemcpy(cu.get(), cu_h, sizeof(cu_h), cudaMemcpyHostToDevice));
     p.num_tokens = T;
-    for (int seg : {16, 32, 64, 128}) {
+    for (const Sched sc : {Sched{-1, 0, 0}, Sched{-1, 0, 8}, Sched{-1, 8, 8}, Sched{-1, 0, 16}, Sched{16, 0, 8},
+                           Sched{32, 0, 0}, Sched{64, 0, 0}, Sched{128, 0, 0}}) {
       internal::TcTuning t;
-      t.seg_chunks = seg;
+      t.seg_chunks = sc.seg;
+      t.head_chunks = sc.head;
+      t.tail_chunks = sc.tail;
       internal::SetTcTuning(t);
       std::vector<double> v;
-      for (int r = 0; r < (quick ? 3 : 5) + 1; ++r) {
+      for (int r = 0; r < (quick ? 3 : T <= 32768 ? 9 : 5) + 1; ++r) {
         BENCH_CHECK(cudaEventRecord(e0, s));
         BENCH_CHECK(internal::LaunchChunkTc(p, ws.get(), s, nullptr));
         BENCH_CHECK(cudaEventRecord(e2, s));
@@ -235,7 +241,8 @@ bool BenchPrefill(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row
         BENCH_CHECK(cudaEventElapsedTime(&x, e0, e2));
         if (r > 0) v.push_back(x);
       }
-      std::printf("pipelined T=%ld, %d-chunk segments: %.3f ms\n", static_cast<long>(T), seg, Median(v));
+      std::printf("pipelined T=%ld, seg %d (-1: adaptive) head %d tail %d: %.3f ms\n", static_cast<long>(T), sc.seg,
+                  sc.head, sc.tail, Median(v));
     }
     internal::SetTcTuning(internal::TcTuning{});
   }
