@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Times fla's KDA kernels on the shapes of //kernels/cuda:kda_bench, side by side.
 
-  python3 kernels/cuda/bench_fla.py [--quick]
+  python3 kernels/cuda/bench_fla.py [--quick] [--prefill]   (--prefill: chunk_kda only)
 
 Needs torch + triton (on the GPU machine) and fla (`flash-linear-attention` /
 `fla-core` wheels carried in .whl/, see tools/gpu_run.sh). Same conventions as
@@ -19,6 +19,7 @@ from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd
 
 H, K, V = 32, 128, 128
 QUICK = "--quick" in sys.argv
+PREFILL_ONLY = "--prefill" in sys.argv
 
 
 def do_bench(fn, warmup_ms=50, rep_ms=300):
@@ -104,7 +105,7 @@ def main():
     print(f"fla {getattr(fla, '__version__', '?')}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{torch.cuda.get_device_name()}", flush=True)
     with torch.inference_mode():
-        rows = bench_decode(dev) + bench_prefill(dev)
+        rows = ([] if PREFILL_ONLY else bench_decode(dev)) + bench_prefill(dev)
     print("\n== fla summary")
     for r in rows:
         print(r)

@@ -161,7 +161,7 @@ bool BenchPrefill(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row
   if (!ws.ok()) return false;
   std::printf("\n== prefill: tensor-core path, bf16, B=1, H=32, K=V=128, C=64 (workspace %.2f GB at T=%ld)\n",
               ws.bytes() / 1e9, static_cast<long>(Tmax));
-  std::printf("%8s %9s %9s %9s %9s %10s %8s %10s %10s\n", "T", "ms", "intra ms", "state ms",
+  std::printf("%8s %9s %11s %9s %9s %9s %10s %8s %10s %10s\n", "T", "ms", "seq. ms", "intra ms", "state ms",
               "Mtok/s", "TFLOP/s", "%GEMM", "TB/s(min)", "TB/s(all)");
   cudaEvent_t e0, e1, e2;
   BENCH_CHECK(cudaEventCreate(&e0));
@@ -173,35 +173,78 @@ bool BenchPrefill(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row
     BENCH_CHECK(cudaMemcpy(cu.get(), cu_h, sizeof(cu_h), cudaMemcpyHostToDevice));
     p.num_tokens = T;
     const int reps = quick ? 3 : (T <= 8192 ? 21 : T <= 32768 ? 11 : 5);
-    std::vector<double> tot, intra, state;
+    // Default: the segmented intra / state pipeline (one total time).
+    std::vector<double> tot, seq, intra, state;
+    for (int r = 0; r < reps + 2; ++r) {
+      BENCH_CHECK(cudaEventRecord(e0, s));
+      BENCH_CHECK(internal::LaunchChunkTc(p, ws.get(), s, nullptr));
+      BENCH_CHECK(cudaEventRecord(e2, s));
+      BENCH_CHECK(cudaEventSynchronize(e2));
+      if (r < 2) continue;  // warm-up
+      float x = 0;
+      BENCH_CHECK(cudaEventElapsedTime(&x, e0, e2));
+      tot.push_back(x);
+    }
+    // Sequential (intra kernel, then state kernel), with the phase split.
     for (int r = 0; r < reps + 2; ++r) {
       BENCH_CHECK(cudaEventRecord(e0, s));
       BENCH_CHECK(internal::LaunchChunkTc(p, ws.get(), s, e1));
       BENCH_CHECK(cudaEventRecord(e2, s));
       BENCH_CHECK(cudaEventSynchronize(e2));
-      if (r < 2) continue;  // warm-up
+      if (r < 2) continue;
       float a = 0, bb = 0;
       BENCH_CHECK(cudaEventElapsedTime(&a, e0, e1));
       BENCH_CHECK(cudaEventElapsedTime(&bb, e1, e2));
       intra.push_back(a);
       state.push_back(bb);
-      tot.push_back(a + bb);
+      seq.push_back(a + bb);
     }
-    const double ms = Median(tot), ms_i = Median(intra), ms_s = Median(state);
+    const double ms = Median(tot), ms_seq = Median(seq), ms_i = Median(intra), ms_s = Median(state);
     const double n = 64, chunks = std::ceil(T / 64.0);
     const double flops = 2.0 * (2 * n * n * K + n * n * n / 6 + n * n * (K + V) + 3 * n * K * V + n * n * V) * chunks * H;
     const double min_bytes = T * H * (3.0 * 128 * 2 + 128 * 2 + 2 + 128 * 2) + 2.0 * H * K * V * 4;
     const double all_bytes = min_bytes + 2.0 * chunks * H * internal::kItemBytes;
     const double tflops = flops / (ms * 1e-3) / 1e12;
     const double tbs_min = min_bytes / (ms * 1e-3) / 1e12, tbs_all = all_bytes / (ms * 1e-3) / 1e12;
-    std::printf("%8ld %9.3f %9.3f %9.3f %9.2f %10.1f %7.1f%% %10.3f %10.3f\n", static_cast<long>(T), ms,
-                ms_i, ms_s, T / (ms * 1e-3) / 1e6, tflops, 100.0 * tflops / c.gemm_tflops, tbs_min, tbs_all);
-    char buf[260];
+    std::printf("%8ld %9.3f %11.3f %9.3f %9.3f %9.2f %10.1f %7.1f%% %10.3f %10.3f\n", static_cast<long>(T), ms,
+                ms_seq, ms_i, ms_s, T / (ms * 1e-3) / 1e6, tflops, 100.0 * tflops / c.gemm_tflops, tbs_min, tbs_all);
+    char buf[320];
     std::snprintf(buf, sizeof(buf),
-                  "prefill T=%-6ld | %8.3f ms (intra %.3f + state %.3f) | %6.2f Mtok/s | %5.1f TFLOP/s (%4.1f%% GEMM) | %5.3f TB/s min, %5.3f TB/s incl. workspace (%4.1f%% copy)",
-                  static_cast<long>(T), ms, ms_i, ms_s, T / (ms * 1e-3) / 1e6, tflops,
+                  "prefill T=%-6ld | %8.3f ms pipelined (sequential %.3f = intra %.3f + state %.3f) | %6.2f Mtok/s | %5.1f TFLOP/s (%4.1f%% GEMM) | %5.3f TB/s min, %5.3f TB/s incl. workspace (%4.1f%% copy)",
+                  static_cast<long>(T), ms, ms_seq, ms_i, ms_s, T / (ms * 1e-3) / 1e6, tflops,
                   100.0 * tflops / c.gemm_tflops, tbs_min, tbs_all, 100.0 * tbs_all / c.copy_tbs);
     rows->push_back({buf});
+  }
+  // Pipeline schedule sweep: segment length, first / last segment sizes.
+  struct Sched {
+    int seg, head, tail;
+  };
+  for (int64_t T : {int64_t{8192}, int64_t{32768}, int64_t{131072}}) {
+    if (T > Tmax) continue;
+    const int64_t cu_h[2] = {0, T};
+    BENCH_CHECK(cudaMemcpy(cu.get(), cu_h, sizeof(cu_h), cudaMemcpyHostToDevice));
+    p.num_tokens = T;
+    for (const Sched sc : {Sched{-1, 0, 0}, Sched{-1, 0, 8}, Sched{-1, 8, 8}, Sched{-1, 0, 16}, Sched{16, 0, 8},
+                           Sched{32, 0, 0}, Sched{64, 0, 0}, Sched{128, 0, 0}}) {
+      internal::TcTuning t;
+      t.seg_chunks = sc.seg;
+      t.head_chunks = sc.head;
+      t.tail_chunks = sc.tail;
+      internal::SetTcTuning(t);
+      std::vector<double> v;
+      for (int r = 0; r < (quick ? 3 : T <= 32768 ? 9 : 5) + 1; ++r) {
+        BENCH_CHECK(cudaEventRecord(e0, s));
+        BENCH_CHECK(internal::LaunchChunkTc(p, ws.get(), s, nullptr));
+        BENCH_CHECK(cudaEventRecord(e2, s));
+        BENCH_CHECK(cudaEventSynchronize(e2));
+        float x = 0;
+        BENCH_CHECK(cudaEventElapsedTime(&x, e0, e2));
+        if (r > 0) v.push_back(x);
+      }
+      std::printf("pipelined T=%ld, seg %d (-1: adaptive) head %d tail %d: %.3f ms\n", static_cast<long>(T), sc.seg,
+                  sc.head, sc.tail, Median(v));
+    }
+    internal::SetTcTuning(internal::TcTuning{});
   }
   // State-pass implementation: wgmma (default) vs mma.sync, T = 32K.
   {
@@ -224,6 +267,141 @@ bool BenchPrefill(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row
                   impl == internal::TcStateImpl::kWgmma ? "wgmma" : "mma.sync", Median(state));
     }
     internal::SetTcStateImpl(internal::TcStateImpl::kWgmma);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaEventDestroy(e2);
+  return true;
+}
+
+// --exp: experiments on the tensor-core prefill (phase costs, L2 prefetch, L2-hot state).
+bool Exp() {
+  cudaStream_t s;
+  BENCH_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  const int64_t H = 32, K = 128, V = 128, Tmax = 32768;
+  DeviceBuffer q(Tmax * H * K * 2), k(Tmax * H * K * 2), v(Tmax * H * V * 2), f(Tmax * H * K * 2),
+      b(Tmax * H * 2), o(Tmax * H * V * 2), a_log(H * 4), dt_bias(H * K * 4), pool(H * K * V * 4),
+      slot(4), cu(16), flush(size_t{256} << 20);
+  BENCH_CHECK(FillUniform(q.get(), Tmax * H * K, true, -1, 1, 21, s));
+  BENCH_CHECK(FillUniform(k.get(), Tmax * H * K, true, -1, 1, 22, s));
+  BENCH_CHECK(FillUniform(v.get(), Tmax * H * V, true, -1, 1, 23, s));
+  BENCH_CHECK(FillUniform(f.get(), Tmax * H * K, true, -3, 3, 24, s));
+  BENCH_CHECK(FillUniform(b.get(), Tmax * H, true, -3, 3, 25, s));
+  BENCH_CHECK(FillUniform(a_log.get(), H, false, 1, 16, 26, s, true));
+  BENCH_CHECK(FillUniform(dt_bias.get(), H * K, false, -1, 1, 27, s));
+  BENCH_CHECK(FillUniform(pool.get(), H * K * V, false, -0.3f, 0.3f, 28, s));
+  BENCH_CHECK(cudaMemset(slot.get(), 0, 4));
+  KdaChunkParams p;
+  p.num_seqs = 1;
+  p.num_heads = H;
+  p.num_slots = 1;
+  p.algo = KdaChunkAlgo::kTensorCore;
+  p.q = q.get();
+  p.k = k.get();
+  p.v = v.get();
+  p.f = f.get();
+  p.b = b.get();
+  p.a_log = a_log.as<float>();
+  p.dt_bias = dt_bias.as<float>();
+  p.cu_seqlens = cu.as<int64_t>();
+  p.slots = slot.as<int32_t>();
+  p.state_pool = pool.as<float>();
+  p.o = o.get();
+  p.num_tokens = Tmax;
+  DeviceBuffer ws(KdaChunkWorkspaceBytes(p));
+  cudaEvent_t e0, e1, e2;
+  BENCH_CHECK(cudaEventCreate(&e0));
+  BENCH_CHECK(cudaEventCreate(&e1));
+  BENCH_CHECK(cudaEventCreate(&e2));
+  // Median (intra, state) ms over `reps` calls with tuning t; flush L2 before each if asked.
+  auto run = [&](int64_t T, internal::TcTuning t, int reps, bool flush_l2, double* mi, double* ms) {
+    const int64_t cu_h[2] = {0, T};
+    if (cudaMemcpy(cu.get(), cu_h, sizeof(cu_h), cudaMemcpyHostToDevice) != cudaSuccess) return false;
+    p.num_tokens = T;
+    std::vector<double> vi, vs;
+    for (int r = 0; r < reps + 1; ++r) {
+      if (flush_l2 && cudaMemsetAsync(flush.get(), r, flush.bytes(), s) != cudaSuccess) return false;
+      internal::SetTcTuning(t);
+      if (cudaEventRecord(e0, s) != cudaSuccess) return false;
+      if (internal::LaunchChunkTc(p, ws.get(), s, e1) != cudaSuccess) return false;
+      if (cudaEventRecord(e2, s) != cudaSuccess || cudaEventSynchronize(e2) != cudaSuccess) return false;
+      float x = 0, y = 0;
+      cudaEventElapsedTime(&x, e0, e1);
+      cudaEventElapsedTime(&y, e1, e2);
+      if (r > 0) {
+        vi.push_back(x);
+        vs.push_back(y);
+      }
+    }
+    internal::SetTcTuning(internal::TcTuning{});
+    *mi = Median(vi);
+    *ms = Median(vs);
+    return true;
+  };
+  double mi = 0, ms = 0;
+  // Pipelined total for a tuning (after_intra = null), median of `reps`.
+  auto run_total = [&](int64_t T, internal::TcTuning t, int reps, double* tot) {
+    const int64_t cu_h[2] = {0, T};
+    if (cudaMemcpy(cu.get(), cu_h, sizeof(cu_h), cudaMemcpyHostToDevice) != cudaSuccess) return false;
+    p.num_tokens = T;
+    internal::SetTcTuning(t);
+    std::vector<double> v;
+    for (int r = 0; r < reps + 1; ++r) {
+      if (cudaEventRecord(e0, s) != cudaSuccess) return false;
+      if (internal::LaunchChunkTc(p, ws.get(), s, nullptr) != cudaSuccess) return false;
+      if (cudaEventRecord(e2, s) != cudaSuccess || cudaEventSynchronize(e2) != cudaSuccess) return false;
+      float x = 0;
+      cudaEventElapsedTime(&x, e0, e2);
+      if (r > 0) v.push_back(x);
+    }
+    internal::SetTcTuning(internal::TcTuning{});
+    *tot = Median(v);
+    return true;
+  };
+  for (int64_t T : {int64_t{8192}, int64_t{32768}}) {
+    internal::TcTuning t;
+    t.seg_chunks = 0;
+    if (!run(T, t, 7, false, &mi, &ms)) return false;
+    std::printf("exp T=%ld sequential: intra %.4f state %.4f total %.4f ms (state %.3f us/chunk)\n", (long)T, mi,
+                ms, mi + ms, ms * 1e3 / (T / 64));
+    for (int stop = 1; stop <= 6; ++stop) {
+      t = internal::TcTuning{};
+      t.seg_chunks = 0;
+      t.stop_after = stop;
+      t.skip_state = true;
+      if (!run(T, t, 7, false, &mi, &ms)) return false;
+      std::printf("exp T=%ld intra stop_after=%d: %.4f ms\n", (long)T, stop, mi);
+    }
+    t = internal::TcTuning{};
+    t.seg_chunks = 0;
+    t.skip_intra = true;
+    if (!run(T, t, 5, true, &mi, &ms)) return false;
+    std::printf("exp T=%ld state-only (L2 flushed): %.4f ms, %.3f us/chunk\n", (long)T, ms, ms * 1e3 / (T / 64));
+    for (int seg : {16, 32, 64}) {
+      for (int head : {0, 8}) {
+        for (int tail : {0, 8}) {
+          for (int streams : {2, 4}) {
+            t = internal::TcTuning{};
+            t.seg_chunks = seg;
+            t.head_chunks = head;
+            t.tail_chunks = tail;
+            t.intra_streams = streams;
+            double tot = 0;
+            if (!run_total(T, t, 7, &tot)) return false;
+            std::printf("exp T=%ld pipelined seg=%d head=%d tail=%d streams=%d: %.4f ms\n", (long)T, seg, head, tail,
+                        streams, tot);
+          }
+        }
+      }
+    }
+    for (int seg : {16, 32, 64}) {
+      t = internal::TcTuning{};
+      t.seg_chunks = seg;
+      t.skip_state = true;
+      double tot = 0;
+      if (!run_total(T, t, 7, &tot)) return false;
+      std::printf("exp T=%ld pipelined intra launches only (seg %d): %.4f ms\n", (long)T, seg, tot);
+    }
   }
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
@@ -269,7 +447,11 @@ bool Profile() {
   p.state_pool = pool.as<float>();
   p.o = o.get();
   DeviceBuffer ws(KdaChunkWorkspaceBytes(p));
+  internal::TcTuning t;
+  t.seg_chunks = 0;  // one intra and one state launch per call (whole kernels for ncu)
+  internal::SetTcTuning(t);
   for (int i = 0; i < 2; ++i) BENCH_STATUS(KdaChunkPrefill(p, ws.get(), ws.bytes(), s));
+  internal::SetTcTuning(internal::TcTuning{});
   KdaDecodeParams d;
   d.num_seqs = d.num_tokens = 64;
   d.num_heads = H;
@@ -313,15 +495,17 @@ bool Run(bool quick) {
 }  // namespace kl::cuda
 
 int main(int argc, char** argv) {
-  bool quick = false, profile = false;
+  bool quick = false, profile = false, exp = false;
   for (int i = 1; i < argc; ++i) {
     quick |= std::strcmp(argv[i], "--quick") == 0;
     profile |= std::strcmp(argv[i], "--profile") == 0;
+    exp |= std::strcmp(argv[i], "--exp") == 0;
   }
   if (!kl::cuda::testing::HasCudaDevice()) {
     std::printf("kda_bench: no CUDA device\n");
     return 0;
   }
   if (profile) return kl::cuda::Profile() ? 0 : 1;
+  if (exp) return kl::cuda::Exp() ? 0 : 1;
   return kl::cuda::Run(quick) ? 0 : 1;
 }

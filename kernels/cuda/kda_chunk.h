@@ -10,7 +10,11 @@
 //    accumulation, state kept fp32 across chunks, K = V = 128 only; two kernels
 //    (intra-chunk factors in parallel over all (chunk, head), then the sequential
 //    state pass per (sequence, head, 64-column slice)) that communicate through
-//    `workspace` (76 KB per (chunk, head): 4.9 GB for 128K tokens x 32 heads).
+//    `workspace` (76 KB per (chunk, head): 4.9 GB for 128K tokens x 32 heads). For
+//    batches of <= 4 sequences the two run as a pipeline over segments of chunks on
+//    internal streams (forked from and joined back to `stream` by events), the
+//    workspace then also holds the states carried between segments (4 MB per
+//    sequence at H = 32).
 //  kAuto picks kTensorCore for bf16 with K = V = 128 on a compute-capability 9.0
 //  device (H100 / H200), else kExact.
 //

@@ -40,19 +40,29 @@ constexpr size_t kItemBytes = kItemEG + 128 * 4;  // 76,288
 inline int64_t MaxChunks(int64_t num_tokens, int64_t num_seqs) {
   return num_tokens / kChunk + num_seqs;
 }
-// Workspace: int32 chunk_offsets [N+1] (256-byte padded), then the items.
+// Workspace: int32 chunk_offsets [N+1] (256-byte padded), then the items, then (small
+// batches) the carried states fp32 [2][N][H][K][V].
 inline size_t TcOffsetsBytes(int64_t num_seqs) {
   return (static_cast<size_t>(num_seqs + 1) * 4 + 255) / 256 * 256;
 }
+// Batches of at most this many sequences may use the segmented intra / state pipeline
+// (kda_chunk_tc.cu), which carries fp32 states between segments in the workspace.
+constexpr int64_t kMaxOverlapSeqs = 4;
+constexpr int64_t kKMaxTc = 128;  // K = V of the tensor-core path
+inline size_t TcCarryBytes(int64_t num_seqs, int64_t num_heads) {  // 0 above kMaxOverlapSeqs
+  return num_seqs <= kMaxOverlapSeqs ? static_cast<size_t>(2 * num_seqs * num_heads) * kKMaxTc * kKMaxTc * 4 : 0;
+}
 inline size_t TcWorkspaceBytes(int64_t num_tokens, int64_t num_seqs, int64_t num_heads) {
   return TcOffsetsBytes(num_seqs) +
-         static_cast<size_t>(MaxChunks(num_tokens, num_seqs)) * num_heads * kItemBytes;
+         static_cast<size_t>(MaxChunks(num_tokens, num_seqs)) * num_heads * kItemBytes +
+         TcCarryBytes(num_seqs, num_heads);
 }
 
-// Launches the three kernels of the tensor-core path (chunk offsets, intra, state)
-// on `stream`. Preconditions checked by the caller: bf16, K = V = 128, sizes in
-// range. If `after_intra` is non-null it is recorded between the intra and state
-// kernels (benchmark phase timing).
+// Launches the kernels of the tensor-core path (chunk offsets, intra, state) on
+// `stream` (the segmented pipeline forks to internal streams and joins back).
+// Preconditions checked by the caller: bf16, K = V = 128, sizes in range. If
+// `after_intra` is non-null the pipeline is not used and the event is recorded
+// between the intra and state kernels (benchmark phase timing).
 cudaError_t LaunchChunkTc(const KdaChunkParams& p, void* workspace, cudaStream_t stream,
                           cudaEvent_t after_intra);
 
@@ -60,6 +70,20 @@ cudaError_t LaunchChunkTc(const KdaChunkParams& p, void* workspace, cudaStream_t
 // the mma.sync + ldmatrix kernel. Process-wide; for tests and the benchmark.
 enum class TcStateImpl { kWgmma = 0, kMmaSync = 1 };
 void SetTcStateImpl(TcStateImpl impl);
+
+// Knobs of the tensor-core path (process-wide; tests and the benchmark change them).
+struct TcTuning {
+  int seg_chunks = -1;  // chunks per segment of the intra / state pipeline (0: no pipeline,
+                        // < 0: chunks / 16 clamped to [32, 128])
+  int head_chunks = 0;  // size of the first segment (0: seg_chunks)
+  int tail_chunks = 0;  // size of the last segment (0: what is left)
+  int intra_streams = 4;  // intra segments round-robin over this many streams (1..4)
+  int max_ahead = 3;    // segments the intra kernel may run ahead of the state pass (0: any)
+  int stop_after = 7;   // experiment: intra kernel returns after phase 1..6 (7: whole kernel)
+  bool skip_intra = false, skip_state = false;  // experiment: launch only one kernel
+};
+void SetTcTuning(const TcTuning& t);
+TcTuning GetTcTuning();
 
 // Exact fp32 SIMT path (any K <= 128, any V).
 cudaError_t LaunchChunkExact(const KdaChunkParams& p, cudaStream_t stream);

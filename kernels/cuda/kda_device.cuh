@@ -104,6 +104,15 @@ __device__ __forceinline__ void Ldmatrix4Trans(uint32_t (&r)[4], const void* p) 
                : "r"(SmemAddr(p)));
 }
 
+// Four 8x8 b16 matrices stored transposed (fragment row g, cols 2t..2t+1 of matrix i,
+// held in r[i] by lane 4g + t, go to memory row 2t.., column g); lane l supplies the
+// row address of matrix l / 8, row l % 8 (sm_90).
+__device__ __forceinline__ void Stmatrix4Trans(void* p, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(SmemAddr(p)),
+               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
 // 16-byte global -> shared copy; src_bytes < 16 zero-fills the rest (0: all zeros).
 __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, int src_bytes = 16) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(smem)),

@@ -406,6 +406,46 @@ TEST(KdaChunk, TensorCoreMmaSyncStateMatchesOracle) {
   ExpectUntouched(r, slots, cu, num_slots, H * 128 * 128);
 }
 
+// The segmented intra / state pipeline (<= 4 sequences): sequences and empty ones
+// crossing segment boundaries, the state carried between segments, slot -1, both
+// state implementations, several segment lengths and run-ahead limits.
+TEST(KdaChunk, TensorCoreSegmentedPipelineVarlen) {
+  SKIP_WITHOUT_GPU();
+  const std::vector<int64_t> lens = {300, 0, 700, 1000};  // chunks 5, 0, 11, 16
+  const std::vector<int32_t> slots = {2, 0, -1, 5};
+  const std::vector<int64_t> cu = CuFromLengths(lens);
+  const int64_t num_slots = 7, H = 4;
+  const LayerInputs in = MakeInputs(870, cu.back(), H, 128, 128);
+  const internal::TcTuning saved = internal::GetTcTuning();
+  struct Case {
+    int seg, ahead, streams, head, tail;
+    internal::TcStateImpl impl;
+  };
+  for (const Case c : {Case{4, 3, 4, 0, 0, internal::TcStateImpl::kWgmma},
+                       Case{5, 1, 1, 2, 3, internal::TcStateImpl::kWgmma},
+                       Case{8, 0, 2, 0, 4, internal::TcStateImpl::kWgmma},
+                       Case{16, 3, 4, 8, 0, internal::TcStateImpl::kWgmma},
+                       Case{4, 2, 3, 1, 1, internal::TcStateImpl::kMmaSync}}) {
+    internal::TcTuning t = saved;
+    t.seg_chunks = c.seg;
+    t.max_ahead = c.ahead;
+    t.intra_streams = c.streams;
+    t.head_chunks = c.head;
+    t.tail_chunks = c.tail;
+    internal::SetTcTuning(t);
+    internal::SetTcStateImpl(c.impl);
+    const Result r = RunPrefill(in, DType::kBF16, KdaChunkAlgo::kTensorCore, cu, slots, num_slots, 19);
+    char what[128];
+    std::snprintf(what, sizeof(what), "chunk tensor-core segmented (seg %d head %d tail %d, ahead %d, %d streams, %s)",
+                  c.seg, c.head, c.tail, c.ahead, c.streams,
+                  c.impl == internal::TcStateImpl::kWgmma ? "wgmma" : "mma.sync");
+    ExpectRel(r, kBf16RelTol, what);
+    ExpectUntouched(r, slots, cu, num_slots, H * 128 * 128);
+  }
+  internal::SetTcTuning(saved);
+  internal::SetTcStateImpl(internal::TcStateImpl::kWgmma);
+}
+
 TEST(KdaChunk, TensorCoreBf16LongSequence) {
   SKIP_WITHOUT_GPU();
   const std::vector<int64_t> cu = {0, 4096};
