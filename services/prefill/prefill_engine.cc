@@ -147,8 +147,7 @@ void PrefillEngine::Loop() {
 
 std::shared_ptr<DeviceSend> PrefillEngine::StartDeviceSend(const PrefillJob& job,
                                                             const PushTarget& target) {
-  DeviceStateAccess* access = model_->backend()->device_state();
-  if (options_.transport == nullptr || access == nullptr) return nullptr;
+  if (options_.transport == nullptr) return nullptr;
   // Frame faults need frames: those pushes go over gRPC.
   if (target.fault == StateFault::kTruncate || target.fault == StateFault::kDuplicate ||
       target.fault == StateFault::kReorder) {
@@ -157,9 +156,9 @@ std::shared_ptr<DeviceSend> PrefillEngine::StartDeviceSend(const PrefillJob& job
   const ModelConfig& c = model_->config();
   const int64_t n = static_cast<int64_t>(job.spec().tokens.size());
   const int64_t chunk = n > options_.max_batch_tokens ? options_.max_batch_tokens : n;
-  PlanSizes sizes{KdaLayerBytes(c), access->latent_row_bytes()};
   absl::StatusOr<std::unique_ptr<DeviceSend>> send = options_.transport->BeginSend(
-      target.address, target.channel, BuildTransferPlan(c, n, chunk, sizes));
+      target.address, target.channel,
+      BuildTransferPlan(c, n, chunk, options_.transport->plan_sizes()));
   if (!send.ok()) {
     KL_LOG(DEBUG).Field("target", target.address) << "state goes over gRPC: "
                                                   << send.status().message();

@@ -34,6 +34,7 @@
 #include "engine/config/model_config.h"
 #include "engine/state/sequence_state.h"
 #include "proto/worker.pb.h"
+#include "services/transport/transfer_plan.h"
 
 namespace kl {
 
@@ -131,6 +132,8 @@ class DeviceTransport {
       std::vector<v1::DeviceMessage> plan) = 0;
   // This worker's offer (tests; BeginSend sends it).
   virtual v1::OpenTransportRequest Offer() const = 0;
+  // Sizes of what a plan's messages carry on this worker's device layout.
+  virtual PlanSizes plan_sizes() const = 0;
 
   virtual DeviceTransportStats Stats() const = 0;
 };

@@ -593,6 +593,7 @@ class NcclTransport final : public DeviceTransport {
   }
 
   v1::OpenTransportRequest Offer() const override { return MakeOffer(*core_); }
+  PlanSizes plan_sizes() const override { return core_->sizes; }
 
   DeviceTransportStats Stats() const override {
     std::lock_guard<std::mutex> l(core_->mu);

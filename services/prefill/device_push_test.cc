@@ -1,0 +1,371 @@
+// The device-transfer control plane on CPU: a kl-prefill and a kl-decode worker
+// over real gRPC in one process, with a fake DeviceTransport in place of NCCL.
+// The fake moves each layer's bytes out of the prefill state (host-resident on
+// the CPU backend) at the moment the engine reports the layer done, exactly when
+// the NCCL transport would queue its send, and the decode side assembles them.
+// So the plan, its order against the engine's layer callbacks (batched and
+// chunked prefill), the checksums, adoption and every failure path of
+// PushState's device mode run in CI; tests/gpu has the same over NCCL.
+#include <map>
+#include <mutex>
+
+#include "absl/strings/str_cat.h"
+#include "engine/runtime/generator.h"
+#include "gtest/gtest.h"
+#include "services/decode/test_util.h"
+#include "services/prefill/prefill_service.h"
+#include "services/transport/device_transport.h"
+
+namespace kl {
+namespace {
+
+constexpr int64_t kMaxBatchTokens = 96;  // longer prompts are chunked
+
+std::chrono::system_clock::time_point In(absl::Duration d) {
+  return std::chrono::system_clock::now() +
+         std::chrono::microseconds(absl::ToInt64Microseconds(d));
+}
+
+uint64_t Sum(const std::vector<float>& v) {  // FNV-1a over the bytes
+  uint64_t h = 1469598103934665603ull;
+  const auto* b = reinterpret_cast<const unsigned char*>(v.data());
+  for (size_t i = 0; i < v.size() * sizeof(float); ++i) h = (h ^ b[i]) * 1099511628211ull;
+  return h;
+}
+
+// What went "over the link", per link id: one payload per plan message.
+struct Wire {
+  std::mutex mu;
+  std::map<uint64_t, std::vector<std::vector<float>>> payloads;
+  int sends_ended_ok = 0, sends_ended_failed = 0, receives_aborted = 0, receives_ok = 0;
+};
+
+int64_t Ordinal(const ModelConfig& c, int64_t layer) {
+  int64_t n = 0;
+  for (int64_t l = 0; l < layer; ++l) n += c.IsKda(l) == c.IsKda(layer) ? 1 : 0;
+  return n;
+}
+
+class FakeSend final : public DeviceSend {
+ public:
+  FakeSend(Wire* wire, const ModelConfig& c, uint64_t id, std::vector<v1::DeviceMessage> plan,
+           bool stall)
+      : wire_(wire), c_(c), id_(id), plan_(std::move(plan)), stall_(stall) {}
+  uint64_t link_id() const override { return id_; }
+  const std::vector<v1::DeviceMessage>& plan() const override { return plan_; }
+  void InjectCut() override { cut_ = true; }
+  absl::Status OnLayer(const SequenceState& s, int64_t layer, int64_t b, int64_t e) override {
+    if (next_ >= static_cast<int64_t>(plan_.size())) return absl::InternalError("past the plan");
+    const v1::DeviceMessage& m = plan_[next_];
+    if (m.layer() != layer || (!m.kda() && (m.row_begin() != b || m.row_end() != e))) {
+      return absl::InternalError(absl::StrCat("layer ", layer, " is not plan message ", next_));
+    }
+    std::vector<float> p;
+    if (m.kda()) {
+      const KdaLayerState& k = s.kda[Ordinal(c_, layer)];
+      for (const auto* v : {&k.recurrent, &k.conv_q, &k.conv_k, &k.conv_v}) {
+        p.insert(p.end(), v->begin(), v->end());
+      }
+    } else {
+      const int64_t d = c_.MlaLatentDim();
+      const auto& lat = s.mla[Ordinal(c_, layer)].latent;
+      p.assign(lat.begin() + b * d, lat.begin() + e * d);
+    }
+    if (static_cast<int64_t>(p.size() * sizeof(float)) != m.bytes()) {
+      return absl::InternalError("payload size differs from the plan");
+    }
+    sums_.push_back(Sum(p));
+    if (!(cut_ && next_ >= static_cast<int64_t>(plan_.size()) / 2)) {
+      std::lock_guard<std::mutex> l(wire_->mu);
+      wire_->payloads[id_].push_back(std::move(p));
+    }
+    ++next_;
+    return absl::OkStatus();
+  }
+  absl::Status AfterForward(const SequenceState&) override { return absl::OkStatus(); }
+  absl::StatusOr<std::vector<uint64_t>> Complete() override {
+    if (cut_) return absl::UnavailableError("device transfer cut (fault injection)");
+    if (stall_) return absl::DeadlineExceededError("device send timed out");
+    if (next_ != static_cast<int64_t>(plan_.size())) return absl::InternalError("plan unfinished");
+    return sums_;
+  }
+  void End(bool ok) override {
+    if (ended_) return;
+    ended_ = true;
+    std::lock_guard<std::mutex> l(wire_->mu);
+    (ok ? wire_->sends_ended_ok : wire_->sends_ended_failed)++;
+  }
+
+ private:
+  Wire* wire_;
+  const ModelConfig c_;
+  const uint64_t id_;
+  const std::vector<v1::DeviceMessage> plan_;
+  const bool stall_;
+  bool cut_ = false, ended_ = false;
+  int64_t next_ = 0;
+  std::vector<uint64_t> sums_;
+};
+
+class FakeReceive final : public DeviceReceive {
+ public:
+  FakeReceive(Wire* wire, const ModelConfig& c, uint64_t id, v1::DeviceTransfer t, int64_t n)
+      : wire_(wire), c_(c), id_(id), t_(std::move(t)), n_(n) {}
+  ~FakeReceive() override { Abort(); }
+  absl::StatusOr<SequenceState> Complete(const std::vector<uint64_t>& sums) override {
+    std::lock_guard<std::mutex> l(wire_->mu);
+    const auto& got = wire_->payloads[id_];
+    if (got.size() != static_cast<size_t>(t_.messages_size()) || sums.size() != got.size()) {
+      return absl::DeadlineExceededError("device receive timed out");
+    }
+    SequenceState s = SequenceState::Zero(c_);
+    for (auto& m : s.mla) m.latent.assign(n_ * c_.MlaLatentDim(), 0.0f);
+    for (int i = 0; i < t_.messages_size(); ++i) {
+      if (Sum(got[i]) != sums[i]) {
+        return absl::DataLossError(absl::StrCat("checksum mismatch in message ", i));
+      }
+      const v1::DeviceMessage& m = t_.messages(i);
+      const float* p = got[i].data();
+      if (m.kda()) {
+        KdaLayerState& k = s.kda[Ordinal(c_, m.layer())];
+        for (auto* v : {&k.recurrent, &k.conv_q, &k.conv_k, &k.conv_v}) {
+          std::copy(p, p + v->size(), v->begin());
+          p += v->size();
+        }
+      } else {
+        std::copy(p, p + got[i].size(),
+                  s.mla[Ordinal(c_, m.layer())].latent.begin() + m.row_begin() * c_.MlaLatentDim());
+      }
+    }
+    s.num_tokens = n_;
+    done_ = true;
+    ++wire_->receives_ok;
+    return s;
+  }
+  void Abort() override {
+    if (done_) return;
+    done_ = true;
+    std::lock_guard<std::mutex> l(wire_->mu);
+    ++wire_->receives_aborted;
+  }
+
+ private:
+  Wire* wire_;
+  const ModelConfig c_;
+  const uint64_t id_;
+  const v1::DeviceTransfer t_;
+  const int64_t n_;
+  bool done_ = false;
+};
+
+class FakeTransport final : public DeviceTransport {
+ public:
+  FakeTransport(Wire* wire, const ModelConfig& c) : wire_(wire), c_(c) {}
+  v1::OpenTransportResponse Accept(const v1::OpenTransportRequest&) override {
+    v1::OpenTransportResponse r;
+    r.set_transport("nccl");
+    r.set_link_id(++next_id_);
+    return r;
+  }
+  absl::StatusOr<std::unique_ptr<DeviceReceive>> BeginReceive(
+      uint64_t id, const v1::DeviceTransfer& t, int64_t n) override {
+    if (id == 0 || id > next_id_) return absl::NotFoundError("no such link");
+    if (absl::Status v = ValidateTransferPlan(t.messages(), c_, n, plan_sizes(), nullptr); !v.ok()) {
+      return v;
+    }
+    return std::unique_ptr<DeviceReceive>(new FakeReceive(wire_, c_, id, t, n));
+  }
+  absl::StatusOr<std::unique_ptr<DeviceSend>> BeginSend(
+      const std::string&, const std::shared_ptr<grpc::Channel>& channel,
+      std::vector<v1::DeviceMessage> plan) override {
+    // The real rendezvous RPC, answered by the decode side's fake.
+    auto stub = v1::Decode::NewStub(channel);
+    grpc::ClientContext ctx;
+    v1::OpenTransportResponse resp;
+    grpc::Status s = stub->OpenTransport(&ctx, Offer(), &resp);
+    if (!s.ok() || resp.transport() != "nccl") return absl::UnavailableError("gRPC it is");
+    return std::unique_ptr<DeviceSend>(
+        new FakeSend(wire_, c_, resp.link_id(), std::move(plan), stall_sends));
+  }
+  v1::OpenTransportRequest Offer() const override { return v1::OpenTransportRequest(); }
+  PlanSizes plan_sizes() const override {
+    return {KdaLayerBytes(c_), c_.MlaLatentDim() * int64_t{sizeof(float)}};
+  }
+  DeviceTransportStats Stats() const override { return {}; }
+  bool stall_sends = false;
+
+ private:
+  Wire* wire_;
+  const ModelConfig c_;
+  std::atomic<uint64_t> next_id_{0};
+};
+
+class DevicePushTest : public ::testing::Test {
+ protected:
+  void Start(const std::string& fault = "", int64_t every = 1, bool decode_transport = true) {
+    engine_ = OpenTinyEngine(kTinySeed);
+    ASSERT_NE(engine_, nullptr);
+    transport_ = std::make_unique<FakeTransport>(&wire_, engine_->model().config());
+    DecodeServiceOptions d;
+    d.lease_ttl = absl::Minutes(10);
+    d.transport = decode_transport ? transport_.get() : nullptr;
+    decode_ = StartDecodeWorker(kTinySeed, d);
+    ASSERT_NE(decode_, nullptr);
+    PrefillServiceOptions p;
+    p.max_batch_tokens = kMaxBatchTokens;
+    p.transport = transport_.get();
+    if (!fault.empty()) p.fault_injector = StateFaultInjector::Parse(fault, every).value();
+    prefill_ = std::make_unique<PrefillService>(&engine_->model(), engine_->checkpoint_fingerprint(), p);
+    auto rs = StartServer(ServerOptions{}, {prefill_.get()});
+    ASSERT_TRUE(rs.ok()) << rs.status();
+    server_ = *std::move(rs);
+    stub_ = v1::Prefill::NewStub(grpc::CreateChannel(absl::StrCat("127.0.0.1:", server_.port),
+                                                     grpc::InsecureChannelCredentials()));
+  }
+  void TearDown() override {
+    if (server_.server) server_.server->Shutdown(In(absl::Seconds(2)));
+    prefill_.reset();
+    decode_.reset();
+  }
+
+  std::vector<int32_t> Prompt(int n, int salt) {
+    std::vector<int32_t> p;
+    for (int i = 0; i < n; ++i) p.push_back(static_cast<int32_t>((i * 41 + salt * 89 + 7) % 4000));
+    return p;
+  }
+
+  // Reserve + Prefill (+ Decode when it succeeded): all tokens, or the Prefill status.
+  grpc::Status Run(const std::vector<int32_t>& prompt, int n, std::vector<int32_t>* out) {
+    const std::string lease = ReserveLease(*decode_->stub, prompt.size() + n);
+    v1::PrefillRequest r;
+    r.set_request_id("dev");
+    for (int32_t t : prompt) r.add_token_ids(t);
+    r.mutable_sampling()->set_temperature(0);
+    r.mutable_sampling()->set_ignore_eos(true);
+    r.mutable_target()->set_address(decode_->address);
+    r.mutable_target()->set_lease_id(lease);
+    v1::PrefillResponse pr;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(In(absl::Seconds(60)));
+    grpc::Status s = stub_->Prefill(&ctx, r, &pr);
+    if (!s.ok()) {
+      grpc::ClientContext rc;
+      v1::ReleaseRequest rel;
+      rel.set_lease_id(lease);
+      v1::ReleaseResponse rr;
+      decode_->stub->Release(&rc, rel, &rr);
+      return s;
+    }
+    out->assign({pr.token()});
+    const DecodeOutcome d = RunDecode(*decode_->stub, MakeDecodeRequest(lease, pr.token(), 1, n - 1));
+    EXPECT_TRUE(d.status.ok()) << d.status.error_message();
+    out->insert(out->end(), d.tokens.begin(), d.tokens.end());
+    return grpc::Status::OK;
+  }
+
+  std::vector<int32_t> Reference(const std::vector<int32_t>& prompt, int n) {
+    SamplingParams p;
+    p.temperature = 0;
+    p.max_tokens = n;
+    p.ignore_eos = true;
+    auto r = Generate(engine_->model(), engine_->tokenizer(), prompt, p);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? r->tokens : std::vector<int32_t>();
+  }
+
+  bool Idle() {
+    const v1::WorkerStats d = GetStats(*decode_->stub);
+    return d.slots_used() == 0 && d.transfers_in_flight() == 0 && d.latent_rows_used() == 0;
+  }
+
+  Wire wire_;
+  std::unique_ptr<LocalEngine> engine_;
+  std::unique_ptr<FakeTransport> transport_;
+  std::unique_ptr<DecodeWorker> decode_;
+  std::unique_ptr<PrefillService> prefill_;
+  RunningServer server_;
+  std::unique_ptr<v1::Prefill::Stub> stub_;
+};
+
+TEST_F(DevicePushTest, BatchedAndChunkedPrefillsGiveTheEnginesTokens) {
+  Start();
+  for (int len : {5, 64, 96, 97, 250}) {  // one chunk, exactly one, just over, several
+    const auto prompt = Prompt(len, len);
+    std::vector<int32_t> got;
+    ASSERT_TRUE(Run(prompt, 10, &got).ok()) << len;
+    EXPECT_EQ(got, Reference(prompt, 10)) << "prompt length " << len;
+  }
+  EXPECT_EQ(wire_.receives_ok, 5);
+  EXPECT_EQ(wire_.sends_ended_ok, 5);
+  EXPECT_EQ(wire_.sends_ended_failed, 0);
+  EXPECT_TRUE(WaitFor([&] { return Idle(); }));
+}
+
+TEST_F(DevicePushTest, ConcurrentPrefillsInOneBatchEachUseTheirOwnTransfer) {
+  Start();
+  std::vector<std::thread> th;
+  std::vector<std::vector<int32_t>> got(4);
+  std::vector<grpc::Status> st(4);
+  for (int i = 0; i < 4; ++i) th.emplace_back([&, i] { st[i] = Run(Prompt(20 + 15 * i, i), 8, &got[i]); });
+  for (auto& t : th) t.join();
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(st[i].ok()) << i << ": " << st[i].error_message();
+    EXPECT_EQ(got[i], Reference(Prompt(20 + 15 * i, i), 8)) << i;
+  }
+  EXPECT_TRUE(WaitFor([&] { return Idle(); }));
+}
+
+TEST_F(DevicePushTest, CutCorruptAndMissingChecksumsAreRefusedAndLeaveNothingHeld) {
+  Start("cut,corrupt,drop_final", /*every=*/2);  // pushes 1, 3, 5 are damaged in turn
+  const auto prompt = Prompt(120, 3);              // chunked
+  const auto reference = Reference(prompt, 6);
+  const grpc::StatusCode want[] = {grpc::StatusCode::OK,        grpc::StatusCode::UNAVAILABLE,
+                                   grpc::StatusCode::OK,        grpc::StatusCode::DATA_LOSS,
+                                   grpc::StatusCode::OK,        grpc::StatusCode::DATA_LOSS,
+                                   grpc::StatusCode::OK};
+  for (int i = 0; i < 7; ++i) {
+    std::vector<int32_t> got;
+    const grpc::Status s = Run(prompt, 6, &got);
+    EXPECT_EQ(s.error_code(), want[i]) << i << ": " << s.error_message();
+    if (s.ok()) EXPECT_EQ(got, reference) << i;  // a clean push after a damaged one
+  }
+  EXPECT_TRUE(WaitFor([&] { return Idle(); }));
+  // corrupt (checksum mismatch) and drop_final (no checksums) are integrity failures.
+  EXPECT_EQ(GetStats(*decode_->stub).integrity_failures(), 2);
+  EXPECT_EQ(wire_.receives_ok, 4);
+  EXPECT_EQ(wire_.receives_aborted, 3);  // every refused transfer freed its device state
+  EXPECT_EQ(wire_.sends_ended_failed, 3);
+  EXPECT_EQ(wire_.sends_ended_ok, 4);
+}
+
+TEST_F(DevicePushTest, AStalledSendFailsThePushWithItsCode) {
+  Start();
+  transport_->stall_sends = true;
+  std::vector<int32_t> got;
+  grpc::Status s = Run(Prompt(30, 1), 4, &got);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << s.error_message();
+  EXPECT_TRUE(WaitFor([&] { return Idle(); }));
+  EXPECT_EQ(wire_.receives_aborted, 1);
+}
+
+TEST_F(DevicePushTest, ADecodeWorkerWithoutDeviceTransportRefusesAPlan) {
+  Start("", 1, /*decode_transport=*/false);
+  // Its OpenTransport answers "grpc", so the prefill falls back on its own...
+  std::vector<int32_t> got;
+  ASSERT_TRUE(Run(Prompt(40, 2), 5, &got).ok());
+  EXPECT_EQ(got, Reference(Prompt(40, 2), 5));
+  // ...and a device plan sent anyway is FAILED_PRECONDITION.
+  const std::string lease = ReserveLease(*decode_->stub, 64);
+  grpc::ClientContext ctx;
+  v1::PushStateResponse resp;
+  auto w = decode_->stub->PushState(&ctx, &resp);
+  v1::StatePart part;
+  part.set_lease_id(lease);
+  part.mutable_device()->set_link_id(1);
+  w->Write(part);
+  w->WritesDone();
+  EXPECT_EQ(w->Finish().error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+}
+
+}  // namespace
+}  // namespace kl
