@@ -34,6 +34,7 @@
 #include "tests/fault/cut_proxy.h"
 #include "tools/kl/client.h"
 #include "tools/kl/local_cluster.h"
+#include "tests/common/cluster_util.h"
 #include "tests/common/tiny_oracle.h"
 #include "tools/make_checkpoint/maker.h"
 
@@ -57,23 +58,9 @@ class Oracle {
   }
 };
 
-std::string Prompt(int words, int seed) {
-  std::string s;
-  const char* vocab[] = {"alpha", "beta", "KDA", "state", "decode", "prefill", "的", "模型", "42", "\n"};
-  for (int i = 0; i < words; ++i) {
-    s += vocab[(i * 7 + seed * 13 + i / 3) % 10];
-    s += ' ';
-  }
-  return s;
-}
-
+std::string Prompt(int words, int seed) { return testing::WordPrompt(words, seed); }
 kl::v1::GenerateRequest Req(const std::string& prompt, int64_t max_tokens) {
-  kl::v1::GenerateRequest r;
-  r.set_text(prompt);
-  r.mutable_sampling()->set_temperature(0);
-  r.mutable_sampling()->set_max_tokens(max_tokens);
-  r.mutable_sampling()->set_ignore_eos(true);
-  return r;
+  return testing::GreedyRequest(prompt, max_tokens);
 }
 
 const char* CodeName(grpc::StatusCode c) {

@@ -14,6 +14,7 @@
 
 #include "gtest/gtest.h"
 #include "proto/worker.grpc.pb.h"
+#include "tests/common/cluster_util.h"
 #include "tests/common/tiny_oracle.h"
 #include "tools/kl/client.h"
 #include "tools/kl/local_cluster.h"
@@ -47,32 +48,11 @@ testing::TinyOracle& Oracle() {
   return *o;
 }
 
-std::string Prompt(int words, int seed) {
-  std::string s;
-  const char* vocab[] = {"alpha", "beta", "KDA", "state", "decode", "prefill", "的", "模型", "42", "\n"};
-  for (int i = 0; i < words; ++i) {
-    s += vocab[(i * 7 + seed * 13 + i / 3) % 10];
-    s += ' ';
-  }
-  return s;
-}
+using testing::DecodeStats;
 
+std::string Prompt(int words, int seed) { return testing::WordPrompt(words, seed); }
 v1::GenerateRequest Req(const std::string& prompt, int64_t max_tokens) {
-  v1::GenerateRequest r;
-  r.set_text(prompt);
-  r.mutable_sampling()->set_temperature(0);
-  r.mutable_sampling()->set_max_tokens(max_tokens);
-  r.mutable_sampling()->set_ignore_eos(true);
-  return r;
-}
-
-v1::WorkerStats DecodeStats(const std::string& addr) {
-  auto stub = v1::Decode::NewStub(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  v1::WorkerStats s;
-  EXPECT_TRUE(stub->Stats(&ctx, v1::WorkerStatsRequest(), &s).ok());
-  return s;
+  return testing::GreedyRequest(prompt, max_tokens);
 }
 
 bool DecodeIdle(LocalCluster& c, double seconds) {

@@ -22,6 +22,7 @@
 #include "services/common/http_get.h"
 #include "tools/kl/client.h"
 #include "tools/kl/local_cluster.h"
+#include "tests/common/cluster_util.h"
 #include "tests/common/tiny_oracle.h"
 #include "tools/make_checkpoint/maker.h"
 
@@ -41,23 +42,10 @@ class Oracle {
   }
 };
 
-std::string LongPrompt(int words, int seed) {
-  std::string s;
-  const char* vocab[] = {"alpha", "beta", "KDA", "state", "decode", "prefill", "的", "模型", "42", "\n"};
-  for (int i = 0; i < words; ++i) {
-    s += vocab[(i * 7 + seed * 13 + i / 3) % 10];
-    s += ' ';
-  }
-  return s;
-}
+std::string LongPrompt(int words, int seed) { return testing::WordPrompt(words, seed); }
 
 kl::v1::GenerateRequest Req(const std::string& prompt, int64_t max_tokens, bool ignore_eos = false) {
-  kl::v1::GenerateRequest r;
-  r.set_text(prompt);
-  r.mutable_sampling()->set_temperature(0);
-  r.mutable_sampling()->set_max_tokens(max_tokens);
-  r.mutable_sampling()->set_ignore_eos(ignore_eos);
-  return r;
+  return testing::GreedyRequest(prompt, max_tokens, ignore_eos);
 }
 
 // Indices 0..n-1 exactly once, in order.
@@ -65,14 +53,7 @@ void ExpectContiguous(const StreamResult& r) {
   for (size_t i = 0; i < r.indices.size(); ++i) ASSERT_EQ(r.indices[i], static_cast<int64_t>(i));
 }
 
-kl::v1::WorkerStats DecodeStats(const std::string& addr) {
-  auto stub = kl::v1::Decode::NewStub(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  kl::v1::WorkerStats s;
-  EXPECT_TRUE(stub->Stats(&ctx, kl::v1::WorkerStatsRequest(), &s).ok());
-  return s;
-}
+using testing::DecodeStats;
 
 // Waits until every decode worker of `c` holds no slot, lease or transfer.
 bool DecodeIdle(LocalCluster& c, int n, double seconds) {
