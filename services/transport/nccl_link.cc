@@ -277,36 +277,38 @@ void NcclLink::Abort() {
   KL_LOG(WARNING).Field("link", id_).Field("peer", peer_) << "NCCL link aborted";
 }
 
+namespace {
+
+// Replaces a device buffer (and, if `host` is set, its pinned host twin) by a
+// larger one when `want` elements exceed `cap`.
+template <typename T>
+absl::Status Grow(T** dev, T** host, int64_t* cap, int64_t want) {
+  if (want <= *cap) return absl::OkStatus();
+  cudaFree(*dev);
+  *dev = nullptr;
+  if (host != nullptr) {
+    cudaFreeHost(*host);
+    *host = nullptr;
+  }
+  *cap = 0;
+  KL_CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(dev), want * sizeof(T)));
+  if (host != nullptr) {
+    KL_CUDA_RETURN_IF_ERROR(cudaMallocHost(reinterpret_cast<void**>(host), want * sizeof(T)));
+  }
+  *cap = want;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status NcclLink::Reserve(int64_t staging_bytes, int64_t pages, int64_t sums) {
   KL_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-  if (staging_bytes > staging_bytes_) {
-    cudaFree(staging_);
-    staging_ = nullptr;
-    staging_bytes_ = 0;
-    KL_CUDA_RETURN_IF_ERROR(cudaMalloc(&staging_, staging_bytes));
-    staging_bytes_ = staging_bytes;
-  }
-  if (pages > pages_cap_) {
-    cudaFree(d_pages_);
-    cudaFreeHost(h_pages_);
-    d_pages_ = nullptr;
-    h_pages_ = nullptr;
-    pages_cap_ = 0;
-    KL_CUDA_RETURN_IF_ERROR(cudaMalloc(&d_pages_, pages * sizeof(int32_t)));
-    KL_CUDA_RETURN_IF_ERROR(cudaMallocHost(&h_pages_, pages * sizeof(int32_t)));
-    pages_cap_ = pages;
-  }
-  if (sums > sums_cap_) {
-    cudaFree(d_sums_);
-    cudaFreeHost(h_sums_);
-    d_sums_ = nullptr;
-    h_sums_ = nullptr;
-    sums_cap_ = 0;
-    KL_CUDA_RETURN_IF_ERROR(cudaMalloc(&d_sums_, sums * sizeof(uint64_t)));
-    KL_CUDA_RETURN_IF_ERROR(cudaMallocHost(&h_sums_, sums * sizeof(uint64_t)));
-    sums_cap_ = sums;
-  }
-  return absl::OkStatus();
+  char* staging = static_cast<char*>(staging_);
+  absl::Status s = Grow<char>(&staging, nullptr, &staging_bytes_, staging_bytes);
+  staging_ = staging;
+  if (s.ok()) s = Grow<int32_t>(&d_pages_, &h_pages_, &pages_cap_, pages);
+  if (s.ok()) s = Grow<uint64_t>(&d_sums_, &h_sums_, &sums_cap_, sums);
+  return s;
 }
 
 }  // namespace kl
