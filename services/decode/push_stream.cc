@@ -97,7 +97,13 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
   // The prefill worker went away while the device receives were being waited
   // for (no read is outstanding then): end them, the waiting thread fails the call.
   void OnCancel() override {
-    if (device_done_ && receive_ != nullptr) receive_->Abort();
+    std::shared_ptr<DeviceReceive> receive;
+    {
+      absl::MutexLock l(&cancel_mu_);
+      cancelled_ = true;
+      if (device_done_) receive = receive_;
+    }
+    if (receive != nullptr) receive->Abort();
   }
 
   void OnDone() override {
@@ -173,7 +179,10 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
         return Fail(link ? absl::UnavailableError(e.message()) : e,
                     e.code() == absl::StatusCode::kInvalidArgument);
       }
-      receive_ = std::shared_ptr<DeviceReceive>(std::move(*r));
+      {
+        absl::MutexLock l(&cancel_mu_);
+        receive_ = std::shared_ptr<DeviceReceive>(std::move(*r));
+      }
       if (!listener_->AttachReceive(receive_)) return Fail(*listener_->revoked(), false);
       ++frames_;
       bytes_ += static_cast<int64_t>(part_.frame().size());
@@ -186,6 +195,7 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
     }
     if (!part_.device_done()) return absl::OkStatus();  // progress: the lease was renewed
     checksums_.assign(part_.device_checksums().begin(), part_.device_checksums().end());
+    absl::MutexLock l(&cancel_mu_);
     device_done_ = true;
     return absl::OkStatus();
   }
@@ -194,6 +204,10 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
   void CompleteDevice() {
     std::thread([this] {
       ScopedRequestId rid(request_id_);
+      {
+        absl::MutexLock l(&cancel_mu_);  // a cancel that came first is not lost
+        if (cancelled_) receive_->Abort();
+      }
       absl::StatusOr<SequenceState> state = receive_->Complete(checksums_);
       if (!state.ok()) {
         if (auto why = listener_->revoked()) {
@@ -284,9 +298,14 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
   uint64_t push_id_ = 0;  // nonzero while this push is registered with the lease
   std::shared_ptr<PushListener> listener_;
   std::shared_ptr<BundleAssembler> assembler_;
-  std::shared_ptr<DeviceReceive> receive_;  // a device transfer in progress
-  std::vector<uint64_t> checksums_;
+  // A device transfer in progress. receive_ and device_done_ are written by
+  // reactions (under cancel_mu_) and read by OnCancel (under cancel_mu_), which
+  // gRPC does not serialise with the reactions; reactions read them without it.
+  absl::Mutex cancel_mu_;
+  std::shared_ptr<DeviceReceive> receive_;
   bool device_done_ = false;
+  bool cancelled_ = false;
+  std::vector<uint64_t> checksums_;
   int64_t frames_ = 0;
   int64_t bytes_ = 0;
 };

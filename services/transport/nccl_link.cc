@@ -52,6 +52,8 @@ NcclLink::~NcclLink() {
   cudaFree(d_sums_);
   cudaFreeHost(h_pages_);
   cudaFreeHost(h_sums_);
+  for (void* p : retired_dev_) cudaFree(p);
+  for (void* p : retired_host_) cudaFreeHost(p);
 }
 
 absl::StatusOr<std::string> NcclLink::NewUniqueId() {
@@ -262,9 +264,10 @@ absl::Status NcclLink::Wait(cudaEvent_t event, absl::Time deadline, const std::a
 void NcclLink::Abort() {
   state_ = State::kDead;
   cudaSetDevice(device_);
+  bool first = false;
   {
     std::lock_guard<std::mutex> l(mu_);
-    if (aborted_) return;
+    first = !aborted_;
     aborted_ = true;
     if (comm_ != nullptr) {
       ncclCommAbort(comm_);  // pending sends / receives end; a waiting worker returns
@@ -272,22 +275,27 @@ void NcclLink::Abort() {
     }
   }
   qcv_.notify_all();
+  // Every caller waits for the drain, not only the first: each may free memory
+  // the stream was using as soon as this returns.
   WaitIdle();  // the worker queues nothing more on the stream
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
-  KL_LOG(WARNING).Field("link", id_).Field("peer", peer_) << "NCCL link aborted";
+  if (first) KL_LOG(WARNING).Field("link", id_).Field("peer", peer_) << "NCCL link aborted";
 }
 
 namespace {
 
 // Replaces a device buffer (and, if `host` is set, its pinned host twin) by a
 // larger one when `want` elements exceed `cap`.
+// The old buffers are retired, not freed: cudaFree / cudaFreeHost synchronise
+// the whole device, which would wait for other links' pending receives.
 template <typename T>
-absl::Status Grow(T** dev, T** host, int64_t* cap, int64_t want) {
+absl::Status Grow(T** dev, T** host, int64_t* cap, int64_t want, std::vector<void*>* retired_dev,
+                  std::vector<void*>* retired_host) {
   if (want <= *cap) return absl::OkStatus();
-  cudaFree(*dev);
+  if (*dev != nullptr) retired_dev->push_back(*dev);
   *dev = nullptr;
   if (host != nullptr) {
-    cudaFreeHost(*host);
+    if (*host != nullptr) retired_host->push_back(*host);
     *host = nullptr;
   }
   *cap = 0;
@@ -304,10 +312,11 @@ absl::Status Grow(T** dev, T** host, int64_t* cap, int64_t want) {
 absl::Status NcclLink::Reserve(int64_t staging_bytes, int64_t pages, int64_t sums) {
   KL_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
   char* staging = static_cast<char*>(staging_);
-  absl::Status s = Grow<char>(&staging, nullptr, &staging_bytes_, staging_bytes);
+  absl::Status s =
+      Grow<char>(&staging, nullptr, &staging_bytes_, staging_bytes, &retired_dev_, &retired_host_);
   staging_ = staging;
-  if (s.ok()) s = Grow<int32_t>(&d_pages_, &h_pages_, &pages_cap_, pages);
-  if (s.ok()) s = Grow<uint64_t>(&d_sums_, &h_sums_, &sums_cap_, sums);
+  if (s.ok()) s = Grow<int32_t>(&d_pages_, &h_pages_, &pages_cap_, pages, &retired_dev_, &retired_host_);
+  if (s.ok()) s = Grow<uint64_t>(&d_sums_, &h_sums_, &sums_cap_, sums, &retired_dev_, &retired_host_);
   return s;
 }
 

@@ -126,6 +126,7 @@ class NcclLink {
   uint64_t* d_sums_ = nullptr;
   uint64_t* h_sums_ = nullptr;
   int64_t sums_cap_ = 0;
+  std::vector<void*> retired_dev_, retired_host_;  // outgrown scratch, freed with the link
   absl::Time last_used_ = absl::Now();
 };
 

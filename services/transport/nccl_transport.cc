@@ -67,6 +67,7 @@ absl::Duration TransferBudget(const DeviceTransportOptions& o, int64_t bytes) {
 struct Core {
   ModelConfig config;
   DeviceStateAccess* access;
+  int device = 0;  // access->device(), read once (background threads use it)
   DeviceTransportOptions options;
   PlanSizes sizes;
   std::string host_id;
@@ -203,6 +204,7 @@ class NcclSend final : public DeviceSend {
   absl::Status OnLayer(const SequenceState& state, int64_t layer, int64_t row_begin,
                        int64_t row_end) override {
     std::lock_guard<std::mutex> l(mu_);
+    if (ended_) return absl::CancelledError("device send ended");
     if (!status_.ok()) return status_;
     if (next_ >= static_cast<int64_t>(plan_.size())) return Fail("layer past the plan's end");
     const v1::DeviceMessage& m = plan_[next_];
@@ -248,7 +250,11 @@ class NcclSend final : public DeviceSend {
         });
       }
     }
-    absl::Status w = status_;
+    absl::Status w;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      w = status_;
+    }
     if (w.ok()) {
       const absl::Time deadline = absl::Now() + TransferBudget(core_->options, bytes_);
       w = link_->Drain(deadline, &stop_);
@@ -455,7 +461,7 @@ class NcclTransport final : public DeviceTransport {
         r.set_reason(std::string(id.status().message()));
         return r;
       }
-      auto link = std::make_shared<NcclLink>(RandomId(), c.access->device(), /*rank=*/1,
+      auto link = std::make_shared<NcclLink>(RandomId(), c.device, /*rank=*/1,
                                              req.host_id() + "/" + req.gpu_uuid());
       {
         std::lock_guard<std::mutex> l(core_->mu);
@@ -491,8 +497,9 @@ class NcclTransport final : public DeviceTransport {
       }
       link = it->second;
     }
-    // A link still initialising becomes ready within init_timeout.
-    const absl::Time until = absl::Now() + core_->options.init_timeout;
+    // The sender uses a link only once its own set-up finished, which needs
+    // ours: ours ends a moment later. Never hold a gRPC thread for long.
+    const absl::Time until = absl::Now() + absl::Seconds(2);
     while (link->state() == NcclLink::State::kInit && absl::Now() < until) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
@@ -626,7 +633,7 @@ class NcclTransport final : public DeviceTransport {
   static absl::StatusOr<std::shared_ptr<NcclLink>> Open(const std::shared_ptr<Core>& core,
                                                         const std::string& address,
                                                         const std::shared_ptr<grpc::Channel>& channel) {
-    auto placeholder = std::make_shared<NcclLink>(0, core->access->device(), 0, address);
+    auto placeholder = std::make_shared<NcclLink>(0, core->device, 0, address);
     {
       std::lock_guard<std::mutex> l(core->mu);
       core->outgoing[address].push_back(placeholder);  // counts against links_per_peer
@@ -656,7 +663,7 @@ class NcclTransport final : public DeviceTransport {
       }
       return drop(absl::UnavailableError(resp.reason()));  // Forget takes core->mu
     }
-    auto link = std::make_shared<NcclLink>(resp.link_id(), core->access->device(), 0, address);
+    auto link = std::make_shared<NcclLink>(resp.link_id(), core->device, 0, address);
     {
       std::lock_guard<std::mutex> l(core->mu);
       auto& v = core->outgoing[address];
@@ -681,7 +688,9 @@ class NcclTransport final : public DeviceTransport {
       if (k->state() != NcclLink::State::kReady) continue;
       if (oldest == nullptr || k->last_used() < oldest->last_used()) oldest = k;
     }
-    if (oldest == nullptr) return;
+    // Only a link no transfer holds: take it first (a BeginReceive may have
+    // found it a moment ago).
+    if (oldest == nullptr || !oldest->TryAcquire()) return;
     core_->accepted.erase(oldest->id());
     ++core_->stats.links_dropped;
     std::thread([oldest] { oldest->Abort(); }).detach();
@@ -743,6 +752,7 @@ const bool kRegistered = RegisterDeviceTransport(
       auto core = std::make_shared<Core>();
       core->config = config;
       core->access = access;
+      core->device = access->device();
       core->options = options;
       core->sizes.kda_layer_bytes = KdaLayerBytes(config);
       core->sizes.latent_row_bytes = access->latent_row_bytes();
