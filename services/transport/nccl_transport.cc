@@ -674,8 +674,12 @@ class NcclTransport final : public DeviceTransport {
         std::min(core->options.init_timeout, absl::Seconds(resp.init_timeout_seconds()));
     absl::Status s = link->Init(resp.nccl_unique_id(), timeout);
     if (!s.ok()) {
-      KL_LOG(WARNING).Field("peer", address) << "device link init failed: " << s.ToString();
+      KL_LOG(WARNING).Field("peer", address) << "device link init failed, gRPC for 60 s: "
+                                             << s.ToString();
       core->Forget(link);
+      // E.g. a network policy that blocks NCCL's sockets: do not retry at once.
+      std::lock_guard<std::mutex> l(core->mu);
+      core->grpc_only_until[address] = absl::Now() + absl::Seconds(60);
       return s;
     }
     KL_LOG(INFO).Field("peer", address).Field("link", link->id()) << "device link ready";
