@@ -183,7 +183,10 @@ class FakeTransport final : public DeviceTransport {
     grpc::ClientContext ctx;
     v1::OpenTransportResponse resp;
     grpc::Status s = stub->OpenTransport(&ctx, Offer(), &resp);
-    if (!s.ok() || resp.transport() != "nccl") return absl::UnavailableError("gRPC it is");
+    if (!s.ok() || resp.transport() != "nccl") {
+      ++fallbacks_;
+      return absl::UnavailableError("gRPC it is");
+    }
     return std::unique_ptr<DeviceSend>(
         new FakeSend(wire_, c_, resp.link_id(), std::move(plan), stall_sends));
   }
@@ -191,13 +194,21 @@ class FakeTransport final : public DeviceTransport {
   PlanSizes plan_sizes() const override {
     return {KdaLayerBytes(c_), c_.MlaLatentDim() * int64_t{sizeof(float)}};
   }
-  DeviceTransportStats Stats() const override { return {}; }
+  DeviceTransportStats Stats() const override {  // what the workers export
+    std::lock_guard<std::mutex> l(wire_->mu);
+    DeviceTransportStats s;
+    s.transfers_ok = wire_->sends_ended_ok;
+    s.transfers_failed = wire_->sends_ended_failed;
+    s.fallbacks = fallbacks_;
+    return s;
+  }
   bool stall_sends = false;
 
  private:
   Wire* wire_;
   const ModelConfig c_;
   std::atomic<uint64_t> next_id_{0};
+  std::atomic<int64_t> fallbacks_{0};
 };
 
 class DevicePushTest : public ::testing::Test {
@@ -299,6 +310,9 @@ TEST_F(DevicePushTest, BatchedAndChunkedPrefillsGiveTheEnginesTokens) {
   EXPECT_EQ(wire_.sends_ended_ok, 5);
   EXPECT_EQ(wire_.sends_ended_failed, 0);
   EXPECT_TRUE(WaitFor([&] { return Idle(); }));
+  const v1::WorkerStats ps = prefill_->Snapshot();  // what kl_device_* export
+  EXPECT_EQ(ps.device_transfers(), 5);
+  EXPECT_EQ(ps.device_fallbacks(), 0);
 }
 
 TEST_F(DevicePushTest, ConcurrentPrefillsInOneBatchEachUseTheirOwnTransfer) {
@@ -354,6 +368,8 @@ TEST_F(DevicePushTest, ADecodeWorkerWithoutDeviceTransportRefusesAPlan) {
   std::vector<int32_t> got;
   ASSERT_TRUE(Run(Prompt(40, 2), 5, &got).ok());
   EXPECT_EQ(got, Reference(Prompt(40, 2), 5));
+  EXPECT_EQ(prefill_->Snapshot().device_fallbacks(), 1);
+  EXPECT_EQ(prefill_->Snapshot().device_transfers(), 0);
   // ...and a device plan sent anyway is FAILED_PRECONDITION.
   const std::string lease = ReserveLease(*decode_->stub, 64);
   grpc::ClientContext ctx;

@@ -211,8 +211,10 @@ std::shared_ptr<StatePusher> PrefillEngine::StartJob(const std::shared_ptr<Prefi
       m->mla_bytes.Increment(static_cast<double>(push->mla_bytes));
       m->other_bytes.Increment(static_cast<double>(push->bytes - push->kda_bytes - push->mla_bytes));
       m->bundle_seconds.Observe(push->transfer_seconds);
-      m->kda_seconds.Observe(push->kda_seconds);
-      if (push->mla_bytes > 0) m->mla_seconds.Observe(push->mla_seconds);
+      if (!push->device) {  // a device transfer's parts move together on the GPU
+        m->kda_seconds.Observe(push->kda_seconds);
+        if (push->mla_bytes > 0) m->mla_seconds.Observe(push->mla_seconds);
+      }
     }
     // result_ was written before pusher->Finish(), which this follows.
     PrefillResult result = job->result_;

@@ -48,6 +48,20 @@ void RegisterPrefillCallbacks(Metrics& m, const PrefillService* s) {
   m.AddCallbackGauge("kl_state_transfers_in_flight", "State pushes in progress, by stage.",
                      {{"stage", "prefill"}},
                      [s] { return static_cast<double>(s->Snapshot().transfers_in_flight()); });
+  using Field = int64_t (v1::WorkerStats::*)() const;
+  auto get = [s](Field f) { return [s, f] { return static_cast<double>((s->Snapshot().*f)()); }; };
+  m.AddCallbackGauge("kl_device_links", "NCCL device links to decode workers that are up.", {},
+                     get(&v1::WorkerStats::device_links));
+  m.AddCallbackCounter("kl_device_transfers_total",
+                       "States sent over device links (NCCL) that the decode worker accepted.", {},
+                       get(&v1::WorkerStats::device_transfers));
+  m.AddCallbackCounter("kl_device_transfer_failures_total",
+                       "Device transfers (NCCL) refused, cut or timed out; the link was dropped.",
+                       {}, get(&v1::WorkerStats::device_transfer_failures));
+  m.AddCallbackCounter("kl_device_transfer_fallbacks_total",
+                       "State pushes sent over gRPC although device links are on (no free link, "
+                       "link coming up, or the peer takes gRPC).",
+                       {}, get(&v1::WorkerStats::device_fallbacks));
 }
 
 }  // namespace kl

@@ -64,7 +64,9 @@ absl::StatusOr<PrefillJob::Spec> SpecFromRequest(const v1::PrefillRequest& r,
 
 PrefillService::PrefillService(Model* model, uint64_t checkpoint_fingerprint,
                                PrefillServiceOptions options)
-    : model_(model), checkpoint_fingerprint_(checkpoint_fingerprint) {
+    : model_(model),
+      checkpoint_fingerprint_(checkpoint_fingerprint),
+      transport_(options.transport) {
   PrefillEngineOptions eo;
   eo.max_batch_tokens = options.max_batch_tokens;
   eo.max_queue = options.max_queue;
@@ -96,6 +98,13 @@ v1::WorkerStats PrefillService::Snapshot() const {
   s.set_requests_completed(es.completed);
   s.set_state_fingerprint(FingerprintHex(StateFingerprint(model_->config())));
   s.set_checkpoint_fingerprint(FingerprintHex(checkpoint_fingerprint_));
+  if (transport_ != nullptr) {
+    const DeviceTransportStats t = transport_->Stats();
+    s.set_device_links(t.links_ready);
+    s.set_device_transfers(t.transfers_ok);
+    s.set_device_transfer_failures(t.transfers_failed);
+    s.set_device_fallbacks(t.fallbacks);
+  }
   return s;
 }
 

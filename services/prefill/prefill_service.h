@@ -62,6 +62,7 @@ class PrefillService final : public v1::Prefill::CallbackService {
  private:
   Model* const model_;
   const uint64_t checkpoint_fingerprint_;
+  DeviceTransport* const transport_;  // null: gRPC only
   std::unique_ptr<PrefillEngine> engine_;
 };
 

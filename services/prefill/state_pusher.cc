@@ -295,6 +295,7 @@ void StatePusher::RunDevice() {
         << "FAULT INJECTION: damaging this device transfer";
   }
   PushResult result;
+  result.device = true;
   for (const v1::DeviceMessage& m : device.plan()) {
     result.bytes += m.bytes();
     (m.kda() ? result.kda_bytes : result.mla_bytes) += m.bytes();
@@ -345,9 +346,6 @@ void StatePusher::RunDevice() {
     } else {
       closed = stream->WritesDone();
     }
-    const double seconds = absl::ToDoubleSeconds(absl::Now() - first_sent);
-    result.kda_seconds = seconds;
-    result.mla_seconds = seconds;
   }
   if (!local.ok() || !finishing) ctx_.TryCancel();
   const grpc::Status gs = stream->Finish();

@@ -79,6 +79,7 @@ struct PushResult {
   // the sender's time serialising + writing each kind's frames.
   int64_t kda_bytes = 0;
   int64_t mla_bytes = 0;
+  bool device = false;             // the parts went over a device link (no per-kind times)
   double kda_seconds = 0;
   double mla_seconds = 0;
 };
