@@ -530,6 +530,25 @@ absl::Status CudaBackend::EnsurePages(int32_t slot, int64_t rows) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::shared_ptr<CudaResidency>> CudaBackend::TakeSlot() {
+  Impl& m = *impl_;
+  int32_t slot;
+  {
+    std::lock_guard<std::mutex> l(m.mu);
+    if (m.free_slots.empty()) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("CUDA backend: all ", options_.max_seqs, " state slots are in use"));
+    }
+    slot = m.free_slots.back();
+    m.free_slots.pop_back();
+  }
+  auto res = std::make_shared<CudaResidency>();
+  res->owner = this;
+  res->backend = this;
+  res->slot = slot;  // from here on the destructor gives the slot (and pages) back
+  return res;
+}
+
 absl::Status CudaBackend::BindStates(const std::vector<SequenceState*>& states) {
   Impl& m = *impl_;
   const ModelConfig& c = config_;
@@ -546,20 +565,8 @@ absl::Status CudaBackend::BindStates(const std::vector<SequenceState*>& states) 
         static_cast<int64_t>(s->mla.size()) != c.NumMlaLayers()) {
       return absl::InvalidArgumentError("state does not match the model's layers");
     }
-    int32_t slot;
-    {
-      std::lock_guard<std::mutex> l(m.mu);
-      if (m.free_slots.empty()) {
-        return absl::ResourceExhaustedError(
-            absl::StrCat("CUDA backend: all ", options_.max_seqs, " state slots are in use"));
-      }
-      slot = m.free_slots.back();
-      m.free_slots.pop_back();
-    }
-    auto res = std::make_shared<CudaResidency>();
-    res->owner = this;
-    res->backend = this;
-    res->slot = slot;  // from here on the destructor gives the slot (and pages) back
+    ASSIGN_OR_RETURN(std::shared_ptr<CudaResidency> res, TakeSlot());
+    const int32_t slot = res->slot;
     for (int64_t i = 0; i < c.NumKdaLayers(); ++i) {
       const KdaLayerState& ks = s->kda[i];
       if (static_cast<int64_t>(ks.recurrent.size()) != HKV ||

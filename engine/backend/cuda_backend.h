@@ -34,6 +34,8 @@
 
 namespace kl {
 
+struct CudaResidency;
+
 struct CudaBackendOptions {
   int device = 0;
   int64_t max_seqs = 64;             // state slots (concurrent sequences)
@@ -159,6 +161,8 @@ class CudaBackend final : public Backend {
   // A forward's device block table for `slots` (rows in batch order).
   absl::StatusOr<const int32_t*> StageBlockTable(const std::vector<int32_t>& slots);
   absl::Status EnsurePages(int32_t slot, int64_t rows);
+  // A free slot, owned by the returned residency (RESOURCE_EXHAUSTED if none).
+  absl::StatusOr<std::shared_ptr<CudaResidency>> TakeSlot();
   absl::StatusOr<int32_t> SlotOf(const SequenceState* s) const;
   void FreeResidency(int32_t slot, const std::vector<int32_t>& pages);
   absl::StatusOr<const float*> F32Copy(const Weight& w);

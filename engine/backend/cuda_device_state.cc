@@ -63,23 +63,9 @@ class CudaDeviceState final : public DeviceStateAccess {
   absl::Status AllocateState(SequenceState* s, int64_t num_tokens) override {
     if (s->device != nullptr) return absl::FailedPreconditionError("state is already bound");
     if (num_tokens < 0) return absl::InvalidArgumentError("negative token count");
-    CudaBackend::Impl& m = *be_->impl_;
-    int32_t slot;
-    {
-      std::lock_guard<std::mutex> l(m.mu);
-      if (m.free_slots.empty()) {
-        return absl::ResourceExhaustedError(absl::StrCat(
-            "CUDA backend: all ", be_->options_.max_seqs, " state slots are in use"));
-      }
-      slot = m.free_slots.back();
-      m.free_slots.pop_back();
-    }
-    auto res = std::make_shared<CudaResidency>();
-    res->owner = be_;
-    res->backend = be_;
-    res->slot = slot;  // the destructor gives the slot and its pages back
+    ASSIGN_OR_RETURN(std::shared_ptr<CudaResidency> res, be_->TakeSlot());
     if (be_->config_.NumMlaLayers() > 0 && num_tokens > 0) {
-      RETURN_IF_ERROR(be_->EnsurePages(slot, num_tokens));
+      RETURN_IF_ERROR(be_->EnsurePages(res->slot, num_tokens));  // pages go back with `res`
     }
     s->kda.clear();
     s->mla.clear();

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "engine/common/log.h"
+#include "kernels/common/status_macros.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/transfer.h"
 #include "proto/worker.grpc.pb.h"
@@ -26,12 +27,6 @@ namespace {
 
 constexpr int kMaxSpans = 4;           // a KDA layer: state + 3 conv tails
 constexpr int kMaxLinksAccepted = 64;  // decode side, all peers together
-
-#define RETURN_IF_ERROR_T(expr)               \
-  do {                                        \
-    absl::Status kl_s_ = (expr);              \
-    if (!kl_s_.ok()) return kl_s_;            \
-  } while (0)
 
 std::string HostId() {
   std::ifstream f("/proc/sys/kernel/random/boot_id");
@@ -101,7 +96,7 @@ struct Core {
 // Queues `n` per-span checksums of the spans into d_sums[first..] on the link's stream.
 absl::Status QueueSums(NcclLink& link, void* const* ptrs, const int64_t* bytes, int n, int64_t first) {
   for (int i = 0; i < n; ++i) {
-    RETURN_IF_ERROR_T(cuda::Checksum64(ptrs[i], bytes[i], link.d_sums() + first + i, link.stream()));
+    RETURN_IF_ERROR(cuda::Checksum64(ptrs[i], bytes[i], link.d_sums() + first + i, link.stream()));
   }
   return absl::OkStatus();
 }
@@ -113,7 +108,7 @@ absl::Status KdaMessageSpans(Core& core, const SequenceState& s, int64_t layer, 
   int64_t kda_index = 0;
   for (int64_t l = 0; l < layer; ++l) kda_index += core.config.IsKda(l) ? 1 : 0;
   std::vector<DeviceSpan> spans;
-  RETURN_IF_ERROR_T(core.access->KdaSpans(s, kda_index, &spans));
+  RETURN_IF_ERROR(core.access->KdaSpans(s, kda_index, &spans));
   if (spans.size() > kMaxSpans) return absl::InternalError("KDA layer of more than 4 spans");
   *n = static_cast<int>(spans.size());
   for (int i = 0; i < *n; ++i) {
@@ -169,7 +164,7 @@ absl::StatusOr<Piece> Resolve(Core& core, NcclLink& link, const SequenceState& s
   p.index = index;
   p.kda = m.kda();
   if (m.kda()) {
-    RETURN_IF_ERROR_T(KdaMessageSpans(core, s, m.layer(), p.ptrs, p.bytes, &p.n));
+    RETURN_IF_ERROR(KdaMessageSpans(core, s, m.layer(), p.ptrs, p.bytes, &p.n));
     int64_t total = 0;
     for (int j = 0; j < p.n; ++j) total += p.bytes[j];
     if (total != m.bytes()) return absl::InternalError("KDA spans disagree with the plan");
@@ -242,7 +237,7 @@ class NcclSend final : public DeviceSend {
         NcclLink* link = link_.get();
         const size_t n = plan_.size();
         link->Post([link, n] {
-          RETURN_IF_ERROR_T(cuda::CudaStatus(
+          RETURN_IF_ERROR(cuda::CudaStatus(
               cudaMemcpyAsync(link->h_sums(), link->d_sums(), n * kMaxSpans * sizeof(uint64_t),
                               cudaMemcpyDeviceToHost, link->stream()),
               "checksums"));
@@ -305,13 +300,13 @@ class NcclSend final : public DeviceSend {
   absl::Status Queue(const SequenceState& state, int64_t i) {
     if (cut_at_ >= 0 && i >= cut_at_) return absl::OkStatus();  // FAULT INJECTION
     NcclLink* link = link_.get();
-    RETURN_IF_ERROR_T(cuda::CudaStatus(cudaSetDevice(link->device()), "cudaSetDevice"));
+    RETURN_IF_ERROR(cuda::CudaStatus(cudaSetDevice(link->device()), "cudaSetDevice"));
     auto piece = Resolve(*core_, *link, state, plan_[i], i);
     if (!piece.ok()) return piece.status();
     auto ev = link->Event(i);
     if (!ev.ok()) return ev.status();
     piece->after = *ev;
-    RETURN_IF_ERROR_T(core_->access->RecordCompute(*ev));
+    RETURN_IF_ERROR(core_->access->RecordCompute(*ev));
     std::vector<int32_t> pages;
     if (!piece->kda) {
       auto list = core_->access->SlotPages(state);  // pages only grow
@@ -320,20 +315,20 @@ class NcclSend final : public DeviceSend {
     }
     link->Post([this, link, p = *piece, pages = std::move(pages)]() mutable {
       cudaStream_t st = link->stream();
-      RETURN_IF_ERROR_T(cuda::CudaStatus(cudaStreamWaitEvent(st, p.after, 0), "wait compute"));
+      RETURN_IF_ERROR(cuda::CudaStatus(cudaStreamWaitEvent(st, p.after, 0), "wait compute"));
       if (!p.kda) {
         const int64_t have = static_cast<int64_t>(pages.size());
         if (have > pages_sent_) {  // the new tail of the page list
           std::copy(pages.begin() + pages_sent_, pages.end(), link->h_pages() + pages_sent_);
-          RETURN_IF_ERROR_T(cuda::CudaStatus(
+          RETURN_IF_ERROR(cuda::CudaStatus(
               cudaMemcpyAsync(link->d_pages() + pages_sent_, link->h_pages() + pages_sent_,
                               (have - pages_sent_) * sizeof(int32_t), cudaMemcpyHostToDevice, st),
               "page list"));
           pages_sent_ = have;
         }
-        RETURN_IF_ERROR_T(cuda::PackRows(p.paged, p.row_begin, p.row_end, link->staging(), st));
+        RETURN_IF_ERROR(cuda::PackRows(p.paged, p.row_begin, p.row_end, link->staging(), st));
       }
-      RETURN_IF_ERROR_T(QueueSums(*link, p.ptrs, p.bytes, p.n, p.index * kMaxSpans));
+      RETURN_IF_ERROR(QueueSums(*link, p.ptrs, p.bytes, p.n, p.index * kMaxSpans));
       return link->Send(p.ptrs, p.bytes, p.n);
     });
     return absl::OkStatus();
@@ -705,7 +700,7 @@ class NcclTransport final : public DeviceTransport {
   // all handed to the link's worker (a receive may wait there for the peer).
   absl::Status QueueReceives(NcclLink& link, const v1::DeviceTransfer& transfer,
                              const SequenceState& state, int64_t pages) {
-    RETURN_IF_ERROR_T(cuda::CudaStatus(cudaSetDevice(link.device()), "cudaSetDevice"));
+    RETURN_IF_ERROR(cuda::CudaStatus(cudaSetDevice(link.device()), "cudaSetDevice"));
     auto list = core_->access->SlotPages(state);
     if (!list.ok()) return list.status();
     if (static_cast<int64_t>(list->size()) < pages) return absl::InternalError("pages missing");
@@ -721,21 +716,21 @@ class NcclTransport final : public DeviceTransport {
     link.ResetWork();
     link.Post([l, pages, messages, pieces = std::move(pieces)]() -> absl::Status {
       cudaStream_t st = l->stream();
-      RETURN_IF_ERROR_T(cuda::CudaStatus(
+      RETURN_IF_ERROR(cuda::CudaStatus(
           cudaMemcpyAsync(l->d_pages(), l->h_pages(), pages * sizeof(int32_t),
                           cudaMemcpyHostToDevice, st),
           "page list"));
-      RETURN_IF_ERROR_T(cuda::CudaStatus(
+      RETURN_IF_ERROR(cuda::CudaStatus(
           cudaMemsetAsync(l->d_sums(), 0, messages * kMaxSpans * sizeof(uint64_t), st),
           "checksum scratch"));
       for (const Piece& p : pieces) {
-        RETURN_IF_ERROR_T(l->Recv(p.ptrs, p.bytes, p.n));
-        RETURN_IF_ERROR_T(QueueSums(*l, p.ptrs, p.bytes, p.n, p.index * kMaxSpans));
+        RETURN_IF_ERROR(l->Recv(p.ptrs, p.bytes, p.n));
+        RETURN_IF_ERROR(QueueSums(*l, p.ptrs, p.bytes, p.n, p.index * kMaxSpans));
         if (!p.kda) {
-          RETURN_IF_ERROR_T(cuda::UnpackRows(l->staging(), p.row_begin, p.row_end, p.paged, st));
+          RETURN_IF_ERROR(cuda::UnpackRows(l->staging(), p.row_begin, p.row_end, p.paged, st));
         }
       }
-      RETURN_IF_ERROR_T(cuda::CudaStatus(
+      RETURN_IF_ERROR(cuda::CudaStatus(
           cudaMemcpyAsync(l->h_sums(), l->d_sums(), messages * kMaxSpans * sizeof(uint64_t),
                           cudaMemcpyDeviceToHost, st),
           "checksums"));

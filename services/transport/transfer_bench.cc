@@ -131,6 +131,16 @@ void NcclPeak(const std::vector<int64_t>& sizes) {
   };
 }
 
+// "4096,32768" -> {4096, 32768} (positive values only).
+std::vector<int64_t> Lengths(const std::string& list) {
+  std::vector<int64_t> out;
+  for (absl::string_view p : absl::StrSplit(list, ',')) {
+    int64_t v = 0;
+    if (absl::SimpleAtoi(p, &v) && v > 0) out.push_back(v);
+  }
+  return out;
+}
+
 struct Worker {
   std::unique_ptr<CudaBackend> backend;
   std::unique_ptr<Model> model;
@@ -171,11 +181,7 @@ int Main() {
     std::printf("transfer_bench needs two GPUs (found %d)\n", gpus);
     return 0;
   }
-  std::vector<int64_t> prompts;
-  for (absl::string_view p : absl::StrSplit(absl::GetFlag(FLAGS_prompts), ',')) {
-    int64_t v = 0;
-    if (absl::SimpleAtoi(p, &v) && v > 0) prompts.push_back(v);
-  }
+  const std::vector<int64_t> prompts = Lengths(absl::GetFlag(FLAGS_prompts));
   const int64_t max_rows = *std::max_element(prompts.begin(), prompts.end()) + 16;
   ModelConfig c = Kimi48BConfig();
   c.num_hidden_layers = absl::GetFlag(FLAGS_layers);
@@ -333,14 +339,9 @@ int Main() {
   std::printf("\nPrefill call = prefill + state transfer until the decode worker verified it\n");
   std::printf("%-22s | %7s | %9s | %9s | %9s | %10s | %8s\n", "mode", "T", "call ms",
               "prefill", "tail ms", "state MB", "tail GB/s");
-  std::vector<int64_t> call_prompts = prompts;
-  if (!absl::GetFlag(FLAGS_call_prompts).empty()) {
-    call_prompts.clear();
-    for (absl::string_view p : absl::StrSplit(absl::GetFlag(FLAGS_call_prompts), ',')) {
-      int64_t v = 0;
-      if (absl::SimpleAtoi(p, &v) && v > 0) call_prompts.push_back(v);
-    }
-  }
+  const std::vector<int64_t> call_prompts = absl::GetFlag(FLAGS_call_prompts).empty()
+                                                ? prompts
+                                                : Lengths(absl::GetFlag(FLAGS_call_prompts));
   for (int64_t t : call_prompts) {
     for (auto& m : modes) {
       double best = 1e30, best_prefill = 0, best_tail = 0;
