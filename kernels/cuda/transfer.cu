@@ -38,24 +38,39 @@ __global__ void CopyRowsKernel(PagedRows paged, int64_t row_begin, int64_t rows,
   }
 }
 
-// Each thread folds the 64-bit words it owns; warp sums go to *out atomically
-// (integer addition: the result does not depend on the order).
-__global__ void ChecksumKernel(const uint32_t* p, int64_t words32, uint64_t* out) {
+// Up to kChecksumBatch spans; blocks [first_block[i], first_block[i + 1]) fold
+// span i. Each thread folds the 64-bit words it owns; warp sums go to the
+// span's output atomically (integer addition: the order does not matter), and
+// the first thread of a span's first block adds the length term.
+struct BatchArgs {
+  const uint32_t* p[kChecksumBatch];
+  int64_t words32[kChecksumBatch];
+  unsigned long long* out[kChecksumBatch];
+  int first_block[kChecksumBatch + 1];
+  int n;
+};
+
+__global__ void ChecksumBatchKernel(const __grid_constant__ BatchArgs a) {
+  int s = 0;
+  while (s + 1 < a.n && static_cast<int>(blockIdx.x) >= a.first_block[s + 1]) ++s;
+  const int64_t blocks = a.first_block[s + 1] - a.first_block[s];
+  const int64_t block = blockIdx.x - a.first_block[s];
+  const int64_t words32 = a.words32[s];
+  const uint32_t* p = a.p[s];
   const int64_t words = (words32 + 1) / 2;
   uint64_t acc = 0;
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < words;
-       i += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t i = block * blockDim.x + threadIdx.x; i < words; i += blocks * blockDim.x) {
     const uint64_t lo = p[2 * i];
     const uint64_t hi = 2 * i + 1 < words32 ? p[2 * i + 1] : 0;
     acc += DevMix((lo | (hi << 32)) ^ (static_cast<uint64_t>(i + 1) * kPosKey));
   }
+  if (block == 0 && threadIdx.x == 0) acc += static_cast<uint64_t>(words32 * 4) * kLenKey;
   for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
-  if ((threadIdx.x & 31) == 0 && acc != 0) {
-    atomicAdd(reinterpret_cast<unsigned long long*>(out), static_cast<unsigned long long>(acc));
-  }
+  if ((threadIdx.x & 31) == 0 && acc != 0) atomicAdd(a.out[s], static_cast<unsigned long long>(acc));
 }
 
-__global__ void XorKernel(uint64_t* out, uint64_t v) { *out ^= v; }
+constexpr int kThreads = 256;
+constexpr int kMaxBlocksPerSpan = 1024;
 
 int Blocks(int64_t work, int threads) {
   const int64_t b = (work + threads - 1) / threads;
@@ -94,20 +109,51 @@ absl::Status UnpackRows(const void* src, int64_t row_begin, int64_t row_end, con
   return CudaStatus(cudaGetLastError(), "UnpackRows");
 }
 
-absl::Status Checksum64(const void* p, int64_t bytes, uint64_t* out, cudaStream_t stream) {
-  if (bytes < 0 || bytes % 4 != 0 || reinterpret_cast<uintptr_t>(p) % 4 != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("Checksum64: ", bytes, " bytes; needs a multiple of 4, 4-aligned"));
+namespace {
+
+absl::Status CheckSpans(const ChecksumSpan* spans, int n) {
+  for (int i = 0; i < n; ++i) {
+    const ChecksumSpan& c = spans[i];
+    if (c.bytes < 0 || c.bytes % 4 != 0 || reinterpret_cast<uintptr_t>(c.p) % 4 != 0 ||
+        c.out == nullptr || (c.bytes > 0 && c.p == nullptr)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "Checksum64: span ", i, " of ", c.bytes, " bytes; needs a multiple of 4, 4-aligned"));
+    }
   }
-  KL_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(out, 0, sizeof(uint64_t), stream));
-  const int64_t words32 = bytes / 4;
-  if (words32 > 0) {
-    ChecksumKernel<<<Blocks((words32 + 1) / 2, 256), 256, 0, stream>>>(
-        static_cast<const uint32_t*>(p), words32, out);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status Checksum64Batch(const ChecksumSpan* spans, int n, cudaStream_t stream) {
+  if (absl::Status s = CheckSpans(spans, n); !s.ok()) return s;
+  for (int base = 0; base < n; base += kChecksumBatch) {
+    BatchArgs a{};
+    a.n = n - base < kChecksumBatch ? n - base : kChecksumBatch;
+    int blocks = 0;
+    for (int i = 0; i < a.n; ++i) {
+      const ChecksumSpan& c = spans[base + i];
+      a.p[i] = static_cast<const uint32_t*>(c.p);
+      a.words32[i] = c.bytes / 4;
+      a.out[i] = reinterpret_cast<unsigned long long*>(c.out);
+      a.first_block[i] = blocks;
+      // About 8 words per thread, at most kMaxBlocksPerSpan blocks (grid-stride beyond).
+      const int64_t want = ((a.words32[i] + 1) / 2 + kThreads * 8 - 1) / (kThreads * 8);
+      blocks += static_cast<int>(want < 1 ? 1 : (want > kMaxBlocksPerSpan ? kMaxBlocksPerSpan : want));
+    }
+    a.first_block[a.n] = blocks;
+    ChecksumBatchKernel<<<blocks, kThreads, 0, stream>>>(a);
     KL_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }
-  XorKernel<<<1, 1, 0, stream>>>(out, static_cast<uint64_t>(bytes) * kLenKey);
-  return CudaStatus(cudaGetLastError(), "Checksum64");
+  return absl::OkStatus();
+}
+
+absl::Status Checksum64(const void* p, int64_t bytes, uint64_t* out, cudaStream_t stream) {
+  if (out == nullptr) return absl::InvalidArgumentError("Checksum64: no output");
+  const ChecksumSpan span{p, bytes, out};
+  if (absl::Status s = CheckSpans(&span, 1); !s.ok()) return s;
+  KL_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(out, 0, sizeof(uint64_t), stream));
+  return Checksum64Batch(&span, 1, stream);
 }
 
 uint64_t Checksum64Host(const void* p, int64_t bytes) {
@@ -120,7 +166,7 @@ uint64_t Checksum64Host(const void* p, int64_t bytes) {
     std::memcpy(&w, b + 8 * i, static_cast<size_t>(n));
     acc += ChecksumMix(w ^ (static_cast<uint64_t>(i + 1) * kPosKey));
   }
-  return acc ^ (static_cast<uint64_t>(bytes) * kLenKey);
+  return acc + static_cast<uint64_t>(bytes) * kLenKey;
 }
 
 }  // namespace kl::cuda

@@ -34,9 +34,22 @@ absl::Status UnpackRows(const void* src, int64_t row_begin, int64_t row_end, con
 // Enqueued on `stream` (zeroes *out first).
 absl::Status Checksum64(const void* p, int64_t bytes, uint64_t* out, cudaStream_t stream);
 
+// Many spans in one launch (a transfer's group of messages): *spans[i].out +=
+// Checksum64(spans[i]) for every i — the caller zeroes the outputs (the sum is
+// additive, so spans may share an output: the sum of their checksums). Any n;
+// launches ceil(n / kChecksumBatch) kernels.
+struct ChecksumSpan {
+  const void* p = nullptr;
+  int64_t bytes = 0;        // a multiple of 4, p 4-aligned
+  uint64_t* out = nullptr;  // device
+};
+inline constexpr int kChecksumBatch = 48;
+absl::Status Checksum64Batch(const ChecksumSpan* spans, int n, cudaStream_t stream);
+
 // The same function on the host (tests; the definition both sides implement):
 // words w_i = little-endian u64 of bytes [8i, 8i + 8) (zero-padded), sum over i
-// of Mix(w_i ^ (i + 1) * 0x9E3779B97F4A7C15) mod 2^64, xor bytes * 0xD6E8FEB86659FD93.
+// of Mix(w_i ^ (i + 1) * 0x9E3779B97F4A7C15), plus bytes * 0xD6E8FEB86659FD93,
+// all mod 2^64.
 inline uint64_t ChecksumMix(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;

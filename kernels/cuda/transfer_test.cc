@@ -59,6 +59,37 @@ TEST(TransferKernels, ChecksumMatchesHost) {
   EXPECT_FALSE(Checksum64(nullptr, 6, nullptr, nullptr).ok());
 }
 
+TEST(TransferKernels, BatchedChecksumsMatchHostPerSpanAndShared) {
+  if (!HaveGpu()) GTEST_SKIP() << "no GPU";
+  // More spans than one launch takes, of mixed sizes (empty, tiny, odd word
+  // counts, multi-block), some sharing an output (their sum).
+  const int n = kChecksumBatch + 13;
+  std::vector<std::vector<uint8_t>> host(n);
+  std::vector<void*> dev(n, nullptr);
+  uint64_t* outs = nullptr;
+  ASSERT_EQ(cudaMalloc(&outs, n * 8), cudaSuccess);
+  ASSERT_EQ(cudaMemset(outs, 0, n * 8), cudaSuccess);
+  std::vector<ChecksumSpan> spans(n);
+  std::vector<uint64_t> want(n, 0);
+  for (int i = 0; i < n; ++i) {
+    const size_t bytes = i % 7 == 0 ? 0 : (i % 5 == 0 ? (size_t{1} << 20) + 12 : 4 * (i * 37 % 500 + 1));
+    host[i] = RandomBytes(bytes, 100 + i);
+    ASSERT_EQ(cudaMalloc(&dev[i], bytes + 16), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(dev[i], host[i].data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    const int slot = i % 3 == 2 ? i - 1 : i;  // every third span adds into its neighbour's
+    spans[i] = ChecksumSpan{dev[i], static_cast<int64_t>(bytes), outs + slot};
+    want[slot] += Checksum64Host(host[i].data(), static_cast<int64_t>(bytes));
+  }
+  ASSERT_TRUE(Checksum64Batch(spans.data(), n, nullptr).ok());
+  std::vector<uint64_t> got(n);
+  ASSERT_EQ(cudaMemcpy(got.data(), outs, n * 8, cudaMemcpyDeviceToHost), cudaSuccess);
+  for (int i = 0; i < n; ++i) EXPECT_EQ(got[i], want[i]) << i;
+  ChecksumSpan bad{dev[1], 6, outs};
+  EXPECT_FALSE(Checksum64Batch(&bad, 1, nullptr).ok());
+  for (void* p : dev) cudaFree(p);
+  cudaFree(outs);
+}
+
 TEST(TransferKernels, PackUnpackRoundTripThroughScatteredPages) {
   if (!HaveGpu()) GTEST_SKIP() << "no GPU";
   const int64_t page_rows = 4, row_bytes = 1152, pages_total = 16;

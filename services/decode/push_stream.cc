@@ -138,8 +138,9 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
       return Fail(s, false);
     }
     if (part_.has_device() || receive_ != nullptr) return AbsorbDevice();
-    if (part_.device_done()) {
-      return Fail(absl::InvalidArgumentError("device_done on a push without a device transfer"),
+    if (part_.device_done() || part_.device_groups_size() > 0) {
+      return Fail(absl::InvalidArgumentError(
+                      "device_done or device_groups on a push without a device transfer"),
                   false);
     }
     if (absl::Status s = assembler_->Add(part_.frame()); !s.ok()) {
@@ -151,8 +152,9 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
     return absl::OkStatus();
   }
 
-  // A device transfer: the header frame and the plan first (the receives are
-  // queued at once), then only the checksums.
+  // A device transfer: the header frame and the plan first (the device state
+  // is allocated at once), then the announced groups (their receives are
+  // posted as they come), then the checksums.
   absl::Status AbsorbDevice() {
     if (receive_ == nullptr) {
       if (deps_.transport == nullptr) {
@@ -188,12 +190,20 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
       bytes_ += static_cast<int64_t>(part_.frame().size());
       return absl::OkStatus();
     }
-    if (!part_.frame().empty()) {
+    if (!part_.frame().empty() || part_.has_device()) {
       return Fail(absl::InvalidArgumentError(
-                      "a device transfer carries no frames after its header, only device_done"),
+                      "a device transfer carries no frames or plan after its header, only "
+                      "device_groups and device_done"),
                   false);
     }
-    if (!part_.device_done()) return absl::OkStatus();  // progress: the lease was renewed
+    for (const v1::DeviceGroup& g : part_.device_groups()) {
+      // The sender sends this group now: post its receives.
+      if (absl::Status s = receive_->Receive({g.first(), g.count()}); !s.ok()) {
+        if (auto why = listener_->revoked()) return Fail(*why, false);
+        return Fail(s, false);
+      }
+    }
+    if (!part_.device_done()) return absl::OkStatus();  // groups or progress: lease renewed
     checksums_.assign(part_.device_checksums().begin(), part_.device_checksums().end());
     absl::MutexLock l(&cancel_mu_);
     device_done_ = true;

@@ -14,9 +14,11 @@
 // push on the same lease; CANCELLED the client went away.
 //
 // Device transfers (StatePart.device, services/transport): the first message
-// carries the header frame and the plan; the parts arrive over the device link
-// straight into a freshly allocated device state; the last message carries the
-// sender's checksums. Also: FAILED_PRECONDITION this worker has no device
+// carries the header frame and the plan (the device state is allocated then);
+// messages with device_groups announce groups of plan messages, whose receives
+// are posted at once and whose parts arrive over the device link straight into
+// the device state; the last message carries the sender's checksums.
+// INVALID_ARGUMENT also for a group that does not continue the plan. Also: FAILED_PRECONDITION this worker has no device
 // transport; UNAVAILABLE the named link is unknown or not ready; DATA_LOSS a
 // checksum mismatch or the stream ended before the checksums; DEADLINE_EXCEEDED
 // the device receives did not finish in time. Every failure aborts the link

@@ -6,6 +6,8 @@
 // So the plan, its order against the engine's layer callbacks (batched and
 // chunked prefill), the checksums, adoption and every failure path of
 // PushState's device mode run in CI; tests/gpu has the same over NCCL.
+#include <deque>
+#include <functional>
 #include <map>
 #include <mutex>
 
@@ -33,11 +35,13 @@ uint64_t Sum(const std::vector<float>& v) {  // FNV-1a over the bytes
   return h;
 }
 
-// What went "over the link", per link id: one payload per plan message.
+// What went "over the link", per link id: one payload per plan message (only
+// once the sender announced its group, as NCCL sends right after announcing).
 struct Wire {
   std::mutex mu;
-  std::map<uint64_t, std::vector<std::vector<float>>> payloads;
+  std::map<uint64_t, std::map<int64_t, std::vector<float>>> payloads;
   int sends_ended_ok = 0, sends_ended_failed = 0, receives_aborted = 0, receives_ok = 0;
+  int groups_posted = 0, messages_posted = 0;
 };
 
 int64_t Ordinal(const ModelConfig& c, int64_t layer) {
@@ -46,44 +50,71 @@ int64_t Ordinal(const ModelConfig& c, int64_t layer) {
   return n;
 }
 
+// Groups what is ready into groups of at most 3 messages when the pusher asks.
 class FakeSend final : public DeviceSend {
  public:
   FakeSend(Wire* wire, const ModelConfig& c, uint64_t id, std::vector<v1::DeviceMessage> plan,
-           bool stall)
-      : wire_(wire), c_(c), id_(id), plan_(std::move(plan)), stall_(stall) {}
+           bool stall, bool skip_one)
+      : wire_(wire), c_(c), id_(id), plan_(std::move(plan)), stall_(stall), skip_one_(skip_one) {}
   uint64_t link_id() const override { return id_; }
   const std::vector<v1::DeviceMessage>& plan() const override { return plan_; }
   void InjectCut() override { cut_ = true; }
   absl::Status OnLayer(const SequenceState& s, int64_t layer, int64_t b, int64_t e) override {
-    if (next_ >= static_cast<int64_t>(plan_.size())) return absl::InternalError("past the plan");
-    const v1::DeviceMessage& m = plan_[next_];
-    if (m.layer() != layer || (!m.kda() && (m.row_begin() != b || m.row_end() != e))) {
-      return absl::InternalError(absl::StrCat("layer ", layer, " is not plan message ", next_));
-    }
-    std::vector<float> p;
-    if (m.kda()) {
-      const KdaLayerState& k = s.kda[Ordinal(c_, layer)];
-      for (const auto* v : {&k.recurrent, &k.conv_q, &k.conv_k, &k.conv_v}) {
-        p.insert(p.end(), v->begin(), v->end());
+    std::function<void()> wake;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (next_ >= static_cast<int64_t>(plan_.size())) return absl::InternalError("past the plan");
+      const v1::DeviceMessage& m = plan_[next_];
+      if (m.layer() != layer || (!m.kda() && (m.row_begin() != b || m.row_end() != e))) {
+        return absl::InternalError(absl::StrCat("layer ", layer, " is not plan message ", next_));
       }
-    } else {
-      const int64_t d = c_.MlaLatentDim();
-      const auto& lat = s.mla[Ordinal(c_, layer)].latent;
-      p.assign(lat.begin() + b * d, lat.begin() + e * d);
+      std::vector<float> p;
+      if (m.kda()) {
+        const KdaLayerState& k = s.kda[Ordinal(c_, layer)];
+        for (const auto* v : {&k.recurrent, &k.conv_q, &k.conv_k, &k.conv_v}) {
+          p.insert(p.end(), v->begin(), v->end());
+        }
+      } else {
+        const int64_t d = c_.MlaLatentDim();
+        const auto& lat = s.mla[Ordinal(c_, layer)].latent;
+        p.assign(lat.begin() + b * d, lat.begin() + e * d);
+      }
+      if (static_cast<int64_t>(p.size() * sizeof(float)) != m.bytes()) {
+        return absl::InternalError("payload size differs from the plan");
+      }
+      sums_.push_back(Sum(p));
+      if (!(cut_ && next_ >= static_cast<int64_t>(plan_.size()) / 2)) {
+        ready_.emplace_back(next_, std::move(p));
+      }
+      ++next_;
+      wake = wake_;
     }
-    if (static_cast<int64_t>(p.size() * sizeof(float)) != m.bytes()) {
-      return absl::InternalError("payload size differs from the plan");
-    }
-    sums_.push_back(Sum(p));
-    if (!(cut_ && next_ >= static_cast<int64_t>(plan_.size()) / 2)) {
-      std::lock_guard<std::mutex> l(wire_->mu);
-      wire_->payloads[id_].push_back(std::move(p));
-    }
-    ++next_;
+    if (wake) wake();
     return absl::OkStatus();
   }
   absl::Status AfterForward(const SequenceState&) override { return absl::OkStatus(); }
+  void SetWake(std::function<void()> wake) override {
+    std::lock_guard<std::mutex> l(mu_);
+    wake_ = std::move(wake);
+  }
+  absl::Status TakeGroups(std::vector<MessageGroup>* groups, bool* drained) override {
+    std::lock_guard<std::mutex> l(mu_);
+    while (!ready_.empty()) {
+      MessageGroup g{ready_.front().first, 0};
+      while (!ready_.empty() && g.count < 3) {
+        std::lock_guard<std::mutex> w(wire_->mu);
+        wire_->payloads[id_][ready_.front().first] = std::move(ready_.front().second);
+        ready_.pop_front();
+        ++g.count;
+      }
+      if (skip_one_ && g.first == 0) g.first = 1;  // misannounced: not where the plan continues
+      groups->push_back(g);
+    }
+    *drained = true;
+    return absl::OkStatus();
+  }
   absl::StatusOr<std::vector<uint64_t>> Complete() override {
+    std::lock_guard<std::mutex> l(mu_);
     if (cut_) return absl::UnavailableError("device transfer cut (fault injection)");
     if (stall_) return absl::DeadlineExceededError("device send timed out");
     if (next_ != static_cast<int64_t>(plan_.size())) return absl::InternalError("plan unfinished");
@@ -101,26 +132,43 @@ class FakeSend final : public DeviceSend {
   const ModelConfig c_;
   const uint64_t id_;
   const std::vector<v1::DeviceMessage> plan_;
-  const bool stall_;
+  const bool stall_, skip_one_;
+  std::mutex mu_;
+  std::function<void()> wake_;
+  std::deque<std::pair<int64_t, std::vector<float>>> ready_;  // not yet announced
   bool cut_ = false, ended_ = false;
   int64_t next_ = 0;
   std::vector<uint64_t> sums_;
 };
 
+// Posts announced groups with the real ValidateGroup; completes only if every
+// message was announced and is on the wire.
 class FakeReceive final : public DeviceReceive {
  public:
   FakeReceive(Wire* wire, const ModelConfig& c, uint64_t id, v1::DeviceTransfer t, int64_t n)
-      : wire_(wire), c_(c), id_(id), t_(std::move(t)), n_(n) {}
+      : wire_(wire), c_(c), id_(id), t_(std::move(t)), n_(n), mla_(MlaBytes(t_.messages())) {}
   ~FakeReceive() override { Abort(); }
+  absl::Status Receive(const MessageGroup& g) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (done_) return absl::AbortedError("receive ended");
+    if (absl::Status s = ValidateGroup(mla_, posted_, g, StagingCapacity(mla_)); !s.ok()) return s;
+    posted_ += g.count;
+    std::lock_guard<std::mutex> w(wire_->mu);
+    ++wire_->groups_posted;
+    wire_->messages_posted += static_cast<int>(g.count);
+    return absl::OkStatus();
+  }
   absl::StatusOr<SequenceState> Complete(const std::vector<uint64_t>& sums) override {
-    std::lock_guard<std::mutex> l(wire_->mu);
-    const auto& got = wire_->payloads[id_];
-    if (got.size() != static_cast<size_t>(t_.messages_size()) || sums.size() != got.size()) {
-      return absl::DeadlineExceededError("device receive timed out");
+    std::lock_guard<std::mutex> l(mu_);
+    if (posted_ != t_.messages_size() || sums.size() != static_cast<size_t>(posted_)) {
+      return absl::DataLossError(absl::StrCat(posted_, " of ", t_.messages_size(), " announced"));
     }
+    std::lock_guard<std::mutex> w(wire_->mu);
+    auto& got = wire_->payloads[id_];
     SequenceState s = SequenceState::Zero(c_);
     for (auto& m : s.mla) m.latent.assign(n_ * c_.MlaLatentDim(), 0.0f);
     for (int i = 0; i < t_.messages_size(); ++i) {
+      if (got.count(i) == 0) return absl::DeadlineExceededError("device receive timed out");
       if (Sum(got[i]) != sums[i]) {
         return absl::DataLossError(absl::StrCat("checksum mismatch in message ", i));
       }
@@ -143,9 +191,10 @@ class FakeReceive final : public DeviceReceive {
     return s;
   }
   void Abort() override {
+    std::lock_guard<std::mutex> l(mu_);
     if (done_) return;
     done_ = true;
-    std::lock_guard<std::mutex> l(wire_->mu);
+    std::lock_guard<std::mutex> w(wire_->mu);
     ++wire_->receives_aborted;
   }
 
@@ -155,6 +204,9 @@ class FakeReceive final : public DeviceReceive {
   const uint64_t id_;
   const v1::DeviceTransfer t_;
   const int64_t n_;
+  const std::vector<int64_t> mla_;
+  std::mutex mu_;
+  int64_t posted_ = 0;
   bool done_ = false;
 };
 
@@ -188,7 +240,7 @@ class FakeTransport final : public DeviceTransport {
       return absl::UnavailableError("gRPC it is");
     }
     return std::unique_ptr<DeviceSend>(
-        new FakeSend(wire_, c_, resp.link_id(), std::move(plan), stall_sends));
+        new FakeSend(wire_, c_, resp.link_id(), std::move(plan), stall_sends, misannounce));
   }
   v1::OpenTransportRequest Offer() const override { return v1::OpenTransportRequest(); }
   PlanSizes plan_sizes() const override {
@@ -203,6 +255,7 @@ class FakeTransport final : public DeviceTransport {
     return s;
   }
   bool stall_sends = false;
+  bool misannounce = false;  // the first group claims to start at message 1
 
  private:
   Wire* wire_;
@@ -309,6 +362,11 @@ TEST_F(DevicePushTest, BatchedAndChunkedPrefillsGiveTheEnginesTokens) {
   EXPECT_EQ(wire_.receives_ok, 5);
   EXPECT_EQ(wire_.sends_ended_ok, 5);
   EXPECT_EQ(wire_.sends_ended_failed, 0);
+  // Every message was announced, in groups of 1-3 (as the pusher found them ready).
+  const int layers = static_cast<int>(engine_->model().config().num_hidden_layers);
+  EXPECT_GE(wire_.messages_posted, 5 * layers);
+  EXPECT_GE(wire_.groups_posted * 3, wire_.messages_posted);
+  EXPECT_LE(wire_.groups_posted, wire_.messages_posted);
   EXPECT_TRUE(WaitFor([&] { return Idle(); }));
   const v1::WorkerStats ps = prefill_->Snapshot();  // what kl_device_* export
   EXPECT_EQ(ps.device_transfers(), 5);
@@ -362,6 +420,23 @@ TEST_F(DevicePushTest, AStalledSendFailsThePushWithItsCode) {
   EXPECT_EQ(wire_.receives_aborted, 1);
 }
 
+TEST_F(DevicePushTest, AGroupThatDoesNotContinueThePlanIsRefused) {
+  Start();
+  transport_->misannounce = true;
+  std::vector<int32_t> got;
+  // The decode worker's INVALID_ARGUMENT is this (prefill) worker's fault: INTERNAL.
+  grpc::Status s = Run(Prompt(30, 4), 4, &got);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INTERNAL) << s.error_message();
+  EXPECT_NE(s.error_message().find("does not continue the plan"), std::string::npos)
+      << s.error_message();
+  EXPECT_TRUE(WaitFor([&] { return Idle(); }));
+  EXPECT_EQ(wire_.receives_aborted, 1);
+  EXPECT_EQ(wire_.sends_ended_failed, 1);
+  transport_->misannounce = false;  // the next push is clean
+  ASSERT_TRUE(Run(Prompt(30, 4), 4, &got).ok());
+  EXPECT_EQ(got, Reference(Prompt(30, 4), 4));
+}
+
 TEST_F(DevicePushTest, ADecodeWorkerWithoutDeviceTransportRefusesAPlan) {
   Start("", 1, /*decode_transport=*/false);
   // Its OpenTransport answers "grpc", so the prefill falls back on its own...
@@ -381,6 +456,15 @@ TEST_F(DevicePushTest, ADecodeWorkerWithoutDeviceTransportRefusesAPlan) {
   w->Write(part);
   w->WritesDone();
   EXPECT_EQ(w->Finish().error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  // Groups or checksums on a push that is not a device transfer: INVALID_ARGUMENT.
+  grpc::ClientContext ctx2;
+  auto w2 = decode_->stub->PushState(&ctx2, &resp);
+  v1::StatePart groups;
+  groups.set_lease_id(lease);
+  groups.add_device_groups()->set_count(1);
+  w2->Write(groups);
+  w2->WritesDone();
+  EXPECT_EQ(w2->Finish().error_code(), grpc::StatusCode::INVALID_ARGUMENT);
 }
 
 }  // namespace

@@ -314,26 +314,58 @@ void StatePusher::RunDevice() {
     result.bytes += static_cast<int64_t>(part.frame().size());
     if (!stream->Write(part)) failed_ = true;
   }
-  // While the forward runs the stream carries nothing else: a progress message
-  // every second keeps the lease renewed through long prefills.
+  // While the forward runs, the stream announces each group of messages as its
+  // data becomes ready (the link sends it right after; the decode worker posts
+  // the receives then), and a progress message every second of silence keeps
+  // the lease renewed through long prefills. After the forward, once every
+  // queued message has been announced, the sends are waited for.
+  device.SetWake([this] {
+    absl::MutexLock l(&mu_);
+    device_wake_ = true;
+  });
   bool finishing = false;
   while (!failed_) {
-    bool woke;
+    std::vector<MessageGroup> groups;
+    bool drained = false;
+    if (absl::Status t = device.TakeGroups(&groups, &drained); !t.ok()) {
+      local = t;
+      break;
+    }
+    if (!groups.empty()) {
+      v1::StatePart part;
+      for (const MessageGroup& g : groups) {
+        v1::DeviceGroup* d = part.add_device_groups();
+        d->set_first(g.first);
+        d->set_count(g.count);
+      }
+      if (!stream->Write(part)) {
+        failed_ = true;
+        break;
+      }
+    }
+    if (finishing && drained) break;
+    bool woke, cancelled;
     {
       absl::MutexLock l(&mu_);
       woke = mu_.AwaitWithTimeout(
           absl::Condition(
               +[](StatePusher* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) {
-                return p->finish_ || p->cancel_.has_value();
+                return p->device_wake_ || p->cancel_.has_value() ||
+                       (p->finish_ && !p->finish_seen_);
               },
               this),
           absl::Seconds(1));
-      finishing = woke && !cancel_.has_value();
+      cancelled = cancel_.has_value();
+      device_wake_ = false;
+      if (finish_) finish_seen_ = finishing = true;
     }
-    if (woke) break;
-    if (!stream->Write(v1::StatePart())) failed_ = true;
+    if (cancelled) {
+      finishing = false;
+      break;
+    }
+    if (!woke && groups.empty() && !stream->Write(v1::StatePart())) failed_ = true;
   }
-  if (finishing) {
+  if (finishing && local.ok() && !failed_) {
     absl::StatusOr<std::vector<uint64_t>> sums = device.Complete();
     if (!sums.ok()) {
       local = sums.status();
@@ -347,7 +379,9 @@ void StatePusher::RunDevice() {
       closed = stream->WritesDone();
     }
   }
-  if (!local.ok() || !finishing) ctx_.TryCancel();
+  device.SetWake(nullptr);  // nothing calls into this pusher from the link any more
+  // A write that failed means the decode worker ended the call: its status says why.
+  if (!local.ok() || (!finishing && !failed_)) ctx_.TryCancel();
   const grpc::Status gs = stream->Finish();
   Conclude(local, closed, gs, result, first_sent);
 }

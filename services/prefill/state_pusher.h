@@ -139,6 +139,8 @@ class StatePusher : public std::enable_shared_from_this<StatePusher> {
   absl::Mutex mu_;
   std::deque<Item> items_ ABSL_GUARDED_BY(mu_);
   bool finish_ ABSL_GUARDED_BY(mu_) = false;
+  bool finish_seen_ ABSL_GUARDED_BY(mu_) = false;  // RunDevice
+  bool device_wake_ ABSL_GUARDED_BY(mu_) = false;  // the device send has news
   std::optional<absl::Status> cancel_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -5,7 +5,10 @@
 // communicator of two ranks: prefill 0, decode 1).
 //
 // One link carries one transfer at a time (both ends then issue their sends
-// and receives in plan order, so they always match); a worker keeps up to
+// and receives in plan order, so they always match). The sender announces each
+// group of messages on the PushState stream when its data is ready and sends
+// it as one NCCL group; the receiver posts the group's receives only then, so
+// no receive waits on its GPU for data still being computed. A worker keeps up to
 // `links_per_peer` links per peer and falls back to the gRPC bundle when none
 // is free. Any error on a link (NCCL error, timeout, a cancelled or refused
 // transfer) aborts it on that side (ncclCommAbort: pending operations end) and
@@ -38,7 +41,8 @@
 
 namespace kl {
 
-inline constexpr int32_t kDeviceTransportProtocol = 1;
+// 2: receives are posted per announced group (StatePart.device_groups).
+inline constexpr int32_t kDeviceTransportProtocol = 2;
 
 struct DeviceTransportOptions {
   bool enabled = true;            // false: answer / choose "grpc" always
@@ -72,8 +76,19 @@ class DeviceSend {
   // Engine thread, after the last forward: ship-at-end mode queues everything
   // here; otherwise a no-op. Keeps `state`'s device memory until the sends end.
   virtual absl::Status AfterForward(const SequenceState& state) = 0;
-  // Sender thread: waits until every message has gone out (bounded) and
-  // returns one checksum per plan message.
+  // Sender thread: `wake` is called (from any thread) whenever TakeGroups has
+  // something new — a group to announce or a failure. Set once, before the
+  // first TakeGroups; groups made ready earlier are kept for it.
+  virtual void SetWake(std::function<void()> wake) = 0;
+  // Sender thread: appends the groups whose data became ready since the last
+  // call (the link sends each right after this announcement; the receiver must
+  // post the matching receives), in plan order. `*drained`: every message
+  // queued so far has been announced — after AfterForward, the transfer's
+  // announcements are over. An error: the transfer failed (the link is aborted
+  // at End).
+  virtual absl::Status TakeGroups(std::vector<MessageGroup>* groups, bool* drained) = 0;
+  // Sender thread, after the last group was taken: waits until every message
+  // has gone out (bounded) and returns one checksum per plan message.
   virtual absl::StatusOr<std::vector<uint64_t>> Complete() = 0;
   // FAULT INJECTION (tests): stop sending after half the plan's messages, as
   // a sender that dies mid-transfer; Complete then aborts the link and fails.
@@ -88,10 +103,15 @@ class DeviceSend {
 class DeviceReceive {
  public:
   virtual ~DeviceReceive() = default;
+  // The sender announced `group`: posts its receives (on the link's worker;
+  // cheap). INVALID_ARGUMENT when the group does not continue the plan or does
+  // not fit the staging both ends derive from it (ValidateGroup); ABORTED
+  // after Abort. The caller fails the transfer on any error.
+  virtual absl::Status Receive(const MessageGroup& group) = 0;
   // Waits (bounded) for every receive, checks each message against the
   // sender's checksums, and hands back the state (device-resident, complete).
-  // DATA_LOSS on a mismatch, DEADLINE_EXCEEDED on a timeout. Blocks: call off
-  // the gRPC callback threads.
+  // DATA_LOSS on a mismatch or when some message was never announced,
+  // DEADLINE_EXCEEDED on a timeout. Blocks: call off the gRPC callback threads.
   virtual absl::StatusOr<SequenceState> Complete(const std::vector<uint64_t>& checksums) = 0;
   // Aborts the link (pending receives end), frees the state once the link's
   // stream has drained. Idempotent; any thread.
@@ -117,7 +137,8 @@ class DeviceTransport {
   // background) or "grpc" with the reason.
   virtual v1::OpenTransportResponse Accept(const v1::OpenTransportRequest& request) = 0;
   // Starts receiving a transfer of `num_tokens` tokens over link `link_id`:
-  // validates the plan, allocates the device state, queues every receive.
+  // validates the plan, allocates the device state and the link's scratch;
+  // the receives are posted per announced group (DeviceReceive::Receive).
   // NOT_FOUND (no such ready link), ABORTED (link busy), INVALID_ARGUMENT (bad
   // plan), RESOURCE_EXHAUSTED (no slot / pages).
   virtual absl::StatusOr<std::unique_ptr<DeviceReceive>> BeginReceive(

@@ -80,6 +80,11 @@ void NcclLink::Touch() {
 }
 
 absl::Status NcclLink::Settle(absl::Time deadline, const char* what) {
+  // Non-blocking NCCL launches every group from a helper thread and reports
+  // ncclInProgress until it has: usually tens of microseconds. Yield for the
+  // first half millisecond (a sleep would add its whole quantum to every
+  // group), then poll every 50 us.
+  const absl::Time spin_until = absl::Now() + absl::Microseconds(500);
   for (;;) {
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -93,7 +98,11 @@ absl::Status NcclLink::Settle(absl::Time deadline, const char* what) {
     if (absl::Now() >= deadline) {
       return absl::DeadlineExceededError(absl::StrCat("NCCL ", what, ": timed out"));
     }
-    std::this_thread::sleep_for(std::chrono::microseconds(100));
+    if (absl::Now() < spin_until) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
   }
 }
 

@@ -3,7 +3,9 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <deque>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <random>
@@ -93,14 +95,6 @@ struct Core {
   }
 };
 
-// Queues `n` per-span checksums of the spans into d_sums[first..] on the link's stream.
-absl::Status QueueSums(NcclLink& link, void* const* ptrs, const int64_t* bytes, int n, int64_t first) {
-  for (int i = 0; i < n; ++i) {
-    RETURN_IF_ERROR(cuda::Checksum64(ptrs[i], bytes[i], link.d_sums() + first + i, link.stream()));
-  }
-  return absl::OkStatus();
-}
-
 // The spans of a plan message's device memory on this side (KDA: the slot's
 // state + tails; MLA: the link's staging buffer).
 absl::Status KdaMessageSpans(Core& core, const SequenceState& s, int64_t layer, void** ptrs,
@@ -158,6 +152,32 @@ struct Piece {
   cudaEvent_t after = nullptr;         // compute to wait for (sender)
 };
 
+// A group's spans on this side, in plan order, with their checksum outputs
+// (d_sums[index * kMaxSpans + span]). MLA messages get consecutive aligned
+// places in the link's staging buffer (their ptrs[0] is set here).
+struct GroupSpans {
+  std::vector<void*> ptrs;
+  std::vector<int64_t> bytes;
+  std::vector<cuda::ChecksumSpan> sums;
+};
+
+GroupSpans PlaceGroup(NcclLink& link, std::vector<Piece>& group) {
+  GroupSpans g;
+  int64_t offset = 0;
+  for (Piece& p : group) {
+    if (!p.kda) {
+      p.ptrs[0] = static_cast<char*>(link.staging()) + offset;
+      offset += AlignStaging(p.bytes[0]);
+    }
+    for (int j = 0; j < p.n; ++j) {
+      g.ptrs.push_back(p.ptrs[j]);
+      g.bytes.push_back(p.bytes[j]);
+      g.sums.push_back({p.ptrs[j], p.bytes[j], link.d_sums() + p.index * kMaxSpans + j});
+    }
+  }
+  return g;
+}
+
 absl::StatusOr<Piece> Resolve(Core& core, NcclLink& link, const SequenceState& s,
                               const v1::DeviceMessage& m, int64_t index) {
   Piece p;
@@ -187,7 +207,11 @@ class NcclSend final : public DeviceSend {
  public:
   NcclSend(std::shared_ptr<Core> core, std::shared_ptr<NcclLink> link,
            std::vector<v1::DeviceMessage> plan)
-      : core_(std::move(core)), link_(std::move(link)), plan_(std::move(plan)) {
+      : core_(std::move(core)),
+        link_(std::move(link)),
+        plan_(std::move(plan)),
+        mla_bytes_(MlaBytes(plan_)),
+        staging_cap_(StagingCapacity(mla_bytes_)) {
     for (const auto& m : plan_) bytes_ += m.bytes();
   }
   ~NcclSend() override { End(false); }
@@ -224,14 +248,30 @@ class NcclSend final : public DeviceSend {
     return absl::OkStatus();
   }
 
+  void SetWake(std::function<void()> wake) override {
+    std::lock_guard<std::mutex> l(mu_);
+    wake_ = std::move(wake);
+  }
+
+  absl::Status TakeGroups(std::vector<MessageGroup>* groups, bool* drained) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!status_.ok()) return status_;
+    groups->insert(groups->end(), ready_.begin(), ready_.end());
+    ready_.clear();
+    *drained = announced_ == queued_;
+    return absl::OkStatus();
+  }
+
   absl::StatusOr<std::vector<uint64_t>> Complete() override {
     {
       std::lock_guard<std::mutex> l(mu_);
       if (status_.ok() && cut_at_ >= 0) {
         status_ = absl::UnavailableError("device transfer cut (fault injection)");
-      } else if (status_.ok() && next_ != static_cast<int64_t>(plan_.size())) {
+      } else if (status_.ok() && (next_ != static_cast<int64_t>(plan_.size()) ||
+                                  announced_ != next_)) {
         status_ = absl::InternalError(absl::StrCat("device transfer: ", next_, " of ",
-                                                   plan_.size(), " messages queued"));
+                                                   plan_.size(), " messages queued, ",
+                                                   announced_, " sent"));
       }
       if (status_.ok()) {
         NcclLink* link = link_.get();
@@ -290,12 +330,21 @@ class NcclSend final : public DeviceSend {
   }
 
  private:
+  // A queued plan message: its device spans, the compute event that makes it
+  // ready, and (MLA) the sequence's page list at that moment.
+  struct Pending {
+    Piece piece;
+    std::vector<int32_t> pages;
+  };
+
+  // mu_ held. Wakes the pusher (a failure it must see).
   absl::Status Fail(const std::string& why) {
     status_ = absl::InternalError(absl::StrCat("device send: ", why));
+    if (wake_) wake_();
     return status_;
   }
 
-  // Marks the compute done so far and hands plan message `i` to the link's
+  // Marks the compute done so far and queues plan message `i` for the link's
   // worker (mu_ held; calling thread: the prefill engine's).
   absl::Status Queue(const SequenceState& state, int64_t i) {
     if (cut_at_ >= 0 && i >= cut_at_) return absl::OkStatus();  // FAULT INJECTION
@@ -307,41 +356,122 @@ class NcclSend final : public DeviceSend {
     if (!ev.ok()) return ev.status();
     piece->after = *ev;
     RETURN_IF_ERROR(core_->access->RecordCompute(*ev));
-    std::vector<int32_t> pages;
-    if (!piece->kda) {
+    Pending p{*std::move(piece), {}};
+    if (!p.piece.kda) {
       auto list = core_->access->SlotPages(state);  // pages only grow
       if (!list.ok()) return list.status();
-      pages = *std::move(list);
+      p.pages = *std::move(list);
     }
-    link->Post([this, link, p = *piece, pages = std::move(pages)]() mutable {
-      cudaStream_t st = link->stream();
-      RETURN_IF_ERROR(cuda::CudaStatus(cudaStreamWaitEvent(st, p.after, 0), "wait compute"));
-      if (!p.kda) {
-        const int64_t have = static_cast<int64_t>(pages.size());
+    pending_.push_back(std::move(p));
+    ++queued_;
+    link->Post([this] { return PumpAndReport(); });
+    return absl::OkStatus();
+  }
+
+  absl::Status PumpAndReport() {
+    absl::Status s = Pump();
+    if (!s.ok()) {
+      std::function<void()> wake;
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        if (status_.ok()) status_ = absl::Status(s.code(), absl::StrCat("device send: ", s.message()));
+        wake = wake_;
+      }
+      if (wake) wake();
+    }
+    return s;
+  }
+
+  // Link worker: waits until the oldest queued message's data is ready, takes
+  // it and the queued messages right behind it that are ready too (and fit the
+  // staging), packs and checksums them, announces the group and sends it as one
+  // NCCL group. Only this worker pops pending_; the engine only appends.
+  absl::Status Pump() {
+    NcclLink* link = link_.get();
+    cudaEvent_t head;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (pending_.empty()) return absl::OkStatus();  // an earlier pump took it
+      head = pending_.front().piece.after;
+    }
+    // A layer's compute may take a long chunk: as long as it takes (End stops it).
+    RETURN_IF_ERROR(link->Wait(head, absl::InfiniteFuture(), &stop_));
+    std::vector<Pending> group;
+    int64_t staging = 0;
+    for (;;) {
+      cudaEvent_t after;
+      int64_t index;
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        if (pending_.empty() || static_cast<int64_t>(group.size()) >= kMaxGroupMessages) break;
+        after = pending_.front().piece.after;
+        index = pending_.front().piece.index;
+      }
+      const int64_t need = AlignStaging(mla_bytes_[index]);
+      if (!group.empty() && (staging + need > staging_cap_ || !ReadySoon(after))) break;
+      staging += need;
+      std::lock_guard<std::mutex> l(mu_);
+      group.push_back(std::move(pending_.front()));
+      pending_.pop_front();
+    }
+    cudaStream_t st = link->stream();
+    std::vector<Piece> pieces;
+    for (Pending& g : group) {
+      if (!g.piece.kda) {
+        const int64_t have = static_cast<int64_t>(g.pages.size());
         if (have > pages_sent_) {  // the new tail of the page list
-          std::copy(pages.begin() + pages_sent_, pages.end(), link->h_pages() + pages_sent_);
+          std::copy(g.pages.begin() + pages_sent_, g.pages.end(), link->h_pages() + pages_sent_);
           RETURN_IF_ERROR(cuda::CudaStatus(
               cudaMemcpyAsync(link->d_pages() + pages_sent_, link->h_pages() + pages_sent_,
                               (have - pages_sent_) * sizeof(int32_t), cudaMemcpyHostToDevice, st),
               "page list"));
           pages_sent_ = have;
         }
-        RETURN_IF_ERROR(cuda::PackRows(p.paged, p.row_begin, p.row_end, link->staging(), st));
       }
-      RETURN_IF_ERROR(QueueSums(*link, p.ptrs, p.bytes, p.n, p.index * kMaxSpans));
-      return link->Send(p.ptrs, p.bytes, p.n);
-    });
-    return absl::OkStatus();
+      pieces.push_back(std::move(g.piece));
+    }
+    GroupSpans spans = PlaceGroup(*link, pieces);
+    for (const Piece& p : pieces) {
+      if (!p.kda) RETURN_IF_ERROR(cuda::PackRows(p.paged, p.row_begin, p.row_end, p.ptrs[0], st));
+    }
+    RETURN_IF_ERROR(cuda::Checksum64Batch(spans.sums.data(), static_cast<int>(spans.sums.size()), st));
+    std::function<void()> wake;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      ready_.push_back({pieces.front().index, static_cast<int64_t>(pieces.size())});
+      announced_ += static_cast<int64_t>(pieces.size());
+      wake = wake_;
+    }
+    if (wake) wake();  // the pusher announces it; the receiver posts the receives
+    return link->Send(spans.ptrs.data(), spans.bytes.data(), static_cast<int>(spans.ptrs.size()));
+  }
+
+  // True if `event` completes within a short grace (messages queued together,
+  // e.g. ship-at-end, become ready microseconds apart).
+  static bool ReadySoon(cudaEvent_t event) {
+    const absl::Time until = absl::Now() + absl::Microseconds(50);
+    for (;;) {
+      if (cudaEventQuery(event) == cudaSuccess) return true;
+      if (absl::Now() >= until) return false;
+      std::this_thread::yield();
+    }
   }
 
   const std::shared_ptr<Core> core_;
   const std::shared_ptr<NcclLink> link_;
   const std::vector<v1::DeviceMessage> plan_;
+  const std::vector<int64_t> mla_bytes_;
+  const int64_t staging_cap_;
   int64_t bytes_ = 0;
   std::atomic<bool> stop_{false};
   std::mutex mu_;
   absl::Status status_;
   int64_t next_ = 0;
+  std::deque<Pending> pending_;     // queued, not yet taken by the worker
+  int64_t queued_ = 0;              // messages queued (fault injection skips some)
+  int64_t announced_ = 0;           // messages in groups handed to TakeGroups
+  std::vector<MessageGroup> ready_;  // announced, not yet taken
+  std::function<void()> wake_;
   int64_t pages_sent_ = 0;  // the link's worker only
   int64_t cut_at_ = -1;
   bool ended_ = false;
@@ -353,19 +483,58 @@ class NcclSend final : public DeviceSend {
 class NcclReceive final : public DeviceReceive {
  public:
   NcclReceive(std::shared_ptr<Core> core, std::shared_ptr<NcclLink> link, SequenceState state,
-              int64_t messages, int64_t bytes)
+              std::vector<Piece> pieces, std::vector<int64_t> mla_bytes, int64_t staging_cap,
+              int64_t bytes)
       : core_(std::move(core)),
         link_(std::move(link)),
         state_(std::move(state)),
-        messages_(messages),
+        pieces_(std::move(pieces)),
+        mla_bytes_(std::move(mla_bytes)),
+        staging_cap_(staging_cap),
+        messages_(static_cast<int64_t>(pieces_.size())),
         bytes_(bytes) {}
   ~NcclReceive() override { Abort(); }
 
+  absl::Status Receive(const MessageGroup& g) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (done_) return absl::AbortedError("device receive ended");
+    RETURN_IF_ERROR(ValidateGroup(mla_bytes_, posted_, g, staging_cap_));
+    std::vector<Piece> group(pieces_.begin() + g.first, pieces_.begin() + g.first + g.count);
+    posted_ += g.count;
+    const bool last = posted_ == messages_;
+    NcclLink* link = link_.get();
+    const int64_t messages = messages_;
+    link->Post([link, group = std::move(group), last, messages]() mutable -> absl::Status {
+      cudaStream_t st = link->stream();
+      GroupSpans spans = PlaceGroup(*link, group);
+      RETURN_IF_ERROR(
+          link->Recv(spans.ptrs.data(), spans.bytes.data(), static_cast<int>(spans.ptrs.size())));
+      RETURN_IF_ERROR(
+          cuda::Checksum64Batch(spans.sums.data(), static_cast<int>(spans.sums.size()), st));
+      for (const Piece& p : group) {
+        if (!p.kda) RETURN_IF_ERROR(cuda::UnpackRows(p.ptrs[0], p.row_begin, p.row_end, p.paged, st));
+      }
+      if (!last) return absl::OkStatus();
+      RETURN_IF_ERROR(cuda::CudaStatus(
+          cudaMemcpyAsync(link->h_sums(), link->d_sums(), messages * kMaxSpans * sizeof(uint64_t),
+                          cudaMemcpyDeviceToHost, st),
+          "checksums"));
+      return cuda::CudaStatus(cudaEventRecord(link->done(), st), "event");
+    });
+    return absl::OkStatus();
+  }
+
   absl::StatusOr<SequenceState> Complete(const std::vector<uint64_t>& checksums) override {
-    if (static_cast<int64_t>(checksums.size()) != messages_) {
+    int64_t posted;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      posted = posted_;
+    }
+    if (static_cast<int64_t>(checksums.size()) != messages_ || posted != messages_) {
       Abort();
       return absl::DataLossError(absl::StrCat("device transfer: ", checksums.size(),
-                                              " checksums for ", messages_, " messages"));
+                                              " checksums and ", posted, " announced of ",
+                                              messages_, " messages"));
     }
     const absl::Time deadline = absl::Now() + TransferBudget(core_->options, bytes_);
     absl::Status w = link_->Drain(deadline, &stop_);
@@ -412,8 +581,12 @@ class NcclReceive final : public DeviceReceive {
   const std::shared_ptr<NcclLink> link_;
   std::mutex mu_;
   SequenceState state_;
+  const std::vector<Piece> pieces_;  // resolved against state_ (MLA: staging set per group)
+  const std::vector<int64_t> mla_bytes_;
+  const int64_t staging_cap_;
   const int64_t messages_;
   const int64_t bytes_;
+  int64_t posted_ = 0;  // messages whose receives were posted (mu_)
   std::atomic<bool> stop_{false};
   bool done_ = false;
 };
@@ -513,20 +686,23 @@ class NcclTransport final : public DeviceTransport {
     const int64_t messages = transfer.messages_size();
     const int64_t page_rows = core_->access->page_rows();
     const int64_t pages = (num_tokens + page_rows - 1) / page_rows;
-    absl::Status s = link->Reserve(std::max<int64_t>(summary.max_mla_bytes, 16), std::max<int64_t>(pages, 1),
+    std::vector<int64_t> mla_bytes = MlaBytes(transfer.messages());
+    const int64_t staging_cap = StagingCapacity(mla_bytes);
+    absl::Status s = link->Reserve(staging_cap, std::max<int64_t>(pages, 1),
                                    std::max<int64_t>(messages, 1) * kMaxSpans);
     if (!s.ok()) return fail(s);
     SequenceState state;
     s = core_->access->AllocateState(&state, num_tokens);
     if (!s.ok()) return fail(s);
-    s = QueueReceives(*link, transfer, state, pages);
-    if (!s.ok()) {
+    absl::StatusOr<std::vector<Piece>> pieces = Prepare(*link, transfer, state, pages);
+    if (!pieces.ok()) {
       link->Abort();  // drains before `state` (the slot) goes
       core_->Forget(link);
-      return s;
+      return pieces.status();
     }
-    return std::unique_ptr<DeviceReceive>(
-        new NcclReceive(core_, link, std::move(state), messages, summary.total_bytes));
+    return std::unique_ptr<DeviceReceive>(new NcclReceive(core_, link, std::move(state),
+                                                          *std::move(pieces), std::move(mla_bytes),
+                                                          staging_cap, summary.total_bytes));
   }
 
   absl::StatusOr<std::unique_ptr<DeviceSend>> BeginSend(
@@ -568,13 +744,10 @@ class NcclTransport final : public DeviceTransport {
       core_->Count(&DeviceTransportStats::fallbacks);
       return absl::UnavailableError("no free device link to " + address);
     }
-    int64_t rows = 0, max_mla = 16;
-    for (const auto& m : plan) {
-      rows = std::max<int64_t>(rows, m.row_end());
-      if (!m.kda()) max_mla = std::max<int64_t>(max_mla, m.bytes());
-    }
+    int64_t rows = 0;
+    for (const auto& m : plan) rows = std::max<int64_t>(rows, m.row_end());
     const int64_t pages = (rows + core_->access->page_rows() - 1) / core_->access->page_rows();
-    absl::Status s = link->Reserve(max_mla, std::max<int64_t>(pages, 1),
+    absl::Status s = link->Reserve(StagingCapacity(MlaBytes(plan)), std::max<int64_t>(pages, 1),
                                    std::max<int64_t>(static_cast<int64_t>(plan.size()), 1) * kMaxSpans);
     if (s.ok()) {
       link->ResetWork();
@@ -695,11 +868,12 @@ class NcclTransport final : public DeviceTransport {
     std::thread([oldest] { oldest->Abort(); }).detach();
   }
 
-  // Decode side: one group of receives per plan message, in plan order, with
-  // the checksum (and, for MLA, the scatter into the pages) right behind it,
-  // all handed to the link's worker (a receive may wait there for the peer).
-  absl::Status QueueReceives(NcclLink& link, const v1::DeviceTransfer& transfer,
-                             const SequenceState& state, int64_t pages) {
+  // Decode side: resolves every plan message against the new state (on this
+  // thread, so the link's worker never touches the SequenceState) and queues
+  // the page list's upload and the checksum scratch's reset; the receives are
+  // posted per announced group (NcclReceive::Receive).
+  absl::StatusOr<std::vector<Piece>> Prepare(NcclLink& link, const v1::DeviceTransfer& transfer,
+                                             const SequenceState& state, int64_t pages) {
     RETURN_IF_ERROR(cuda::CudaStatus(cudaSetDevice(link.device()), "cudaSetDevice"));
     auto list = core_->access->SlotPages(state);
     if (!list.ok()) return list.status();
@@ -714,29 +888,17 @@ class NcclTransport final : public DeviceTransport {
     }
     NcclLink* l = &link;
     link.ResetWork();
-    link.Post([l, pages, messages, pieces = std::move(pieces)]() -> absl::Status {
+    link.Post([l, pages, messages]() -> absl::Status {
       cudaStream_t st = l->stream();
       RETURN_IF_ERROR(cuda::CudaStatus(
           cudaMemcpyAsync(l->d_pages(), l->h_pages(), pages * sizeof(int32_t),
                           cudaMemcpyHostToDevice, st),
           "page list"));
-      RETURN_IF_ERROR(cuda::CudaStatus(
+      return cuda::CudaStatus(
           cudaMemsetAsync(l->d_sums(), 0, messages * kMaxSpans * sizeof(uint64_t), st),
-          "checksum scratch"));
-      for (const Piece& p : pieces) {
-        RETURN_IF_ERROR(l->Recv(p.ptrs, p.bytes, p.n));
-        RETURN_IF_ERROR(QueueSums(*l, p.ptrs, p.bytes, p.n, p.index * kMaxSpans));
-        if (!p.kda) {
-          RETURN_IF_ERROR(cuda::UnpackRows(l->staging(), p.row_begin, p.row_end, p.paged, st));
-        }
-      }
-      RETURN_IF_ERROR(cuda::CudaStatus(
-          cudaMemcpyAsync(l->h_sums(), l->d_sums(), messages * kMaxSpans * sizeof(uint64_t),
-                          cudaMemcpyDeviceToHost, st),
-          "checksums"));
-      return cuda::CudaStatus(cudaEventRecord(l->done(), st), "event");
+          "checksum scratch");
     });
-    return absl::OkStatus();
+    return pieces;
   }
 
   const std::shared_ptr<Core> core_;

@@ -91,4 +91,56 @@ absl::Status ValidateTransferPlan(const google::protobuf::RepeatedPtrField<v1::D
   return absl::OkStatus();
 }
 
+namespace {
+
+template <typename Plan>
+std::vector<int64_t> MlaBytesOf(const Plan& plan) {
+  std::vector<int64_t> out;
+  out.reserve(plan.size());
+  for (const v1::DeviceMessage& m : plan) out.push_back(m.kda() ? 0 : m.bytes());
+  return out;
+}
+
+}  // namespace
+
+std::vector<int64_t> MlaBytes(const std::vector<v1::DeviceMessage>& plan) { return MlaBytesOf(plan); }
+
+std::vector<int64_t> MlaBytes(const google::protobuf::RepeatedPtrField<v1::DeviceMessage>& plan) {
+  return MlaBytesOf(plan);
+}
+
+int64_t StagingCapacity(const std::vector<int64_t>& mla_bytes) {
+  int64_t largest = 0, total = 0;
+  for (int64_t b : mla_bytes) {
+    largest = std::max(largest, AlignStaging(b));
+    total += AlignStaging(b);
+  }
+  return std::max({largest, std::min(total, kGroupStagingBytes), kStagingAlign});
+}
+
+int64_t GroupStagingBytes(const std::vector<int64_t>& mla_bytes, int64_t first, int64_t count) {
+  int64_t total = 0;
+  for (int64_t i = first; i < first + count && i < static_cast<int64_t>(mla_bytes.size()); ++i) {
+    total += AlignStaging(mla_bytes[i]);
+  }
+  return total;
+}
+
+absl::Status ValidateGroup(const std::vector<int64_t>& mla_bytes, int64_t next,
+                           const MessageGroup& g, int64_t capacity) {
+  const int64_t n = static_cast<int64_t>(mla_bytes.size());
+  if (g.first != next || g.count < 1 || g.count > kMaxGroupMessages || g.first + g.count > n) {
+    return absl::InvalidArgumentError(absl::StrCat("device group [", g.first, ", +", g.count,
+                                                   ") does not continue the plan at message ",
+                                                   next, " of ", n));
+  }
+  const int64_t staging = GroupStagingBytes(mla_bytes, g.first, g.count);
+  if (staging > capacity) {
+    return absl::InvalidArgumentError(absl::StrCat("device group [", g.first, ", +", g.count,
+                                                   ") needs ", staging, " staging bytes of ",
+                                                   capacity));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace kl

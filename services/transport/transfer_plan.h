@@ -2,7 +2,7 @@
 // worker sends over a device link (services/transport/device_transport.h), one
 // per layer as its prefill finishes. Both ends derive their work from it: the
 // sender checks each finished layer against the next message, the receiver
-// posts one receive per message before the first one arrives.
+// posts the receives of each group of messages the sender announces.
 #ifndef KL_SERVICES_TRANSPORT_TRANSFER_PLAN_H_
 #define KL_SERVICES_TRANSPORT_TRANSFER_PLAN_H_
 
@@ -43,6 +43,38 @@ struct PlanSummary {
 absl::Status ValidateTransferPlan(const google::protobuf::RepeatedPtrField<v1::DeviceMessage>& plan,
                                   const ModelConfig& config, int64_t num_tokens,
                                   const PlanSizes& sizes, PlanSummary* summary);
+
+// Messages move in groups: consecutive plan messages whose data is ready on
+// the sender go out as one NCCL group (one launch on each side) once the sender
+// has announced the group on the PushState stream; the receiver posts the
+// matching receives only then, so no receive waits on a GPU for data that is
+// still being computed. Each MLA message of a group needs its own place in the
+// link's staging buffer (KDA messages move in place).
+struct MessageGroup {
+  int64_t first = 0;
+  int64_t count = 0;
+};
+
+inline constexpr int64_t kStagingAlign = 256;
+// Grouping never grows staging past the largest single MLA message or this.
+inline constexpr int64_t kGroupStagingBytes = int64_t{64} << 20;
+inline constexpr int64_t kMaxGroupMessages = 64;
+inline int64_t AlignStaging(int64_t bytes) {
+  return (bytes + kStagingAlign - 1) / kStagingAlign * kStagingAlign;
+}
+
+// Per plan message: its MLA bytes (0 for a KDA message).
+std::vector<int64_t> MlaBytes(const std::vector<v1::DeviceMessage>& plan);
+std::vector<int64_t> MlaBytes(const google::protobuf::RepeatedPtrField<v1::DeviceMessage>& plan);
+// Staging bytes a link holds for a plan (both ends compute the same): the
+// largest MLA message, or more — up to kGroupStagingBytes — to group several.
+int64_t StagingCapacity(const std::vector<int64_t>& mla_bytes);
+// Staging bytes messages [first, first + count) take (each MLA message aligned).
+int64_t GroupStagingBytes(const std::vector<int64_t>& mla_bytes, int64_t first, int64_t count);
+// An announced group must continue at `next`, hold 1..kMaxGroupMessages
+// messages inside the plan and fit `capacity`. INVALID_ARGUMENT otherwise.
+absl::Status ValidateGroup(const std::vector<int64_t>& mla_bytes, int64_t next,
+                           const MessageGroup& group, int64_t capacity);
 
 }  // namespace kl
 

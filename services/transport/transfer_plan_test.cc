@@ -108,5 +108,39 @@ TEST(TransferPlan, ValidationRefusesEveryMalformedPlan) {
   expect_bad({}, "empty");
 }
 
+TEST(TransferPlan, GroupsContinueThePlanAndFitStaging) {
+  // KDA, MLA 1000 B, KDA, MLA 300 B, MLA 256 B (aligned: 1024, 512, 256).
+  const std::vector<int64_t> mla = {0, 1000, 0, 300, 256};
+  EXPECT_EQ(GroupStagingBytes(mla, 0, 5), 1024 + 512 + 256);
+  EXPECT_EQ(GroupStagingBytes(mla, 1, 1), 1024);
+  EXPECT_EQ(GroupStagingBytes(mla, 2, 1), 0);
+  const int64_t cap = StagingCapacity(mla);
+  EXPECT_EQ(cap, 1024 + 512 + 256);  // small plans group everything
+  EXPECT_TRUE(ValidateGroup(mla, 0, {0, 5}, cap).ok());
+  EXPECT_TRUE(ValidateGroup(mla, 2, {2, 3}, cap).ok());
+  EXPECT_FALSE(ValidateGroup(mla, 2, {3, 1}, cap).ok());   // skips message 2
+  EXPECT_FALSE(ValidateGroup(mla, 2, {1, 2}, cap).ok());   // repeats message 1
+  EXPECT_FALSE(ValidateGroup(mla, 2, {2, 0}, cap).ok());   // empty
+  EXPECT_FALSE(ValidateGroup(mla, 2, {2, 4}, cap).ok());   // past the plan
+  EXPECT_FALSE(ValidateGroup(mla, 0, {0, 5}, 1024).ok());  // more staging than the link has
+  EXPECT_TRUE(ValidateGroup(mla, 0, {0, 2}, 1024).ok());
+  // Large plans: capacity is the largest message, or kGroupStagingBytes to group several.
+  const std::vector<int64_t> big = {0, kGroupStagingBytes * 2, kGroupStagingBytes / 4, 0};
+  EXPECT_EQ(StagingCapacity(big), kGroupStagingBytes * 2);
+  const std::vector<int64_t> many(10, kGroupStagingBytes / 4);
+  EXPECT_EQ(StagingCapacity(many), kGroupStagingBytes);
+  EXPECT_EQ(StagingCapacity({0, 0}), kStagingAlign);
+  std::vector<int64_t> kda(kMaxGroupMessages + 1, 0);
+  EXPECT_FALSE(ValidateGroup(kda, 0, {0, kMaxGroupMessages + 1}, kStagingAlign).ok());
+  EXPECT_TRUE(ValidateGroup(kda, 0, {0, kMaxGroupMessages}, kStagingAlign).ok());
+  // From a plan.
+  const ModelConfig c = TinyConfig();
+  const auto plan = BuildTransferPlan(c, 100, 4096, Sizes(c));
+  const std::vector<int64_t> from = MlaBytes(plan);
+  ASSERT_EQ(from.size(), plan.size());
+  for (size_t i = 0; i < plan.size(); ++i) EXPECT_EQ(from[i], plan[i].kda() ? 0 : plan[i].bytes());
+  EXPECT_EQ(MlaBytes(Field(plan)), from);
+}
+
 }  // namespace
 }  // namespace kl
