@@ -725,10 +725,11 @@ class NcclTransport final : public DeviceTransport {
         }
       }
       open = link == nullptr && static_cast<int>(links.size()) < core_->options.links_per_peer;
-      // Only the first link to a peer may be waited for. With transfers to the
-      // peer in flight, its receives spin on its GPU until our next forward
-      // sends the data; if its half of a new communicator's set-up waited for
-      // those kernels, this (engine) thread would wait for itself.
+      // Only the first link to a peer may be waited for: with transfers to the
+      // peer in flight, its half of a new communicator's set-up can wait for
+      // their kernels on its GPU, and this (engine) thread would wait on
+      // transfers it feeds. (Protocol 2 posts receives only for data that is
+      // ready, which makes such waits short; the rule stays for safety.)
       sync = core_->options.sync_open && links.empty();
     }
     if (link == nullptr && open) {
