@@ -26,7 +26,29 @@ __global__ void FillKernel(T* p, int64_t n, float lo, float hi, uint64_t seed, i
   }
 }
 
+// One thread per float4; blocks cover one slot's quarter-rows in order, so
+// every block streams a contiguous 16 KiB (as a decode block does).
+__global__ void TouchKernel(float4* pool, const int32_t* slots, int64_t per_slot, float scale) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t n = i / per_slot, j = i % per_slot;
+  float4* p = pool + static_cast<int64_t>(slots[n]) * per_slot + j;
+  float4 x = *p;
+  x.x *= scale; x.y *= scale; x.z *= scale; x.w *= scale;
+  *p = x;
+}
+
 }  // namespace
+
+cudaError_t TouchSlots(float* pool, const int32_t* slots, int64_t n, int64_t slot_floats,
+                       float scale, cudaStream_t stream) {
+  const int64_t per_slot = slot_floats / 4;
+  const int threads = 256;
+  if (n <= 0 || per_slot <= 0 || (n * per_slot) % threads != 0) return cudaErrorInvalidValue;
+  const int64_t blocks = n * per_slot / threads;
+  TouchKernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(reinterpret_cast<float4*>(pool),
+                                                                     slots, per_slot, scale);
+  return cudaGetLastError();
+}
 
 cudaError_t FillUniform(void* p, int64_t n, bool bf16, float lo, float hi, uint64_t seed,
                         cudaStream_t stream, bool log_of_uniform) {

@@ -1,4 +1,5 @@
-// Device-side random fill used by the KDA benchmark (not by the kernels).
+// Device-side helpers of the KDA benchmark (not used by the kernels): random
+// fill and an in-place read-and-write-back ceiling.
 #ifndef KL_KERNELS_CUDA_BENCH_FILL_H_
 #define KL_KERNELS_CUDA_BENCH_FILL_H_
 
@@ -12,6 +13,13 @@ namespace kl::cuda {
 // log of that when log_of_uniform; bf16 or fp32 elements.
 cudaError_t FillUniform(void* p, int64_t n, bool bf16, float lo, float hi, uint64_t seed,
                         cudaStream_t stream, bool log_of_uniform = false);
+
+// The in-place ceiling of a state update: for each of the n slots in `slots`,
+// every float of pool[slot * slot_floats ...] is read, scaled by `scale` (pass
+// 1) and written back — the bytes a decode step over those slots must move,
+// with no math. slot_floats a multiple of 4.
+cudaError_t TouchSlots(float* pool, const int32_t* slots, int64_t n, int64_t slot_floats,
+                       float scale, cudaStream_t stream);
 
 }  // namespace kl::cuda
 
