@@ -46,6 +46,7 @@ struct BatchArgs {
   const uint32_t* p[kChecksumBatch];
   int64_t words32[kChecksumBatch];
   unsigned long long* out[kChecksumBatch];
+  int64_t first_word[kChecksumBatch];
   int first_block[kChecksumBatch + 1];
   int n;
 };
@@ -57,12 +58,13 @@ __global__ void ChecksumBatchKernel(const __grid_constant__ BatchArgs a) {
   const int64_t block = blockIdx.x - a.first_block[s];
   const int64_t words32 = a.words32[s];
   const uint32_t* p = a.p[s];
+  const uint64_t pos = static_cast<uint64_t>(a.first_word[s]) + 1;
   const int64_t words = (words32 + 1) / 2;
   uint64_t acc = 0;
   for (int64_t i = block * blockDim.x + threadIdx.x; i < words; i += blocks * blockDim.x) {
     const uint64_t lo = p[2 * i];
     const uint64_t hi = 2 * i + 1 < words32 ? p[2 * i + 1] : 0;
-    acc += DevMix((lo | (hi << 32)) ^ (static_cast<uint64_t>(i + 1) * kPosKey));
+    acc += DevMix((lo | (hi << 32)) ^ ((static_cast<uint64_t>(i) + pos) * kPosKey));
   }
   if (block == 0 && threadIdx.x == 0) acc += static_cast<uint64_t>(words32 * 4) * kLenKey;
   for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
@@ -136,6 +138,7 @@ absl::Status Checksum64Batch(const ChecksumSpan* spans, int n, cudaStream_t stre
       a.p[i] = static_cast<const uint32_t*>(c.p);
       a.words32[i] = c.bytes / 4;
       a.out[i] = reinterpret_cast<unsigned long long*>(c.out);
+      a.first_word[i] = c.first_word;
       a.first_block[i] = blocks;
       // About 8 words per thread, at most kMaxBlocksPerSpan blocks (grid-stride beyond).
       const int64_t want = ((a.words32[i] + 1) / 2 + kThreads * 8 - 1) / (kThreads * 8);
@@ -156,7 +159,7 @@ absl::Status Checksum64(const void* p, int64_t bytes, uint64_t* out, cudaStream_
   return Checksum64Batch(&span, 1, stream);
 }
 
-uint64_t Checksum64Host(const void* p, int64_t bytes) {
+uint64_t Checksum64Host(const void* p, int64_t bytes, int64_t first_word) {
   const unsigned char* b = static_cast<const unsigned char*>(p);
   const int64_t words = (bytes + 7) / 8;
   uint64_t acc = 0;
@@ -164,7 +167,7 @@ uint64_t Checksum64Host(const void* p, int64_t bytes) {
     uint64_t w = 0;
     const int64_t n = bytes - 8 * i < 8 ? bytes - 8 * i : 8;
     std::memcpy(&w, b + 8 * i, static_cast<size_t>(n));
-    acc += ChecksumMix(w ^ (static_cast<uint64_t>(i + 1) * kPosKey));
+    acc += ChecksumMix(w ^ ((static_cast<uint64_t>(first_word) + i + 1) * kPosKey));
   }
   return acc + static_cast<uint64_t>(bytes) * kLenKey;
 }

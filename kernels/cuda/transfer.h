@@ -42,20 +42,23 @@ struct ChecksumSpan {
   const void* p = nullptr;
   int64_t bytes = 0;        // a multiple of 4, p 4-aligned
   uint64_t* out = nullptr;  // device
+  // Position of the span's first 8-byte word: the spans of one message number
+  // their words on from one another, so exchanging two of them changes the sum.
+  int64_t first_word = 0;
 };
 inline constexpr int kChecksumBatch = 48;
 absl::Status Checksum64Batch(const ChecksumSpan* spans, int n, cudaStream_t stream);
 
 // The same function on the host (tests; the definition both sides implement):
 // words w_i = little-endian u64 of bytes [8i, 8i + 8) (zero-padded), sum over i
-// of Mix(w_i ^ (i + 1) * 0x9E3779B97F4A7C15), plus bytes * 0xD6E8FEB86659FD93,
-// all mod 2^64.
+// of Mix(w_i ^ (first_word + i + 1) * 0x9E3779B97F4A7C15), plus
+// bytes * 0xD6E8FEB86659FD93, all mod 2^64.
 inline uint64_t ChecksumMix(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
 }
-uint64_t Checksum64Host(const void* p, int64_t bytes);
+uint64_t Checksum64Host(const void* p, int64_t bytes, int64_t first_word = 0);
 
 }  // namespace kl::cuda
 

@@ -38,6 +38,14 @@ TEST(Checksum64Host, DetectsFlipsSwapsAndLength) {
   EXPECT_NE(Checksum64Host(swapped.data(), swapped.size()), base);
   std::vector<uint8_t> zeros(64, 0);  // zero padding does not alias a shorter buffer
   EXPECT_NE(Checksum64Host(zeros.data(), 60), Checksum64Host(zeros.data(), 64));
+  // Spans of one message number their words on: two equal-size spans exchanged
+  // (as KDA parts of one message could be) change the message's sum.
+  const uint8_t* x = a.data();
+  const uint8_t* y = a.data() + 1024;
+  const uint64_t in_order = Checksum64Host(x, 1024, 0) + Checksum64Host(y, 1024, 128);
+  const uint64_t exchanged = Checksum64Host(y, 1024, 0) + Checksum64Host(x, 1024, 128);
+  EXPECT_NE(in_order, exchanged);
+  EXPECT_EQ(in_order, Checksum64Host(x, 2048, 0));  // = one span over both, 8-byte aligned
 }
 
 TEST(TransferKernels, ChecksumMatchesHost) {
@@ -77,8 +85,9 @@ TEST(TransferKernels, BatchedChecksumsMatchHostPerSpanAndShared) {
     ASSERT_EQ(cudaMalloc(&dev[i], bytes + 16), cudaSuccess);
     ASSERT_EQ(cudaMemcpy(dev[i], host[i].data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
     const int slot = i % 3 == 2 ? i - 1 : i;  // every third span adds into its neighbour's
-    spans[i] = ChecksumSpan{dev[i], static_cast<int64_t>(bytes), outs + slot};
-    want[slot] += Checksum64Host(host[i].data(), static_cast<int64_t>(bytes));
+    const int64_t first_word = i % 4 == 1 ? 1000 + i : 0;
+    spans[i] = ChecksumSpan{dev[i], static_cast<int64_t>(bytes), outs + slot, first_word};
+    want[slot] += Checksum64Host(host[i].data(), static_cast<int64_t>(bytes), first_word);
   }
   ASSERT_TRUE(Checksum64Batch(spans.data(), n, nullptr).ok());
   std::vector<uint64_t> got(n);

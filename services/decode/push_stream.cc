@@ -162,6 +162,11 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
                         "device transfer offered, but this decode worker has no device transport"),
                     false);
       }
+      if (part_.device_groups_size() > 0 || part_.device_done()) {
+        return Fail(absl::InvalidArgumentError(
+                        "a device transfer's plan message carries no groups or checksums"),
+                    false);
+      }
       if (absl::Status s = assembler_->Add(part_.frame()); !s.ok()) {
         if (auto why = listener_->revoked()) return Fail(*why, false);
         return Fail(TransferStatus(s), true);

@@ -6,10 +6,12 @@
 // So the plan, its order against the engine's layer callbacks (batched and
 // chunked prefill), the checksums, adoption and every failure path of
 // PushState's device mode run in CI; tests/gpu has the same over NCCL.
+#include <condition_variable>
 #include <deque>
 #include <functional>
 #include <map>
 #include <mutex>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "engine/runtime/generator.h"
@@ -40,8 +42,10 @@ uint64_t Sum(const std::vector<float>& v) {  // FNV-1a over the bytes
 struct Wire {
   std::mutex mu;
   std::map<uint64_t, std::map<int64_t, std::vector<float>>> payloads;
+  std::map<uint64_t, int64_t> posted;  // messages whose receives were posted, per link
   int sends_ended_ok = 0, sends_ended_failed = 0, receives_aborted = 0, receives_ok = 0;
   int groups_posted = 0, messages_posted = 0;
+  int sends_stopped_by_peer = 0;  // Complete ended by peer_alive() == false
 };
 
 int64_t Ordinal(const ModelConfig& c, int64_t layer) {
@@ -50,46 +54,62 @@ int64_t Ordinal(const ModelConfig& c, int64_t layer) {
   return n;
 }
 
-// Groups what is ready into groups of at most 3 messages when the pusher asks.
+struct FakeSendOptions {
+  bool stall = false;       // the sends never complete
+  bool misannounce = false;  // the first group claims to start at message 1
+  bool fail_link = false;   // the link fails after the first group
+};
+
+// Like NcclSend: the engine thread queues each finished layer; a worker thread
+// (the link's) takes what is queued a moment later in groups of up to 3, puts
+// their bytes on the wire, announces them and wakes the pusher. The sends
+// "complete" once the receiver has posted every message.
 class FakeSend final : public DeviceSend {
  public:
   FakeSend(Wire* wire, const ModelConfig& c, uint64_t id, std::vector<v1::DeviceMessage> plan,
-           bool stall, bool skip_one)
-      : wire_(wire), c_(c), id_(id), plan_(std::move(plan)), stall_(stall), skip_one_(skip_one) {}
+           FakeSendOptions o)
+      : wire_(wire), c_(c), id_(id), plan_(std::move(plan)), o_(o),
+        worker_([this] { Work(); }) {}
+  ~FakeSend() override {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    worker_.join();
+  }
   uint64_t link_id() const override { return id_; }
   const std::vector<v1::DeviceMessage>& plan() const override { return plan_; }
   void InjectCut() override { cut_ = true; }
   absl::Status OnLayer(const SequenceState& s, int64_t layer, int64_t b, int64_t e) override {
-    std::function<void()> wake;
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      if (next_ >= static_cast<int64_t>(plan_.size())) return absl::InternalError("past the plan");
-      const v1::DeviceMessage& m = plan_[next_];
-      if (m.layer() != layer || (!m.kda() && (m.row_begin() != b || m.row_end() != e))) {
-        return absl::InternalError(absl::StrCat("layer ", layer, " is not plan message ", next_));
-      }
-      std::vector<float> p;
-      if (m.kda()) {
-        const KdaLayerState& k = s.kda[Ordinal(c_, layer)];
-        for (const auto* v : {&k.recurrent, &k.conv_q, &k.conv_k, &k.conv_v}) {
-          p.insert(p.end(), v->begin(), v->end());
-        }
-      } else {
-        const int64_t d = c_.MlaLatentDim();
-        const auto& lat = s.mla[Ordinal(c_, layer)].latent;
-        p.assign(lat.begin() + b * d, lat.begin() + e * d);
-      }
-      if (static_cast<int64_t>(p.size() * sizeof(float)) != m.bytes()) {
-        return absl::InternalError("payload size differs from the plan");
-      }
-      sums_.push_back(Sum(p));
-      if (!(cut_ && next_ >= static_cast<int64_t>(plan_.size()) / 2)) {
-        ready_.emplace_back(next_, std::move(p));
-      }
-      ++next_;
-      wake = wake_;
+    std::lock_guard<std::mutex> l(mu_);
+    if (!status_.ok()) return status_;
+    if (next_ >= static_cast<int64_t>(plan_.size())) return absl::InternalError("past the plan");
+    const v1::DeviceMessage& m = plan_[next_];
+    if (m.layer() != layer || (!m.kda() && (m.row_begin() != b || m.row_end() != e))) {
+      return absl::InternalError(absl::StrCat("layer ", layer, " is not plan message ", next_));
     }
-    if (wake) wake();
+    std::vector<float> p;
+    if (m.kda()) {
+      const KdaLayerState& k = s.kda[Ordinal(c_, layer)];
+      for (const auto* v : {&k.recurrent, &k.conv_q, &k.conv_k, &k.conv_v}) {
+        p.insert(p.end(), v->begin(), v->end());
+      }
+    } else {
+      const int64_t d = c_.MlaLatentDim();
+      const auto& lat = s.mla[Ordinal(c_, layer)].latent;
+      p.assign(lat.begin() + b * d, lat.begin() + e * d);
+    }
+    if (static_cast<int64_t>(p.size() * sizeof(float)) != m.bytes()) {
+      return absl::InternalError("payload size differs from the plan");
+    }
+    sums_.push_back(Sum(p));
+    if (!(cut_ && next_ >= static_cast<int64_t>(plan_.size()) / 2)) {
+      queue_.emplace_back(next_, std::move(p));
+      ++queued_;
+      cv_.notify_all();
+    }
+    ++next_;
     return absl::OkStatus();
   }
   absl::Status AfterForward(const SequenceState&) override { return absl::OkStatus(); }
@@ -99,25 +119,34 @@ class FakeSend final : public DeviceSend {
   }
   absl::Status TakeGroups(std::vector<MessageGroup>* groups, bool* drained) override {
     std::lock_guard<std::mutex> l(mu_);
-    while (!ready_.empty()) {
-      MessageGroup g{ready_.front().first, 0};
-      while (!ready_.empty() && g.count < 3) {
-        std::lock_guard<std::mutex> w(wire_->mu);
-        wire_->payloads[id_][ready_.front().first] = std::move(ready_.front().second);
-        ready_.pop_front();
-        ++g.count;
-      }
-      if (skip_one_ && g.first == 0) g.first = 1;  // misannounced: not where the plan continues
-      groups->push_back(g);
-    }
-    *drained = true;
+    if (!status_.ok()) return status_;
+    groups->insert(groups->end(), ready_.begin(), ready_.end());
+    ready_.clear();
+    *drained = announced_ == queued_;
     return absl::OkStatus();
   }
-  absl::StatusOr<std::vector<uint64_t>> Complete() override {
+  absl::StatusOr<std::vector<uint64_t>> Complete(const std::function<bool()>& alive) override {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (cut_) return absl::UnavailableError("device transfer cut (fault injection)");
+      if (!status_.ok()) return status_;
+      if (next_ != static_cast<int64_t>(plan_.size())) return absl::InternalError("plan unfinished");
+    }
+    const absl::Time deadline = absl::Now() + absl::Seconds(3);  // the fake's transfer budget
+    for (int i = 1;; ++i) {
+      {
+        std::lock_guard<std::mutex> w(wire_->mu);
+        if (!o_.stall && wire_->posted[id_] == static_cast<int64_t>(plan_.size())) break;
+      }
+      if (absl::Now() >= deadline) return absl::DeadlineExceededError("device send timed out");
+      if (i % 10 == 0 && !alive()) {
+        std::lock_guard<std::mutex> w(wire_->mu);
+        ++wire_->sends_stopped_by_peer;
+        return absl::UnavailableError("the decode worker ended the transfer");
+      }
+      absl::SleepFor(absl::Milliseconds(10));
+    }
     std::lock_guard<std::mutex> l(mu_);
-    if (cut_) return absl::UnavailableError("device transfer cut (fault injection)");
-    if (stall_) return absl::DeadlineExceededError("device send timed out");
-    if (next_ != static_cast<int64_t>(plan_.size())) return absl::InternalError("plan unfinished");
     return sums_;
   }
   void End(bool ok) override {
@@ -128,34 +157,71 @@ class FakeSend final : public DeviceSend {
   }
 
  private:
+  void Work() {
+    std::unique_lock<std::mutex> l(mu_);
+    for (;;) {
+      cv_.wait(l, [&] { return stop_ || !queue_.empty(); });
+      if (stop_) return;
+      l.unlock();
+      absl::SleepFor(absl::Milliseconds(1));  // the compute event, pack, checksum
+      l.lock();
+      MessageGroup g{queue_.front().first, 0};
+      while (!queue_.empty() && g.count < 3) {
+        std::lock_guard<std::mutex> w(wire_->mu);
+        wire_->payloads[id_][queue_.front().first] = std::move(queue_.front().second);
+        queue_.pop_front();
+        ++g.count;
+      }
+      if (o_.misannounce && g.first == 0) g.first = 1;  // not where the plan continues
+      ready_.push_back(g);
+      announced_ += g.count;
+      if (o_.fail_link && status_.ok()) status_ = absl::UnavailableError("NCCL link failed (fake)");
+      std::function<void()> wake = wake_;
+      l.unlock();
+      if (wake) wake();
+      l.lock();
+    }
+  }
+
   Wire* wire_;
   const ModelConfig c_;
   const uint64_t id_;
   const std::vector<v1::DeviceMessage> plan_;
-  const bool stall_, skip_one_;
+  const FakeSendOptions o_;
   std::mutex mu_;
+  std::condition_variable cv_;
   std::function<void()> wake_;
-  std::deque<std::pair<int64_t, std::vector<float>>> ready_;  // not yet announced
-  bool cut_ = false, ended_ = false;
+  std::deque<std::pair<int64_t, std::vector<float>>> queue_;  // queued, not yet announced
+  std::vector<MessageGroup> ready_;
+  absl::Status status_;
+  int64_t queued_ = 0, announced_ = 0;
+  bool cut_ = false, ended_ = false, stop_ = false;
   int64_t next_ = 0;
   std::vector<uint64_t> sums_;
+  std::thread worker_;  // last: starts after the members it uses
 };
 
 // Posts announced groups with the real ValidateGroup; completes only if every
 // message was announced and is on the wire.
 class FakeReceive final : public DeviceReceive {
  public:
-  FakeReceive(Wire* wire, const ModelConfig& c, uint64_t id, v1::DeviceTransfer t, int64_t n)
-      : wire_(wire), c_(c), id_(id), t_(std::move(t)), n_(n), mla_(MlaBytes(t_.messages())) {}
+  FakeReceive(Wire* wire, const ModelConfig& c, uint64_t id, v1::DeviceTransfer t, int64_t n,
+              bool refuse_last)
+      : wire_(wire), c_(c), id_(id), t_(std::move(t)), n_(n), mla_(MlaBytes(t_.messages())),
+        refuse_last_(refuse_last) {}
   ~FakeReceive() override { Abort(); }
   absl::Status Receive(const MessageGroup& g) override {
     std::lock_guard<std::mutex> l(mu_);
     if (done_) return absl::AbortedError("receive ended");
     if (absl::Status s = ValidateGroup(mla_, posted_, g, StagingCapacity(mla_)); !s.ok()) return s;
+    if (refuse_last_ && posted_ + g.count == t_.messages_size()) {
+      return absl::UnavailableError("the link failed under the last group (fake)");
+    }
     posted_ += g.count;
     std::lock_guard<std::mutex> w(wire_->mu);
     ++wire_->groups_posted;
     wire_->messages_posted += static_cast<int>(g.count);
+    wire_->posted[id_] = posted_;
     return absl::OkStatus();
   }
   absl::StatusOr<SequenceState> Complete(const std::vector<uint64_t>& sums) override {
@@ -205,6 +271,7 @@ class FakeReceive final : public DeviceReceive {
   const v1::DeviceTransfer t_;
   const int64_t n_;
   const std::vector<int64_t> mla_;
+  const bool refuse_last_;
   std::mutex mu_;
   int64_t posted_ = 0;
   bool done_ = false;
@@ -225,7 +292,7 @@ class FakeTransport final : public DeviceTransport {
     if (absl::Status v = ValidateTransferPlan(t.messages(), c_, n, plan_sizes(), nullptr); !v.ok()) {
       return v;
     }
-    return std::unique_ptr<DeviceReceive>(new FakeReceive(wire_, c_, id, t, n));
+    return std::unique_ptr<DeviceReceive>(new FakeReceive(wire_, c_, id, t, n, refuse_last));
   }
   absl::StatusOr<std::unique_ptr<DeviceSend>> BeginSend(
       const std::string&, const std::shared_ptr<grpc::Channel>& channel,
@@ -240,7 +307,7 @@ class FakeTransport final : public DeviceTransport {
       return absl::UnavailableError("gRPC it is");
     }
     return std::unique_ptr<DeviceSend>(
-        new FakeSend(wire_, c_, resp.link_id(), std::move(plan), stall_sends, misannounce));
+        new FakeSend(wire_, c_, resp.link_id(), std::move(plan), send_options));
   }
   v1::OpenTransportRequest Offer() const override { return v1::OpenTransportRequest(); }
   PlanSizes plan_sizes() const override {
@@ -254,8 +321,8 @@ class FakeTransport final : public DeviceTransport {
     s.fallbacks = fallbacks_;
     return s;
   }
-  bool stall_sends = false;
-  bool misannounce = false;  // the first group claims to start at message 1
+  FakeSendOptions send_options;
+  bool refuse_last = false;  // the decode side fails the group holding the last message
 
  private:
   Wire* wire_;
@@ -412,7 +479,7 @@ TEST_F(DevicePushTest, CutCorruptAndMissingChecksumsAreRefusedAndLeaveNothingHel
 
 TEST_F(DevicePushTest, AStalledSendFailsThePushWithItsCode) {
   Start();
-  transport_->stall_sends = true;
+  transport_->send_options.stall = true;
   std::vector<int32_t> got;
   grpc::Status s = Run(Prompt(30, 1), 4, &got);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << s.error_message();
@@ -422,7 +489,7 @@ TEST_F(DevicePushTest, AStalledSendFailsThePushWithItsCode) {
 
 TEST_F(DevicePushTest, AGroupThatDoesNotContinueThePlanIsRefused) {
   Start();
-  transport_->misannounce = true;
+  transport_->send_options.misannounce = true;
   std::vector<int32_t> got;
   // The decode worker's INVALID_ARGUMENT is this (prefill) worker's fault: INTERNAL.
   grpc::Status s = Run(Prompt(30, 4), 4, &got);
@@ -432,9 +499,43 @@ TEST_F(DevicePushTest, AGroupThatDoesNotContinueThePlanIsRefused) {
   EXPECT_TRUE(WaitFor([&] { return Idle(); }));
   EXPECT_EQ(wire_.receives_aborted, 1);
   EXPECT_EQ(wire_.sends_ended_failed, 1);
-  transport_->misannounce = false;  // the next push is clean
+  transport_->send_options.misannounce = false;  // the next push is clean
   ASSERT_TRUE(Run(Prompt(30, 4), 4, &got).ok());
   EXPECT_EQ(got, Reference(Prompt(30, 4), 4));
+}
+
+TEST_F(DevicePushTest, ALinkFailureMidTransferFailsThePushWithItsCode) {
+  Start();
+  transport_->send_options.fail_link = true;
+  std::vector<int32_t> got;
+  grpc::Status s = Run(Prompt(150, 6), 4, &got);  // chunked: several groups
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
+  EXPECT_TRUE(WaitFor([&] { return Idle(); }));
+  EXPECT_EQ(wire_.receives_aborted, 1);
+  EXPECT_EQ(wire_.sends_ended_failed, 1);
+}
+
+TEST_F(DevicePushTest, TheSenderStopsWaitingWhenTheDecodeWorkerEndsTheCall) {
+  Start();
+  // The decode worker fails the last group while the sender waits for its sends
+  // to complete: the sender must notice the ended call at its next progress
+  // write and report the decode worker's status, not wait for its deadline
+  // (the fake's 3 s budget would say DEADLINE_EXCEEDED).
+  transport_->refuse_last = true;
+  std::vector<int32_t> got;
+  grpc::Status s = Run(Prompt(40, 7), 4, &got);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
+  EXPECT_NE(s.error_message().find("failed under the last group"), std::string::npos)
+      << s.error_message();
+  {
+    // The refusal comes after the last group was written, so the sender is
+    // in Complete: its progress write failed and ended the wait.
+    std::lock_guard<std::mutex> l(wire_.mu);
+    EXPECT_EQ(wire_.sends_stopped_by_peer, 1);
+  }
+  EXPECT_TRUE(WaitFor([&] { return Idle(); }));
+  EXPECT_EQ(wire_.receives_aborted, 1);
+  EXPECT_EQ(wire_.sends_ended_failed, 1);
 }
 
 TEST_F(DevicePushTest, ADecodeWorkerWithoutDeviceTransportRefusesAPlan) {

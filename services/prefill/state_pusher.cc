@@ -366,9 +366,14 @@ void StatePusher::RunDevice() {
     if (!woke && groups.empty() && !stream->Write(v1::StatePart())) failed_ = true;
   }
   if (finishing && local.ok() && !failed_) {
-    absl::StatusOr<std::vector<uint64_t>> sums = device.Complete();
+    // A progress message per slice of the wait: it fails once the decode
+    // worker has ended the call, which then ends the wait.
+    absl::StatusOr<std::vector<uint64_t>> sums = device.Complete([&] {
+      if (!stream->Write(v1::StatePart())) failed_ = true;
+      return !failed_.load();
+    });
     if (!sums.ok()) {
-      local = sums.status();
+      if (!failed_) local = sums.status();  // else the decode worker's status says why
     } else if (fault != StateFault::kDropFinal) {
       if (fault == StateFault::kCorrupt && !sums->empty()) (*sums)[0] ^= 1;
       v1::StatePart done;

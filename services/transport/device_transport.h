@@ -77,8 +77,9 @@ class DeviceSend {
   // here; otherwise a no-op. Keeps `state`'s device memory until the sends end.
   virtual absl::Status AfterForward(const SequenceState& state) = 0;
   // Sender thread: `wake` is called (from any thread) whenever TakeGroups has
-  // something new — a group to announce or a failure. Set once, before the
-  // first TakeGroups; groups made ready earlier are kept for it.
+  // something new — a group to announce or a failure of the link. Set before
+  // the first TakeGroups (groups made ready earlier are kept for it);
+  // SetWake(nullptr) clears it.
   virtual void SetWake(std::function<void()> wake) = 0;
   // Sender thread: appends the groups whose data became ready since the last
   // call (the link sends each right after this announcement; the receiver must
@@ -89,7 +90,12 @@ class DeviceSend {
   virtual absl::Status TakeGroups(std::vector<MessageGroup>* groups, bool* drained) = 0;
   // Sender thread, after the last group was taken: waits until every message
   // has gone out (bounded) and returns one checksum per plan message.
-  virtual absl::StatusOr<std::vector<uint64_t>> Complete() = 0;
+  // `peer_alive` is called about every 100 ms of the wait (the pusher writes a
+  // progress message: false once the decode worker has ended the call, e.g.
+  // after refusing a group); false ends the wait at once with UNAVAILABLE
+  // instead of at the deadline.
+  virtual absl::StatusOr<std::vector<uint64_t>> Complete(
+      const std::function<bool()>& peer_alive) = 0;
   // FAULT INJECTION (tests): stop sending after half the plan's messages, as
   // a sender that dies mid-transfer; Complete then aborts the link and fails.
   virtual void InjectCut() = 0;
@@ -105,8 +111,10 @@ class DeviceReceive {
   virtual ~DeviceReceive() = default;
   // The sender announced `group`: posts its receives (on the link's worker;
   // cheap). INVALID_ARGUMENT when the group does not continue the plan or does
-  // not fit the staging both ends derive from it (ValidateGroup); ABORTED
-  // after Abort. The caller fails the transfer on any error.
+  // not fit the staging both ends derive from it (ValidateGroup); the link's
+  // error when an earlier group already failed on it; ABORTED after Abort.
+  // The caller fails the transfer on any error (ending the call, which the
+  // sender notices at its next write).
   virtual absl::Status Receive(const MessageGroup& group) = 0;
   // Waits (bounded) for every receive, checks each message against the
   // sender's checksums, and hands back the state (device-resident, complete).

@@ -236,6 +236,13 @@ void NcclLink::ResetWork() {
   work_status_ = absl::OkStatus();
 }
 
+absl::Status NcclLink::WorkStatus() {
+  std::lock_guard<std::mutex> l(qmu_);
+  if (!work_status_.ok()) return work_status_;
+  if (aborted_) return absl::AbortedError("NCCL link aborted");
+  return absl::OkStatus();
+}
+
 absl::StatusOr<cudaEvent_t> NcclLink::Event(int64_t i) {
   std::lock_guard<std::mutex> l(mu_);
   while (static_cast<int64_t>(events_.size()) <= i) {

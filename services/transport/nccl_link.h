@@ -7,7 +7,8 @@
 // the link's worker thread (Post): a gRPC thread or the prefill engine thread
 // never waits for the other process. Non-blocking NCCL; Abort() ends pending
 // operations (ncclCommAbort), which also releases a worker waiting on them,
-// then drains the stream, so nothing waits forever. Thread-safe.
+// then drains the stream. Every wait is bounded by its caller's deadline or
+// ended by Abort / a stop flag. Thread-safe.
 #ifndef KL_SERVICES_TRANSPORT_NCCL_LINK_H_
 #define KL_SERVICES_TRANSPORT_NCCL_LINK_H_
 
@@ -60,6 +61,9 @@ class NcclLink {
   absl::Status Drain(absl::Time deadline, const std::atomic<bool>* stop);
   // Clears the sticky status (a new transfer on an idle link).
   void ResetWork();
+  // The sticky status now (ABORTED once the link was aborted): lets a caller
+  // refuse further work at once instead of at the next Drain.
+  absl::Status WorkStatus();
   // Event `i` of this link (created on demand; one per plan message).
   absl::StatusOr<cudaEvent_t> Event(int64_t i);
   // Polls `event` until it completes, the communicator reports an error, or

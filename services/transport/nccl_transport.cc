@@ -169,10 +169,12 @@ GroupSpans PlaceGroup(NcclLink& link, std::vector<Piece>& group) {
       p.ptrs[0] = static_cast<char*>(link.staging()) + offset;
       offset += AlignStaging(p.bytes[0]);
     }
+    int64_t word = 0;  // the message's spans number their words on
     for (int j = 0; j < p.n; ++j) {
       g.ptrs.push_back(p.ptrs[j]);
       g.bytes.push_back(p.bytes[j]);
-      g.sums.push_back({p.ptrs[j], p.bytes[j], link.d_sums() + p.index * kMaxSpans + j});
+      g.sums.push_back({p.ptrs[j], p.bytes[j], link.d_sums() + p.index * kMaxSpans + j, word});
+      word += (p.bytes[j] + 7) / 8;
     }
   }
   return g;
@@ -262,7 +264,7 @@ class NcclSend final : public DeviceSend {
     return absl::OkStatus();
   }
 
-  absl::StatusOr<std::vector<uint64_t>> Complete() override {
+  absl::StatusOr<std::vector<uint64_t>> Complete(const std::function<bool()>& peer_alive) override {
     {
       std::lock_guard<std::mutex> l(mu_);
       if (status_.ok() && cut_at_ >= 0) {
@@ -291,9 +293,26 @@ class NcclSend final : public DeviceSend {
       w = status_;
     }
     if (w.ok()) {
+      // In slices: between them the pusher checks that the decode worker has
+      // not ended the call (a refused group, a revoked lease), whose receives
+      // would then never match the sends still spinning here.
       const absl::Time deadline = absl::Now() + TransferBudget(core_->options, bytes_);
-      w = link_->Drain(deadline, &stop_);
-      if (w.ok()) w = link_->Wait(link_->done(), deadline, &stop_);
+      bool drained = false;
+      for (;;) {
+        const absl::Time slice = std::min(deadline, absl::Now() + absl::Milliseconds(100));
+        w = drained ? link_->Wait(link_->done(), slice, &stop_) : link_->Drain(slice, &stop_);
+        if (w.ok() && !drained) {
+          drained = true;
+          continue;
+        }
+        if (w.ok() || w.code() != absl::StatusCode::kDeadlineExceeded || absl::Now() >= deadline) {
+          break;
+        }
+        if (!peer_alive()) {
+          w = absl::UnavailableError("the decode worker ended the transfer");
+          break;
+        }
+      }
       if (!w.ok()) w = absl::Status(w.code(), absl::StrCat("device send: ", w.message()));
     }
     if (!w.ok()) {
@@ -337,10 +356,10 @@ class NcclSend final : public DeviceSend {
     std::vector<int32_t> pages;
   };
 
-  // mu_ held. Wakes the pusher (a failure it must see).
+  // mu_ held. The engine thread gets the error back and cancels the push,
+  // which wakes the pusher.
   absl::Status Fail(const std::string& why) {
     status_ = absl::InternalError(absl::StrCat("device send: ", why));
-    if (wake_) wake_();
     return status_;
   }
 
@@ -499,6 +518,9 @@ class NcclReceive final : public DeviceReceive {
     std::lock_guard<std::mutex> l(mu_);
     if (done_) return absl::AbortedError("device receive ended");
     RETURN_IF_ERROR(ValidateGroup(mla_bytes_, posted_, g, staging_cap_));
+    if (absl::Status w = link_->WorkStatus(); !w.ok()) {  // an earlier group failed
+      return absl::Status(w.code(), absl::StrCat("device receive: ", w.message()));
+    }
     std::vector<Piece> group(pieces_.begin() + g.first, pieces_.begin() + g.first + g.count);
     posted_ += g.count;
     const bool last = posted_ == messages_;

@@ -56,8 +56,9 @@ struct MessageGroup {
 };
 
 inline constexpr int64_t kStagingAlign = 256;
-// Grouping never grows staging past the largest single MLA message or this.
-inline constexpr int64_t kGroupStagingBytes = int64_t{64} << 20;
+// Grouping never grows staging past the largest single MLA message or this
+// (device memory per link on each side, outside the latent budget).
+inline constexpr int64_t kGroupStagingBytes = int64_t{16} << 20;
 inline constexpr int64_t kMaxGroupMessages = 64;
 inline int64_t AlignStaging(int64_t bytes) {
   return (bytes + kStagingAlign - 1) / kStagingAlign * kStagingAlign;
