@@ -125,6 +125,23 @@ TEST(NcclTransfer, GreedyTokensEqualTheSingleProcessGpuEngine) {
   EXPECT_TRUE(DecodeIdle(*c, 10));
 }
 
+// Ship-at-end: the whole state is ready when the sends start, so it moves in
+// one or a few groups (protocol 2) instead of one per layer.
+TEST(NcclTransfer, ShipAtEndGivesTheSameTokens) {
+  if (!TwoGpus()) GTEST_SKIP() << "needs two GPUs";
+  auto c = Start({"--nccl_ship_at_end"});
+  GenerationClient client(c->router_address());
+  for (const std::string& p : {Prompt(20, 4), Prompt(150, 5), Prompt(400, 6)}) {
+    StreamResult r = client.Generate(Req(p, 16), 120);
+    ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+    EXPECT_EQ(r.tokens, Oracle().Greedy(p, 16, true)) << p.size();
+  }
+  const v1::WorkerStats s = DecodeStats(c->decode_address(0));
+  EXPECT_EQ(s.device_transfers(), 3);
+  EXPECT_EQ(s.device_transfer_failures(), 0);
+  EXPECT_TRUE(DecodeIdle(*c, 10));
+}
+
 TEST(NcclTransfer, CutTransferIsRefusedAndRetried) {
   if (!TwoGpus()) GTEST_SKIP() << "needs two GPUs";
   // Every second push stops half way and aborts its link.
