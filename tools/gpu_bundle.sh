@@ -4,12 +4,25 @@
 # libraries they need into one folder (default .bundle/, git-ignored), so a GPU
 # machine without gRPC/protobuf/Abseil can run them:
 #   tools/gpu_bundle.sh //kernels/cuda:kda_test //kernels/cuda:kda_bench
+#   tools/gpu_bundle.sh --tests   # every test tagged gpu
+#   tools/gpu_bundle.sh --all     # every test and binary tagged gpu (benchmarks,
+#                                 # the CUDA workers) plus what the cluster tools need
 #   # on the GPU machine: tools/gpu_run.sh   (or LD_LIBRARY_PATH=.bundle/lib .bundle/bin/X)
 # Left out: libc/libm/libstdc++/libgcc_s/ld-linux/libpthread/libdl/librt, the CUDA
 # driver, NCCL and cuBLAS (too large; the GPU machine has its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: $0 //target ..." >&2; exit 2; }
+case "${1:-}" in
+  --tests)
+    mapfile -t targets < <(bazel query 'attr(tags, "\bgpu\b", tests(//...))' 2>/dev/null)
+    set -- "${targets[@]}" ;;
+  --all)
+    mapfile -t targets < <(bazel query 'attr(tags, "\bgpu\b", kind("cc_(test|binary)", //...))' 2>/dev/null)
+    # tools/disagg_bench.sh drives the cluster with these (CPU code, small).
+    set -- "${targets[@]}" //tools/kl:kl //tools/make_checkpoint:make_checkpoint \
+      //services/router:kl-router ;;
+esac
+[ $# -gt 0 ] || { echo "usage: $0 //target ... | --tests | --all" >&2; exit 2; }
 BUNDLE="${BUNDLE_DIR:-.bundle}"
 base="${BAZEL_OUTPUT_BASE:-$HOME/.cache/bazel_gpu_bundle}"
 bazel --output_base="$base" build -c opt --symlink_prefix=/ "$@" >&2
