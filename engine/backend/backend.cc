@@ -47,6 +47,12 @@ absl::Status Backend::LinearMulti(const float* x, int64_t rows,
   return absl::OkStatus();
 }
 
+absl::Status Backend::AddRmsNorm(const float* a, int64_t rows, int64_t dim, float* x,
+                                 const Weight& w, double eps, float* y) {
+  RETURN_IF_ERROR(Add(a, rows * dim, x));
+  return RmsNorm(x, rows, dim, dim, w, eps, y);
+}
+
 absl::Status Backend::GatherRows(const float* src, int64_t dim, const std::vector<int64_t>& rows,
                                  float* dst) {
   // Through host memory: correct for any backend, fast only for host backends.

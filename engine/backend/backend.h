@@ -223,6 +223,11 @@ class Backend {
                                   float* dst);
   // y += x (elementwise over n)
   virtual absl::Status Add(const float* x, int64_t n, float* y) = 0;
+  // The residual step between sublayers: x += a, then y = RmsNorm(x) (rows of
+  // `dim`, contiguous; y aliases neither x nor a). One launch on a GPU.
+  // Default: Add, then RmsNorm.
+  virtual absl::Status AddRmsNorm(const float* a, int64_t rows, int64_t dim, float* x,
+                                  const Weight& w, double eps, float* y);
   // out[r][i] = silu(gate_up[r][i]) * gate_up[r][I + i] for a [rows][2I] input.
   virtual absl::Status SwiGlu(const float* gate, const float* up, int64_t rows, int64_t inter,
                               float* out) = 0;

@@ -115,6 +115,8 @@ class CudaBackend final : public Backend {
   absl::Status GatherRows(const float* src, int64_t dim, const std::vector<int64_t>& rows,
                           float* dst) override;
   absl::Status Add(const float* x, int64_t n, float* y) override;
+  absl::Status AddRmsNorm(const float* a, int64_t rows, int64_t dim, float* x, const Weight& w,
+                          double eps, float* y) override;
   absl::Status SwiGlu(const float* gate, const float* up, int64_t rows, int64_t inter,
                       float* out) override;
   absl::Status KdaMix(float* q, float* k, float* v, float* f, float* b,

@@ -113,6 +113,17 @@ absl::Status CudaBackend::Add(const float* x, int64_t n, float* y) {
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::AddRmsNorm(const float* a, int64_t rows, int64_t dim, float* x,
+                                     const Weight& w, double eps, float* y) {
+  if (w.rows * w.cols != dim || w.dtype != DType::kF32) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("AddRmsNorm: weight has ", w.rows * w.cols, " elements, expected ", dim));
+  }
+  KL_LAUNCH(cuda::AddRmsNormRows(a, x, rows, dim, static_cast<const float*>(w.data),
+                                 static_cast<float>(eps), y, impl_->stream));
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::SwiGlu(const float* gate, const float* up, int64_t rows, int64_t inter,
                                  float* out) {
   KL_LAUNCH(cuda::SwiGluElementwise(gate, up, rows * inter, out, impl_->stream));

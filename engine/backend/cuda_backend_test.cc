@@ -156,6 +156,25 @@ TEST_F(OpTest, NormsEmbeddingSwiGluAddGather) {
         gpu_->RmsNorm(d.data(), rows, 200, dim, Up(gpu_.get(), nw, 1, 200), 1e-6, d.data()).ok());
     EXPECT_LT(RelErr(Host(d), ref), 1e-5);
   }
+  // The fused residual add + norm: the residual exactly as Add, the norm as RmsNorm.
+  {
+    const auto a = Rand(rows * dim, 11);
+    std::vector<float> ref_x = x, ref_y(x.size());
+    ASSERT_TRUE(cpu_.Add(a.data(), rows * dim, ref_x.data()).ok());
+    ASSERT_TRUE(cpu_.RmsNorm(ref_x.data(), rows, dim, dim, Up(&cpu_, nw, 1, dim), 1e-6,
+                             ref_y.data())
+                    .ok());
+    Buffer da = Dev(a), dx = Dev(x), dy = gpu_->Alloc(x.size()).value();
+    ASSERT_TRUE(gpu_->AddRmsNorm(da.data(), rows, dim, dx.data(), Up(gpu_.get(), nw, 1, dim), 1e-6,
+                                 dy.data())
+                    .ok());
+    EXPECT_EQ(Host(dx), ref_x);
+    EXPECT_LT(RelErr(Host(dy), ref_y), 1e-5);
+    EXPECT_EQ(gpu_->AddRmsNorm(da.data(), rows, dim, dx.data(), Up(gpu_.get(), nw, 1, 200), 1e-6,
+                               dy.data())
+                  .code(),
+              absl::StatusCode::kInvalidArgument);
+  }
   {
     std::vector<float> ref(o.size());
     ASSERT_TRUE(cpu_.GatedRmsNorm(o.data(), z.data(), rows, heads, hd, Up(&cpu_, gw, 1, hd), 1e-5,

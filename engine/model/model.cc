@@ -112,9 +112,14 @@ absl::Status Model::ForwardBound(absl::Span<ForwardItem> items,
   ASSIGN_OR_RETURN(Buffer a, be->Alloc(rows * D));
   RETURN_IF_ERROR(be->Embedding(ids.data(), rows, weights_.embed, x.data()));
   int64_t kda_index = 0, mla_index = 0;
+  // Each layer: h = norm(x); a = mixer(h); x += a; h = norm(x); a = ffn(h); x += a.
+  // The residual adds run fused with the norm that follows them.
+  if (c.num_hidden_layers > 0) {
+    RETURN_IF_ERROR(be->RmsNorm(x.data(), rows, D, D, weights_.layers[0].input_norm,
+                                c.rms_norm_eps, h.data()));
+  }
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& L = weights_.layers[l];
-    RETURN_IF_ERROR(be->RmsNorm(x.data(), rows, D, D, L.input_norm, c.rms_norm_eps, h.data()));
     if (c.IsKda(l)) {
       RETURN_IF_ERROR(KdaLayer(l, kda_index++, h.data(), rows, states, seqs, a.data()));
     } else {
@@ -132,10 +137,15 @@ absl::Status Model::ForwardBound(absl::Span<ForwardItem> items,
       }
       on_layer_done(l);
     }
-    RETURN_IF_ERROR(be->Add(a.data(), rows * D, x.data()));
-    RETURN_IF_ERROR(be->RmsNorm(x.data(), rows, D, D, L.post_norm, c.rms_norm_eps, h.data()));
+    RETURN_IF_ERROR(be->AddRmsNorm(a.data(), rows, D, x.data(), L.post_norm, c.rms_norm_eps,
+                                   h.data()));
     RETURN_IF_ERROR(Ffn(l, h.data(), rows, a.data()));
-    RETURN_IF_ERROR(be->Add(a.data(), rows * D, x.data()));
+    if (l + 1 < c.num_hidden_layers) {
+      RETURN_IF_ERROR(be->AddRmsNorm(a.data(), rows, D, x.data(),
+                                     weights_.layers[l + 1].input_norm, c.rms_norm_eps, h.data()));
+    } else {
+      RETURN_IF_ERROR(be->Add(a.data(), rows * D, x.data()));
+    }
   }
 
   // Final norm + lm_head on the rows that need logits.

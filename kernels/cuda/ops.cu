@@ -78,6 +78,24 @@ __global__ void RmsNormKernel(const float* x, int64_t dim, int64_t stride, const
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) yr[c] = w[c] * (xr[c] * inv);
 }
 
+// RmsNormKernel after AddKernel, fused: each thread updates the residual
+// values it then normalises (the same elements in both loops).
+__global__ void AddRmsNormKernel(const float* a, float* x, int64_t dim, const float* w, float eps,
+                                 float* y) {
+  const float* ar = a + blockIdx.x * dim;
+  float* xr = x + blockIdx.x * dim;
+  float* yr = y + blockIdx.x * dim;
+  double ss = 0;
+  for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) {
+    const float v = xr[c] + ar[c];
+    xr[c] = v;
+    ss += static_cast<double>(v) * v;
+  }
+  ss = BlockSum(ss);
+  const float inv = static_cast<float>(1.0 / sqrt(ss / dim + static_cast<double>(eps)));
+  for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) yr[c] = w[c] * (xr[c] * inv);
+}
+
 // One warp per (row, head).
 __global__ void GatedRmsNormKernel(const float* o, const float* z, int64_t groups, int64_t dim,
                                    const float* w, float eps, float* y) {
@@ -329,6 +347,15 @@ absl::Status RmsNormRows(const float* x, int64_t rows, int64_t dim, int64_t stri
   const int threads = dim >= 1024 ? 512 : (dim >= 256 ? 256 : 128);
   RmsNormKernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, dim, stride, w, eps, y);
   return CudaStatus(cudaGetLastError(), "RmsNormRows");
+}
+
+absl::Status AddRmsNormRows(const float* a, float* x, int64_t rows, int64_t dim, const float* w,
+                            float eps, float* y, cudaStream_t stream) {
+  if (rows < 0 || dim <= 0) return absl::InvalidArgumentError("AddRmsNormRows: shape");
+  if (rows == 0) return absl::OkStatus();
+  const int threads = dim >= 1024 ? 512 : (dim >= 256 ? 256 : 128);  // as RmsNormRows
+  AddRmsNormKernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(a, x, dim, w, eps, y);
+  return CudaStatus(cudaGetLastError(), "AddRmsNormRows");
 }
 
 absl::Status GatedRmsNormRows(const float* o, const float* z, int64_t rows, int64_t heads,

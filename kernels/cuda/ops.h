@@ -29,6 +29,12 @@ absl::Status EmbeddingGather(const int32_t* ids, int64_t n, const void* table, D
 absl::Status RmsNormRows(const float* x, int64_t rows, int64_t dim, int64_t stride, const float* w,
                          float eps, float* y, cudaStream_t stream);
 
+// x += a, then y = w ⊙ x / sqrt(mean(x²) + eps) per row of `dim` (contiguous);
+// the same arithmetic as AddInPlace then RmsNormRows, in one launch. y must not
+// alias x or a.
+absl::Status AddRmsNormRows(const float* a, float* x, int64_t rows, int64_t dim, const float* w,
+                            float eps, float* y, cudaStream_t stream);
+
 // Per (row, head): y = RMSNorm_dim(o) ⊙ w ⊙ sigmoid(z); o, z, y [rows][heads][dim].
 absl::Status GatedRmsNormRows(const float* o, const float* z, int64_t rows, int64_t heads,
                               int64_t dim, const float* w, float eps, float* y,

@@ -226,15 +226,15 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
       absl::StatusOr<SequenceState> state = receive_->Complete(checksums_);
       if (!state.ok()) {
         if (auto why = listener_->revoked()) {
-          Fail(*why, false);
+          Refuse(*why, false);
         } else {
-          Fail(state.status(), state.status().code() == absl::StatusCode::kDataLoss);
+          Refuse(state.status(), state.status().code() == absl::StatusCode::kDataLoss);
         }
         return;
       }
       if (absl::Status s = deps_.leases->AdoptState(lease_id_, push_id_, *std::move(state));
           !s.ok()) {
-        Fail(s, false);
+        Refuse(s, false);
         return;
       }
       push_id_ = 0;
@@ -249,34 +249,34 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
   // The client closed its side (or the call broke): finish the bundle.
   void Complete() {
     if (ctx_->IsCancelled()) {
-      Fail(absl::CancelledError("PushState cancelled by the client"), false);
+      Refuse(absl::CancelledError("PushState cancelled by the client"), false);
       return;
     }
     if (push_id_ == 0) {
-      Fail(absl::InvalidArgumentError("PushState stream carried no StatePart"), false);
+      Refuse(absl::InvalidArgumentError("PushState stream carried no StatePart"), false);
       return;
     }
     if (receive_ != nullptr) {
-      Fail(absl::DataLossError("PushState ended before the device transfer's checksums"), true);
+      Refuse(absl::DataLossError("PushState ended before the device transfer's checksums"), true);
       return;
     }
     absl::StatusOr<SequenceState> state = assembler_->Finish();
     if (!state.ok()) {
       if (auto why = listener_->revoked()) {
-        Fail(*why, false);
+        Refuse(*why, false);
       } else if (state.status().code() == absl::StatusCode::kFailedPrecondition) {
         // Incomplete: the sender closed the stream early.
-        Fail(absl::DataLossError(absl::StrCat("PushState ended before the bundle was complete: ",
+        Refuse(absl::DataLossError(absl::StrCat("PushState ended before the bundle was complete: ",
                                               state.status().message())),
              true);
       } else {
-        Fail(state.status(), true);
+        Refuse(state.status(), true);
       }
       return;
     }
     if (absl::Status s = deps_.leases->AdoptState(lease_id_, push_id_, *std::move(state));
         !s.ok()) {
-      Fail(s, false);
+      Refuse(s, false);
       return;
     }
     push_id_ = 0;  // adopted: nothing for OnDone to end
@@ -286,6 +286,9 @@ class PushReactor final : public grpc::ServerReadReactor<v1::StatePart> {
     response_->set_bytes(bytes_);
     Finish(grpc::Status::OK);
   }
+
+  // Fail where the caller has no status to pass on (the call is finished).
+  void Refuse(const absl::Status& status, bool integrity) { Fail(status, integrity).IgnoreError(); }
 
   absl::Status Fail(const absl::Status& status, bool integrity) {
     if (integrity) {
