@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs the GPU suite ON the GPU machine, from the repo root:
-#   tools/gpu_run.sh [--quick]
+#   tools/gpu_run.sh [--quick] [--only "name name ..."]
+# --only: just these bundled programs (e.g. "kda_test kda_bench"; bench_fla.py
+# runs only when named there too, as "fla").
 # - LD_LIBRARY_PATH=.bundle/lib (+ the toolkit's / PyTorch's cuBLAS, which is too
 #   large to bundle);
 # - every test binary in .bundle/bin (*_test: the bundle holds the gpu-tagged tests),
@@ -23,7 +25,16 @@ if [[ "${1:-}" == "--bundle" ]]; then
 fi
 
 QUICK=()
-[[ "${1:-}" == "--quick" ]] && QUICK=(--quick)
+ONLY=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --quick) QUICK=(--quick) ;;
+    --only) ONLY=" $2 "; shift ;;
+    *) echo "gpu_run.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+wanted() { [[ -z "$ONLY" || "$ONLY" == *" $1 "* ]]; }
 LOG="${OUT:-gpu_logs}"
 mkdir -p "$LOG"
 for z in "$BUNDLE"/lib/*.gz "$BUNDLE"/bin/*.gz; do [[ -e "$z" ]] && gunzip -f "$z"; done  # see gpu_bundle.sh
@@ -48,6 +59,7 @@ rc=0
 for t in "$BUNDLE"/bin/*_test; do
   [[ -x "$t" ]] || continue
   n=$(basename "$t")
+  wanted "$n" || continue
   start=$SECONDS
   if timeout "${KL_GPU_TIMEOUT:-300}" "$t" > "$LOG/$n.log" 2>&1; then status=PASS; else status=FAIL; rc=1; fi
   echo "$status $n ($((SECONDS - start)) s)" | tee -a "$summary"
@@ -56,13 +68,14 @@ done
 for b in "$BUNDLE"/bin/*_bench; do
   [[ -x "$b" ]] || continue
   n=$(basename "$b")
+  wanted "$n" || continue
   start=$SECONDS
   timeout "${KL_GPU_TIMEOUT:-300}" "$b" "${QUICK[@]}" > "$LOG/$n.log" 2>&1 ||
     { echo "FAIL $n" | tee -a "$summary"; rc=1; }
   echo "== $n ($((SECONDS - start)) s)" | tee -a "$summary"
   sed -n '/== summary/,$p' "$LOG/$n.log" | tee -a "$summary"
 done
-if [[ -f kernels/cuda/bench_fla.py ]] && compgen -G ".whl/*.whl" > /dev/null; then
+if wanted fla && [[ -f kernels/cuda/bench_fla.py ]] && compgen -G ".whl/*.whl" > /dev/null; then
   if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/fla_site .whl/*.whl > "$LOG/pip.log" 2>&1; then
     start=$SECONDS
