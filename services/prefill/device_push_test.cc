@@ -538,6 +538,32 @@ TEST_F(DevicePushTest, TheSenderStopsWaitingWhenTheDecodeWorkerEndsTheCall) {
   EXPECT_EQ(wire_.sends_ended_failed, 1);
 }
 
+TEST_F(DevicePushTest, APlanMessageCarryingGroupsIsRefused) {
+  Start();
+  // Groups are announced after the plan, never with it (the receives could not
+  // have been prepared): INVALID_ARGUMENT, and the lease stays usable.
+  const std::string lease = ReserveLease(*decode_->stub, 64);
+  grpc::ClientContext ctx;
+  v1::PushStateResponse resp;
+  auto w = decode_->stub->PushState(&ctx, &resp);
+  v1::StatePart part;
+  part.set_lease_id(lease);
+  part.mutable_device()->set_link_id(1);
+  part.add_device_groups()->set_count(1);
+  w->Write(part);
+  w->WritesDone();
+  const grpc::Status s = w->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_EQ(wire_.receives_aborted + wire_.receives_ok, 0);  // nothing was allocated
+  EXPECT_TRUE(WaitFor([&] { return GetStats(*decode_->stub).transfers_in_flight() == 0; }));
+  grpc::ClientContext rc;
+  v1::ReleaseRequest rel;
+  rel.set_lease_id(lease);
+  v1::ReleaseResponse rr;
+  EXPECT_TRUE(decode_->stub->Release(&rc, rel, &rr).ok());  // the lease was still held
+  EXPECT_TRUE(WaitFor([&] { return Idle(); }));
+}
+
 TEST_F(DevicePushTest, ADecodeWorkerWithoutDeviceTransportRefusesAPlan) {
   Start("", 1, /*decode_transport=*/false);
   // Its OpenTransport answers "grpc", so the prefill falls back on its own...
