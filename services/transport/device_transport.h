@@ -60,6 +60,11 @@ struct DeviceTransportOptions {
   // Allow links to peers on other hosts (NCCL's network transport must reach
   // them). Off: peers on another host use gRPC.
   bool cross_host = false;
+  // Overlap each group's pack + checksum (sender) or checksum + scatter
+  // (receiver) with the NCCL transfer of the neighbouring group: a second
+  // stream per link and two staging halves. Local to each side (the peers
+  // need not agree).
+  bool pipeline = false;
 };
 
 // Prefill side: one outgoing transfer on a link it holds exclusively.

@@ -45,7 +45,15 @@ NcclLink::~NcclLink() {
     cudaStreamSynchronize(stream_);
     cudaStreamDestroy(stream_);
   }
+  if (aux_ != nullptr) {
+    cudaStreamSynchronize(aux_);
+    cudaStreamDestroy(aux_);
+  }
   if (done_ != nullptr) cudaEventDestroy(done_);
+  for (int h = 0; h < 2; ++h) {
+    if (filled_[h] != nullptr) cudaEventDestroy(filled_[h]);
+    if (freed_[h] != nullptr) cudaEventDestroy(freed_[h]);
+  }
   for (cudaEvent_t e : events_) cudaEventDestroy(e);
   cudaFree(staging_);
   cudaFree(d_pages_);
@@ -116,6 +124,11 @@ absl::Status NcclLink::Init(const std::string& unique_id, absl::Duration timeout
     KL_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
     KL_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     KL_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+    KL_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&aux_, cudaStreamNonBlocking));
+    for (int h = 0; h < 2; ++h) {
+      KL_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&filled_[h], cudaEventDisableTiming));
+      KL_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&freed_[h], cudaEventDisableTiming));
+    }
     ncclUniqueId id;
     std::memcpy(id.internal, unique_id.data(), sizeof(id.internal));
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
@@ -293,9 +306,12 @@ void NcclLink::Abort() {
   qcv_.notify_all();
   // Every caller waits for the drain, not only the first: each may free memory
   // the stream was using as soon as this returns.
-  WaitIdle();  // the worker queues nothing more on the stream
+  WaitIdle();  // the worker queues nothing more on the streams
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
-  if (first) KL_LOG(WARNING).Field("link", id_).Field("peer", peer_) << "NCCL link aborted";
+  if (aux_ != nullptr) cudaStreamSynchronize(aux_);
+  if (first) {
+    KL_LOG(WARNING).Field("link", id_).Field("peer", peer_) << "NCCL link aborted";
+  }
 }
 
 namespace {

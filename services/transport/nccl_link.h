@@ -70,7 +70,7 @@ class NcclLink {
   // `deadline` passes (then the link is aborted). `stop` (may be null) ends the
   // wait early with ABORTED.
   absl::Status Wait(cudaEvent_t event, absl::Time deadline, const std::atomic<bool>* stop);
-  // Aborts the communicator and drains the stream; the link is dead.
+  // Aborts the communicator and drains both streams; the link is dead.
   void Abort();
 
   // Scratch (grown on demand, device memory of this link's GPU).
@@ -81,6 +81,11 @@ class NcclLink {
   uint64_t* d_sums() const { return d_sums_; }
   uint64_t* h_sums() const { return h_sums_; }
   cudaEvent_t done() const { return done_; }
+  // Pipelined transfers: a second stream, and per staging half h an event that
+  // marks it filled (`filled(h)`) and one that marks it free again (`freed(h)`).
+  cudaStream_t aux_stream() const { return aux_; }
+  cudaEvent_t filled(int h) const { return filled_[h]; }
+  cudaEvent_t freed(int h) const { return freed_[h]; }
 
   uint64_t id() const { return id_; }
   int device() const { return device_; }
@@ -122,6 +127,9 @@ class NcclLink {
   std::thread worker_;
   cudaStream_t stream_ = nullptr;
   cudaEvent_t done_ = nullptr;
+  cudaStream_t aux_ = nullptr;
+  cudaEvent_t filled_[2] = {nullptr, nullptr};
+  cudaEvent_t freed_[2] = {nullptr, nullptr};
   void* staging_ = nullptr;
   int64_t staging_bytes_ = 0;
   int32_t* d_pages_ = nullptr;

@@ -154,19 +154,19 @@ struct Piece {
 
 // A group's spans on this side, in plan order, with their checksum outputs
 // (d_sums[index * kMaxSpans + span]). MLA messages get consecutive aligned
-// places in the link's staging buffer (their ptrs[0] is set here).
+// places from `base` in the link's staging buffer (their ptrs[0] is set here).
 struct GroupSpans {
   std::vector<void*> ptrs;
   std::vector<int64_t> bytes;
   std::vector<cuda::ChecksumSpan> sums;
 };
 
-GroupSpans PlaceGroup(NcclLink& link, std::vector<Piece>& group) {
+GroupSpans PlaceGroup(NcclLink& link, char* base, std::vector<Piece>& group) {
   GroupSpans g;
   int64_t offset = 0;
   for (Piece& p : group) {
     if (!p.kda) {
-      p.ptrs[0] = static_cast<char*>(link.staging()) + offset;
+      p.ptrs[0] = base + offset;
       offset += AlignStaging(p.bytes[0]);
     }
     int64_t word = 0;  // the message's spans number their words on
@@ -213,7 +213,8 @@ class NcclSend final : public DeviceSend {
         link_(std::move(link)),
         plan_(std::move(plan)),
         mla_bytes_(MlaBytes(plan_)),
-        staging_cap_(StagingCapacity(mla_bytes_)) {
+        staging_cap_(StagingCapacity(mla_bytes_)),
+        pipeline_(core_->options.pipeline) {
     for (const auto& m : plan_) bytes_ += m.bytes();
   }
   ~NcclSend() override { End(false); }
@@ -433,7 +434,16 @@ class NcclSend final : public DeviceSend {
       group.push_back(std::move(pending_.front()));
       pending_.pop_front();
     }
+    // Serial: everything on the link's stream. Pipelined: pack + checksum on
+    // the second stream into staging half h, once the send that last used h
+    // is done; the send waits for them; so group g + 1 packs while g moves.
     cudaStream_t st = link->stream();
+    const int h = pipeline_ ? static_cast<int>(groups_made_++ % 2) : 0;
+    cudaStream_t prep = pipeline_ ? link->aux_stream() : st;
+    char* base = static_cast<char*>(link->staging()) + h * staging_cap_;
+    if (pipeline_) {
+      RETURN_IF_ERROR(cuda::CudaStatus(cudaStreamWaitEvent(prep, link->freed(h), 0), "staging"));
+    }
     std::vector<Piece> pieces;
     for (Pending& g : group) {
       if (!g.piece.kda) {
@@ -442,18 +452,24 @@ class NcclSend final : public DeviceSend {
           std::copy(g.pages.begin() + pages_sent_, g.pages.end(), link->h_pages() + pages_sent_);
           RETURN_IF_ERROR(cuda::CudaStatus(
               cudaMemcpyAsync(link->d_pages() + pages_sent_, link->h_pages() + pages_sent_,
-                              (have - pages_sent_) * sizeof(int32_t), cudaMemcpyHostToDevice, st),
+                              (have - pages_sent_) * sizeof(int32_t), cudaMemcpyHostToDevice,
+                              prep),
               "page list"));
           pages_sent_ = have;
         }
       }
       pieces.push_back(std::move(g.piece));
     }
-    GroupSpans spans = PlaceGroup(*link, pieces);
+    GroupSpans spans = PlaceGroup(*link, base, pieces);
     for (const Piece& p : pieces) {
-      if (!p.kda) RETURN_IF_ERROR(cuda::PackRows(p.paged, p.row_begin, p.row_end, p.ptrs[0], st));
+      if (!p.kda) RETURN_IF_ERROR(cuda::PackRows(p.paged, p.row_begin, p.row_end, p.ptrs[0], prep));
     }
-    RETURN_IF_ERROR(cuda::Checksum64Batch(spans.sums.data(), static_cast<int>(spans.sums.size()), st));
+    RETURN_IF_ERROR(
+        cuda::Checksum64Batch(spans.sums.data(), static_cast<int>(spans.sums.size()), prep));
+    if (pipeline_) {
+      RETURN_IF_ERROR(cuda::CudaStatus(cudaEventRecord(link->filled(h), prep), "staging"));
+      RETURN_IF_ERROR(cuda::CudaStatus(cudaStreamWaitEvent(st, link->filled(h), 0), "staging"));
+    }
     std::function<void()> wake;
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -462,7 +478,10 @@ class NcclSend final : public DeviceSend {
       wake = wake_;
     }
     if (wake) wake();  // the pusher announces it; the receiver posts the receives
-    return link->Send(spans.ptrs.data(), spans.bytes.data(), static_cast<int>(spans.ptrs.size()));
+    RETURN_IF_ERROR(
+        link->Send(spans.ptrs.data(), spans.bytes.data(), static_cast<int>(spans.ptrs.size())));
+    if (!pipeline_) return absl::OkStatus();
+    return cuda::CudaStatus(cudaEventRecord(link->freed(h), st), "staging");
   }
 
   // True if `event` completes within a short grace (messages queued together,
@@ -480,12 +499,14 @@ class NcclSend final : public DeviceSend {
   const std::shared_ptr<NcclLink> link_;
   const std::vector<v1::DeviceMessage> plan_;
   const std::vector<int64_t> mla_bytes_;
-  const int64_t staging_cap_;
+  const int64_t staging_cap_;  // per staging half when pipelined
+  const bool pipeline_;
   int64_t bytes_ = 0;
   std::atomic<bool> stop_{false};
   std::mutex mu_;
   absl::Status status_;
   int64_t next_ = 0;
+  int64_t groups_made_ = 0;  // the link's worker only
   std::deque<Pending> pending_;     // queued, not yet taken by the worker
   int64_t queued_ = 0;              // messages queued (fault injection skips some)
   int64_t announced_ = 0;           // messages in groups handed to TakeGroups
@@ -504,7 +525,8 @@ class NcclReceive final : public DeviceReceive {
   NcclReceive(std::shared_ptr<Core> core, std::shared_ptr<NcclLink> link, SequenceState state,
               std::vector<Piece> pieces, std::vector<int64_t> mla_bytes, int64_t staging_cap,
               int64_t bytes)
-      : core_(std::move(core)),
+      : pipeline_(core->options.pipeline),
+        core_(std::move(core)),
         link_(std::move(link)),
         state_(std::move(state)),
         pieces_(std::move(pieces)),
@@ -524,24 +546,45 @@ class NcclReceive final : public DeviceReceive {
     std::vector<Piece> group(pieces_.begin() + g.first, pieces_.begin() + g.first + g.count);
     posted_ += g.count;
     const bool last = posted_ == messages_;
+    const bool pipeline = pipeline_;
+    const int h = pipeline ? static_cast<int>(groups_++ % 2) : 0;
+    const int64_t half = staging_cap_;
     NcclLink* link = link_.get();
     const int64_t messages = messages_;
-    link->Post([link, group = std::move(group), last, messages]() mutable -> absl::Status {
+    // Serial: everything on the link's stream. Pipelined: the receive into
+    // staging half h waits until the scatter that last read h is done; the
+    // checksum and scatter run on the second stream behind the receive, so
+    // group g scatters while g + 1 moves.
+    link->Post([link, group = std::move(group), last, messages, pipeline, h,
+                half]() mutable -> absl::Status {
       cudaStream_t st = link->stream();
-      GroupSpans spans = PlaceGroup(*link, group);
+      cudaStream_t post = pipeline ? link->aux_stream() : st;
+      if (pipeline) {
+        RETURN_IF_ERROR(cuda::CudaStatus(cudaStreamWaitEvent(st, link->freed(h), 0), "staging"));
+      }
+      GroupSpans spans = PlaceGroup(*link, static_cast<char*>(link->staging()) + h * half, group);
       RETURN_IF_ERROR(
           link->Recv(spans.ptrs.data(), spans.bytes.data(), static_cast<int>(spans.ptrs.size())));
+      if (pipeline) {
+        RETURN_IF_ERROR(cuda::CudaStatus(cudaEventRecord(link->filled(h), st), "staging"));
+        RETURN_IF_ERROR(cuda::CudaStatus(cudaStreamWaitEvent(post, link->filled(h), 0), "staging"));
+      }
       RETURN_IF_ERROR(
-          cuda::Checksum64Batch(spans.sums.data(), static_cast<int>(spans.sums.size()), st));
+          cuda::Checksum64Batch(spans.sums.data(), static_cast<int>(spans.sums.size()), post));
       for (const Piece& p : group) {
-        if (!p.kda) RETURN_IF_ERROR(cuda::UnpackRows(p.ptrs[0], p.row_begin, p.row_end, p.paged, st));
+        if (!p.kda) {
+          RETURN_IF_ERROR(cuda::UnpackRows(p.ptrs[0], p.row_begin, p.row_end, p.paged, post));
+        }
+      }
+      if (pipeline) {
+        RETURN_IF_ERROR(cuda::CudaStatus(cudaEventRecord(link->freed(h), post), "staging"));
       }
       if (!last) return absl::OkStatus();
       RETURN_IF_ERROR(cuda::CudaStatus(
           cudaMemcpyAsync(link->h_sums(), link->d_sums(), messages * kMaxSpans * sizeof(uint64_t),
-                          cudaMemcpyDeviceToHost, st),
+                          cudaMemcpyDeviceToHost, post),
           "checksums"));
-      return cuda::CudaStatus(cudaEventRecord(link->done(), st), "event");
+      return cuda::CudaStatus(cudaEventRecord(link->done(), post), "event");
     });
     return absl::OkStatus();
   }
@@ -599,6 +642,7 @@ class NcclReceive final : public DeviceReceive {
   }
 
  private:
+  const bool pipeline_;
   const std::shared_ptr<Core> core_;
   const std::shared_ptr<NcclLink> link_;
   std::mutex mu_;
@@ -609,6 +653,7 @@ class NcclReceive final : public DeviceReceive {
   const int64_t messages_;
   const int64_t bytes_;
   int64_t posted_ = 0;  // messages whose receives were posted (mu_)
+  int64_t groups_ = 0;  // groups posted (mu_): picks the staging half
   std::atomic<bool> stop_{false};
   bool done_ = false;
 };
@@ -710,7 +755,8 @@ class NcclTransport final : public DeviceTransport {
     const int64_t pages = (num_tokens + page_rows - 1) / page_rows;
     std::vector<int64_t> mla_bytes = MlaBytes(transfer.messages());
     const int64_t staging_cap = StagingCapacity(mla_bytes);
-    absl::Status s = link->Reserve(staging_cap, std::max<int64_t>(pages, 1),
+    absl::Status s = link->Reserve(staging_cap * (core_->options.pipeline ? 2 : 1),
+                                   std::max<int64_t>(pages, 1),
                                    std::max<int64_t>(messages, 1) * kMaxSpans);
     if (!s.ok()) return fail(s);
     SequenceState state;
@@ -770,7 +816,8 @@ class NcclTransport final : public DeviceTransport {
     int64_t rows = 0;
     for (const auto& m : plan) rows = std::max<int64_t>(rows, m.row_end());
     const int64_t pages = (rows + core_->access->page_rows() - 1) / core_->access->page_rows();
-    absl::Status s = link->Reserve(StagingCapacity(MlaBytes(plan)), std::max<int64_t>(pages, 1),
+    absl::Status s = link->Reserve(StagingCapacity(MlaBytes(plan)) * (core_->options.pipeline ? 2 : 1),
+                                   std::max<int64_t>(pages, 1),
                                    std::max<int64_t>(static_cast<int64_t>(plan.size()), 1) * kMaxSpans);
     if (s.ok()) {
       link->ResetWork();

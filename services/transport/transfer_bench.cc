@@ -42,6 +42,11 @@ ABSL_FLAG(std::string, call_prompts, "",
           "prompt lengths of the Prefill-call table (default: --prompts)");
 ABSL_FLAG(int, reps, 2, "timed calls per (mode, prompt); the best is reported");
 ABSL_FLAG(int64_t, max_batch_tokens, 16384, "prefill chunk");
+ABSL_FLAG(bool, pipeline, false,
+          "both ends pipeline their transfers (DeviceTransportOptions::pipeline)");
+ABSL_FLAG(int64_t, plan_chunk, 0,
+          "transport-alone table: MLA rows per plan message (0: the whole prompt, as one "
+          "prefill chunk would ship them)");
 
 namespace kl {
 namespace {
@@ -208,6 +213,8 @@ int Main() {
 
   DeviceTransportOptions to;
   to.sync_open = true;
+  to.pipeline = absl::GetFlag(FLAGS_pipeline);
+  std::printf("transfers: %s\n", to.pipeline ? "pipelined (two streams per link)" : "serial");
   auto decode_transport =
       MakeDeviceTransport(c, decode.backend->device_state(), to).value();
   if (decode_transport == nullptr) {
@@ -296,7 +303,8 @@ int Main() {
       for (int rep = 0; rep < 4; ++rep) {
         SequenceState st;
         if (!pa->AllocateState(&st, t).ok()) break;
-        const auto plan = BuildTransferPlan(c, t, t, {KdaLayerBytes(c), pa->latent_row_bytes()});
+        const int64_t chunk = absl::GetFlag(FLAGS_plan_chunk) > 0 ? absl::GetFlag(FLAGS_plan_chunk) : t;
+        const auto plan = BuildTransferPlan(c, t, chunk, {KdaLayerBytes(c), pa->latent_row_bytes()});
         auto send = modes[0].transport->BeginSend(decode_addr, channel, plan);
         if (!send.ok()) {
           std::printf("BeginSend: %s\n", send.status().ToString().c_str());

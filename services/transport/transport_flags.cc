@@ -19,6 +19,9 @@ ABSL_FLAG(bool, nccl_sync_open, false,
           "going over gRPC while it comes up");
 ABSL_FLAG(bool, nccl_ship_at_end, false,
           "prefill: send every layer after the forward, not as each layer finishes (benchmarks)");
+ABSL_FLAG(bool, nccl_pipeline, false,
+          "overlap packing / scattering of one group of a device transfer with the NCCL "
+          "transfer of the next (a second stream per link, twice the staging)");
 ABSL_FLAG(bool, nccl_cross_host, false,
           "allow NCCL links to workers on other hosts (needs a network NCCL can use)");
 
@@ -44,6 +47,7 @@ absl::StatusOr<std::unique_ptr<DeviceTransport>> DeviceTransportFromFlags(Model&
   o.sync_open = absl::GetFlag(FLAGS_nccl_sync_open);
   o.ship_at_end = absl::GetFlag(FLAGS_nccl_ship_at_end);
   o.cross_host = absl::GetFlag(FLAGS_nccl_cross_host);
+  o.pipeline = absl::GetFlag(FLAGS_nccl_pipeline);
   absl::StatusOr<std::unique_ptr<DeviceTransport>> t =
       MakeDeviceTransport(model.config(), model.backend()->device_state(), o);
   if (t.ok() && *t == nullptr && o.enabled) {

@@ -142,6 +142,31 @@ TEST(NcclTransfer, ShipAtEndGivesTheSameTokens) {
   EXPECT_TRUE(DecodeIdle(*c, 10));
 }
 
+// --nccl_pipeline on both ends: a second stream per link, two staging halves.
+// Chunked prompts give several groups (so both halves are used in turn); a
+// ship-at-end prefill and every second push cut half way are in the mix.
+TEST(NcclTransfer, PipelinedTransfersGiveTheSameTokens) {
+  if (!TwoGpus()) GTEST_SKIP() << "needs two GPUs";
+  for (const bool ship_at_end : {false, true}) {
+    std::vector<std::string> prefill = {"--nccl_pipeline", "--fault_inject_state=cut",
+                                        "--fault_inject_every=2"};
+    if (ship_at_end) prefill.push_back("--nccl_ship_at_end");
+    auto c = Start(prefill, {"--nccl_pipeline"});
+    GenerationClient client(c->router_address());
+    for (int i = 0; i < 4; ++i) {
+      const std::string p = Prompt(60 + 110 * i, i + 20);
+      StreamResult r = client.Generate(Req(p, 12), 120);
+      ASSERT_TRUE(r.status.ok()) << ship_at_end << " " << i << ": " << r.status.error_message();
+      EXPECT_EQ(r.tokens, Oracle().Greedy(p, 12, true)) << ship_at_end << " " << i;
+    }
+    const v1::WorkerStats s = DecodeStats(c->decode_address(0));
+    EXPECT_GE(s.device_transfers(), 4) << ship_at_end;
+    EXPECT_GE(s.device_transfer_failures(), 1) << ship_at_end;  // the cut ones
+    EXPECT_EQ(s.integrity_failures(), 0) << ship_at_end;
+    EXPECT_TRUE(DecodeIdle(*c, 10)) << ship_at_end;
+  }
+}
+
 TEST(NcclTransfer, CutTransferIsRefusedAndRetried) {
   if (!TwoGpus()) GTEST_SKIP() << "needs two GPUs";
   // Every second push stops half way and aborts its link.
