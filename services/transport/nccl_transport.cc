@@ -642,7 +642,7 @@ class NcclReceive final : public DeviceReceive {
   }
 
  private:
-  const bool pipeline_;
+  const bool pipeline_;  // declared (so initialised) before core_, read from the argument
   const std::shared_ptr<Core> core_;
   const std::shared_ptr<NcclLink> link_;
   std::mutex mu_;
@@ -816,17 +816,26 @@ class NcclTransport final : public DeviceTransport {
     int64_t rows = 0;
     for (const auto& m : plan) rows = std::max<int64_t>(rows, m.row_end());
     const int64_t pages = (rows + core_->access->page_rows() - 1) / core_->access->page_rows();
-    absl::Status s = link->Reserve(StagingCapacity(MlaBytes(plan)) * (core_->options.pipeline ? 2 : 1),
+    const int64_t halves = core_->options.pipeline ? 2 : 1;
+    absl::Status s = link->Reserve(StagingCapacity(MlaBytes(plan)) * halves,
                                    std::max<int64_t>(pages, 1),
                                    std::max<int64_t>(static_cast<int64_t>(plan.size()), 1) * kMaxSpans);
     if (s.ok()) {
       link->ResetWork();
       NcclLink* l = link.get();
       const size_t n = plan.size();
-      l->Post([l, n] {
-        return cuda::CudaStatus(
+      const bool pipeline = core_->options.pipeline;
+      l->Post([l, n, pipeline]() -> absl::Status {
+        RETURN_IF_ERROR(cuda::CudaStatus(
             cudaMemsetAsync(l->d_sums(), 0, n * kMaxSpans * sizeof(uint64_t), l->stream()),
-            "checksum scratch");
+            "checksum scratch"));
+        if (!pipeline) return absl::OkStatus();
+        // The checksums run on the second stream, behind freed(h): make both
+        // halves' events follow the reset, so no checksum adds into old sums.
+        for (int h = 0; h < 2; ++h) {
+          RETURN_IF_ERROR(cuda::CudaStatus(cudaEventRecord(l->freed(h), l->stream()), "staging"));
+        }
+        return absl::OkStatus();
       });
     }
     if (!s.ok()) {

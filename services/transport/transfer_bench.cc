@@ -303,7 +303,8 @@ int Main() {
       for (int rep = 0; rep < 4; ++rep) {
         SequenceState st;
         if (!pa->AllocateState(&st, t).ok()) break;
-        const int64_t chunk = absl::GetFlag(FLAGS_plan_chunk) > 0 ? absl::GetFlag(FLAGS_plan_chunk) : t;
+        const int64_t chunk =
+            absl::GetFlag(FLAGS_plan_chunk) > 0 ? absl::GetFlag(FLAGS_plan_chunk) : t;
         const auto plan = BuildTransferPlan(c, t, chunk, {KdaLayerBytes(c), pa->latent_row_bytes()});
         auto send = modes[0].transport->BeginSend(decode_addr, channel, plan);
         if (!send.ok()) {

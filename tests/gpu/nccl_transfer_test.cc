@@ -12,6 +12,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "proto/worker.grpc.pb.h"
 #include "tests/common/cluster_util.h"
@@ -142,28 +143,45 @@ TEST(NcclTransfer, ShipAtEndGivesTheSameTokens) {
   EXPECT_TRUE(DecodeIdle(*c, 10));
 }
 
-// --nccl_pipeline on both ends: a second stream per link, two staging halves.
-// Chunked prompts give several groups (so both halves are used in turn); a
-// ship-at-end prefill and every second push cut half way are in the mix.
+// --nccl_pipeline: a second stream per link, two staging halves. Layer by
+// layer, a chunked prompt gives several groups, so both halves are used in
+// turn (ship-at-end of the tiny model is one group); every second push is cut
+// half way in the first two runs. Each side pipelines on its own: the last
+// two runs have it on one side only.
 TEST(NcclTransfer, PipelinedTransfersGiveTheSameTokens) {
   if (!TwoGpus()) GTEST_SKIP() << "needs two GPUs";
-  for (const bool ship_at_end : {false, true}) {
-    std::vector<std::string> prefill = {"--nccl_pipeline", "--fault_inject_state=cut",
-                                        "--fault_inject_every=2"};
-    if (ship_at_end) prefill.push_back("--nccl_ship_at_end");
-    auto c = Start(prefill, {"--nccl_pipeline"});
+  struct Run {
+    bool prefill, decode, ship_at_end, cut;
+  };
+  for (const Run& run : {Run{true, true, false, true}, Run{true, true, true, true},
+                         Run{true, false, false, false}, Run{false, true, false, false}}) {
+    const std::string what = absl::StrCat("prefill ", run.prefill, " decode ", run.decode,
+                                          " ship_at_end ", run.ship_at_end);
+    std::vector<std::string> prefill, decode;
+    if (run.prefill) prefill.push_back("--nccl_pipeline");
+    if (run.decode) decode.push_back("--nccl_pipeline");
+    if (run.ship_at_end) prefill.push_back("--nccl_ship_at_end");
+    if (run.cut) {
+      prefill.push_back("--fault_inject_state=cut");
+      prefill.push_back("--fault_inject_every=2");
+    }
+    auto c = Start(prefill, decode);
     GenerationClient client(c->router_address());
     for (int i = 0; i < 4; ++i) {
       const std::string p = Prompt(60 + 110 * i, i + 20);
       StreamResult r = client.Generate(Req(p, 12), 120);
-      ASSERT_TRUE(r.status.ok()) << ship_at_end << " " << i << ": " << r.status.error_message();
-      EXPECT_EQ(r.tokens, Oracle().Greedy(p, 12, true)) << ship_at_end << " " << i;
+      ASSERT_TRUE(r.status.ok()) << what << " " << i << ": " << r.status.error_message();
+      EXPECT_EQ(r.tokens, Oracle().Greedy(p, 12, true)) << what << " " << i;
     }
     const v1::WorkerStats s = DecodeStats(c->decode_address(0));
-    EXPECT_GE(s.device_transfers(), 4) << ship_at_end;
-    EXPECT_GE(s.device_transfer_failures(), 1) << ship_at_end;  // the cut ones
-    EXPECT_EQ(s.integrity_failures(), 0) << ship_at_end;
-    EXPECT_TRUE(DecodeIdle(*c, 10)) << ship_at_end;
+    EXPECT_GE(s.device_transfers(), 4) << what;
+    if (run.cut) {
+      EXPECT_GE(s.device_transfer_failures(), 1) << what;  // the cut ones
+    } else {
+      EXPECT_EQ(s.device_transfer_failures(), 0) << what;
+    }
+    EXPECT_EQ(s.integrity_failures(), 0) << what;
+    EXPECT_TRUE(DecodeIdle(*c, 10)) << what;
   }
 }
 
