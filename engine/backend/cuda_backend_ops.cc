@@ -73,12 +73,22 @@ absl::Status CudaBackend::LinearMulti(const float* x, int64_t rows,
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::RmsNorm(const float* x, int64_t rows, int64_t dim, int64_t stride,
-                                  const Weight& w, double eps, float* y) {
+namespace {
+
+// A norm's weight: `dim` fp32 values.
+absl::Status CheckNormWeight(const Weight& w, int64_t dim, const char* op) {
   if (w.rows * w.cols != dim || w.dtype != DType::kF32) {
     return absl::InvalidArgumentError(
-        absl::StrCat("RmsNorm: weight has ", w.rows * w.cols, " elements, expected ", dim));
+        absl::StrCat(op, ": weight has ", w.rows * w.cols, " elements, expected ", dim, " fp32"));
   }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status CudaBackend::RmsNorm(const float* x, int64_t rows, int64_t dim, int64_t stride,
+                                  const Weight& w, double eps, float* y) {
+  RETURN_IF_ERROR(CheckNormWeight(w, dim, "RmsNorm"));
   KL_LAUNCH(cuda::RmsNormRows(x, rows, dim, stride, static_cast<const float*>(w.data),
                               static_cast<float>(eps), y, impl_->stream));
   return absl::OkStatus();
@@ -115,10 +125,7 @@ absl::Status CudaBackend::Add(const float* x, int64_t n, float* y) {
 
 absl::Status CudaBackend::AddRmsNorm(const float* a, int64_t rows, int64_t dim, float* x,
                                      const Weight& w, double eps, float* y) {
-  if (w.rows * w.cols != dim || w.dtype != DType::kF32) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("AddRmsNorm: weight has ", w.rows * w.cols, " elements, expected ", dim));
-  }
+  RETURN_IF_ERROR(CheckNormWeight(w, dim, "AddRmsNorm"));
   KL_LAUNCH(cuda::AddRmsNormRows(a, x, rows, dim, static_cast<const float*>(w.data),
                                  static_cast<float>(eps), y, impl_->stream));
   return absl::OkStatus();
