@@ -34,9 +34,10 @@ for t in "$@"; do
   f="$bin/$pkg/$name"
   [[ -f "$f" && -x "$f" ]] || { echo "not a binary: $t ($f)" >&2; exit 1; }
   cp -f "$f" "$BUNDLE/bin/"
+  rm -f "$BUNDLE/bin/$name.gz"  # a stale packed copy would win when gpu_run.sh unpacks
   ldd "$f" | awk '/=> \//{print $3}' | while read -r lib; do
     b=$(basename "$lib")
-    [[ "$b" =~ $skip ]] || cp -fL "$lib" "$BUNDLE/lib/$b"
+    [[ "$b" =~ $skip ]] || { cp -fL "$lib" "$BUNDLE/lib/$b"; rm -f "$BUNDLE/lib/$b.gz"; }
   done
 done
 chmod -R u+w "$BUNDLE"

@@ -37,7 +37,46 @@ __global__ void TouchKernel(float4* pool, const int32_t* slots, int64_t per_slot
   *p = x;
 }
 
+// No-math touches of K = V = 128 states, grid (4, H, N), 128 threads per block, each
+// reading 8 float4 and writing them back:
+//  - decode pattern: block = one 32-column slice of a head's [K][V] state, thread
+//    (warp w, lane = 8 kg + vq) rows 32 w + kg + 4 i, columns 4 vq .. + 3 (the decode
+//    kernel's mapping: 128 B of every 512-B row);
+//  - contiguous: block = a contiguous quarter (16 KB) of the head's state, float4
+//    tid + 128 i (the pattern a slice-major state layout would give).
+template <bool kContiguous>
+__global__ void __launch_bounds__(128) TouchHeadQuartersKernel(float* pool, const int32_t* slots, int H,
+                                                               float scale) {
+  constexpr int K = 128, V = 128;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, kg = lane >> 3, vq = lane & 7;
+  float* head = pool + (static_cast<int64_t>(slots[blockIdx.z]) * H + blockIdx.y) * K * V;
+  auto at = [&](int i) -> float4* {
+    if constexpr (kContiguous) return reinterpret_cast<float4*>(head) + blockIdx.x * 1024 + tid + 128 * i;
+    return reinterpret_cast<float4*>(head + (warp * 32 + kg + 4 * i) * V + blockIdx.x * 32 + vq * 4);
+  };
+  float4 x[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) x[i] = *at(i);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    x[i].x *= scale; x[i].y *= scale; x[i].z *= scale; x[i].w *= scale;
+    *at(i) = x[i];
+  }
+}
+
 }  // namespace
+
+cudaError_t TouchDecodePattern(float* pool, const int32_t* slots, int64_t n, int64_t heads, bool contiguous,
+                               cudaStream_t stream) {
+  if (n <= 0 || heads <= 0) return cudaErrorInvalidValue;
+  const dim3 grid(4, static_cast<unsigned>(heads), static_cast<unsigned>(n));
+  if (contiguous) {
+    TouchHeadQuartersKernel<true><<<grid, 128, 0, stream>>>(pool, slots, static_cast<int>(heads), 1.0f);
+  } else {
+    TouchHeadQuartersKernel<false><<<grid, 128, 0, stream>>>(pool, slots, static_cast<int>(heads), 1.0f);
+  }
+  return cudaGetLastError();
+}
 
 cudaError_t TouchSlots(float* pool, const int32_t* slots, int64_t n, int64_t slot_floats,
                        float scale, cudaStream_t stream) {

@@ -98,11 +98,34 @@ bool BenchDecode(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row>
     if (!TimeMs(touch, per_batch, quick ? 5 : 11, 20, s, &touch_ms)) return false;
     std::printf("%6ld %12.2f %14.1f %9.1f%% %12.2f %11.1f%%\n", static_cast<long>(N), ms * 1e3,
                 gbs, 100.0 * gbs / (c.copy_tbs * 1e3), touch_ms * 1e3, 100.0 * touch_ms / ms);
-    char buf[240];
+    char buf[320];
     std::snprintf(buf, sizeof(buf), "decode N=%-4ld (stream, back-to-back) | %8.2f us | %7.1f GB/s state | %5.1f%% of copy | %5.1f%% of in-place touch (%.2f us)",
                   static_cast<long>(N), ms * 1e3, gbs, 100.0 * gbs / (c.copy_tbs * 1e3),
                   100.0 * touch_ms / ms, touch_ms * 1e3);
     rows->push_back({buf});
+    // The no-math ceilings of the same bytes in two other access patterns: the decode
+    // kernel's own (a block reads 128 B of every 512-B state row: one 32-column slice)
+    // and 16 KB contiguous per block (what a slice-major state layout would give).
+    if (N >= 16) {
+      double pat_ms = 0, sm_ms = 0;
+      auto pattern = [&](int i) {
+        const int32_t* sl = slots.as<int32_t>() + (static_cast<int64_t>(i) * N) % P;
+        return TouchDecodePattern(pool.as<float>(), sl, N, H, false, s) == cudaSuccess;
+      };
+      auto slice_major = [&](int i) {
+        const int32_t* sl = slots.as<int32_t>() + (static_cast<int64_t>(i) * N) % P;
+        return TouchDecodePattern(pool.as<float>(), sl, N, H, true, s) == cudaSuccess;
+      };
+      if (!TimeMs(pattern, per_batch, quick ? 5 : 11, 20, s, &pat_ms)) return false;
+      if (!TimeMs(slice_major, per_batch, quick ? 5 : 11, 20, s, &sm_ms)) return false;
+      std::snprintf(buf, sizeof(buf),
+                    "  no-math ceilings: decode access pattern %.2f us (%.1f%% of copy; decode = %.1f%% of it) | "
+                    "16 KB contiguous per block %.2f us (%.1f%%)",
+                    pat_ms * 1e3, 100.0 * bytes / (pat_ms * 1e-3) / 1e12 / c.copy_tbs, 100.0 * pat_ms / ms,
+                    sm_ms * 1e3, 100.0 * bytes / (sm_ms * 1e-3) / 1e12 / c.copy_tbs);
+      std::printf("%s\n", buf);
+      rows->push_back({buf});
+    }
   }
   // N = 1 inside a CUDA graph: 256 captured launches on distinct slots (512 MiB, > L2).
   {

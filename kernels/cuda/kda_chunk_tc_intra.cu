@@ -222,7 +222,7 @@ __global__ void __launch_bounds__(kIntraThreads, 2) KdaChunkIntraKernel(const Tc
   const int64_t left = a.cu[n + 1] - tok0;
   const int nr = left < kC ? static_cast<int>(left) : kC;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int g8 = lane >> 2, t4 = lane & 3;
+  const int t4 = lane & 3;
   const int lrow = (lane & 7) + 8 * (lane >> 4), lcol = 8 * ((lane >> 3) & 1);
   unsigned char* item = a.items + (static_cast<size_t>(c) * H + h) * kItemBytes;
 

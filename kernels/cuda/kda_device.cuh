@@ -116,12 +116,13 @@ __device__ __forceinline__ void Stmatrix4Trans(void* p, const uint32_t (&r)[4]) 
 // 16-byte global -> shared copy; src_bytes < 16 zero-fills the rest (0: all zeros).
 __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, int src_bytes = 16) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(smem)),
-               "l"(gmem), "r"(src_bytes));
+               "l"(gmem), "r"(src_bytes) : "memory");
 }
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  // "memory": later shared-memory reads must not be hoisted above the wait.
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 }  // namespace kl::cuda::dev
