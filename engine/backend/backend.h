@@ -126,6 +126,9 @@ struct MoeParams {
   bool renormalize = true;
   double routed_scaling_factor = 1.0;
   bool biased_weights = false;  // HF-parity convention (weights from p + bias)
+  // y += the routed sum (e.g. onto the shared expert's output) instead of y = it;
+  // rounded as a separate add of the routed sum would be.
+  bool accumulate = false;
 };
 
 struct MoeOpWeights {

@@ -378,7 +378,14 @@ absl::Status CpuBackend::Moe(const float* x, int64_t rows, int64_t dim, const Mo
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < K; ++j) by_expert[idx[r * K + j]].push_back({r, wts[r * K + j]});
   }
-  std::fill(y, y + rows * dim, 0.0f);
+  std::vector<float> routed;
+  float* const out = y;
+  if (p.accumulate) {  // the routed sum on its own, then one add (MoeParams::accumulate)
+    routed.assign(rows * dim, 0.0f);
+    y = routed.data();
+  } else {
+    std::fill(y, y + rows * dim, 0.0f);
+  }
   const int64_t inter = (*w.w1)[0].rows;
   std::vector<float> xe, g, u, ye;
   for (int64_t e = 0; e < E; ++e) {
@@ -402,6 +409,9 @@ absl::Status CpuBackend::Moe(const float* x, int64_t rows, int64_t dim, const Mo
       const float wt = list[i].second;
       for (int64_t c = 0; c < dim; ++c) yr[c] += wt * src[c];
     }
+  }
+  if (p.accumulate) {
+    for (int64_t i = 0; i < rows * dim; ++i) out[i] += routed[i];
   }
   return absl::OkStatus();
 }

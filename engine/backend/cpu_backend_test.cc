@@ -44,6 +44,40 @@ TEST(CpuBackend, UploadWidensBf16Exactly) {
   EXPECT_FALSE(be.UploadWeight({DType::kI32, h.data(), 1, 1}).ok());
 }
 
+// MoeParams::accumulate: y = y0 + (what a plain call writes), bit for bit.
+TEST(CpuBackend, MoeAccumulateAddsTheRoutedSumOnce) {
+  CpuBackend be;
+  const int64_t E = 6, D = 16, I = 8, rows = 5;
+  auto router = Rand(E * D, 31, 0.3f), bias = Rand(E, 32, 0.05f), x = Rand(rows * D, 33),
+       y0 = Rand(rows * D, 34);
+  Weight wr = be.UploadWeight({DType::kF32, router.data(), E, D}).value();
+  Weight wb = be.UploadWeight({DType::kF32, bias.data(), 1, E}).value();
+  std::vector<std::vector<float>> host;
+  std::vector<Weight> w1, w3, w2;
+  for (int64_t e = 0; e < E; ++e) {
+    host.push_back(Rand(I * D, 40 + e, 0.2f));
+    w1.push_back(be.UploadWeight({DType::kF32, host.back().data(), I, D}).value());
+    host.push_back(Rand(I * D, 50 + e, 0.2f));
+    w3.push_back(be.UploadWeight({DType::kF32, host.back().data(), I, D}).value());
+    host.push_back(Rand(D * I, 60 + e, 0.2f));
+    w2.push_back(be.UploadWeight({DType::kF32, host.back().data(), D, I}).value());
+  }
+  MoeParams p;
+  p.num_experts = E;
+  p.top_k = 2;
+  p.routed_scaling_factor = 2.5;
+  std::vector<float> plain(rows * D), acc = y0;
+  ASSERT_TRUE(be.Moe(x.data(), rows, D, p, {&wr, &wb, &w1, &w3, &w2}, plain.data()).ok());
+  p.accumulate = true;
+  ASSERT_TRUE(be.Moe(x.data(), rows, D, p, {&wr, &wb, &w1, &w3, &w2}, acc.data()).ok());
+  double moved = 0;
+  for (int64_t i = 0; i < rows * D; ++i) {
+    ASSERT_EQ(acc[i], y0[i] + plain[i]) << i;
+    moved += std::fabs(plain[i]);
+  }
+  EXPECT_GT(moved, 0.0);  // the routed sum is not all zeros
+}
+
 // Invariant 11 at op level: absorbed decode == naive attention, and the latent
 // cache written by a prefill and extended by decodes == a one-shot prefill.
 TEST(CpuBackend, MlaAbsorbedEqualsNaiveAndCacheExtends) {

@@ -484,6 +484,7 @@ absl::Status CudaBackend::Moe(const float* x, int64_t rows, int64_t dim, const M
   ep.w3 = reinterpret_cast<const void* const*>(it->second[1]);
   ep.w2 = reinterpret_cast<const void* const*>(it->second[2]);
   ep.out = y;
+  ep.accumulate = p.accumulate;
   const size_t ws_bytes = cuda::MoeWorkspaceBytes(ep);
   void* ws = nullptr;
   if (ws_bytes > 0) {

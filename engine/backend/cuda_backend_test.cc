@@ -253,7 +253,15 @@ TEST_F(OpTest, MoeMatchesCpuForBothConventions) {
     ASSERT_TRUE(cpu_.Moe(x.data(), rows, D, p, {&cr, &cb, &c1, &c3, &c2}, ref.data()).ok());
     Buffer dx = Dev(x), dy = gpu_->Alloc(rows * D).value();
     ASSERT_TRUE(gpu_->Moe(dx.data(), rows, D, p, {&gr, &gb, &g1, &g3, &g2}, dy.data()).ok());
-    EXPECT_LT(RelErr(Host(dy), ref), 1e-5) << "biased=" << biased;
+    const std::vector<float> plain = Host(dy);
+    EXPECT_LT(RelErr(plain, ref), 1e-5) << "biased=" << biased;
+    // accumulate: onto what y holds, as one add of the plain result.
+    const auto y0 = Rand(rows * D, 14);
+    Buffer da = Dev(y0);
+    p.accumulate = true;
+    ASSERT_TRUE(gpu_->Moe(dx.data(), rows, D, p, {&gr, &gb, &g1, &g3, &g2}, da.data()).ok());
+    const std::vector<float> acc = Host(da);
+    for (int64_t i = 0; i < rows * D; ++i) ASSERT_EQ(acc[i], y0[i] + plain[i]) << i;
   }
 }
 

@@ -255,10 +255,8 @@ absl::Status Model::Ffn(int64_t layer, const float* h, int64_t rows, float* out)
   p.routed_scaling_factor = c.routed_scaling_factor;
   p.biased_weights = options_.moe_convention == MoeWeightConvention::kBiased;
   const MoeOpWeights mw{&w.router, &w.correction_bias, &w.w1, &w.w3, &w.w2};
-  if (!has_dense) return be->Moe(h, rows, D, p, mw, out);
-  ASSIGN_OR_RETURN(Buffer routed, be->Alloc(rows * D));
-  RETURN_IF_ERROR(be->Moe(h, rows, D, p, mw, routed.data()));
-  return be->Add(routed.data(), rows * D, out);
+  p.accumulate = has_dense;  // onto the shared expert's output, no separate add
+  return be->Moe(h, rows, D, p, mw, out);
 }
 
 }  // namespace kl

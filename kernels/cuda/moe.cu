@@ -1,15 +1,19 @@
 // MoE routing and routed experts: launchers, validation, and the kernels that are
 // not tensor-core GEMMs (routing, sort, bf16 copy of x, the exact fp32 GEMMs, the
 // combine). Design (README.md, "MoE"):
-//  - MoeRoute: one warp per token, expert e held by lane e % 32 (register slot e / 32,
-//    E <= 512 -> 16 registers); k rounds of (per-lane scan, strict '>' upward) + warp
-//    argmax with ties to the lower id = the CPU's upward strict scan.
+//  - MoeRoute: many tokens: one warp per token, expert e held by lane e % 32 (register
+//    slot e / 32, E <= 512 -> 16 registers); k rounds of (per-lane scan, strict '>'
+//    upward) + warp argmax with ties to the lower id = the CPU's upward strict scan.
+//    Few tokens (decode): one CTA per token, each expert counts its rank in (score
+//    desc, id asc) at once, the same picks without k dependent rounds (NaN scores fall
+//    back to the scan).
 //  - MoeExperts: one-CTA sort (shared-memory histogram, warp scan, scatter) gives
 //    expert offsets, per-expert M-tile offsets and the permutation; GEMM grids are
 //    (N tiles, worst-case M tiles) and a CTA finds its expert by binary search over
 //    the tile offsets (tiles past the total exit). Gate+up is one GEMM (both weight
 //    row blocks in one CTA) with SwiGLU in the epilogue; down writes w * (W2 h) per
-//    routed slot; the combine gathers each token's k rows in ascending expert id.
+//    routed slot; the combine gathers each token's k rows in ascending expert id
+//    (optionally adding them to what `out` holds: a shared expert's output).
 //  - Each expert's rows are in slot order (a stable scatter), the GEMMs have a fixed
 //    reduction order and the combine no atomics: results are bitwise reproducible.
 #include <cuda_bf16.h>
@@ -46,64 +50,164 @@ struct RouteArgs {
 // Same expression as the CPU's Sigmoidf (libm-accurate expf, IEEE division).
 __device__ __forceinline__ float SigmoidExact(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-__global__ void __launch_bounds__(kRouteWarps * 32) MoeRouteKernel(const RouteArgs a) {
-  __shared__ int32_t s_id[kRouteWarps][kMoeMaxTopK];
-  __shared__ float s_w[kRouteWarps][kMoeMaxTopK];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouteWarps + warp;
-  if (t >= a.T) return;  // whole warp; no block-wide barrier below
-  const float* lg = a.logits + t * a.E;
-  const int E = a.E;
-
-  float sel[kRouteSlots];
+// Picks of one token = the CPU's sequential scan (best = lowest untaken id, replaced
+// by each later untaken id with a strictly greater score). That scan picks the lowest
+// untaken id when its score is NaN (nothing compares greater), else the greatest
+// non-NaN score with ties to the lower id (a NaN never compares greater). Each of the
+// k rounds: per-lane scan over the lane's non-NaN untaken experts, warp argmax (ties to
+// the lower id); with a NaN in the token, also the lowest untaken id and its score.
+// sel[i]: selection score of expert lane + 32 i; s_sig[e]: sigmoid of expert e
+// (shared memory, the weight of an unbiased pick).
+__device__ __forceinline__ void WarpPicks(int E, int K, int lane, const float (&sel)[kRouteSlots],
+                                          const float* s_sig, bool biased, int32_t* s_id, float* s_w) {
+  bool lane_nan = false;
 #pragma unroll
-  for (int i = 0; i < kRouteSlots; ++i) {
-    const int e = lane + 32 * i;
-    sel[i] = 0.0f;
-    if (e < E) sel[i] = SigmoidExact(lg[e]) + (a.bias != nullptr ? a.bias[e] : 0.0f);
-  }
+  for (int i = 0; i < kRouteSlots; ++i) lane_nan |= lane + 32 * i < E && sel[i] != sel[i];
+  const bool has_nan = __any_sync(0xffffffffu, lane_nan);
   uint32_t taken = 0;  // bit i: expert lane + 32 i already picked
-  for (int j = 0; j < a.K; ++j) {
-    // Lane-local best, scanning ids upward with strict '>' (lowest id among equals).
+  for (int j = 0; j < K; ++j) {
     float bv = 0.0f;
     int be = INT_MAX;
 #pragma unroll
     for (int i = 0; i < kRouteSlots; ++i) {
       const int e = lane + 32 * i;
-      if (e < E && !((taken >> i) & 1u) && (be == INT_MAX || sel[i] > bv)) {
+      if (e < E && !((taken >> i) & 1u) && sel[i] == sel[i] && (be == INT_MAX || sel[i] > bv)) {
         bv = sel[i];
         be = e;
       }
     }
-    // Warp argmax: larger value wins; otherwise (equal or unordered) the lower id.
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
       const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
       const int oe = __shfl_xor_sync(0xffffffffu, be, o);
-      const bool take = oe != INT_MAX && (be == INT_MAX || ov > bv || (!(bv > ov) && oe < be));
+      const bool take = oe != INT_MAX && (be == INT_MAX || ov > bv || (ov == bv && oe < be));
       if (take) {
         bv = ov;
         be = oe;
       }
     }
-    be = __shfl_sync(0xffffffffu, be, 0);  // k <= E: always a valid id
+    be = __shfl_sync(0xffffffffu, be, 0);
     bv = __shfl_sync(0xffffffffu, bv, 0);
+    if (has_nan) {  // is the lowest untaken id's score NaN? then it is the pick
+      int first = INT_MAX;
+      bool first_nan = false;
+#pragma unroll
+      for (int i = kRouteSlots - 1; i >= 0; --i) {
+        if (lane + 32 * i < E && !((taken >> i) & 1u)) {
+          first = lane + 32 * i;
+          first_nan = sel[i] != sel[i];
+        }
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        const int of = __shfl_xor_sync(0xffffffffu, first, o);
+        const bool on = __shfl_xor_sync(0xffffffffu, first_nan, o);
+        if (of < first) {
+          first = of;
+          first_nan = on;
+        }
+      }
+      if (first_nan) {  // the same on every lane
+        be = first;
+        bv = __int_as_float(0x7fffffff);
+      }
+    }
+    // k <= E: be is a valid id (an all-NaN remainder has a NaN lowest untaken id).
     if ((be & 31) == lane) taken |= 1u << (be >> 5);
     if (lane == 0) {
-      s_id[warp][j] = be;
-      s_w[warp][j] = a.biased ? bv : SigmoidExact(lg[be]);
+      s_id[j] = be;
+      s_w[j] = biased ? bv : s_sig[be];  // no dependent global load
+    }
+  }
+}
+
+// Writes a token's k picks: every lane forms the same double sum in pick order (as
+// the CPU); lane j < k writes pick j.
+__device__ __forceinline__ void WritePicks(const RouteArgs& a, int64_t t, int lane, const int32_t* s_id,
+                                           const float* s_w) {
+  double sum = 0.0;
+  for (int j = 0; j < a.K; ++j) sum += static_cast<double>(s_w[j]);
+  const double norm = a.renormalize ? 1.0 / (sum + 1e-20) : 1.0;
+  if (lane < a.K) {
+    a.ids[t * a.K + lane] = s_id[lane];
+    a.weights[t * a.K + lane] = static_cast<float>(static_cast<double>(s_w[lane]) * norm * a.scale);
+  }
+}
+
+// Many tokens: one warp per token, expert e in lane e % 32, register slot e / 32.
+__global__ void __launch_bounds__(kRouteWarps * 32) MoeRouteKernel(const RouteArgs a) {
+  __shared__ int32_t s_id[kRouteWarps][kMoeMaxTopK];
+  __shared__ float s_w[kRouteWarps][kMoeMaxTopK];
+  __shared__ float s_sig[kRouteWarps][kMoeMaxExperts];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouteWarps + warp;
+  if (t >= a.T) return;  // whole warp; no block-wide barrier below
+  const float* lg = a.logits + t * a.E;
+  const int E = a.E;
+  float sel[kRouteSlots];
+#pragma unroll
+  for (int i = 0; i < kRouteSlots; ++i) {
+    const int e = lane + 32 * i;
+    sel[i] = 0.0f;
+    if (e < E) {
+      const float sg = SigmoidExact(lg[e]);
+      s_sig[warp][e] = sg;
+      sel[i] = sg + (a.bias != nullptr ? a.bias[e] : 0.0f);
     }
   }
   __syncwarp();
-  // Every lane forms the same double sum in pick order (as the CPU); lane j writes j.
-  double sum = 0.0;
-  for (int j = 0; j < a.K; ++j) sum += static_cast<double>(s_w[warp][j]);
-  const double norm = a.renormalize ? 1.0 / (sum + 1e-20) : 1.0;
-  if (lane < a.K) {
-    a.ids[t * a.K + lane] = s_id[warp][lane];
-    a.weights[t * a.K + lane] =
-        static_cast<float>(static_cast<double>(s_w[warp][lane]) * norm * a.scale);
+  WarpPicks(E, a.K, lane, sel, s_sig[warp], a.biased, s_id[warp], s_w[warp]);
+  __syncwarp();
+  WritePicks(a, t, lane, s_id[warp], s_w[warp]);
+}
+
+// Few tokens (decode): one CTA per token. With no NaN score the k picks of the
+// sequential scan are the experts of rank < k in the order (score desc, id asc), so
+// every expert finds its rank by counting at once instead of k dependent rounds; a
+// token with a NaN score takes the warp path above (the CPU's scan is not a total
+// order then; the warp rounds above follow it exactly).
+constexpr int kRankThreads = 256;
+__global__ void __launch_bounds__(kRankThreads) MoeRouteRankKernel(const RouteArgs a) {
+  __shared__ float s_sel[kMoeMaxExperts], s_sig[kMoeMaxExperts];
+  __shared__ int32_t s_id[kMoeMaxTopK];
+  __shared__ float s_w[kMoeMaxTopK];
+  const int64_t t = blockIdx.x;
+  const int tid = threadIdx.x, E = a.E;
+  const float* lg = a.logits + t * E;
+  int nan = 0;
+  for (int e = tid; e < E; e += kRankThreads) {
+    const float sg = SigmoidExact(lg[e]);
+    const float sl = sg + (a.bias != nullptr ? a.bias[e] : 0.0f);
+    s_sig[e] = sg;
+    s_sel[e] = sl;
+    nan |= sl != sl;
   }
+  if (__syncthreads_or(nan)) {
+    if (tid < 32) {
+      float sel[kRouteSlots];
+#pragma unroll
+      for (int i = 0; i < kRouteSlots; ++i) sel[i] = tid + 32 * i < E ? s_sel[tid + 32 * i] : 0.0f;
+      WarpPicks(E, a.K, tid, sel, s_sig, a.biased, s_id, s_w);
+      __syncwarp();
+      WritePicks(a, t, tid, s_id, s_w);
+    }
+    return;
+  }
+  for (int e = tid; e < E; e += kRankThreads) {
+    const float x = s_sel[e];
+    int rank = 0;
+#pragma unroll 8
+    for (int e2 = 0; e2 < E; ++e2) {
+      const float y = s_sel[e2];  // same address across the warp: a broadcast
+      rank += (y > x || (y == x && e2 < e)) ? 1 : 0;
+    }
+    if (rank < a.K) {
+      s_id[rank] = e;
+      s_w[rank] = a.biased ? x : s_sig[e];
+    }
+  }
+  __syncthreads();
+  if (tid < 32) WritePicks(a, t, tid, s_id, s_w);
 }
 
 // ---- sort: counts, offsets, tile offsets, permutation (one CTA) -------------------------
@@ -119,9 +223,10 @@ __global__ void __launch_bounds__(kSortThreads)
   __shared__ uint16_t s_wcnt[kSortThreads / 32][kMoeMaxExperts];  // per-round warp counts
   const int tid = threadIdx.x;
   for (int e = tid; e < E; e += kSortThreads) s_cnt[e] = 0;
-  for (int i = tid; i < (kSortThreads / 32) * kMoeMaxExperts; i += kSortThreads) {
-    (&s_wcnt[0][0])[i] = 0;
-  }
+  // A round's slots are contiguous, so only warps below ceil(min(S, 1024) / 32) have
+  // slots, and a slot reads only lower warps' rows: those rows are all that is zeroed.
+  const int used_warps = (min(S, kSortThreads) + 31) / 32;
+  for (int i = tid; i < used_warps * kMoeMaxExperts; i += kSortThreads) (&s_wcnt[0][0])[i] = 0;
   __syncthreads();
   for (int s = tid; s < S; s += kSortThreads) {
     const int32_t e = ids[s];
@@ -315,14 +420,19 @@ __global__ void __launch_bounds__(kExThreads) MoeExactGemmKernel(const MoeGemmAr
   }
 }
 
-// ---- combine: out[t] = Σ over the token's slots in ascending expert id of y[pos] -----------
-constexpr int kCombineThreads = 256;
+// ---- combine: out[t] (+)= Σ over the token's slots in ascending expert id of y[pos] -----
+// Grid (T, column blocks): a token's row is spread over several CTAs, so a decode step
+// (T = 1) is not one CTA's serial loop; the k loads of an output are issued together.
+constexpr int kCombineThreads = 128;
 
 __global__ void __launch_bounds__(kCombineThreads)
     MoeCombineKernel(const int32_t* __restrict__ ids, const int32_t* __restrict__ slot_pos,
-                     const float4* __restrict__ y, int32_t D4, int32_t topk, float4* __restrict__ out) {
+                     const float4* __restrict__ y, int32_t D4, int32_t topk, int32_t accumulate,
+                     float4* __restrict__ out) {
   __shared__ int32_t s_pos[kMoeMaxTopK];
   const int64_t t = blockIdx.x;
+  if (threadIdx.x < kMoeMaxTopK) s_pos[threadIdx.x] = -1;
+  __syncthreads();
   if (threadIdx.x < topk) {
     // Rank of slot j among the token's slots by (expert id, j): the CPU's expert order.
     const int j = threadIdx.x;
@@ -335,19 +445,29 @@ __global__ void __launch_bounds__(kCombineThreads)
     s_pos[rank] = slot_pos[t * topk + j];  // -1: out-of-range id, contributes nothing
   }
   __syncthreads();
-  for (int d = threadIdx.x; d < D4; d += kCombineThreads) {
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int r = 0; r < topk; ++r) {
-      const int32_t p = s_pos[r];
-      if (p < 0) continue;
-      const float4 v = y[static_cast<int64_t>(p) * D4 + d];
-      acc.x += v.x;
-      acc.y += v.y;
-      acc.z += v.z;
-      acc.w += v.w;
-    }
-    out[t * D4 + d] = acc;
+  const int d = blockIdx.y * kCombineThreads + threadIdx.x;
+  if (d >= D4) return;
+  float4 v[kMoeMaxTopK];
+#pragma unroll
+  for (int r = 0; r < kMoeMaxTopK; ++r) {
+    const int32_t p = s_pos[r];
+    v[r] = p >= 0 ? y[static_cast<int64_t>(p) * D4 + d] : make_float4(0.f, 0.f, 0.f, 0.f);
   }
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int r = 0; r < kMoeMaxTopK; ++r) {  // same order and rounding as the serial sum
+    if (s_pos[r] < 0) continue;
+    acc.x += v[r].x;
+    acc.y += v[r].y;
+    acc.z += v[r].z;
+    acc.w += v[r].w;
+  }
+  float4* o = out + t * D4 + d;
+  if (accumulate) {
+    const float4 prev = *o;
+    acc = make_float4(prev.x + acc.x, prev.y + acc.y, prev.z + acc.z, prev.w + acc.w);
+  }
+  *o = acc;
 }
 
 template <class W>
@@ -425,7 +545,11 @@ absl::Status MoeRoute(const MoeRouteParams& p, cudaStream_t stream) {
               p.renormalize ? 1 : 0,
               p.biased_weights ? 1 : 0,
               p.routed_scaling_factor};
-  MoeRouteKernel<<<static_cast<unsigned>(blocks), kRouteWarps * 32, 0, stream>>>(a);
+  if (p.num_tokens <= kMoeRouteRankMaxTokens) {
+    MoeRouteRankKernel<<<static_cast<unsigned>(p.num_tokens), kRankThreads, 0, stream>>>(a);
+  } else {
+    MoeRouteKernel<<<static_cast<unsigned>(blocks), kRouteWarps * 32, 0, stream>>>(a);
+  }
   return CudaStatus(cudaGetLastError(), "MoeRoute");
 }
 
@@ -529,9 +653,11 @@ absl::Status MoeExperts(const MoeExpertsParams& p, void* workspace, size_t works
   } else {
     KL_CUDA_RETURN_IF_ERROR(LaunchExactGemms<__nv_bfloat16>(a, ws, stream));
   }
-  MoeCombineKernel<<<static_cast<unsigned>(p.num_tokens), kCombineThreads, 0, stream>>>(
+  const dim3 combine_grid(static_cast<unsigned>(p.num_tokens),
+                          static_cast<unsigned>((a.D / 4 + kCombineThreads - 1) / kCombineThreads));
+  MoeCombineKernel<<<combine_grid, kCombineThreads, 0, stream>>>(
       p.topk_ids, ws.slot_pos, reinterpret_cast<const float4*>(ws.y), a.D / 4, a.topk,
-      reinterpret_cast<float4*>(p.out));
+      p.accumulate ? 1 : 0, reinterpret_cast<float4*>(p.out));
   return CudaStatus(cudaGetLastError(), "MoeExperts");
 }
 

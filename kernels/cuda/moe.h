@@ -58,6 +58,8 @@ absl::Status MoeRoute(const MoeRouteParams& p, cudaStream_t stream);
 // weights, else Skinny when num_tokens <= kMoeSkinnyMaxTokens, else Tiled.
 enum class MoeAlgo : uint8_t { kAuto = 0, kExact = 1, kTensorCoreSkinny = 2, kTensorCoreTiled = 3 };
 constexpr int64_t kMoeSkinnyMaxTokens = 64;
+// MoeRoute uses one CTA per token (rank counting) up to this many tokens.
+constexpr int64_t kMoeRouteRankMaxTokens = 32;
 
 // out[t][:] = Σ_j topk_weights[t][j] · E_{topk_ids[t][j]}(x[t]), the k terms added in
 // ascending expert id (as the CPU backend), each term rounded to fp32 first. An id
@@ -81,6 +83,9 @@ struct MoeExpertsParams {
   const void* const* w3 = nullptr;
   const void* const* w2 = nullptr;
   float* out = nullptr;  // fp32 [T][D] out (every element written)
+  // out[t] += the routed sum instead of out[t] = (e.g. onto a shared expert's output;
+  // the same rounding as a separate add).
+  bool accumulate = false;
 };
 
 // Which algorithm kAuto resolves to.
