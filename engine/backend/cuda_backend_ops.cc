@@ -199,6 +199,7 @@ absl::Status CudaBackend::KdaMix(float* q, float* k, float* v, float* f, float* 
     p.slots = static_cast<const int32_t*>(d_slots);
     p.tail_pool = tails[j];
     p.out = conv_out[j];
+    p.one_token_each = max_rows == 1 && T == N;  // every sequence has exactly one row
   }
   KL_LAUNCH(cuda::ShortConvVarlenMulti(convs, 3, m.stream));
   const float* a_log = static_cast<const float*>(w.a_log->data);

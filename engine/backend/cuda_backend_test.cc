@@ -20,6 +20,7 @@
 #include "engine/model/random_source.h"
 #include "engine/state/state_bundle.h"
 #include "gtest/gtest.h"
+#include "kernels/cuda/ops.h"
 
 namespace kl {
 namespace {
@@ -225,6 +226,70 @@ TEST_F(OpTest, NormsEmbeddingSwiGluAddGather) {
       ASSERT_EQ(got[2 * dim + c], u[8 * dim + c]);
     }
   }
+}
+
+// The fused one-token path of the grouped short conv (what a decode step runs)
+// computes the same outputs and tails as the general varlen path, bit for bit.
+TEST(ShortConvVarlen, OneTokenEachMatchesTheGeneralPath) {
+  SKIP_WITHOUT_GPU();
+  const int64_t N = 6, C = 160, W = 4, num_slots = 8;
+  const std::vector<int32_t> slots = {5, 0, -1, 7, 2, 3};  // permuted, one padding row
+  std::vector<int64_t> cu(N + 1);
+  for (int64_t i = 0; i <= N; ++i) cu[i] = i;
+  std::vector<void*> mem;
+  auto up = [&](const void* h, size_t bytes) {
+    void* d = nullptr;
+    EXPECT_EQ(cudaMalloc(&d, bytes), cudaSuccess);
+    if (h != nullptr) cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice);
+    else cudaMemset(d, 0xff, bytes);  // NaN: every output must be written
+    mem.push_back(d);
+    return d;
+  };
+  auto down = [](const void* d, size_t n) {
+    std::vector<float> h(n);
+    cudaMemcpy(h.data(), d, n * 4, cudaMemcpyDeviceToHost);
+    return h;
+  };
+  const void* dcu = up(cu.data(), cu.size() * 8);
+  const void* ds = up(slots.data(), slots.size() * 4);
+  cuda::ShortConvVarlenParams general[3], fused[3];
+  std::vector<float> tails0[3];
+  for (int j = 0; j < 3; ++j) {
+    const auto x = Rand(N * C, 70 + j), w = Rand(C * W, 80 + j, 0.5f);
+    tails0[j] = Rand(num_slots * (W - 1) * C, 90 + j);
+    const void* dx = up(x.data(), x.size() * 4);
+    const void* dw = up(w.data(), w.size() * 4);
+    for (int f = 0; f < 2; ++f) {
+      cuda::ShortConvVarlenParams& p = f == 0 ? general[j] : fused[j];
+      p.num_seqs = N;
+      p.num_tokens = N;
+      p.channels = C;
+      p.width = W;
+      p.num_slots = num_slots;
+      p.x = static_cast<const float*>(dx);
+      p.w = static_cast<const float*>(dw);
+      p.cu_seqlens = static_cast<const int64_t*>(dcu);
+      p.slots = static_cast<const int32_t*>(ds);
+      p.tail_pool = static_cast<float*>(up(tails0[j].data(), tails0[j].size() * 4));
+      p.out = static_cast<float*>(up(nullptr, N * C * 4));
+      p.one_token_each = f == 1;
+    }
+  }
+  ASSERT_TRUE(cuda::ShortConvVarlenMulti(general, 3, nullptr).ok());
+  ASSERT_TRUE(cuda::ShortConvVarlenMulti(fused, 3, nullptr).ok());
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  for (int j = 0; j < 3; ++j) {
+    const auto out_g = down(general[j].out, N * C), out_f = down(fused[j].out, N * C);
+    const auto tail_g = down(general[j].tail_pool, tails0[j].size());
+    const auto tail_f = down(fused[j].tail_pool, tails0[j].size());
+    for (float v : out_f) ASSERT_TRUE(std::isfinite(v)) << "conv " << j;
+    EXPECT_EQ(out_g, out_f) << "conv " << j;
+    EXPECT_EQ(tail_g, tail_f) << "conv " << j;
+    EXPECT_NE(tail_f, tails0[j]) << "conv " << j << ": the tails shifted";
+  }
+  for (auto& p : fused) p.num_tokens = N + 1;  // not one token per sequence
+  EXPECT_EQ(cuda::ShortConvVarlenMulti(fused, 3, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  for (void* d : mem) cudaFree(d);
 }
 
 TEST_F(OpTest, MoeMatchesCpuForBothConventions) {

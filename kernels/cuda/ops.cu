@@ -292,6 +292,30 @@ __global__ void ShortConvTailKernel(const ConvGroup gp) {
   }
 }
 
+// One token per sequence: thread per (group, sequence, channel) reads the window,
+// writes the output (same sum order as ShortConvKernel) and shifts the tail.
+__global__ void ShortConvOneTokenKernel(const ConvGroup gp) {
+  const int64_t C = gp.p[0].channels, W = gp.p[0].width, per = gp.p[0].num_seqs * C;
+  for (int64_t gidx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       gidx < gp.n * per; gidx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const ShortConvVarlenParams& p = gp.p[gidx / per];
+    const int64_t idx = gidx % per;
+    const int64_t s = idx / C, c = idx % C;
+    const int32_t slot = p.slots[s];
+    float* tail = (slot >= 0 && slot < p.num_slots) ? p.tail_pool + static_cast<int64_t>(slot) * (W - 1) * C
+                                                    : nullptr;
+    float win[8];
+    for (int64_t j = 0; j + 1 < W; ++j) win[j] = tail != nullptr ? tail[j * C + c] : 0.0f;
+    win[W - 1] = p.x[idx];
+    float acc = 0.0f;
+    for (int64_t j = 0; j < W; ++j) acc += p.w[c * W + j] * win[j];
+    p.out[idx] = acc * SigmoidF(acc);
+    if (tail != nullptr) {
+      for (int64_t j = 0; j + 1 < W; ++j) tail[j * C + c] = win[j + 1];
+    }
+  }
+}
+
 __global__ void MlaCopyQPeKernel(const float* q, int64_t rows, int64_t heads, int64_t nope,
                                  int64_t rope, int64_t lora, float* qcat) {
   const int64_t n = rows * heads * rope;
@@ -492,7 +516,7 @@ absl::Status ShortConvVarlenMulti(const ShortConvVarlenParams* ps, int n, cudaSt
     const ShortConvVarlenParams& q = ps[0];
     if (p.num_seqs != q.num_seqs || p.num_tokens != q.num_tokens || p.channels != q.channels ||
         p.width != q.width || p.num_slots != q.num_slots || p.cu_seqlens != q.cu_seqlens ||
-        p.slots != q.slots) {
+        p.slots != q.slots || p.one_token_each != q.one_token_each) {
       return absl::InvalidArgumentError("ShortConvVarlenMulti: convs of different shapes");
     }
     if (p.num_seqs > 0 && p.num_tokens > 0 &&
@@ -503,7 +527,14 @@ absl::Status ShortConvVarlenMulti(const ShortConvVarlenParams* ps, int n, cudaSt
     gp.p[i] = p;
   }
   const ShortConvVarlenParams& p = ps[0];
+  if (p.one_token_each && p.num_tokens != p.num_seqs) {
+    return absl::InvalidArgumentError("ShortConvVarlen: one_token_each needs num_tokens == num_seqs");
+  }
   if (p.num_seqs == 0 || p.num_tokens == 0) return absl::OkStatus();
+  if (p.one_token_each) {
+    ShortConvOneTokenKernel<<<Blocks(n * p.num_seqs * p.channels), kThreads, 0, stream>>>(gp);
+    return CudaStatus(cudaGetLastError(), "ShortConvVarlen");
+  }
   ShortConvKernel<<<Blocks(n * p.num_tokens * p.channels), kThreads, 0, stream>>>(gp);
   KL_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   if (p.width > 1 && p.num_slots > 0) {

@@ -102,6 +102,10 @@ struct ShortConvVarlenParams {
   const int32_t* slots = nullptr;       // [N] device
   float* tail_pool = nullptr;           // [num_slots][W-1][C], in place
   float* out = nullptr;                 // [num_tokens][C]
+  // The caller guarantees one token per sequence (a decode step: num_tokens ==
+  // num_seqs, cu_seqlens[s] == s): one fused launch computes the outputs and shifts
+  // the tails, with the same arithmetic as the general path.
+  bool one_token_each = false;
 };
 absl::Status ShortConvVarlen(const ShortConvVarlenParams& p, cudaStream_t stream);
 // The same for up to 3 convs of one shape (q, k and v of a KDA layer: same
