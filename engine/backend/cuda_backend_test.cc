@@ -111,6 +111,44 @@ TEST_F(OpTest, LinearFp32IsExactAndBf16WithinTolerance) {
   }
 }
 
+// Decode-sized GEMVs of few output columns split K over several warps (ops.cu,
+// GemvSplit): still within tolerance of the CPU, and a matrix gives the same bits
+// alone or fused with a wide one (the split depends on its own shape only).
+TEST_F(OpTest, SplitKGemvMatchesCpuAndIsGroupingInvariant) {
+  const int64_t in = 2304;
+  const std::vector<int64_t> outs = {40, 256, 3000};  // split 8, 8, 1
+  const auto x = Rand(8 * in, 61);
+  std::vector<std::vector<float>> wh;
+  std::vector<Weight> ws;
+  std::vector<const Weight*> wp;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    wh.push_back(Rand(outs[i] * in, 62 + i, 0.05f));
+    ws.push_back(Up(gpu_.get(), wh.back(), outs[i], in, DType::kBF16));
+  }
+  for (const Weight& w : ws) wp.push_back(&w);
+  Buffer dx = Dev(x);
+  for (int64_t rows : {int64_t{1}, int64_t{3}, int64_t{8}}) {
+    std::vector<Buffer> fused;
+    std::vector<float*> yp;
+    for (int64_t n : outs) {
+      fused.push_back(gpu_->Alloc(rows * n).value());
+      yp.push_back(fused.back().data());
+    }
+    ASSERT_TRUE(gpu_->LinearMulti(dx.data(), rows, wp, yp).ok());
+    for (size_t i = 0; i < outs.size(); ++i) {
+      Buffer single = gpu_->Alloc(rows * outs[i]).value();
+      ASSERT_TRUE(gpu_->Linear(dx.data(), rows, ws[i], single.data()).ok());
+      EXPECT_EQ(Host(fused[i]), Host(single)) << "rows " << rows << " weight " << i;
+      // CPU with the same bf16-rounded weights: only the summation order differs.
+      std::vector<float> wr = wh[i];
+      for (float& v : wr) v = Bf16ToF32(F32ToBf16(v));
+      std::vector<float> ref(rows * outs[i]);
+      ASSERT_TRUE(cpu_.Linear(x.data(), rows, Up(&cpu_, wr, outs[i], in), ref.data()).ok());
+      EXPECT_LT(RelErr(Host(single), ref), 1e-5) << "rows " << rows << " weight " << i;
+    }
+  }
+}
+
 TEST_F(OpTest, LinearMultiMatchesSeparateLinears) {
   const int64_t in = 256;
   const std::vector<int64_t> outs = {96, 8, 130, 64};

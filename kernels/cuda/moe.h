@@ -25,7 +25,8 @@ namespace kl::cuda {
 constexpr int64_t kMoeMaxExperts = 512;
 constexpr int64_t kMoeMaxTopK = 16;
 
-// Per token t (one warp each), exactly as kl::MoeRoute:
+// Per token t (one CTA each up to kMoeRouteRankMaxTokens tokens, else one warp each),
+// exactly as kl::MoeRoute (NaN scores included):
 //   score[e] = sigmoid(logits[t][e]) (1 / (1 + expf(-x)));  sel[e] = score[e] + bias[e]
 //   ids: k times the untaken e with the largest sel (ties: the lower id), in pick order
 //   w_j = biased_weights ? sel[id_j] : score[id_j]
@@ -82,7 +83,7 @@ struct MoeExpertsParams {
   const void* const* w1 = nullptr;
   const void* const* w3 = nullptr;
   const void* const* w2 = nullptr;
-  float* out = nullptr;  // fp32 [T][D] out (every element written)
+  float* out = nullptr;  // fp32 [T][D] out: every element written (read first with accumulate)
   // out[t] += the routed sum instead of out[t] = (e.g. onto a shared expert's output;
   // the same rounding as a separate add).
   bool accumulate = false;

@@ -144,17 +144,17 @@ __global__ void SwiGluKernel(const float* gate, const float* up, int64_t n, floa
   }
 }
 
-// One warp: y[r * ldy] = Σ_k x[r][k] · row[k] for r < R.
+// One warp's share of y[r] = Σ_k x[r][k] · row[k] (r < R): the 8-element pieces
+// k = 8 (lane + 32 part) + 256 parts · i, i = 0, 1, ... (parts = 1: the whole row).
 template <int R>
-__device__ __forceinline__ void GemvWarpRow(const float* __restrict__ x, int64_t ldx,
-                                            const __nv_bfloat16* __restrict__ row, int64_t K,
-                                            float* y, int64_t ldy) {
+__device__ __forceinline__ void GemvWarpPart(const float* __restrict__ x, int64_t ldx,
+                                             const __nv_bfloat16* __restrict__ row, int64_t K, int part,
+                                             int parts, float (&acc)[R]) {
   const int lane = threadIdx.x & 31;
-  float acc[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = 0.0f;
 #pragma unroll 4
-  for (int64_t k = lane * 8; k < K; k += 256) {
+  for (int64_t k = (lane + 32 * part) * 8; k < K; k += 256 * parts) {
     const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + k));
     const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
     float wf[8];
@@ -174,19 +174,23 @@ __device__ __forceinline__ void GemvWarpRow(const float* __restrict__ x, int64_t
   }
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    float v = acc[r];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) y[r * ldy] = v;
+    for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
   }
 }
 
 // Several weight matrices over the same x in one launch: blocks [begin[s],
-// begin[s+1]) compute segment s, 8 output columns (one per warp) per block.
+// begin[s+1]) compute segment s. A segment with split[s] = 1 has 8 output columns
+// per block, one warp each; a short segment (few columns: too few blocks to keep the
+// GPU's memory busy) splits each column's K over split[s] warps, 8 / split[s]
+// columns per block, and adds the parts in a fixed order (deterministic). The split
+// depends only on the segment's own shape, so a matrix gives the same bits whatever
+// it is launched with.
 struct GemvMultiArgs {
   const float* x;
   int64_t ldx, K;
   int num;
   GemvSegment seg[kMaxGemvSegments];
+  int split[kMaxGemvSegments];
   int64_t begin[kMaxGemvSegments + 1];
 };
 
@@ -195,10 +199,45 @@ __global__ void __launch_bounds__(256) SkinnyGemvMultiKernel(const GemvMultiArgs
   int s = 0;
   while (s + 1 < a.num && a.begin[s + 1] <= blockIdx.x) ++s;
   const GemvSegment& g = a.seg[s];
-  const int64_t n = (blockIdx.x - a.begin[s]) * 8 + (threadIdx.x >> 5);
-  if (n >= g.n) return;
-  GemvWarpRow<R>(a.x, a.ldx, static_cast<const __nv_bfloat16*>(g.w) + n * a.K, a.K, g.y + n,
-                 g.ldy);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, parts = a.split[s];
+  const __nv_bfloat16* w = static_cast<const __nv_bfloat16*>(g.w);
+  float acc[R];
+  if (parts == 1) {  // block-uniform
+    const int64_t n = (blockIdx.x - a.begin[s]) * 8 + warp;
+    if (n >= g.n) return;
+    GemvWarpPart<R>(a.x, a.ldx, w + n * a.K, a.K, 0, 1, acc);
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) g.y[n + r * g.ldy] = acc[r];
+    }
+    return;
+  }
+  __shared__ float s_part[8][R];
+  const int64_t n = (blockIdx.x - a.begin[s]) * (8 / parts) + warp / parts;
+  const int part = warp % parts;
+  if (n < g.n) {
+    GemvWarpPart<R>(a.x, a.ldx, w + n * a.K, a.K, part, parts, acc);
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) s_part[warp][r] = acc[r];
+    }
+  }
+  __syncthreads();
+  if (n < g.n && part == 0 && lane < R) {
+    float v = s_part[warp][lane];
+    for (int j = 1; j < parts; ++j) v += s_part[warp + j][lane];
+    g.y[n + lane * g.ldy] = v;
+  }
+}
+
+// Warps per output column for a segment of n columns and depth K: the smallest
+// power of two up to 8 that gives >= kGemvTargetBlocks blocks, with >= 256 elements
+// of K per warp.
+constexpr int64_t kGemvTargetBlocks = 256;
+int GemvSplit(int64_t n, int64_t K) {
+  int parts = 1;
+  while (parts < 8 && (n * parts + 7) / 8 < kGemvTargetBlocks && K >= 256 * 2 * parts) parts *= 2;
+  return parts;
 }
 
 __global__ void F32ToBf16Kernel(const float* x, int64_t n, __nv_bfloat16* y) {
@@ -453,7 +492,9 @@ absl::Status SkinnyGemvMultiBf16(const float* x, int64_t ldx, int64_t rows,
       return absl::InvalidArgumentError("SkinnyGemvMultiBf16: unsupported shape or alignment");
     }
     a.seg[i] = g;
-    a.begin[i + 1] = a.begin[i] + (g.n + 7) / 8;
+    a.split[i] = GemvSplit(g.n, K);
+    const int64_t per_block = 8 / a.split[i];
+    a.begin[i + 1] = a.begin[i] + (g.n + per_block - 1) / per_block;
   }
   const unsigned blocks = static_cast<unsigned>(a.begin[num_segs]);
   switch (rows) {

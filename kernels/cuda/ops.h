@@ -89,7 +89,8 @@ absl::Status GatherRowsF32(const float* src, int64_t src_stride, int64_t dim, co
 //   window(t) = last W values of [T; x[cu[s]..t]],  out[t][c] = silu(Σ_j w[c][j] window(t)[j][c])
 // and afterwards T = last W-1 rows of [T; x[cu[s]..cu[s+1])]. A slot outside
 // [0, num_slots) means "zero tail, discard the new one". Two kernels (conv, then
-// tail update) so every token reads the tail before it changes.
+// tail update) so every token reads the tail before it changes; one with
+// one_token_each. Valid slots must be distinct across the batch.
 struct ShortConvVarlenParams {
   int64_t num_seqs = 0;    // N
   int64_t num_tokens = 0;  // packed rows (== cu[N])
@@ -103,13 +104,15 @@ struct ShortConvVarlenParams {
   float* tail_pool = nullptr;           // [num_slots][W-1][C], in place
   float* out = nullptr;                 // [num_tokens][C]
   // The caller guarantees one token per sequence (a decode step: num_tokens ==
-  // num_seqs, cu_seqlens[s] == s): one fused launch computes the outputs and shifts
-  // the tails, with the same arithmetic as the general path.
+  // num_seqs, cu_seqlens[s] == s; cu_seqlens is then not read): one fused launch
+  // computes the outputs and shifts the tails, with the same arithmetic as the
+  // general path.
   bool one_token_each = false;
 };
 absl::Status ShortConvVarlen(const ShortConvVarlenParams& p, cudaStream_t stream);
 // The same for up to 3 convs of one shape (q, k and v of a KDA layer: same
-// sequences, slots, channels and width), in two launches instead of six.
+// sequences, slots, channels and width), in two launches instead of six (one with
+// one_token_each).
 inline constexpr int kMaxConvGroup = 3;
 absl::Status ShortConvVarlenMulti(const ShortConvVarlenParams* ps, int n, cudaStream_t stream);
 
