@@ -68,6 +68,34 @@ struct RouteCase {
   bool discrete;  // logits / bias from a few values: many exact ties
 };
 
+// MoeRoute on the device with the CPU's parameters; outputs poisoned (NaN) first.
+bool RouteOnDevice(const std::vector<float>& logits, const std::vector<float>* bias, const MoeParams& mp,
+                   int64_t T, std::vector<int32_t>* ids, std::vector<float>* w) {
+  DeviceBuffer d_logits = Upload(logits), d_bias = Upload(bias != nullptr ? *bias : logits);
+  DeviceBuffer d_ids(T * mp.top_k * 4), d_w(T * mp.top_k * 4);
+  PoisonNaN(d_ids);
+  PoisonNaN(d_w);
+  MoeRouteParams p;
+  p.num_tokens = T;
+  p.num_experts = mp.num_experts;
+  p.top_k = mp.top_k;
+  p.renormalize = mp.renormalize;
+  p.routed_scaling_factor = mp.routed_scaling_factor;
+  p.biased_weights = mp.biased_weights;
+  p.logits = d_logits.as<float>();
+  p.correction_bias = bias != nullptr ? d_bias.as<float>() : nullptr;
+  p.topk_ids = d_ids.as<int32_t>();
+  p.topk_weights = d_w.as<float>();
+  const absl::Status s = MoeRoute(p, nullptr);
+  if (!s.ok() || cudaDeviceSynchronize() != cudaSuccess) {
+    ADD_FAILURE() << "MoeRoute: " << s;
+    return false;
+  }
+  *ids = Download<int32_t>(d_ids);
+  *w = Download<float>(d_w);
+  return true;
+}
+
 // T <= kMoeRouteRankMaxTokens runs the rank kernel (one CTA per token), more tokens
 // the warp kernel; every case runs both.
 void CheckRoute(const RouteCase& c, uint64_t seed, int64_t T) {
@@ -93,25 +121,9 @@ void CheckRoute(const RouteCase& c, uint64_t seed, int64_t T) {
     kl::MoeRoute(logits.data() + t * c.E, c.with_bias ? bias.data() : nullptr, mp,
                  ids_ref.data() + t * c.k, w_ref.data() + t * c.k);
   }
-  DeviceBuffer d_logits = Upload(logits), d_bias = Upload(bias);
-  DeviceBuffer d_ids(T * c.k * 4), d_w(T * c.k * 4);
-  PoisonNaN(d_ids);
-  PoisonNaN(d_w);
-  MoeRouteParams p;
-  p.num_tokens = T;
-  p.num_experts = c.E;
-  p.top_k = c.k;
-  p.renormalize = c.renormalize;
-  p.routed_scaling_factor = c.scale;
-  p.biased_weights = c.biased;
-  p.logits = d_logits.as<float>();
-  p.correction_bias = c.with_bias ? d_bias.as<float>() : nullptr;
-  p.topk_ids = d_ids.as<int32_t>();
-  p.topk_weights = d_w.as<float>();
-  ASSERT_TRUE(MoeRoute(p, nullptr).ok());
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  const auto ids = Download<int32_t>(d_ids);
-  const auto w = Download<float>(d_w);
+  std::vector<int32_t> ids;
+  std::vector<float> w;
+  ASSERT_TRUE(RouteOnDevice(logits, c.with_bias ? &bias : nullptr, mp, T, &ids, &w));
   // Ids must match exactly, except for tokens whose top k+1 selection scores hold a
   // near-tie (0 < gap < 1e-6: the device expf may round an ulp away from libm's);
   // exact ties (equal logits) must still match, by the lower-id rule.
@@ -200,20 +212,9 @@ TEST(MoeRouteCuda, NaNScoresPickLikeTheCpu) {
       for (int64_t t = 0; t < T; ++t) {
         kl::MoeRoute(logits.data() + t * E, bias.data(), mp, ids_ref.data() + t * k, w_ref.data() + t * k);
       }
-      DeviceBuffer d_logits = Upload(logits), d_bias = Upload(bias), d_ids(T * k * 4), d_w(T * k * 4);
-      MoeRouteParams p;
-      p.num_tokens = T;
-      p.num_experts = E;
-      p.top_k = k;
-      p.biased_weights = biased;
-      p.logits = d_logits.as<float>();
-      p.correction_bias = d_bias.as<float>();
-      p.topk_ids = d_ids.as<int32_t>();
-      p.topk_weights = d_w.as<float>();
-      ASSERT_TRUE(MoeRoute(p, nullptr).ok());
-      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      const auto ids = Download<int32_t>(d_ids);
-      const auto w = Download<float>(d_w);
+      std::vector<int32_t> ids;
+      std::vector<float> w;
+      ASSERT_TRUE(RouteOnDevice(logits, &bias, mp, T, &ids, &w));
       for (int64_t i = 0; i < T * k; ++i) {
         ASSERT_EQ(ids[i], ids_ref[i]) << "T=" << T << " token " << i / k << " pick " << i % k;
         ASSERT_EQ(std::isnan(w[i]), std::isnan(w_ref[i])) << "T=" << T << " slot " << i;
