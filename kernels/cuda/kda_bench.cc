@@ -108,16 +108,14 @@ bool BenchDecode(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row>
     // and 16 KB contiguous per block (what a slice-major state layout would give).
     if (N >= 16) {
       double pat_ms = 0, sm_ms = 0;
-      auto pattern = [&](int i) {
-        const int32_t* sl = slots.as<int32_t>() + (static_cast<int64_t>(i) * N) % P;
-        return TouchDecodePattern(pool.as<float>(), sl, N, H, false, s) == cudaSuccess;
+      auto touch_in = [&](bool contiguous) {
+        return [&, contiguous](int i) {
+          const int32_t* sl = slots.as<int32_t>() + (static_cast<int64_t>(i) * N) % P;
+          return TouchDecodePattern(pool.as<float>(), sl, N, H, contiguous, s) == cudaSuccess;
+        };
       };
-      auto slice_major = [&](int i) {
-        const int32_t* sl = slots.as<int32_t>() + (static_cast<int64_t>(i) * N) % P;
-        return TouchDecodePattern(pool.as<float>(), sl, N, H, true, s) == cudaSuccess;
-      };
-      if (!TimeMs(pattern, per_batch, quick ? 5 : 11, 20, s, &pat_ms)) return false;
-      if (!TimeMs(slice_major, per_batch, quick ? 5 : 11, 20, s, &sm_ms)) return false;
+      if (!TimeMs(touch_in(false), per_batch, quick ? 5 : 11, 20, s, &pat_ms)) return false;
+      if (!TimeMs(touch_in(true), per_batch, quick ? 5 : 11, 20, s, &sm_ms)) return false;
       std::snprintf(buf, sizeof(buf),
                     "  no-math ceilings: decode access pattern %.2f us (%.1f%% of copy; decode = %.1f%% of it) | "
                     "16 KB contiguous per block %.2f us (%.1f%%)",

@@ -71,7 +71,7 @@ struct RouteCase {
 // MoeRoute on the device with the CPU's parameters; outputs poisoned (NaN) first.
 bool RouteOnDevice(const std::vector<float>& logits, const std::vector<float>* bias, const MoeParams& mp,
                    int64_t T, std::vector<int32_t>* ids, std::vector<float>* w) {
-  DeviceBuffer d_logits = Upload(logits), d_bias = Upload(bias != nullptr ? *bias : logits);
+  DeviceBuffer d_logits = Upload(logits), d_bias = bias != nullptr ? Upload(*bias) : DeviceBuffer(4);
   DeviceBuffer d_ids(T * mp.top_k * 4), d_w(T * mp.top_k * 4);
   PoisonNaN(d_ids);
   PoisonNaN(d_w);
