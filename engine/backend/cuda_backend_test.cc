@@ -12,6 +12,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/backend/cpu_backend.h"
@@ -182,48 +183,53 @@ TEST_F(OpTest, LinearMultiMatchesSeparateLinears) {
 }
 
 TEST_F(OpTest, NormsEmbeddingSwiGluAddGather) {
-  const int64_t rows = 9, dim = 300, heads = 3, hd = 64;
-  const auto x = Rand(rows * dim, 3), nw = Rand(dim, 4), z = Rand(rows * heads * hd, 5);
-  const auto o = Rand(rows * heads * hd, 6), gw = Rand(hd, 7);
-  // RmsNorm over the first 200 of 300 columns (stride), in place.
-  {
-    std::vector<float> ref = x;
-    ASSERT_TRUE(
-        cpu_.RmsNorm(ref.data(), rows, 200, dim, Up(&cpu_, nw, 1, 200), 1e-6, ref.data()).ok());
-    Buffer d = Dev(x);
-    ASSERT_TRUE(
-        gpu_->RmsNorm(d.data(), rows, 200, dim, Up(gpu_.get(), nw, 1, 200), 1e-6, d.data()).ok());
-    EXPECT_LT(RelErr(Host(d), ref), 1e-5);
-  }
-  // The fused residual add + norm: the residual exactly as Add, the norm as RmsNorm.
-  {
-    const auto a = Rand(rows * dim, 11);
-    std::vector<float> ref_x = x, ref_y(x.size());
-    ASSERT_TRUE(cpu_.Add(a.data(), rows * dim, ref_x.data()).ok());
-    ASSERT_TRUE(cpu_.RmsNorm(ref_x.data(), rows, dim, dim, Up(&cpu_, nw, 1, dim), 1e-6,
-                             ref_y.data())
-                    .ok());
-    Buffer da = Dev(a), dx = Dev(x), dy = gpu_->Alloc(x.size()).value();
-    ASSERT_TRUE(gpu_->AddRmsNorm(da.data(), rows, dim, dx.data(), Up(gpu_.get(), nw, 1, dim), 1e-6,
+  // Two shapes: rows of a few hundred values (the staged kernels: every load before the
+  // first store) and rows longer than 8 values per thread (the looping kernels).
+  for (const auto& [dim, hd] : {std::pair<int64_t, int64_t>{300, 64}, {7000, 300}}) {
+    SCOPED_TRACE(::testing::Message() << "dim " << dim << " head dim " << hd);
+    const int64_t rows = 9, heads = 3, part = dim * 2 / 3;
+    const auto x = Rand(rows * dim, 3), nw = Rand(dim, 4), z = Rand(rows * heads * hd, 5);
+    const auto o = Rand(rows * heads * hd, 6), gw = Rand(hd, 7);
+    // RmsNorm over the first `part` of `dim` columns (stride), in place.
+    {
+      std::vector<float> ref = x;
+      ASSERT_TRUE(
+          cpu_.RmsNorm(ref.data(), rows, part, dim, Up(&cpu_, nw, 1, part), 1e-6, ref.data()).ok());
+      Buffer d = Dev(x);
+      ASSERT_TRUE(
+          gpu_->RmsNorm(d.data(), rows, part, dim, Up(gpu_.get(), nw, 1, part), 1e-6, d.data()).ok());
+      EXPECT_LT(RelErr(Host(d), ref), 1e-5);
+    }
+    // The fused residual add + norm: the residual exactly as Add, the norm as RmsNorm.
+    {
+      const auto a = Rand(rows * dim, 11);
+      std::vector<float> ref_x = x, ref_y(x.size());
+      ASSERT_TRUE(cpu_.Add(a.data(), rows * dim, ref_x.data()).ok());
+      ASSERT_TRUE(cpu_.RmsNorm(ref_x.data(), rows, dim, dim, Up(&cpu_, nw, 1, dim), 1e-6,
+                               ref_y.data())
+                      .ok());
+      Buffer da = Dev(a), dx = Dev(x), dy = gpu_->Alloc(x.size()).value();
+      ASSERT_TRUE(gpu_->AddRmsNorm(da.data(), rows, dim, dx.data(), Up(gpu_.get(), nw, 1, dim), 1e-6,
+                                   dy.data())
+                      .ok());
+      EXPECT_EQ(Host(dx), ref_x);
+      EXPECT_LT(RelErr(Host(dy), ref_y), 1e-5);
+      EXPECT_EQ(gpu_->AddRmsNorm(da.data(), rows, dim, dx.data(), Up(gpu_.get(), nw, 1, part), 1e-6,
                                  dy.data())
-                    .ok());
-    EXPECT_EQ(Host(dx), ref_x);
-    EXPECT_LT(RelErr(Host(dy), ref_y), 1e-5);
-    EXPECT_EQ(gpu_->AddRmsNorm(da.data(), rows, dim, dx.data(), Up(gpu_.get(), nw, 1, 200), 1e-6,
-                               dy.data())
-                  .code(),
-              absl::StatusCode::kInvalidArgument);
-  }
-  {
-    std::vector<float> ref(o.size());
-    ASSERT_TRUE(cpu_.GatedRmsNorm(o.data(), z.data(), rows, heads, hd, Up(&cpu_, gw, 1, hd), 1e-5,
-                                  ref.data())
-                    .ok());
-    Buffer d_o = Dev(o), d_z = Dev(z), d_y = gpu_->Alloc(o.size()).value();
-    ASSERT_TRUE(gpu_->GatedRmsNorm(d_o.data(), d_z.data(), rows, heads, hd,
-                                   Up(gpu_.get(), gw, 1, hd), 1e-5, d_y.data())
-                    .ok());
-    EXPECT_LT(RelErr(Host(d_y), ref), 1e-5);
+                    .code(),
+                absl::StatusCode::kInvalidArgument);
+    }
+    {
+      std::vector<float> ref(o.size());
+      ASSERT_TRUE(cpu_.GatedRmsNorm(o.data(), z.data(), rows, heads, hd, Up(&cpu_, gw, 1, hd), 1e-5,
+                                    ref.data())
+                      .ok());
+      Buffer d_o = Dev(o), d_z = Dev(z), d_y = gpu_->Alloc(o.size()).value();
+      ASSERT_TRUE(gpu_->GatedRmsNorm(d_o.data(), d_z.data(), rows, heads, hd,
+                                     Up(gpu_.get(), gw, 1, hd), 1e-5, d_y.data())
+                      .ok());
+      EXPECT_LT(RelErr(Host(d_y), ref), 1e-5);
+    }
   }
   for (DType dt : {DType::kF32, DType::kBF16}) {
     const int64_t vocab = 100, d = 128;
@@ -244,6 +250,7 @@ TEST_F(OpTest, NormsEmbeddingSwiGluAddGather) {
               absl::StatusCode::kInvalidArgument);
   }
   {
+    const int64_t rows = 9, dim = 300;
     const auto g = Rand(rows * dim, 9), u = Rand(rows * dim, 10);
     std::vector<float> ref(g.size());
     ASSERT_TRUE(cpu_.SwiGlu(g.data(), u.data(), rows, dim, ref.data()).ok());

@@ -124,59 +124,116 @@ __global__ void __launch_bounds__(kSimtThreads) MlaDecodeSimtKernel(const Decode
 
 // =================================== combine kernel ===================================
 // out = sum_s w_s o_s with w_s = e^(m_s - M) / sum_s e^(m_s - M) l_s. Grid (head, sequence,
-// 64-column slice), 256 threads = 4 split groups x 64 columns: each thread sums every
-// 4th split with 4 independent loads in flight, the groups meet in shared memory. (A
-// loop over all splits per thread would be latency-bound: 128 dependent L2 reads.)
-constexpr int kCombCols = 64, kCombGroups = 4;
-__global__ void __launch_bounds__(kCombCols * kCombGroups) MlaDecodeCombineKernel(const DecodeArgs a) {
-  __shared__ float sW[kMlaMaxSplits];
-  __shared__ float sRed[kCombGroups][kCombCols];
-  const int h = blockIdx.x, S = a.S, H = a.H, dl = a.dl, tid = threadIdx.x;
-  const int64_t n = blockIdx.y;
-  const float* ml = a.ws_ml + (n * S * H + h) * 2;  // split s at ml[s * H * 2]
-  if (tid < 32) {
-    float mx = -INFINITY;
-    for (int s = tid; s < S; s += 32) mx = fmaxf(mx, ml[static_cast<int64_t>(s) * H * 2]);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    float sum = 0.0f;
-    if (mx != -INFINITY) {
-      for (int s = tid; s < S; s += 32) {
-        const float* e = ml + static_cast<int64_t>(s) * H * 2;
-        sum += expf(e[0] - mx) * e[1];
-      }
-    }
-    sum = WarpSum(sum);
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  // padding / empty: zeros
-    for (int s = tid; s < S; s += 32) {
-      const float m_s = ml[static_cast<int64_t>(s) * H * 2];
-      sW[s] = (inv == 0.0f || m_s == -INFINITY) ? 0.0f : expf(m_s - mx) * inv;
-    }
+// 32 W-column slice), 256 threads = 8 split groups (warps) x 32 lanes of W columns
+// (W = 4: one float4 per lane when dl % 4 == 0, else W = 1). At decode batch 1 this
+// kernel is pure latency (one (sequence, head) has S partial rows spread over the
+// workspace), so every thread issues kCombBatch partial loads before it needs a
+// weight: the first batch is in flight while the block reduces the S (max, sum)
+// pairs (one per thread, S <= kMlaMaxSplits = 256), and the groups meet in shared
+// memory in a fixed order (deterministic).
+constexpr int kCombThreads = 256, kCombGroups = kCombThreads / 32, kCombBatch = 8;
+static_assert(kMlaMaxSplits <= kCombThreads, "one (max, sum) pair per thread");
+
+template <int W>
+struct CombVec;
+template <>
+struct CombVec<4> {
+  using T = float4;
+  static __device__ __forceinline__ T Zero() { return make_float4(0.f, 0.f, 0.f, 0.f); }
+  static __device__ __forceinline__ void Fma(float w, const T& x, T& acc) {
+    acc.x = fmaf(w, x.x, acc.x);
+    acc.y = fmaf(w, x.y, acc.y);
+    acc.z = fmaf(w, x.z, acc.z);
+    acc.w = fmaf(w, x.w, acc.w);
   }
+  static __device__ __forceinline__ void Add(const T& x, T& acc) {
+    acc.x += x.x;
+    acc.y += x.y;
+    acc.z += x.z;
+    acc.w += x.w;
+  }
+  static __device__ __forceinline__ void Store(float* p, const T& v) {  // out is 8-byte aligned
+    reinterpret_cast<float2*>(p)[0] = make_float2(v.x, v.y);
+    reinterpret_cast<float2*>(p)[1] = make_float2(v.z, v.w);
+  }
+};
+template <>
+struct CombVec<1> {
+  using T = float;
+  static __device__ __forceinline__ T Zero() { return 0.f; }
+  static __device__ __forceinline__ void Fma(float w, const T& x, T& acc) { acc = fmaf(w, x, acc); }
+  static __device__ __forceinline__ void Add(const T& x, T& acc) { acc += x; }
+  static __device__ __forceinline__ void Store(float* p, const T& v) { *p = v; }
+};
+
+__device__ __forceinline__ float CombBlockReduce(float v, bool is_max, float* red) {
+  for (int off = 16; off > 0; off >>= 1) {
+    const float o = __shfl_xor_sync(0xffffffffu, v, off);
+    v = is_max ? fmaxf(v, o) : v + o;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // `red` may still be read by the previous reduction
+  if (lane == 0) red[warp] = v;
   __syncthreads();
-  const int grp = tid / kCombCols, c = tid % kCombCols;
-  const int d = blockIdx.z * kCombCols + c;
+  float r = red[0];
+#pragma unroll
+  for (int w = 1; w < kCombGroups; ++w) r = is_max ? fmaxf(r, red[w]) : r + red[w];
+  return r;
+}
+
+template <int W>
+__global__ void __launch_bounds__(kCombThreads) MlaDecodeCombineKernel(const DecodeArgs a) {
+  using V = CombVec<W>;
+  using T = typename V::T;
+  __shared__ float sW[kMlaMaxSplits];
+  __shared__ float sRed[kCombGroups];
+  __shared__ T sAcc[kCombGroups][32];
+  const int h = blockIdx.x, S = a.S, H = a.H, dl = a.dl, tid = threadIdx.x;
+  const int grp = tid >> 5, lane = tid & 31;
+  const int64_t n = blockIdx.y;
+  const int d = (blockIdx.z * 32 + lane) * W;
+  const bool col = d < dl;  // W = 4: dl % 4 == 0, so the whole vector is in range
   const int64_t split_stride = static_cast<int64_t>(H) * dl;
   const float* po = a.ws_o + (n * S * H + h) * static_cast<int64_t>(dl) + d;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  if (d < dl) {
-    int s = grp;
-    for (; s + 3 * kCombGroups < S; s += 4 * kCombGroups) {
+  auto load = [&](int s) {
+    return (col && s < S) ? *reinterpret_cast<const T*>(po + s * split_stride) : V::Zero();
+  };
+  T x[kCombBatch];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int su = s + u * kCombGroups;
-        acc[u] = fmaf(sW[su], po[su * split_stride], acc[u]);
-      }
-    }
-    for (; s < S; s += kCombGroups) acc[0] = fmaf(sW[s], po[s * split_stride], acc[0]);
+  for (int b = 0; b < kCombBatch; ++b) x[b] = load(grp + kCombGroups * b);
+
+  const float* ml = a.ws_ml + (n * S * H + h) * 2;  // split s at ml[s * H * 2]
+  float m_t = -INFINITY, l_t = 0.0f;
+  if (tid < S) {
+    m_t = ml[static_cast<int64_t>(tid) * H * 2];
+    l_t = ml[static_cast<int64_t>(tid) * H * 2 + 1];
   }
-  sRed[grp][c] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  const float mx = CombBlockReduce(m_t, true, sRed);
+  const float e = (mx == -INFINITY || m_t == -INFINITY) ? 0.0f : expf(m_t - mx);
+  const float sum = CombBlockReduce(e * l_t, false, sRed);
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  // padding / empty: zeros
+  if (tid < S) sW[tid] = e * inv;
   __syncthreads();
-  if (grp == 0 && d < dl) {
-    float r = sRed[0][c];
+
+  T acc = V::Zero();
+  for (int base = 0; base < S; base += kCombGroups * kCombBatch) {
+    if (base > 0) {
 #pragma unroll
-    for (int k = 1; k < kCombGroups; ++k) r += sRed[k][c];
-    a.out[(n * H + h) * dl + d] = r;
+      for (int b = 0; b < kCombBatch; ++b) x[b] = load(base + grp + kCombGroups * b);
+    }
+#pragma unroll
+    for (int b = 0; b < kCombBatch; ++b) {
+      const int s = base + grp + kCombGroups * b;
+      if (s < S) V::Fma(sW[s], x[b], acc);
+    }
+  }
+  sAcc[grp][lane] = acc;
+  __syncthreads();
+  if (grp == 0 && col) {
+    T r = sAcc[0][lane];
+#pragma unroll
+    for (int k = 1; k < kCombGroups; ++k) V::Add(sAcc[k][lane], r);
+    V::Store(a.out + (n * H + h) * dl + d, r);
   }
 }
 
@@ -201,8 +258,13 @@ cudaError_t LaunchDecodeSimt(const DecodeArgs& a, int N, bool f32_cache, cudaStr
 }
 
 cudaError_t LaunchDecodeCombine(const DecodeArgs& a, int N, cudaStream_t stream) {
-  const dim3 grid(a.H, N, static_cast<unsigned>((a.dl + kCombCols - 1) / kCombCols));
-  MlaDecodeCombineKernel<<<grid, kCombCols * kCombGroups, 0, stream>>>(a);
+  if (a.dl % 4 == 0) {
+    const dim3 grid(a.H, N, static_cast<unsigned>((a.dl / 4 + 31) / 32));
+    MlaDecodeCombineKernel<4><<<grid, kCombThreads, 0, stream>>>(a);
+  } else {
+    const dim3 grid(a.H, N, static_cast<unsigned>((a.dl + 31) / 32));
+    MlaDecodeCombineKernel<1><<<grid, kCombThreads, 0, stream>>>(a);
+  }
   return cudaGetLastError();
 }
 

@@ -67,6 +67,14 @@ __global__ void EmbeddingKernel(const int32_t* ids, const T* table, int64_t voca
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) yr[c] = ToF(tr[c]);
 }
 
+// Row norms, one block per row. Up to kNormPer elements per thread (every row of
+// the model's shapes) take the staged path: all loads of a thread are issued before
+// its first store, so a row costs one round trip to memory for the loads instead of
+// one per loop iteration (y, x and a may alias, which keeps the compiler from
+// hoisting loads over stores in a plain loop; at decode batch 1 these kernels are
+// pure latency). Each thread reads and writes the same elements, so y == x is safe.
+constexpr int kNormPer = 8;
+
 __global__ void RmsNormKernel(const float* x, int64_t dim, int64_t stride, const float* w,
                               float eps, float* y) {
   const float* xr = x + blockIdx.x * stride;
@@ -76,6 +84,29 @@ __global__ void RmsNormKernel(const float* x, int64_t dim, int64_t stride, const
   ss = BlockSum(ss);
   const float inv = static_cast<float>(1.0 / sqrt(ss / dim + static_cast<double>(eps)));
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) yr[c] = w[c] * (xr[c] * inv);
+}
+
+__global__ void RmsNormStagedKernel(const float* x, int64_t dim, int64_t stride, const float* w,
+                                    float eps, float* y) {
+  const float* xr = x + blockIdx.x * stride;
+  float* yr = y + blockIdx.x * stride;
+  float v[kNormPer], wv[kNormPer];
+#pragma unroll
+  for (int i = 0; i < kNormPer; ++i) {
+    const int64_t c = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
+    v[i] = c < dim ? xr[c] : 0.0f;
+    wv[i] = c < dim ? w[c] : 0.0f;
+  }
+  double ss = 0;
+#pragma unroll
+  for (int i = 0; i < kNormPer; ++i) ss += static_cast<double>(v[i]) * v[i];
+  ss = BlockSum(ss);
+  const float inv = static_cast<float>(1.0 / sqrt(ss / dim + static_cast<double>(eps)));
+#pragma unroll
+  for (int i = 0; i < kNormPer; ++i) {
+    const int64_t c = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
+    if (c < dim) yr[c] = wv[i] * (v[i] * inv);
+  }
 }
 
 // RmsNormKernel after AddKernel, fused: each thread updates the residual
@@ -96,7 +127,36 @@ __global__ void AddRmsNormKernel(const float* a, float* x, int64_t dim, const fl
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) yr[c] = w[c] * (xr[c] * inv);
 }
 
-// One warp per (row, head).
+__global__ void AddRmsNormStagedKernel(const float* a, float* x, int64_t dim, const float* w,
+                                       float eps, float* y) {
+  const float* ar = a + blockIdx.x * dim;
+  float* xr = x + blockIdx.x * dim;
+  float* yr = y + blockIdx.x * dim;
+  float v[kNormPer], wv[kNormPer];
+#pragma unroll
+  for (int i = 0; i < kNormPer; ++i) {
+    const int64_t c = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
+    v[i] = c < dim ? xr[c] + ar[c] : 0.0f;
+    wv[i] = c < dim ? w[c] : 0.0f;
+  }
+  double ss = 0;
+#pragma unroll
+  for (int i = 0; i < kNormPer; ++i) {
+    const int64_t c = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
+    if (c < dim) xr[c] = v[i];
+    ss += static_cast<double>(v[i]) * v[i];
+  }
+  ss = BlockSum(ss);
+  const float inv = static_cast<float>(1.0 / sqrt(ss / dim + static_cast<double>(eps)));
+#pragma unroll
+  for (int i = 0; i < kNormPer; ++i) {
+    const int64_t c = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
+    if (c < dim) yr[c] = wv[i] * (v[i] * inv);
+  }
+}
+
+// One warp per (row, head). Heads of up to 32 * kNormPer values take the staged path
+// (all loads before the first store, as the row norms above).
 __global__ void GatedRmsNormKernel(const float* o, const float* z, int64_t groups, int64_t dim,
                                    const float* w, float eps, float* y) {
   const int lane = threadIdx.x & 31;
@@ -106,6 +166,27 @@ __global__ void GatedRmsNormKernel(const float* o, const float* z, int64_t group
     const float* orow = o + g * dim;
     const float* zrow = z + g * dim;
     float* yrow = y + g * dim;
+    if (dim <= 32 * kNormPer) {  // uniform
+      float ov[kNormPer], zv[kNormPer], wv[kNormPer];
+#pragma unroll
+      for (int i = 0; i < kNormPer; ++i) {
+        const int64_t j = lane + 32 * i;
+        ov[i] = j < dim ? orow[j] : 0.0f;
+        zv[i] = j < dim ? zrow[j] : 0.0f;
+        wv[i] = j < dim ? w[j] : 0.0f;
+      }
+      double ss = 0;
+#pragma unroll
+      for (int i = 0; i < kNormPer; ++i) ss += static_cast<double>(ov[i]) * ov[i];
+      ss = WarpSum(ss);
+      const float inv = static_cast<float>(1.0 / sqrt(ss / dim + static_cast<double>(eps)));
+#pragma unroll
+      for (int i = 0; i < kNormPer; ++i) {
+        const int64_t j = lane + 32 * i;
+        if (j < dim) yrow[j] = ov[i] * inv * wv[i] * SigmoidF(zv[i]);
+      }
+      continue;
+    }
     double ss = 0;
     for (int64_t j = lane; j < dim; j += 32) ss += static_cast<double>(orow[j]) * orow[j];
     ss = WarpSum(ss);
@@ -408,7 +489,11 @@ absl::Status RmsNormRows(const float* x, int64_t rows, int64_t dim, int64_t stri
   if (rows < 0 || dim <= 0 || stride < dim) return absl::InvalidArgumentError("RmsNormRows: shape");
   if (rows == 0) return absl::OkStatus();
   const int threads = dim >= 1024 ? 512 : (dim >= 256 ? 256 : 128);
-  RmsNormKernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, dim, stride, w, eps, y);
+  if (dim <= static_cast<int64_t>(threads) * kNormPer) {
+    RmsNormStagedKernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, dim, stride, w, eps, y);
+  } else {
+    RmsNormKernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, dim, stride, w, eps, y);
+  }
   return CudaStatus(cudaGetLastError(), "RmsNormRows");
 }
 
@@ -417,7 +502,11 @@ absl::Status AddRmsNormRows(const float* a, float* x, int64_t rows, int64_t dim,
   if (rows < 0 || dim <= 0) return absl::InvalidArgumentError("AddRmsNormRows: shape");
   if (rows == 0) return absl::OkStatus();
   const int threads = dim >= 1024 ? 512 : (dim >= 256 ? 256 : 128);  // as RmsNormRows
-  AddRmsNormKernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(a, x, dim, w, eps, y);
+  if (dim <= static_cast<int64_t>(threads) * kNormPer) {
+    AddRmsNormStagedKernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(a, x, dim, w, eps, y);
+  } else {
+    AddRmsNormKernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(a, x, dim, w, eps, y);
+  }
   return CudaStatus(cudaGetLastError(), "AddRmsNormRows");
 }
 
