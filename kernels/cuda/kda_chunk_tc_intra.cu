@@ -25,7 +25,8 @@ namespace {
 
 using namespace kl::cuda::dev;  // NOLINT
 
-constexpr int kIntraThreads = 256;
+constexpr int kIntraThreads = 256;  // phase 1b / 2c index maps assume exactly 256
+static_assert(kIntraThreads == 256, "phase 1b: 8 threads x 32 row pairs; phase 2c: fixed channels");
 constexpr int kLdL = 68;    // fp32 row stride of L
 constexpr int kLdA = 72;    // bf16 row stride of the 64 x 64 tiles
 // Shared-memory carve-up (bytes). The 64 x 128 tiles are unpadded and XOR-swizzled
@@ -301,34 +302,49 @@ __global__ void __launch_bounds__(kIntraThreads, 2) KdaChunkIntraKernel(const Tc
   __syncthreads();
   if (a.stop_after == 1) return;
 
-  // ---- phase 1b: row norms of q, k and the diagonal q_r . k_r (tiles are not rewritten) ----
+  // ---- phase 1b: row norms of q, k and the diagonal q_r . k_r (tiles are not rewritten).
+  //      8 threads per row, 2 rows per thread (r and r + 32), each thread 2 of the row's
+  //      16 chunks (c8 and c8 + 8): one pass, all loads up front; the 8 lanes of a row
+  //      read 8 distinct bank groups (conflict-free under the swizzle). ----
   {
-    const int half = lane >> 4, l16 = lane & 15;
-#pragma unroll 1
-    for (int it = 0; it < 4; ++it) {
-      const int r = warp * 8 + 2 * it + half;
-      const uint4 uq = *reinterpret_cast<const uint4*>(sQ + TB(r, l16 * 8));
-      const uint4 uk = *reinterpret_cast<const uint4*>(sK + TB(r, l16 * 8));
-      const uint32_t qw[4] = {uq.x, uq.y, uq.z, uq.w}, kw[4] = {uk.x, uk.y, uk.z, uk.w};
-      float sqq = 0.f, skk = 0.f, sqk = 0.f;
+    const int c8 = tid & 7, rb = tid >> 3;
+    float sqq[2] = {0.f, 0.f}, skk[2] = {0.f, 0.f}, sqk[2] = {0.f, 0.f};
+    uint4 uq[2][2], uk[2][2];
 #pragma unroll
-      for (int m = 0; m < 4; ++m) {
-        const float2 qv = UnpackBf16(qw[m]), kv = UnpackBf16(kw[m]);
-        sqq += qv.x * qv.x + qv.y * qv.y;
-        skk += kv.x * kv.x + kv.y * kv.y;
-        sqk += qv.x * kv.x + qv.y * kv.y;
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const int r = rb + 32 * j, c = 8 * (c8 + 8 * h2);
+        uq[j][h2] = *reinterpret_cast<const uint4*>(sQ + TB(r, c));
+        uk[j][h2] = *reinterpret_cast<const uint4*>(sK + TB(r, c));
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const uint32_t qw[4] = {uq[j][h2].x, uq[j][h2].y, uq[j][h2].z, uq[j][h2].w};
+        const uint32_t kw[4] = {uk[j][h2].x, uk[j][h2].y, uk[j][h2].z, uk[j][h2].w};
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+          const float2 qv = UnpackBf16(qw[m]), kv = UnpackBf16(kw[m]);
+          sqq[j] += qv.x * qv.x + qv.y * qv.y;
+          skk[j] += kv.x * kv.x + kv.y * kv.y;
+          sqk[j] += qv.x * kv.x + qv.y * kv.y;
+        }
       }
 #pragma unroll
-      for (int o = 8; o > 0; o >>= 1) {
-        sqq += __shfl_xor_sync(0xffffffffu, sqq, o);
-        skk += __shfl_xor_sync(0xffffffffu, skk, o);
-        sqk += __shfl_xor_sync(0xffffffffu, sqk, o);
+      for (int o = 4; o > 0; o >>= 1) {
+        sqq[j] += __shfl_xor_sync(0xffffffffu, sqq[j], o);
+        skk[j] += __shfl_xor_sync(0xffffffffu, skk[j], o);
+        sqk[j] += __shfl_xor_sync(0xffffffffu, sqk[j], o);
       }
-      if (l16 == 0) {
-        const float iq = rsqrtf(sqq + 1e-6f) * a.scale, ik = rsqrtf(skk + 1e-6f);
+      if (c8 == 0) {
+        const int r = rb + 32 * j;
+        const float iq = rsqrtf(sqq[j] + 1e-6f) * a.scale, ik = rsqrtf(skk[j] + 1e-6f);
         sInvQ[r] = iq;
         sInvK[r] = ik;
-        sA[r * kLdA + r] = __float2bfloat16_rn(iq * ik * sqk);
+        sA[r * kLdA + r] = __float2bfloat16_rn(iq * ik * sqk[j]);
       }
     }
   }
@@ -355,16 +371,19 @@ __global__ void __launch_bounds__(kIntraThreads, 2) KdaChunkIntraKernel(const Tc
 
   // ---- phase 2c: elementwise: QG, KH out; K o Gamma (normalised) in place; EG out ----
   {
-#pragma unroll 1
+    // A thread's channels d0 .. d0 + 7 are the same in every iteration (the stride
+    // is 32 core matrices = two full row groups): the last row's G is read once.
+    const int d0 = ((tid >> 3) & 15) * 8;
+    const float4 la = *reinterpret_cast<const float4*>(sG + TG(kC - 1, d0));
+    const float4 lb = *reinterpret_cast<const float4*>(sG + TG(kC - 1, d0 + 4));
+    const float lv[8] = {la.x, la.y, la.z, la.w, lb.x, lb.y, lb.z, lb.w};
+#pragma unroll 2
     for (int it = tid; it < kC * 16; it += kIntraThreads) {
       // 8 consecutive threads = the 8 rows of one (8 x 8) core matrix: 128-B stores.
-      const int cm = it >> 3, r = (cm >> 4) * 8 + (it & 7), d0 = (cm & 15) * 8;
+      const int cm = it >> 3, r = (cm >> 4) * 8 + (it & 7);
       const float4 ga = *reinterpret_cast<const float4*>(sG + TG(r, d0));
       const float4 gb = *reinterpret_cast<const float4*>(sG + TG(r, d0 + 4));
-      const float4 la = *reinterpret_cast<const float4*>(sG + TG(kC - 1, d0));
-      const float4 lb = *reinterpret_cast<const float4*>(sG + TG(kC - 1, d0 + 4));
       const float gv[8] = {ga.x, ga.y, ga.z, ga.w, gb.x, gb.y, gb.z, gb.w};
-      const float lv[8] = {la.x, la.y, la.z, la.w, lb.x, lb.y, lb.z, lb.w};
       const uint4 uq = *reinterpret_cast<const uint4*>(sQ + TB(r, d0));
       const uint4 uk = *reinterpret_cast<const uint4*>(sK + TB(r, d0));
       const uint32_t qw[4] = {uq.x, uq.y, uq.z, uq.w}, kw[4] = {uk.x, uk.y, uk.z, uk.w};
