@@ -155,6 +155,10 @@ __device__ __forceinline__ void StoreLA(const Smem& m, int ur, int lr0, int lr1,
 // Diagonal 16-block b at level l: pairs whose in-block indices first differ in bit l
 // (sub-blocks of 2^l x 2^l; e = last lower row of the sub-block). The mma also forms
 // cross-sub-block products, which are discarded.
+// At level 0 the lower row of every lane is the reference row itself (pairs (2i + 1,
+// 2i), e = 2i): its factor exp2(G_e - G_e) is exactly 1, so the B operand is k as it
+// is (the same bits as multiplying by bf16 1.0) and a quarter of the level's exp2 go.
+template <bool kLevel0>
 __device__ __forceinline__ void DiagLevel(const Smem& m, int b, int l, int lane) {
   const int g8 = lane >> 2, t4 = lane & 3;
   const int base = 16 * b, mask = (1 << l) - 1;
@@ -168,7 +172,13 @@ __device__ __forceinline__ void DiagLevel(const Smem& m, int b, int l, int lane)
     uint32_t af[4], b0, b1;
     const float4 gr = LdG(m.G, ref, orf, kk);
     UpperFrag(m, ur, ou, gr, kk, af);
-    LowerFrag(m, lr, ol, gr, kk, b0, b1);
+    if (kLevel0) {
+      const uint2 k4 = LdB(m.K, lr, ol, kk);
+      b0 = k4.x;
+      b1 = k4.y;
+    } else {
+      LowerFrag(m, lr, ol, gr, kk, b0, b1);
+    }
     Mma16816(acc, af, b0, b1);
   }
   const int w0 = 2 * t4, w1 = w0 + 1;
@@ -356,8 +366,9 @@ __global__ void __launch_bounds__(kIntraThreads, 2) KdaChunkIntraKernel(const Tc
   {
     const Smem m{sG, sQ, sK, sBeta, sInvQ, sInvK, sL, sA};
     if (warp >= 4) {
+      DiagLevel<true>(m, warp - 4, 0, lane);
 #pragma unroll 1
-      for (int l = 0; l < 4; ++l) DiagLevel(m, warp - 4, l, lane);
+      for (int l = 1; l < 4; ++l) DiagLevel<false>(m, warp - 4, l, lane);
     } else if (warp < 2) {        // rows of block 3 (half hu = warp) vs blocks 0-1, then 2
       OffDiagRows<2>(m, 3, warp, 0, lane);
       OffDiagRows<1>(m, 3, warp, 2, lane);
@@ -415,13 +426,16 @@ __global__ void __launch_bounds__(kIntraThreads, 2) KdaChunkIntraKernel(const Tc
   if (warp < 4) {
     if (lane < 16) {
       const int I = warp, cc = lane;
+      // Right-looking: once x[m] is final it updates every later row, so the
+      // dependent chain is 16 FMAs long instead of 120; each x[r] still subtracts
+      // its terms in the order m = 0, 1, ... (the same bits as row by row).
       float x[16];
 #pragma unroll
-      for (int r = 0; r < 16; ++r) {
-        float val = r == cc ? 1.0f : 0.0f;
+      for (int r = 0; r < 16; ++r) x[r] = r == cc ? 1.0f : 0.0f;
 #pragma unroll
-        for (int m = 0; m < r; ++m) val -= sL[(16 * I + r) * kLdL + 16 * I + m] * x[m];
-        x[r] = val;
+      for (int m = 0; m < 16; ++m) {
+#pragma unroll
+        for (int r = m + 1; r < 16; ++r) x[r] -= sL[(16 * I + r) * kLdL + 16 * I + m] * x[m];
       }
 #pragma unroll
       for (int r = 0; r < 16; ++r) sLT[(16 * I + r) * kLdA + 16 * I + cc] = __float2bfloat16_rn(x[r]);
