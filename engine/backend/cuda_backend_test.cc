@@ -183,9 +183,11 @@ TEST_F(OpTest, LinearMultiMatchesSeparateLinears) {
 }
 
 TEST_F(OpTest, NormsEmbeddingSwiGluAddGather) {
-  // Two shapes: rows of a few hundred values (the staged kernels: every load before the
-  // first store) and rows longer than 8 values per thread (the looping kernels).
-  for (const auto& [dim, hd] : {std::pair<int64_t, int64_t>{300, 64}, {7000, 300}}) {
+  // Rows of up to 8 values per thread (the staged kernels: every load before the first
+  // store; 2304 / 128 are the 48B model's hidden and head sizes) and longer rows (the
+  // looping kernels).
+  for (const auto& [dim, hd] :
+       {std::pair<int64_t, int64_t>{300, 64}, {2304, 128}, {7000, 300}}) {
     SCOPED_TRACE(::testing::Message() << "dim " << dim << " head dim " << hd);
     const int64_t rows = 9, heads = 3, part = dim * 2 / 3;
     const auto x = Rand(rows * dim, 3), nw = Rand(dim, 4), z = Rand(rows * heads * hd, 5);

@@ -157,7 +157,7 @@ __device__ __forceinline__ void StoreLA(const Smem& m, int ur, int lr0, int lr1,
 // cross-sub-block products, which are discarded.
 // At level 0 the lower row of every lane is the reference row itself (pairs (2i + 1,
 // 2i), e = 2i): its factor exp2(G_e - G_e) is exactly 1, so the B operand is k as it
-// is (the same bits as multiplying by bf16 1.0) and a quarter of the level's exp2 go.
+// is (the same bits as multiplying by bf16 1.0) and half of the level's exp2 go.
 template <bool kLevel0>
 __device__ __forceinline__ void DiagLevel(const Smem& m, int b, int l, int lane) {
   const int g8 = lane >> 2, t4 = lane & 3;

@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kSimtThreads) MlaDecodeSimtKernel(const Decode
 // =================================== combine kernel ===================================
 // out = sum_s w_s o_s with w_s = e^(m_s - M) / sum_s e^(m_s - M) l_s. Grid (head, sequence,
 // 32 W-column slice), 256 threads = 8 split groups (warps) x 32 lanes of W columns
-// (W = 4: one float4 per lane when dl % 4 == 0, else W = 1). At decode batch 1 this
+// (W = 4: one float4 per lane when dl % 4 == 0 and `out` is 8-byte aligned, else W = 1). At decode batch 1 this
 // kernel is pure latency (one (sequence, head) has S partial rows spread over the
 // workspace), so every thread issues kCombBatch partial loads before it needs a
 // weight: the first batch is in flight while the block reduces the S (max, sum)
@@ -258,7 +258,9 @@ cudaError_t LaunchDecodeSimt(const DecodeArgs& a, int N, bool f32_cache, cudaStr
 }
 
 cudaError_t LaunchDecodeCombine(const DecodeArgs& a, int N, cudaStream_t stream) {
-  if (a.dl % 4 == 0) {
+  // float4 columns need dl % 4 == 0 (16-byte partial rows) and an 8-byte aligned `out`
+  // (two float2 stores); the API asks that of `out` only on the tensor-core paths.
+  if (a.dl % 4 == 0 && reinterpret_cast<uintptr_t>(a.out) % 8 == 0) {
     const dim3 grid(a.H, N, static_cast<unsigned>((a.dl / 4 + 31) / 32));
     MlaDecodeCombineKernel<4><<<grid, kCombThreads, 0, stream>>>(a);
   } else {

@@ -71,6 +71,9 @@ struct DecodeCase {
   // inside a sequence: their rows are not attended to).
   std::vector<std::pair<int64_t, int64_t>> holes;
   int32_t hole_id = -1;
+  // `out` this many floats past an allocation's (256-byte aligned) start: 1 gives a
+  // 4-byte aligned output (allowed off the tensor-core paths).
+  int64_t out_offset = 0;
 };
 
 bool DeviceIsSm90() {
@@ -92,14 +95,14 @@ void RunDecode(const DecodeCase& dc, int64_t num_splits, uint64_t seed) {
 
   DeviceCache d(h);
   DeviceBuffer d_q = Upload(q), d_lens = Upload(dc.lens);
-  DeviceBuffer out = Poisoned(N * H * dc.latent);
+  DeviceBuffer out = Poisoned(N * H * dc.latent + dc.out_offset);
   MlaDecodeParams p;
   p.num_seqs = N;
   p.num_heads = H;
   p.cache = d.view;
   p.q = d_q.as<float>();
   p.seq_lens = d_lens.as<int32_t>();
-  p.out = out.as<float>();
+  p.out = out.as<float>() + dc.out_offset;
   p.scale = static_cast<float>(scale);
   p.max_seq_len_hint = *std::max_element(dc.lens.begin(), dc.lens.end());
   p.num_splits = num_splits;
@@ -125,7 +128,8 @@ void RunDecode(const DecodeCase& dc, int64_t num_splits, uint64_t seed) {
   RefDecode(h, q_ref, dc.lens, H, scale, want);
 
   auto check = [&](const char* what) {
-    const std::vector<float> got = Download<float>(out);
+    const std::vector<float> all = Download<float>(out);
+    const std::vector<float> got(all.begin() + dc.out_offset, all.end());
     ASSERT_TRUE(AllFinite(got)) << what << ": unwritten (NaN) or non-finite output";
     double worst = 0.0;
     for (int64_t n = 0; n < N; ++n) {
@@ -246,6 +250,23 @@ TEST(MlaDecode, Bf16SimtFallback) {
   dc.expect_tc = 0;
   RunDecode(dc, 0, 61);
   RunDecode(dc, 2, 62);
+}
+// The combine kernel's less common shapes: a latent that is not a multiple of 4 and an
+// output that is only 4-byte aligned (the scalar-column variant), and more splits than
+// one batch of partial loads covers (S = 100 > 64, the last 29 splits empty).
+TEST(MlaDecode, CombineOddShapes) {
+  SKIP_WITHOUT_GPU();
+  DecodeCase odd{DType::kF32, kMixedLens, 5, 30, 16, 16};
+  odd.expect_tc = 0;
+  for (int64_t splits : {0, 3}) RunDecode(odd, splits, 81 + splits);
+  DecodeCase unaligned{DType::kF32, kMixedLens, 40, 64, 16, 16};
+  unaligned.expect_tc = 0;
+  unaligned.out_offset = 1;
+  RunDecode(unaligned, 5, 85);
+  DecodeCase many{DType::kBF16, {9000, 1, 300}, 32, 512, 64, 64};
+  many.expect_tc = 1;
+  many.tol = kBf16RelTol;
+  RunDecode(many, 100, 86);
 }
 TEST(MlaDecode, LargeMagnitudeScores) {
   SKIP_WITHOUT_GPU();
