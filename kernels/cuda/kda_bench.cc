@@ -434,6 +434,52 @@ bool Exp() {
       if (!run_total(T, t, 7, &tot)) return false;
       std::printf("exp T=%ld pipelined intra launches only (seg %d): %.4f ms\n", (long)T, seg, tot);
     }
+    // The state pass with an intra kernel running beside it (what the pipeline's state
+    // CTAs see): the intra kernel alone on a low-priority stream, then at once the state
+    // pass alone on a high-priority stream, over the items of the previous call (the
+    // intra kernel rewrites the same items with the same bytes). The state pass's time
+    // per chunk here against its time alone says how much sharing SMs slows the chains.
+    {
+      int least = 0, greatest = 0;
+      BENCH_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+      cudaStream_t si, ss;
+      BENCH_CHECK(cudaStreamCreateWithPriority(&si, cudaStreamNonBlocking, least));
+      BENCH_CHECK(cudaStreamCreateWithPriority(&ss, cudaStreamNonBlocking, greatest));
+      cudaEvent_t a0, a1, b0, b1;
+      for (cudaEvent_t* e : {&a0, &a1, &b0, &b1}) BENCH_CHECK(cudaEventCreate(e));
+      std::vector<double> vin, vst;
+      for (int r = 0; r < 6; ++r) {
+        internal::TcTuning ti;
+        ti.seg_chunks = 0;
+        ti.skip_state = true;
+        internal::SetTcTuning(ti);
+        BENCH_CHECK(cudaEventRecord(a0, si));
+        BENCH_CHECK(internal::LaunchChunkTc(p, ws.get(), si, nullptr));
+        BENCH_CHECK(cudaEventRecord(a1, si));
+        internal::TcTuning ts;
+        ts.seg_chunks = 0;
+        ts.skip_intra = true;
+        internal::SetTcTuning(ts);
+        BENCH_CHECK(cudaEventRecord(b0, ss));
+        BENCH_CHECK(internal::LaunchChunkTc(p, ws.get(), ss, nullptr));
+        BENCH_CHECK(cudaEventRecord(b1, ss));
+        BENCH_CHECK(cudaEventSynchronize(a1));
+        BENCH_CHECK(cudaEventSynchronize(b1));
+        float x = 0, y = 0;
+        cudaEventElapsedTime(&x, a0, a1);
+        cudaEventElapsedTime(&y, b0, b1);
+        if (r > 0) {
+          vin.push_back(x);
+          vst.push_back(y);
+        }
+      }
+      internal::SetTcTuning(internal::TcTuning{});
+      std::printf("exp T=%ld state pass beside the intra kernel: state %.4f ms (%.3f us/chunk), intra %.4f ms\n",
+                  (long)T, Median(vst), Median(vst) * 1e3 / (T / 64), Median(vin));
+      for (cudaEvent_t e : {a0, a1, b0, b1}) cudaEventDestroy(e);
+      cudaStreamDestroy(si);
+      cudaStreamDestroy(ss);
+    }
   }
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
