@@ -86,29 +86,6 @@ __global__ void RmsNormKernel(const float* x, int64_t dim, int64_t stride, const
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) yr[c] = w[c] * (xr[c] * inv);
 }
 
-__global__ void RmsNormStagedKernel(const float* x, int64_t dim, int64_t stride, const float* w,
-                                    float eps, float* y) {
-  const float* xr = x + blockIdx.x * stride;
-  float* yr = y + blockIdx.x * stride;
-  float v[kNormPer], wv[kNormPer];
-#pragma unroll
-  for (int i = 0; i < kNormPer; ++i) {
-    const int64_t c = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
-    v[i] = c < dim ? xr[c] : 0.0f;
-    wv[i] = c < dim ? w[c] : 0.0f;
-  }
-  double ss = 0;
-#pragma unroll
-  for (int i = 0; i < kNormPer; ++i) ss += static_cast<double>(v[i]) * v[i];
-  ss = BlockSum(ss);
-  const float inv = static_cast<float>(1.0 / sqrt(ss / dim + static_cast<double>(eps)));
-#pragma unroll
-  for (int i = 0; i < kNormPer; ++i) {
-    const int64_t c = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
-    if (c < dim) yr[c] = wv[i] * (v[i] * inv);
-  }
-}
-
 // RmsNormKernel after AddKernel, fused: each thread updates the residual
 // values it then normalises (the same elements in both loops).
 __global__ void AddRmsNormKernel(const float* a, float* x, int64_t dim, const float* w, float eps,
@@ -127,23 +104,25 @@ __global__ void AddRmsNormKernel(const float* a, float* x, int64_t dim, const fl
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) yr[c] = w[c] * (xr[c] * inv);
 }
 
-__global__ void AddRmsNormStagedKernel(const float* a, float* x, int64_t dim, const float* w,
-                                       float eps, float* y) {
-  const float* ar = a + blockIdx.x * dim;
-  float* xr = x + blockIdx.x * dim;
-  float* yr = y + blockIdx.x * dim;
+// The staged row norm, plain (kAdd = false: y = norm(x)) or fused with the residual
+// add (kAdd: x += a written back, then y = norm(x)); rows `stride` apart.
+template <bool kAdd>
+__global__ void RmsNormStagedKernel(const float* a, const float* x, float* x_out, int64_t dim,
+                                    int64_t stride, const float* w, float eps, float* y) {
+  const float* xr = x + blockIdx.x * stride;
+  float* yr = y + blockIdx.x * stride;
   float v[kNormPer], wv[kNormPer];
 #pragma unroll
   for (int i = 0; i < kNormPer; ++i) {
     const int64_t c = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
-    v[i] = c < dim ? xr[c] + ar[c] : 0.0f;
+    v[i] = c < dim ? (kAdd ? xr[c] + a[blockIdx.x * stride + c] : xr[c]) : 0.0f;
     wv[i] = c < dim ? w[c] : 0.0f;
   }
   double ss = 0;
 #pragma unroll
   for (int i = 0; i < kNormPer; ++i) {
     const int64_t c = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
-    if (c < dim) xr[c] = v[i];
+    if (kAdd && c < dim) x_out[blockIdx.x * stride + c] = v[i];
     ss += static_cast<double>(v[i]) * v[i];
   }
   ss = BlockSum(ss);
@@ -490,7 +469,8 @@ absl::Status RmsNormRows(const float* x, int64_t rows, int64_t dim, int64_t stri
   if (rows == 0) return absl::OkStatus();
   const int threads = dim >= 1024 ? 512 : (dim >= 256 ? 256 : 128);
   if (dim <= static_cast<int64_t>(threads) * kNormPer) {
-    RmsNormStagedKernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, dim, stride, w, eps, y);
+    RmsNormStagedKernel<false>
+        <<<static_cast<unsigned>(rows), threads, 0, stream>>>(nullptr, x, nullptr, dim, stride, w, eps, y);
   } else {
     RmsNormKernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, dim, stride, w, eps, y);
   }
@@ -503,7 +483,8 @@ absl::Status AddRmsNormRows(const float* a, float* x, int64_t rows, int64_t dim,
   if (rows == 0) return absl::OkStatus();
   const int threads = dim >= 1024 ? 512 : (dim >= 256 ? 256 : 128);  // as RmsNormRows
   if (dim <= static_cast<int64_t>(threads) * kNormPer) {
-    AddRmsNormStagedKernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(a, x, dim, w, eps, y);
+    RmsNormStagedKernel<true>
+        <<<static_cast<unsigned>(rows), threads, 0, stream>>>(a, x, x, dim, dim, w, eps, y);
   } else {
     AddRmsNormKernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(a, x, dim, w, eps, y);
   }
