@@ -250,18 +250,22 @@ bool BenchPrefill(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row
   // Pipeline schedule sweep: segment length, first / last segment sizes.
   struct Sched {
     int seg, head, tail;
+    bool alone;  // TcTuning::state_alone
   };
   for (int64_t T : {int64_t{8192}, int64_t{32768}, int64_t{131072}}) {
     if (T > Tmax) continue;
     const int64_t cu_h[2] = {0, T};
     BENCH_CHECK(cudaMemcpy(cu.get(), cu_h, sizeof(cu_h), cudaMemcpyHostToDevice));
     p.num_tokens = T;
-    for (const Sched sc : {Sched{-1, 0, 0}, Sched{-1, 0, 8}, Sched{-1, 8, 8}, Sched{-1, 0, 16}, Sched{16, 0, 8},
-                           Sched{32, 0, 0}, Sched{64, 0, 0}, Sched{128, 0, 0}}) {
+    for (const Sched sc : {Sched{-1, 0, 0, false}, Sched{-1, 0, 8, false}, Sched{-1, 8, 8, false},
+                           Sched{-1, 0, 16, false}, Sched{16, 0, 8, false}, Sched{32, 0, 0, false},
+                           Sched{64, 0, 0, false}, Sched{128, 0, 0, false}, Sched{-1, 0, 0, true},
+                           Sched{64, 0, 0, true}}) {
       internal::TcTuning t;
       t.seg_chunks = sc.seg;
       t.head_chunks = sc.head;
       t.tail_chunks = sc.tail;
+      t.state_alone = sc.alone;
       internal::SetTcTuning(t);
       std::vector<double> v;
       for (int r = 0; r < (quick ? 3 : T <= 32768 ? 9 : 5) + 1; ++r) {
@@ -273,8 +277,8 @@ bool BenchPrefill(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row
         BENCH_CHECK(cudaEventElapsedTime(&x, e0, e2));
         if (r > 0) v.push_back(x);
       }
-      std::printf("pipelined T=%ld, seg %d (-1: adaptive) head %d tail %d: %.3f ms\n", static_cast<long>(T), sc.seg,
-                  sc.head, sc.tail, Median(v));
+      std::printf("pipelined T=%ld, seg %d (-1: adaptive) head %d tail %d%s: %.3f ms\n", static_cast<long>(T),
+                  sc.seg, sc.head, sc.tail, sc.alone ? ", state CTAs alone on their SMs" : "", Median(v));
     }
     internal::SetTcTuning(internal::TcTuning{});
   }
@@ -425,6 +429,14 @@ bool Exp() {
           }
         }
       }
+    }
+    for (int seg : {32, 64}) {  // the state CTAs with an SM each (no intra CTA beside them)
+      t = internal::TcTuning{};
+      t.seg_chunks = seg;
+      t.state_alone = true;
+      double tot = 0;
+      if (!run_total(T, t, 7, &tot)) return false;
+      std::printf("exp T=%ld pipelined seg=%d, state CTAs alone on their SMs: %.4f ms\n", (long)T, seg, tot);
     }
     for (int seg : {16, 32, 64}) {
       t = internal::TcTuning{};

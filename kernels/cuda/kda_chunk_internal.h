@@ -81,6 +81,9 @@ struct TcTuning {
   int max_ahead = 3;    // segments the intra kernel may run ahead of the state pass (0: any)
   int stop_after = 7;   // experiment: intra kernel returns after phase 1..6 (7: whole kernel)
   bool skip_intra = false, skip_state = false;  // experiment: launch only one kernel
+  // Experiment: state CTAs ask for enough shared memory that no intra CTA fits beside
+  // them (each chain gets an SM to itself).
+  bool state_alone = false;
 };
 void SetTcTuning(const TcTuning& t);
 TcTuning GetTcTuning();

@@ -102,7 +102,9 @@ cudaError_t LaunchIntraIf(const TcArgs& a, cudaStream_t s) {
   return g_tuning.skip_intra ? cudaSuccess : tc::LaunchIntra(a, s);
 }
 cudaError_t LaunchStateIf(const TcArgs& a, cudaStream_t s) {
-  return g_tuning.skip_state ? cudaSuccess : tc::LaunchState(a, g_state_impl == TcStateImpl::kWgmma, s);
+  return g_tuning.skip_state
+             ? cudaSuccess
+             : tc::LaunchState(a, g_state_impl == TcStateImpl::kWgmma, g_tuning.state_alone, s);
 }
 
 // Segment boundaries over [0, total) chunks: an optional `head`-chunk first segment

@@ -50,7 +50,8 @@ __device__ __forceinline__ int FindSeq(const int32_t* offs, int N, int c) {
 
 // Launchers (each sets its kernel's shared-memory attribute once).
 cudaError_t LaunchIntra(const TcArgs& a, cudaStream_t stream);
-cudaError_t LaunchState(const TcArgs& a, bool wgmma, cudaStream_t stream);
+// alone (wgmma only): request shared memory so that no intra CTA fits beside a state CTA.
+cudaError_t LaunchState(const TcArgs& a, bool wgmma, bool alone, cudaStream_t stream);
 
 }  // namespace kl::cuda::internal::tc
 

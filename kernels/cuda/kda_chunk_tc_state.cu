@@ -409,11 +409,17 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateMmaKernel(const
 
 }  // namespace
 
-cudaError_t LaunchState(const TcArgs& a, bool wgmma, cudaStream_t stream) {
+// Shared memory a state CTA asks for when it must have its SM to itself: more than an SM
+// (228 KB) minus an intra CTA (109,312 B) minus the 1 KB reserved per CTA, twice.
+constexpr int kWgAloneSmem = 126 * 1024;
+static_assert(kWgAloneSmem >= kWgSmem, "the alone variant only pads");
+
+cudaError_t LaunchState(const TcArgs& a, bool wgmma, bool alone, cudaStream_t stream) {
   static bool attr_wg = false, attr_mma = false;  // idempotent; racing threads set the same value
   cudaError_t err = cudaSuccess;
   if (wgmma && !attr_wg) {
-    err = cudaFuncSetAttribute(KdaChunkStateWgmmaKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgSmem);
+    err = cudaFuncSetAttribute(KdaChunkStateWgmmaKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               kWgAloneSmem);
     if (err != cudaSuccess) return err;
     attr_wg = true;
   }
@@ -424,7 +430,7 @@ cudaError_t LaunchState(const TcArgs& a, bool wgmma, cudaStream_t stream) {
   }
   const dim3 grid(kV / kSliceV, a.H, a.N);
   if (wgmma) {
-    KdaChunkStateWgmmaKernel<<<grid, kStateThreads, kWgSmem, stream>>>(a);
+    KdaChunkStateWgmmaKernel<<<grid, kStateThreads, alone ? kWgAloneSmem : kWgSmem, stream>>>(a);
   } else {
     KdaChunkStateMmaKernel<<<grid, kStateThreads, kMmaSmem, stream>>>(a);
   }
