@@ -21,10 +21,13 @@ def cuda_library(name, srcs, hdrs = [], extra_srcs = [], deps = [], copts = [], 
             name = "%s_nvcc_%s" % (name, src.replace("/", "_").replace(".", "_")),
             srcs = [src] + hdrs + extra_srcs,
             outs = [obj],
+            # nvcc names its temporaries after its PID, which repeats across sandboxed
+            # actions run in parallel (PID namespaces): each action gets its own TMPDIR.
             cmd = " ".join([
+                "t=$$(mktemp -d) && TMPDIR=$$t",
                 "\"$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc\"",
                 "-c -std=c++17 -O3 -Xcompiler=-fPIC -I. -I$(GENDIR) --expt-relaxed-constexpr",
-            ] + gencode + copts + ["-o $@ $(location %s)" % src]),
+            ] + gencode + copts + ["-o $@ $(location %s);" % src, "r=$$?; rm -rf $$t; exit $$r"]),
             message = "nvcc " + src,
         )
     native.cc_library(

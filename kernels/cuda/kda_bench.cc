@@ -19,6 +19,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include "kernels/cuda/bench_fill.h"
 #include "kernels/cuda/bench_util.h"
 #include "kernels/cuda/kda_chunk.h"
@@ -155,42 +157,73 @@ bool BenchDecode(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row>
   return true;
 }
 
+// Random B = 1 (or varlen) prefill inputs for H = 32, K = V = 128 up to Tmax tokens,
+// one state slot, and a workspace sized for Tmax tokens and up to 4 sequences.
+struct PrefillData {
+  static constexpr int64_t H = 32, K = 128, V = 128;
+  DeviceBuffer q, k, v, f, b, o, a_log, dt_bias, pool, slot, cu;
+  KdaChunkParams p;
+  DeviceBuffer ws;
+  bool Init(int64_t Tmax, cudaStream_t s) {
+    q = DeviceBuffer(Tmax * H * K * 2);
+    k = DeviceBuffer(Tmax * H * K * 2);
+    v = DeviceBuffer(Tmax * H * V * 2);
+    f = DeviceBuffer(Tmax * H * K * 2);
+    b = DeviceBuffer(Tmax * H * 2);
+    o = DeviceBuffer(Tmax * H * V * 2);
+    a_log = DeviceBuffer(H * 4);
+    dt_bias = DeviceBuffer(H * K * 4);
+    pool = DeviceBuffer(4 * H * K * V * 4);
+    slot = DeviceBuffer(16);
+    cu = DeviceBuffer(5 * 8);
+    if (!q.ok() || !k.ok() || !v.ok() || !f.ok() || !o.ok()) return false;
+    BENCH_CHECK(FillUniform(q.get(), Tmax * H * K, true, -1, 1, 21, s));
+    BENCH_CHECK(FillUniform(k.get(), Tmax * H * K, true, -1, 1, 22, s));
+    BENCH_CHECK(FillUniform(v.get(), Tmax * H * V, true, -1, 1, 23, s));
+    BENCH_CHECK(FillUniform(f.get(), Tmax * H * K, true, -3, 3, 24, s));
+    BENCH_CHECK(FillUniform(b.get(), Tmax * H, true, -3, 3, 25, s));
+    BENCH_CHECK(FillUniform(a_log.get(), H, false, 1, 16, 26, s, true));
+    BENCH_CHECK(FillUniform(dt_bias.get(), H * K, false, -1, 1, 27, s));
+    BENCH_CHECK(FillUniform(pool.get(), 4 * H * K * V, false, -0.3f, 0.3f, 28, s));
+    const int32_t sl[4] = {0, 1, 2, 3};
+    BENCH_CHECK(cudaMemcpy(slot.get(), sl, sizeof(sl), cudaMemcpyHostToDevice));
+    p.num_seqs = 4;
+    p.num_heads = H;
+    p.num_slots = 4;
+    p.algo = KdaChunkAlgo::kTensorCore;
+    p.q = q.get();
+    p.k = k.get();
+    p.v = v.get();
+    p.f = f.get();
+    p.b = b.get();
+    p.a_log = a_log.as<float>();
+    p.dt_bias = dt_bias.as<float>();
+    p.cu_seqlens = cu.as<int64_t>();
+    p.slots = slot.as<int32_t>();
+    p.state_pool = pool.as<float>();
+    p.o = o.get();
+    p.num_tokens = Tmax;
+    ws = DeviceBuffer(KdaChunkWorkspaceBytes(p));  // the largest of 1..4 sequences
+    p.num_seqs = 1;
+    return ws.ok();
+  }
+  // n equal sequences of T / n tokens each.
+  bool SetShape(int64_t T, int n) {
+    int64_t cu_h[5] = {};
+    for (int i = 1; i <= n; ++i) cu_h[i] = T * i / n;
+    p.num_tokens = T;
+    p.num_seqs = n;
+    return cudaMemcpy(cu.get(), cu_h, sizeof(int64_t) * (n + 1), cudaMemcpyHostToDevice) == cudaSuccess;
+  }
+};
+
 bool BenchPrefill(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row>* rows) {
   const int64_t H = 32, K = 128, V = 128;
   const int64_t Tmax = quick ? 32768 : 131072;
-  DeviceBuffer q(Tmax * H * K * 2), k(Tmax * H * K * 2), v(Tmax * H * V * 2), f(Tmax * H * K * 2),
-      b(Tmax * H * 2), o(Tmax * H * V * 2), a_log(H * 4), dt_bias(H * K * 4),
-      pool(H * K * V * 4), slot(4), cu(16);
-  if (!q.ok() || !o.ok()) return false;
-  BENCH_CHECK(FillUniform(q.get(), Tmax * H * K, true, -1, 1, 21, s));
-  BENCH_CHECK(FillUniform(k.get(), Tmax * H * K, true, -1, 1, 22, s));
-  BENCH_CHECK(FillUniform(v.get(), Tmax * H * V, true, -1, 1, 23, s));
-  BENCH_CHECK(FillUniform(f.get(), Tmax * H * K, true, -3, 3, 24, s));
-  BENCH_CHECK(FillUniform(b.get(), Tmax * H, true, -3, 3, 25, s));
-  BENCH_CHECK(FillUniform(a_log.get(), H, false, 1, 16, 26, s, true));
-  BENCH_CHECK(FillUniform(dt_bias.get(), H * K, false, -1, 1, 27, s));
-  BENCH_CHECK(FillUniform(pool.get(), H * K * V, false, -0.3f, 0.3f, 28, s));
-  BENCH_CHECK(cudaMemset(slot.get(), 0, 4));
-
-  KdaChunkParams p;
-  p.num_seqs = 1;
-  p.num_heads = H;
-  p.num_slots = 1;
-  p.algo = KdaChunkAlgo::kTensorCore;
-  p.q = q.get();
-  p.k = k.get();
-  p.v = v.get();
-  p.f = f.get();
-  p.b = b.get();
-  p.a_log = a_log.as<float>();
-  p.dt_bias = dt_bias.as<float>();
-  p.cu_seqlens = cu.as<int64_t>();
-  p.slots = slot.as<int32_t>();
-  p.state_pool = pool.as<float>();
-  p.o = o.get();
-  p.num_tokens = Tmax;
-  DeviceBuffer ws(KdaChunkWorkspaceBytes(p));
-  if (!ws.ok()) return false;
+  PrefillData d;
+  if (!d.Init(Tmax, s)) return false;
+  KdaChunkParams& p = d.p;
+  DeviceBuffer& ws = d.ws;
   std::printf("\n== prefill: tensor-core path, bf16, B=1, H=32, K=V=128, C=64 (workspace %.2f GB at T=%ld)\n",
               ws.bytes() / 1e9, static_cast<long>(Tmax));
   std::printf("%8s %9s %11s %9s %9s %9s %10s %8s %10s %10s\n", "T", "ms", "seq. ms", "intra ms", "state ms",
@@ -201,9 +234,7 @@ bool BenchPrefill(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row
   BENCH_CHECK(cudaEventCreate(&e2));
   for (int64_t T : {int64_t{8192}, int64_t{32768}, int64_t{131072}}) {
     if (T > Tmax) continue;
-    const int64_t cu_h[2] = {0, T};
-    BENCH_CHECK(cudaMemcpy(cu.get(), cu_h, sizeof(cu_h), cudaMemcpyHostToDevice));
-    p.num_tokens = T;
+    if (!d.SetShape(T, 1)) return false;
     const int reps = quick ? 3 : (T <= 8192 ? 21 : T <= 32768 ? 11 : 5);
     // Default: the segmented intra / state pipeline (one total time).
     std::vector<double> tot, seq, intra, state;
@@ -249,23 +280,19 @@ bool BenchPrefill(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row
   }
   // Pipeline schedule sweep: segment length, first / last segment sizes.
   struct Sched {
-    int seg, head, tail;
-    bool alone;  // TcTuning::state_alone
+    bool stream;
+    int seg, head, tail;  // TcTuning::stream, seg_chunks, head_chunks, tail_chunks
   };
   for (int64_t T : {int64_t{8192}, int64_t{32768}, int64_t{131072}}) {
     if (T > Tmax) continue;
-    const int64_t cu_h[2] = {0, T};
-    BENCH_CHECK(cudaMemcpy(cu.get(), cu_h, sizeof(cu_h), cudaMemcpyHostToDevice));
-    p.num_tokens = T;
-    for (const Sched sc : {Sched{-1, 0, 0, false}, Sched{-1, 0, 8, false}, Sched{-1, 8, 8, false},
-                           Sched{-1, 0, 16, false}, Sched{16, 0, 8, false}, Sched{32, 0, 0, false},
-                           Sched{64, 0, 0, false}, Sched{128, 0, 0, false}, Sched{-1, 0, 0, true},
-                           Sched{64, 0, 0, true}}) {
+    if (!d.SetShape(T, 1)) return false;
+    for (const Sched sc : {Sched{true, -1, 0, 0}, Sched{false, -1, 0, 0}, Sched{false, -1, 0, 8},
+                           Sched{false, -1, 8, 8}, Sched{false, 16, 0, 8}, Sched{false, 64, 0, 0}}) {
       internal::TcTuning t;
+      t.stream = sc.stream;
       t.seg_chunks = sc.seg;
       t.head_chunks = sc.head;
       t.tail_chunks = sc.tail;
-      t.state_alone = sc.alone;
       internal::SetTcTuning(t);
       std::vector<double> v;
       for (int r = 0; r < (quick ? 3 : T <= 32768 ? 9 : 5) + 1; ++r) {
@@ -277,17 +304,19 @@ bool BenchPrefill(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row
         BENCH_CHECK(cudaEventElapsedTime(&x, e0, e2));
         if (r > 0) v.push_back(x);
       }
-      std::printf("pipelined T=%ld, seg %d (-1: adaptive) head %d tail %d%s: %.3f ms\n", static_cast<long>(T),
-                  sc.seg, sc.head, sc.tail, sc.alone ? ", state CTAs alone on their SMs" : "", Median(v));
+      if (sc.stream) {
+        std::printf("pipelined T=%ld, streamed: %.3f ms\n", static_cast<long>(T), Median(v));
+      } else {
+        std::printf("pipelined T=%ld, segmented: seg %d (-1: adaptive) head %d tail %d: %.3f ms\n",
+                    static_cast<long>(T), sc.seg, sc.head, sc.tail, Median(v));
+      }
     }
     internal::SetTcTuning(internal::TcTuning{});
   }
   // State-pass implementation: wgmma (default) vs mma.sync, T = 32K.
   {
     const int64_t T = std::min<int64_t>(32768, Tmax);
-    const int64_t cu_h[2] = {0, T};
-    BENCH_CHECK(cudaMemcpy(cu.get(), cu_h, sizeof(cu_h), cudaMemcpyHostToDevice));
-    p.num_tokens = T;
+    if (!d.SetShape(T, 1)) return false;
     for (auto impl : {internal::TcStateImpl::kWgmma, internal::TcStateImpl::kMmaSync}) {
       internal::SetTcStateImpl(impl);
       std::vector<double> state;
@@ -314,46 +343,18 @@ bool BenchPrefill(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row
 bool Exp() {
   cudaStream_t s;
   BENCH_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  const int64_t H = 32, K = 128, V = 128, Tmax = 32768;
-  DeviceBuffer q(Tmax * H * K * 2), k(Tmax * H * K * 2), v(Tmax * H * V * 2), f(Tmax * H * K * 2),
-      b(Tmax * H * 2), o(Tmax * H * V * 2), a_log(H * 4), dt_bias(H * K * 4), pool(H * K * V * 4),
-      slot(4), cu(16), flush(size_t{256} << 20);
-  BENCH_CHECK(FillUniform(q.get(), Tmax * H * K, true, -1, 1, 21, s));
-  BENCH_CHECK(FillUniform(k.get(), Tmax * H * K, true, -1, 1, 22, s));
-  BENCH_CHECK(FillUniform(v.get(), Tmax * H * V, true, -1, 1, 23, s));
-  BENCH_CHECK(FillUniform(f.get(), Tmax * H * K, true, -3, 3, 24, s));
-  BENCH_CHECK(FillUniform(b.get(), Tmax * H, true, -3, 3, 25, s));
-  BENCH_CHECK(FillUniform(a_log.get(), H, false, 1, 16, 26, s, true));
-  BENCH_CHECK(FillUniform(dt_bias.get(), H * K, false, -1, 1, 27, s));
-  BENCH_CHECK(FillUniform(pool.get(), H * K * V, false, -0.3f, 0.3f, 28, s));
-  BENCH_CHECK(cudaMemset(slot.get(), 0, 4));
-  KdaChunkParams p;
-  p.num_seqs = 1;
-  p.num_heads = H;
-  p.num_slots = 1;
-  p.algo = KdaChunkAlgo::kTensorCore;
-  p.q = q.get();
-  p.k = k.get();
-  p.v = v.get();
-  p.f = f.get();
-  p.b = b.get();
-  p.a_log = a_log.as<float>();
-  p.dt_bias = dt_bias.as<float>();
-  p.cu_seqlens = cu.as<int64_t>();
-  p.slots = slot.as<int32_t>();
-  p.state_pool = pool.as<float>();
-  p.o = o.get();
-  p.num_tokens = Tmax;
-  DeviceBuffer ws(KdaChunkWorkspaceBytes(p));
+  PrefillData d;
+  if (!d.Init(32768, s)) return false;
+  KdaChunkParams& p = d.p;
+  DeviceBuffer& ws = d.ws;
+  DeviceBuffer flush(size_t{256} << 20);
   cudaEvent_t e0, e1, e2;
   BENCH_CHECK(cudaEventCreate(&e0));
   BENCH_CHECK(cudaEventCreate(&e1));
   BENCH_CHECK(cudaEventCreate(&e2));
   // Median (intra, state) ms over `reps` calls with tuning t; flush L2 before each if asked.
   auto run = [&](int64_t T, internal::TcTuning t, int reps, bool flush_l2, double* mi, double* ms) {
-    const int64_t cu_h[2] = {0, T};
-    if (cudaMemcpy(cu.get(), cu_h, sizeof(cu_h), cudaMemcpyHostToDevice) != cudaSuccess) return false;
-    p.num_tokens = T;
+    if (!d.SetShape(T, 1)) return false;
     std::vector<double> vi, vs;
     for (int r = 0; r < reps + 1; ++r) {
       if (flush_l2 && cudaMemsetAsync(flush.get(), r, flush.bytes(), s) != cudaSuccess) return false;
@@ -377,9 +378,7 @@ bool Exp() {
   double mi = 0, ms = 0;
   // Pipelined total for a tuning (after_intra = null), median of `reps`.
   auto run_total = [&](int64_t T, internal::TcTuning t, int reps, double* tot) {
-    const int64_t cu_h[2] = {0, T};
-    if (cudaMemcpy(cu.get(), cu_h, sizeof(cu_h), cudaMemcpyHostToDevice) != cudaSuccess) return false;
-    p.num_tokens = T;
+    if (!d.SetShape(T, 1)) return false;
     internal::SetTcTuning(t);
     std::vector<double> v;
     for (int r = 0; r < reps + 1; ++r) {
@@ -418,6 +417,7 @@ bool Exp() {
         for (int tail : {0, 8}) {
           for (int streams : {2, 4}) {
             t = internal::TcTuning{};
+            t.stream = false;
             t.seg_chunks = seg;
             t.head_chunks = head;
             t.tail_chunks = tail;
@@ -496,6 +496,98 @@ bool Exp() {
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
   cudaEventDestroy(e2);
+  return true;
+}
+
+// --stream-exp: the streamed mode (intra and state kernels at once, per-item flags) against
+// the segmented pipeline, alternated three times in one process: B = 1 at 8K / 32K / 128K
+// and two sequences of 16K.
+// Waits for `done` up to 10 s; past that, reads the streamed mode's ready flags on
+// another stream (copies still run beside a stuck kernel) and reports.
+bool WaitOrReport(cudaEvent_t done, const PrefillData& d, int round, const char* mode) {
+  for (int i = 0; i < 10000; ++i) {
+    const cudaError_t e = cudaEventQuery(done);
+    if (e == cudaSuccess) return true;
+    if (e != cudaErrorNotReady) {
+      std::printf("error %s\n", cudaGetErrorString(e));
+      return false;
+    }
+    usleep(1000);
+  }
+  const int64_t chunks = internal::MaxChunks(d.p.num_tokens, d.p.num_seqs), H = d.p.num_heads;
+  const size_t flags_off = internal::TcWorkspaceBytes(d.p.num_tokens, d.p.num_seqs, H) -
+                           internal::TcFlagsBytes(d.p.num_tokens, d.p.num_seqs, H);
+  std::vector<int32_t> f(chunks * H);
+  cudaStream_t side;
+  cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking);
+  cudaMemcpyAsync(f.data(), static_cast<unsigned char*>(d.ws.get()) + flags_off, f.size() * 4,
+                  cudaMemcpyDeviceToHost, side);
+  const cudaError_t e = cudaStreamSynchronize(side);
+  int64_t set = 0, first_unset = -1;
+  for (int64_t i = 0; i < chunks * H; ++i) {
+    if (f[i] != 0) ++set;
+    else if (first_unset < 0) first_unset = i;
+  }
+  std::printf("STUCK: T=%ld N=%ld mode %s round %d (copy: %s): %ld of %ld flags set, first unset %ld (chunk %ld head %ld)\n",
+              static_cast<long>(d.p.num_tokens), static_cast<long>(d.p.num_seqs), mode, round, cudaGetErrorString(e),
+              static_cast<long>(set), static_cast<long>(chunks * H), static_cast<long>(first_unset),
+              static_cast<long>(first_unset / H), static_cast<long>(first_unset % H));
+  std::fflush(stdout);
+  std::_Exit(3);
+}
+
+bool StreamExp() {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  cudaStream_t s;
+  BENCH_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  PrefillData d;
+  if (!d.Init(131072, s)) return false;
+  cudaEvent_t e0, e1;
+  BENCH_CHECK(cudaEventCreate(&e0));
+  BENCH_CHECK(cudaEventCreate(&e1));
+  struct Mode {
+    const char* name;
+    bool stream;
+  };
+  const Mode modes[] = {{"segmented", false}, {"streamed", true}};
+  constexpr int kModes = sizeof(modes) / sizeof(modes[0]);
+  struct Shape {
+    int64_t T;
+    int n;
+  };
+  for (const Shape sh : {Shape{8192, 1}, Shape{32768, 1}, Shape{131072, 1}, Shape{32768, 2}}) {
+    if (!d.SetShape(sh.T, sh.n)) return false;
+    const int reps = sh.T <= 32768 ? 9 : 5;
+    std::vector<double> med[kModes];
+    for (int round = 0; round < 3; ++round) {
+      for (int m = 0; m < kModes; ++m) {
+        internal::TcTuning t;
+        t.stream = modes[m].stream;
+        internal::SetTcTuning(t);
+        std::vector<double> v;
+        for (int r = 0; r < reps + 1; ++r) {
+          BENCH_CHECK(cudaEventRecord(e0, s));
+          BENCH_CHECK(internal::LaunchChunkTc(d.p, d.ws.get(), s, nullptr));
+          BENCH_CHECK(cudaEventRecord(e1, s));
+          if (!WaitOrReport(e1, d, round, modes[m].name)) return false;
+          float x = 0;
+          BENCH_CHECK(cudaEventElapsedTime(&x, e0, e1));
+          if (r > 0) v.push_back(x);
+        }
+        med[m].push_back(Median(v));
+        std::printf("  T=%ld N=%d %s round %d: %.4f ms\n", static_cast<long>(sh.T), sh.n, modes[m].name, round,
+                    med[m].back());
+      }
+    }
+    internal::SetTcTuning(internal::TcTuning{});
+    for (int m = 0; m < kModes; ++m) {
+      std::printf("stream-exp T=%ld N=%d %-17s %.4f / %.4f / %.4f ms\n", static_cast<long>(sh.T), sh.n, modes[m].name,
+                  med[m][0], med[m][1], med[m][2]);
+    }
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaStreamDestroy(s);
   return true;
 }
 
@@ -585,11 +677,12 @@ bool Run(bool quick) {
 }  // namespace kl::cuda
 
 int main(int argc, char** argv) {
-  bool quick = false, profile = false, exp = false;
+  bool quick = false, profile = false, exp = false, stream_exp = false;
   for (int i = 1; i < argc; ++i) {
     quick |= std::strcmp(argv[i], "--quick") == 0;
     profile |= std::strcmp(argv[i], "--profile") == 0;
     exp |= std::strcmp(argv[i], "--exp") == 0;
+    stream_exp |= std::strcmp(argv[i], "--stream-exp") == 0;
   }
   if (!kl::cuda::testing::HasCudaDevice()) {
     std::printf("kda_bench: no CUDA device\n");
@@ -597,5 +690,6 @@ int main(int argc, char** argv) {
   }
   if (profile) return kl::cuda::Profile() ? 0 : 1;
   if (exp) return kl::cuda::Exp() ? 0 : 1;
+  if (stream_exp) return kl::cuda::StreamExp() ? 0 : 1;
   return kl::cuda::Run(quick) ? 0 : 1;
 }

@@ -52,10 +52,14 @@ constexpr int64_t kKMaxTc = 128;  // K = V of the tensor-core path
 inline size_t TcCarryBytes(int64_t num_seqs, int64_t num_heads) {  // 0 above kMaxOverlapSeqs
   return num_seqs <= kMaxOverlapSeqs ? static_cast<size_t>(2 * num_seqs * num_heads) * kKMaxTc * kKMaxTc * 4 : 0;
 }
+// Streamed mode (kda_chunk_tc.cu): int32 per-item ready flags [chunks][H] at the end.
+inline size_t TcFlagsBytes(int64_t num_tokens, int64_t num_seqs, int64_t num_heads) {
+  return static_cast<size_t>(MaxChunks(num_tokens, num_seqs) * num_heads) * 4;
+}
 inline size_t TcWorkspaceBytes(int64_t num_tokens, int64_t num_seqs, int64_t num_heads) {
   return TcOffsetsBytes(num_seqs) +
          static_cast<size_t>(MaxChunks(num_tokens, num_seqs)) * num_heads * kItemBytes +
-         TcCarryBytes(num_seqs, num_heads);
+         TcCarryBytes(num_seqs, num_heads) + TcFlagsBytes(num_tokens, num_seqs, num_heads);
 }
 
 // Launches the kernels of the tensor-core path (chunk offsets, intra, state) on
@@ -73,6 +77,15 @@ void SetTcStateImpl(TcStateImpl impl);
 
 // Knobs of the tensor-core path (process-wide; tests and the benchmark change them).
 struct TcTuning {
+  // Streamed mode: the intra and state kernels run at once over all chunks, each state
+  // CTA waiting for per-item ready flags (no segments, no carried states, items read
+  // while still in L2). Used when the state CTAs, each beside an intra CTA, take at
+  // most half of the SMs (N * H * V / 64 <= SMs / 2: B = 1 at H = 32) and the state pass
+  // is the wgmma kernel. More state CTAs than SMs would starve the intra kernel (pending
+  // CTAs of the high-priority state launch hold back the intra kernel's: measured, it
+  // hangs); between half and all SMs it measured slower than the segmented pipeline.
+  // Else, or if false: the segmented pipeline below.
+  bool stream = true;
   int seg_chunks = -1;  // chunks per segment of the intra / state pipeline (0: no pipeline,
                         // < 0: chunks / 16 clamped to [32, 128])
   int head_chunks = 0;  // size of the first segment (0: seg_chunks)
@@ -86,6 +99,9 @@ struct TcTuning {
   bool state_alone = false;
 };
 void SetTcTuning(const TcTuning& t);
+// Whether an intra CTA and a state CTA fit on one SM of the current device (registers
+// and shared memory), which the streamed mode needs.
+cudaError_t TcStreamedModeFits(bool* fits);
 TcTuning GetTcTuning();
 
 // Exact fp32 SIMT path (any K <= 128, any V).

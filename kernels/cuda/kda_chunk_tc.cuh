@@ -36,7 +36,23 @@ struct TcArgs {
   // `seg` is the segment's index (carry parity).
   int c0, c1, seg;
   int stop_after;  // experiment: intra kernel returns after this phase (7 = run all)
+  // Streamed mode (both kernels run at once over the whole range): int32 [chunks][H]
+  // flags the intra kernel sets once an item is written (zeroed before the launches);
+  // null if unused.
+  int32_t* ready;
 };
+
+// Release / acquire of the per-item ready flags. The item is written by the generic
+// proxy and read by bulk copies (the async proxy): both sides fence the proxies.
+__device__ __forceinline__ void FenceProxyAsyncGlobal() { asm volatile("fence.proxy.async.global;\n" ::: "memory"); }
+__device__ __forceinline__ void StoreRelease(int32_t* p, int32_t v) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ int32_t LoadAcquire(const int32_t* p) {
+  int32_t v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
 
 // Sequence of global chunk c: the n with offs[n] <= c < offs[n+1] (offs non-decreasing).
 __device__ __forceinline__ int FindSeq(const int32_t* offs, int N, int c) {
@@ -52,6 +68,10 @@ __device__ __forceinline__ int FindSeq(const int32_t* offs, int N, int c) {
 cudaError_t LaunchIntra(const TcArgs& a, cudaStream_t stream);
 // alone (wgmma only): request shared memory so that no intra CTA fits beside a state CTA.
 cudaError_t LaunchState(const TcArgs& a, bool wgmma, bool alone, cudaStream_t stream);
+// Registers and static shared memory of the intra kernel and the wgmma state kernel, their
+// dynamic shared memory and threads per CTA (streamed mode needs one of each to fit on an SM).
+cudaError_t IntraAttributes(cudaFuncAttributes* attr, int* dynamic_smem, int* threads);
+cudaError_t StateAttributes(cudaFuncAttributes* attr, int* dynamic_smem, int* threads);
 
 }  // namespace kl::cuda::internal::tc
 

@@ -531,9 +531,22 @@ __global__ void __launch_bounds__(kIntraThreads, 2) KdaChunkIntraKernel(const Tc
       gU[(sl * kC + r) * (kLdA / 8) + s] = *reinterpret_cast<const uint4*>(stU + TB(r, 64 * sl + 8 * s));
     }
   }
+  // Streamed mode: every thread's item stores, then the flag (release at GPU scope,
+  // cumulative over the CTA barrier) for the state CTAs polling it.
+  if (a.ready != nullptr) {
+    FenceProxyAsyncGlobal();
+    __syncthreads();
+    if (tid == 0) StoreRelease(a.ready + static_cast<int64_t>(c) * H + h, 1);
+  }
 }
 
 }  // namespace
+
+cudaError_t IntraAttributes(cudaFuncAttributes* attr, int* dynamic_smem, int* threads) {
+  *threads = kIntraThreads;
+  *dynamic_smem = kIntraSmem;
+  return cudaFuncGetAttributes(attr, KdaChunkIntraKernel);
+}
 
 cudaError_t LaunchIntra(const TcArgs& a, cudaStream_t stream) {
   static_assert(kIntraSmem <= 115712, "intra kernel must fit 2 CTAs per SM");

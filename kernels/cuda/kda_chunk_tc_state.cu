@@ -12,7 +12,8 @@
 //    Vt^T starts as soon as P_W is done; the output of chunk c is written while the
 //    tensor cores run the S update of chunk c + 1; items arrive in three parts by bulk copies
 //    ([W, QG] and [U, EG] double-buffered, [KH, A] single), 115 KB of shared memory
-//    so that one CTA fits beside an intra-kernel CTA on an SM.
+//    so that one CTA fits beside an intra-kernel CTA on an SM. In streamed mode (the
+//    intra kernel running at the same time) a chunk's copies wait for its ready flag.
 //  - KdaChunkStateMmaKernel: mma.sync + ldmatrix fallback, 3-stage whole-item pipeline.
 #include <cuda_bf16.h>
 
@@ -200,6 +201,30 @@ __device__ __forceinline__ void IssueY2(unsigned char* smem, const unsigned char
   BulkCopy(smem + kOffY2, item + kItemKH, kY2Bytes, bar);
 }
 
+// Streamed mode, thread 0: waits until the intra kernel has flagged item `f`.
+// (Deliberately no watchdog: a __trap or printf in this loop costs ptxas the uniform
+// datapath for the wgmma descriptors, +15-20% per chain step, measured. LaunchChunkTc
+// streams only when the intra kernel is sure to make progress beside the state CTAs.)
+__device__ __forceinline__ void WaitFlag(const int32_t* f) {
+  while (LoadAcquire(f) == 0) __nanosleep(64);
+  FenceProxyAsyncGlobal();  // the flagged item is next read by bulk copies
+}
+// Streamed mode, thread 0: a relaxed read of a flag, issued early in a chunk step and
+// looked at only at its end, so the chain never waits on it. A set flag is enough to
+// issue the item's bulk copies: the intra kernel's release makes the item visible in L2
+// (GPU scope) before the flag, and the copies, issued only after the flag was seen, read
+// L2 (after fence.proxy.async; WaitFlag is the fully ordered path when a chain catches up).
+__device__ __forceinline__ int32_t LoadRelaxed(const int32_t* p) {
+  int32_t v;
+  asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+
+// Registers: one state CTA and one intra CTA (128 per thread) share an SM's 64K, so
+// this kernel must stay under 248 per thread (LaunchChunkTc checks before it streams;
+// kda_test fails if it may not). No calls (printf) in it: ptxas serialises wgmma then.
+template <bool kStreamed>
 __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(const TcArgs a) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ __align__(8) uint64_t bar_x[2], bar_y1[2], bar_y2;
@@ -210,7 +235,12 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(con
   const int g8 = lane >> 2, t4 = lane & 3;
   const int vw = vs * kSliceV + 16 * warp;  // warp's first value column
   auto item_of = [&](int ci) { return a.items + (static_cast<size_t>(ci) * H + h) * kItemBytes; };
-
+  auto flag_of = [&](int ci) { return a.ready + static_cast<int64_t>(ci) * H + h; };  // kStreamed only
+  // Thread 0: how far ahead of the current chunk the X + Y1 copies have gone out (2: the
+  // next chunk's are out; streamed mode: 1 or 0 while the intra kernel has not flagged
+  // the chunk after / this chunk yet). Addresses below stay expressions of ci (uniform:
+  // ptxas keeps them, and the wgmma descriptors, on the uniform datapath).
+  int x_ahead = 2;
   if (tid == 0) {
     MbarInit(&bar_x[0], 1);
     MbarInit(&bar_x[1], 1);
@@ -218,12 +248,18 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(con
     MbarInit(&bar_y1[1], 1);
     MbarInit(&bar_y2, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    if (kStreamed) WaitFlag(flag_of(ch.cb));
     IssueX(smem, 0, item_of(ch.cb), &bar_x[0]);
     IssueY1(smem, 0, item_of(ch.cb), vs, &bar_y1[0]);
     IssueY2(smem, item_of(ch.cb), &bar_y2);
     if (ch.cb + 1 < ch.ce) {
-      IssueX(smem, 1, item_of(ch.cb + 1), &bar_x[1]);
-      IssueY1(smem, 1, item_of(ch.cb + 1), vs, &bar_y1[1]);
+      if (!kStreamed || LoadRelaxed(flag_of(ch.cb + 1)) != 0) {
+        if (kStreamed) FenceProxyAsyncGlobal();
+        IssueX(smem, 1, item_of(ch.cb + 1), &bar_x[1]);
+        IssueY1(smem, 1, item_of(ch.cb + 1), vs, &bar_y1[1]);
+      } else {
+        x_ahead = 1;
+      }
     }
   }
   float s[64];
@@ -245,6 +281,17 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(con
     const int k = ci - ch.cb, b = k & 1;
     const uint64_t dw = b ? desc_x1 : desc_x0, dq = dw + (64 * 128 * 2 / 16);
     const unsigned char* y1 = smem + kOffY1 + b * kY1Bytes;
+    int32_t next_flag = 1;  // streamed, thread 0: the flag of chunk ci + x_ahead, looked at after this step
+    if (kStreamed && tid == 0) {
+      if (x_ahead == 0) {  // the intra kernel was behind: wait for chunk ci here
+        WaitFlag(flag_of(ci));
+        IssueX(smem, b, item_of(ci), &bar_x[b]);
+        IssueY1(smem, b, item_of(ci), vs, &bar_y1[b]);
+        IssueY2(smem, item_of(ci), &bar_y2);  // held back with X at the end of ci - 1
+        x_ahead = 1;
+      }
+      if (ci + x_ahead < ch.ce) next_flag = LoadRelaxed(flag_of(ci + x_ahead));
+    }
     MbarWait(&bar_x[b], (k >> 1) & 1);
 
     // Group 1: P_W = S^T W^T, group 2: P_QG = S^T QG^T (A fragments from S).
@@ -293,11 +340,38 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(con
     o_nr = ch.tok_end - o_tok < kC ? static_cast<int>(ch.tok_end - o_tok) : kC;
     __syncthreads();  // all reads of X[b], Y1[b], Y2 (wgmma and ldmatrix / loads) are done
     if (tid == 0) {
-      ProxyFence();
-      if (ci + 1 < ch.ce) IssueY2(smem, item_of(ci + 1), &bar_y2);
-      if (ci + 2 < ch.ce) {
-        IssueX(smem, b, item_of(ci + 2), &bar_x[b]);
-        IssueY1(smem, b, item_of(ci + 2), vs, &bar_y1[b]);
+      ProxyFence();  // also covers the copies thread 0 issues later into these buffers
+      if constexpr (!kStreamed) {
+        if (ci + 1 < ch.ce) IssueY2(smem, item_of(ci + 1), &bar_y2);
+        if (ci + 2 < ch.ce) {
+          IssueX(smem, b, item_of(ci + 2), &bar_x[b]);
+          IssueY1(smem, b, item_of(ci + 2), vs, &bar_y1[b]);
+        }
+      } else {
+        // X + Y1 of ci + 2 (x_ahead 2), or of ci + 1 if its flag was late (x_ahead 1),
+        // if the flag read at the top of this step was set; else later. Y2 of ci + 1
+        // once its X is out (its flag seen); else it goes out with X at the top of the
+        // next step (x_ahead 0 there).
+        int next_ahead = 0;
+        bool y2 = false;
+        if (x_ahead == 2) {
+          y2 = true;
+          next_ahead = 1;
+          if (ci + 2 < ch.ce && next_flag != 0) {
+            FenceProxyAsyncGlobal();
+            IssueX(smem, b, item_of(ci + 2), &bar_x[b]);
+            IssueY1(smem, b, item_of(ci + 2), vs, &bar_y1[b]);
+            next_ahead = 2;
+          }
+        } else if (ci + 1 < ch.ce && next_flag != 0) {
+          FenceProxyAsyncGlobal();
+          IssueX(smem, b ^ 1, item_of(ci + 1), &bar_x[b ^ 1]);
+          IssueY1(smem, b ^ 1, item_of(ci + 1), vs, &bar_y1[b ^ 1]);
+          y2 = true;
+          next_ahead = 1;
+        }
+        if (y2 && ci + 1 < ch.ce) IssueY2(smem, item_of(ci + 1), &bar_y2);
+        x_ahead = next_ahead;
       }
     }
   }
@@ -414,12 +488,22 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateMmaKernel(const
 constexpr int kWgAloneSmem = 126 * 1024;
 static_assert(kWgAloneSmem >= kWgSmem, "the alone variant only pads");
 
+cudaError_t StateAttributes(cudaFuncAttributes* attr, int* dynamic_smem, int* threads) {
+  *threads = kStateThreads;
+  *dynamic_smem = kWgSmem;
+  return cudaFuncGetAttributes(attr, KdaChunkStateWgmmaKernel<true>);  // the streamed variant
+}
+
 cudaError_t LaunchState(const TcArgs& a, bool wgmma, bool alone, cudaStream_t stream) {
   static bool attr_wg = false, attr_mma = false;  // idempotent; racing threads set the same value
   cudaError_t err = cudaSuccess;
   if (wgmma && !attr_wg) {
-    err = cudaFuncSetAttribute(KdaChunkStateWgmmaKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    err = cudaFuncSetAttribute(KdaChunkStateWgmmaKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                kWgAloneSmem);
+    if (err == cudaSuccess) {
+      err = cudaFuncSetAttribute(KdaChunkStateWgmmaKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 kWgSmem);
+    }
     if (err != cudaSuccess) return err;
     attr_wg = true;
   }
@@ -429,8 +513,10 @@ cudaError_t LaunchState(const TcArgs& a, bool wgmma, bool alone, cudaStream_t st
     attr_mma = true;
   }
   const dim3 grid(kV / kSliceV, a.H, a.N);
-  if (wgmma) {
-    KdaChunkStateWgmmaKernel<<<grid, kStateThreads, alone ? kWgAloneSmem : kWgSmem, stream>>>(a);
+  if (wgmma && a.ready != nullptr) {
+    KdaChunkStateWgmmaKernel<true><<<grid, kStateThreads, kWgSmem, stream>>>(a);
+  } else if (wgmma) {
+    KdaChunkStateWgmmaKernel<false><<<grid, kStateThreads, alone ? kWgAloneSmem : kWgSmem, stream>>>(a);
   } else {
     KdaChunkStateMmaKernel<<<grid, kStateThreads, kMmaSmem, stream>>>(a);
   }

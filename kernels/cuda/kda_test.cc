@@ -155,6 +155,9 @@ Result RunPrefill(const LayerInputs& in0, DType act, KdaChunkAlgo algo,
   const size_t ws_bytes = KdaChunkWorkspaceBytes(p);
   DeviceBuffer ws(ws_bytes);
   EXPECT_TRUE(ws.ok() && o.ok() && pool.ok());
+  // Garbage in the workspace (nonzero ready flags and counts of the streamed mode among
+  // it): nothing may depend on its contents before the call.
+  cudaMemset(ws.get(), 0xa5, ws_bytes);
   const absl::Status s = KdaChunkPrefill(p, ws.get(), ws_bytes, nullptr);
   EXPECT_TRUE(s.ok()) << s;
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -427,6 +430,7 @@ TEST(KdaChunk, TensorCoreSegmentedPipelineVarlen) {
                        Case{16, 3, 4, 8, 0, internal::TcStateImpl::kWgmma},
                        Case{4, 2, 3, 1, 1, internal::TcStateImpl::kMmaSync}}) {
     internal::TcTuning t = saved;
+    t.stream = false;
     t.seg_chunks = c.seg;
     t.max_ahead = c.ahead;
     t.intra_streams = c.streams;
@@ -444,6 +448,55 @@ TEST(KdaChunk, TensorCoreSegmentedPipelineVarlen) {
   }
   internal::SetTcTuning(saved);
   internal::SetTcStateImpl(internal::TcStateImpl::kWgmma);
+}
+
+// The streamed mode (intra and state kernels at once, per-item ready flags): varlen with
+// an empty sequence and slot -1, one long sequence of 32 heads (64 state CTAs), and a
+// batch with more state CTAs than a GPU has SMs (256: LaunchChunkTc must fall back to
+// the segmented / sequential path, or it would hang). RunPrefill fills the workspace
+// with nonzero bytes first, so stale flags would let the state pass read items before
+// they are written. Each case runs twice; the same inputs with streaming off must agree.
+TEST(KdaChunk, TensorCoreStreamedVarlen) {
+  SKIP_WITHOUT_GPU();
+  bool fits = false;
+  ASSERT_EQ(internal::TcStreamedModeFits(&fits), cudaSuccess);
+  EXPECT_TRUE(fits) << "an intra CTA and a state CTA no longer fit on one SM (registers or shared memory "
+                       "grew): the streamed mode is off";
+  const internal::TcTuning saved = internal::GetTcTuning();
+  struct Case {
+    std::vector<int64_t> lens;
+    int64_t H;
+  };
+  const std::vector<Case> cases = {
+      {{300, 0, 700, 1000}, 4},
+      {{2000}, 32},
+      {{129, 64, 1, 250, 700, 65, 900, 400}, 16},
+  };
+  for (size_t ci = 0; ci < cases.size(); ++ci) {
+    const Case& c = cases[ci];
+    std::vector<int32_t> slots;
+    for (size_t i = 0; i < c.lens.size(); ++i) slots.push_back(i == 2 ? -1 : static_cast<int32_t>(i));
+    const std::vector<int64_t> cu = CuFromLengths(c.lens);
+    const int64_t num_slots = static_cast<int64_t>(c.lens.size()) + 1;
+    const LayerInputs in = MakeInputs(880 + static_cast<int>(ci), cu.back(), c.H, 128, 128);
+    std::vector<Result> results;
+    for (int rep = 0; rep < 3; ++rep) {
+      internal::TcTuning t = saved;
+      t.stream = rep < 2;
+      internal::SetTcTuning(t);
+      results.push_back(RunPrefill(in, DType::kBF16, KdaChunkAlgo::kTensorCore, cu, slots, num_slots, 23));
+      char what[128];
+      std::snprintf(what, sizeof(what), "chunk tensor-core streamed (case %zu, call %d, stream %d)", ci, rep,
+                    t.stream ? 1 : 0);
+      ExpectRel(results.back(), kBf16RelTol, what);
+      ExpectUntouched(results.back(), slots, cu, num_slots, c.H * 128 * 128);
+    }
+    // The state pass sees the same items either way: the same bits.
+    EXPECT_EQ(results[0].o, results[1].o) << "case " << ci;
+    EXPECT_EQ(results[0].o, results[2].o) << "case " << ci;
+    EXPECT_EQ(results[0].pool, results[2].pool) << "case " << ci;
+  }
+  internal::SetTcTuning(saved);
 }
 
 TEST(KdaChunk, TensorCoreBf16LongSequence) {
