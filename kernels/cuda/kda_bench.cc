@@ -290,6 +290,7 @@ bool BenchPrefill(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row
                            Sched{false, -1, 8, 8}, Sched{false, 16, 0, 8}, Sched{false, 64, 0, 0}}) {
       internal::TcTuning t;
       t.stream = sc.stream;
+      t.stream_max_chunks = 0;
       t.seg_chunks = sc.seg;
       t.head_chunks = sc.head;
       t.tail_chunks = sc.tail;
@@ -563,6 +564,7 @@ bool StreamExp() {
       for (int m = 0; m < kModes; ++m) {
         internal::TcTuning t;
         t.stream = modes[m].stream;
+        t.stream_max_chunks = 0;  // streamed at every length here
         internal::SetTcTuning(t);
         std::vector<double> v;
         for (int r = 0; r < reps + 1; ++r) {

@@ -86,6 +86,11 @@ struct TcTuning {
   // hangs); between half and all SMs it measured slower than the segmented pipeline.
   // Else, or if false: the segmented pipeline below.
   bool stream = true;
+  // ... and only up to this many chunks in the batch (0: any). Past it the chains, which
+  // share every step with intra CTAs, set the pace: at 128K tokens streamed vs segmented
+  // measured 6.03-6.15 vs 6.20-6.34 ms on an H100 but 6.06-6.08 vs 5.82-5.86 ms on an
+  // H200 (at 32K: 1.52-1.60 vs 1.64-1.70 and 1.56-1.57 vs 1.53-1.58 ms).
+  int stream_max_chunks = 1024;
   int seg_chunks = -1;  // chunks per segment of the intra / state pipeline (0: no pipeline,
                         // < 0: chunks / 16 clamped to [32, 128])
   int head_chunks = 0;  // size of the first segment (0: seg_chunks)

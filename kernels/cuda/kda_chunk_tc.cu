@@ -192,7 +192,8 @@ cudaError_t LaunchChunkTc(const KdaChunkParams& p, void* workspace, cudaStream_t
   // Streamed mode (TcTuning::stream): needs both whole kernels and the wgmma state pass.
   const bool can_stream = g_tuning.stream && g_state_impl == TcStateImpl::kWgmma && !g_tuning.skip_intra &&
                           !g_tuning.skip_state && g_tuning.stop_after == 7 && !g_tuning.state_alone &&
-                          after_intra == nullptr && chunks_ub > N;
+                          after_intra == nullptr && chunks_ub > N &&
+                          (g_tuning.stream_max_chunks <= 0 || chunks_ub <= g_tuning.stream_max_chunks);
   if (can_stream) {
     std::lock_guard<std::mutex> lock(g_pipe_mu);
     Pipeline* pl = nullptr;
