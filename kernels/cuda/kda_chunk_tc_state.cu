@@ -222,7 +222,7 @@ __device__ __forceinline__ int32_t LoadRelaxed(const int32_t* p) {
 
 
 // Registers: one state CTA and one intra CTA (128 per thread) share an SM's 64K, so
-// this kernel must stay under 248 per thread (LaunchChunkTc checks before it streams;
+// this kernel must stay at or under 248 per thread (LaunchChunkTc checks before it streams;
 // kda_test fails if it may not). No calls (printf) in it: ptxas serialises wgmma then.
 template <bool kStreamed>
 __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(const TcArgs a) {
