@@ -158,13 +158,13 @@ bool BenchDecode(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row>
 }
 
 // Random B = 1 (or varlen) prefill inputs for H = 32, K = V = 128 up to Tmax tokens,
-// one state slot, and a workspace sized for Tmax tokens and up to 4 sequences.
+// num_slots (>= 4) state slots, and a workspace sized for Tmax tokens and up to 4 sequences.
 struct PrefillData {
   static constexpr int64_t H = 32, K = 128, V = 128;
   DeviceBuffer q, k, v, f, b, o, a_log, dt_bias, pool, slot, cu;
   KdaChunkParams p;
   DeviceBuffer ws;
-  bool Init(int64_t Tmax, cudaStream_t s) {
+  bool Init(int64_t Tmax, cudaStream_t s, int64_t num_slots = 4) {
     q = DeviceBuffer(Tmax * H * K * 2);
     k = DeviceBuffer(Tmax * H * K * 2);
     v = DeviceBuffer(Tmax * H * V * 2);
@@ -173,8 +173,8 @@ struct PrefillData {
     o = DeviceBuffer(Tmax * H * V * 2);
     a_log = DeviceBuffer(H * 4);
     dt_bias = DeviceBuffer(H * K * 4);
-    pool = DeviceBuffer(4 * H * K * V * 4);
-    slot = DeviceBuffer(16);
+    pool = DeviceBuffer(num_slots * H * K * V * 4);
+    slot = DeviceBuffer(num_slots * 4);
     cu = DeviceBuffer(5 * 8);
     if (!q.ok() || !k.ok() || !v.ok() || !f.ok() || !o.ok()) return false;
     BENCH_CHECK(FillUniform(q.get(), Tmax * H * K, true, -1, 1, 21, s));
@@ -184,12 +184,13 @@ struct PrefillData {
     BENCH_CHECK(FillUniform(b.get(), Tmax * H, true, -3, 3, 25, s));
     BENCH_CHECK(FillUniform(a_log.get(), H, false, 1, 16, 26, s, true));
     BENCH_CHECK(FillUniform(dt_bias.get(), H * K, false, -1, 1, 27, s));
-    BENCH_CHECK(FillUniform(pool.get(), 4 * H * K * V, false, -0.3f, 0.3f, 28, s));
-    const int32_t sl[4] = {0, 1, 2, 3};
-    BENCH_CHECK(cudaMemcpy(slot.get(), sl, sizeof(sl), cudaMemcpyHostToDevice));
+    BENCH_CHECK(FillUniform(pool.get(), num_slots * H * K * V, false, -0.3f, 0.3f, 28, s));
+    std::vector<int32_t> sl(num_slots);
+    for (int64_t i = 0; i < num_slots; ++i) sl[i] = static_cast<int32_t>(i);
+    BENCH_CHECK(cudaMemcpy(slot.get(), sl.data(), slot.bytes(), cudaMemcpyHostToDevice));
     p.num_seqs = 4;
     p.num_heads = H;
-    p.num_slots = 4;
+    p.num_slots = num_slots;
     p.algo = KdaChunkAlgo::kTensorCore;
     p.q = q.get();
     p.k = k.get();
@@ -597,59 +598,29 @@ bool StreamExp() {
 bool Profile() {
   cudaStream_t s;
   BENCH_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  const int64_t H = 32, K = 128, V = 128, T = 8192;
-  DeviceBuffer q(T * H * K * 2), k(T * H * K * 2), v(T * H * V * 2), f(T * H * K * 2),
-      b(T * H * 2), o(T * H * V * 2), a_log(H * 4), dt_bias(H * K * 4), pool(64 * H * K * V * 4),
-      slots(64 * 4), cu(16);
-  BENCH_CHECK(FillUniform(q.get(), T * H * K, true, -1, 1, 21, s));
-  BENCH_CHECK(FillUniform(k.get(), T * H * K, true, -1, 1, 22, s));
-  BENCH_CHECK(FillUniform(v.get(), T * H * V, true, -1, 1, 23, s));
-  BENCH_CHECK(FillUniform(f.get(), T * H * K, true, -3, 3, 24, s));
-  BENCH_CHECK(FillUniform(b.get(), T * H, true, -3, 3, 25, s));
-  BENCH_CHECK(FillUniform(a_log.get(), H, false, 1, 16, 26, s, true));
-  BENCH_CHECK(FillUniform(dt_bias.get(), H * K, false, -1, 1, 27, s));
-  BENCH_CHECK(FillUniform(pool.get(), 64 * H * K * V, false, -0.3f, 0.3f, 28, s));
-  std::vector<int32_t> sl(64);
-  for (int i = 0; i < 64; ++i) sl[i] = i;
-  BENCH_CHECK(cudaMemcpy(slots.get(), sl.data(), 256, cudaMemcpyHostToDevice));
-  const int64_t cu_h[2] = {0, T};
-  BENCH_CHECK(cudaMemcpy(cu.get(), cu_h, sizeof(cu_h), cudaMemcpyHostToDevice));
-  KdaChunkParams p;
-  p.num_seqs = 1;
-  p.num_tokens = T;
-  p.num_heads = H;
-  p.num_slots = 64;
-  p.q = q.get();
-  p.k = k.get();
-  p.v = v.get();
-  p.f = f.get();
-  p.b = b.get();
-  p.a_log = a_log.as<float>();
-  p.dt_bias = dt_bias.as<float>();
-  p.cu_seqlens = cu.as<int64_t>();
-  p.slots = slots.as<int32_t>();
-  p.state_pool = pool.as<float>();
-  p.o = o.get();
-  DeviceBuffer ws(KdaChunkWorkspaceBytes(p));
+  const int64_t H = PrefillData::H, T = 8192;
+  PrefillData pd;
+  if (!pd.Init(T, s, 64) || !pd.SetShape(T, 1)) return false;
   internal::TcTuning t;
-  t.seg_chunks = 0;  // one intra and one state launch per call (whole kernels for ncu)
+  t.stream = false;
+  t.seg_chunks = 0;  // one intra and one state launch per call, one after the other (whole kernels for ncu)
   internal::SetTcTuning(t);
-  for (int i = 0; i < 2; ++i) BENCH_STATUS(KdaChunkPrefill(p, ws.get(), ws.bytes(), s));
+  for (int i = 0; i < 2; ++i) BENCH_STATUS(KdaChunkPrefill(pd.p, pd.ws.get(), pd.ws.bytes(), s));
   internal::SetTcTuning(internal::TcTuning{});
   KdaDecodeParams d;
   d.num_seqs = d.num_tokens = 64;
   d.num_heads = H;
   d.num_slots = 64;
-  d.q = q.get();
-  d.k = k.get();
-  d.v = v.get();
-  d.f = f.get();
-  d.b = b.get();
-  d.a_log = a_log.as<float>();
-  d.dt_bias = dt_bias.as<float>();
-  d.slots = slots.as<int32_t>();
-  d.state_pool = pool.as<float>();
-  d.o = o.get();
+  d.q = pd.q.get();
+  d.k = pd.k.get();
+  d.v = pd.v.get();
+  d.f = pd.f.get();
+  d.b = pd.b.get();
+  d.a_log = pd.a_log.as<float>();
+  d.dt_bias = pd.dt_bias.as<float>();
+  d.slots = pd.slot.as<int32_t>();
+  d.state_pool = pd.pool.as<float>();
+  d.o = pd.o.get();
   BENCH_STATUS(KdaRecurrentDecode(d, s));
   BENCH_CHECK(cudaStreamSynchronize(s));
   std::printf("profile run done\n");
