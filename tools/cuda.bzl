@@ -27,7 +27,7 @@ def cuda_library(name, srcs, hdrs = [], extra_srcs = [], deps = [], copts = [], 
                 "t=$$(mktemp -d) && TMPDIR=$$t",
                 "\"$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc\"",
                 "-c -std=c++17 -O3 -Xcompiler=-fPIC -I. -I$(GENDIR) --expt-relaxed-constexpr",
-            ] + gencode + copts + ["-o $@ $(location %s);" % src, "r=$$?; rm -rf $$t; exit $$r"]),
+            ] + gencode + copts + ["-o $@ $(location %s) || r=$$?;" % src, "rm -rf $$t; exit $${r:-0}"]),
             message = "nvcc " + src,
         )
     native.cc_library(

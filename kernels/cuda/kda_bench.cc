@@ -237,7 +237,7 @@ bool BenchPrefill(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row
     if (T > Tmax) continue;
     if (!d.SetShape(T, 1)) return false;
     const int reps = quick ? 3 : (T <= 8192 ? 21 : T <= 32768 ? 11 : 5);
-    // Default: the segmented intra / state pipeline (one total time).
+    // Default: the streamed or the segmented intra / state pipeline (one total time).
     std::vector<double> tot, seq, intra, state;
     for (int r = 0; r < reps + 2; ++r) {
       BENCH_CHECK(cudaEventRecord(e0, s));

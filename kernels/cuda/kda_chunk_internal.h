@@ -41,7 +41,7 @@ inline int64_t MaxChunks(int64_t num_tokens, int64_t num_seqs) {
   return num_tokens / kChunk + num_seqs;
 }
 // Workspace: int32 chunk_offsets [N+1] (256-byte padded), then the items, then (small
-// batches) the carried states fp32 [2][N][H][K][V].
+// batches) the carried states fp32 [2][N][H][K][V], then the streamed mode's ready flags.
 inline size_t TcOffsetsBytes(int64_t num_seqs) {
   return (static_cast<size_t>(num_seqs + 1) * 4 + 255) / 256 * 256;
 }
@@ -79,18 +79,21 @@ void SetTcStateImpl(TcStateImpl impl);
 struct TcTuning {
   // Streamed mode: the intra and state kernels run at once over all chunks, each state
   // CTA waiting for per-item ready flags (no segments, no carried states, items read
-  // while still in L2). Used when the state CTAs, each beside an intra CTA, take at
-  // most half of the SMs (N * H * V / 64 <= SMs / 2: B = 1 at H = 32) and the state pass
-  // is the wgmma kernel. More state CTAs than SMs would starve the intra kernel (pending
-  // CTAs of the high-priority state launch hold back the intra kernel's: measured, it
-  // hangs); between half and all SMs it measured slower than the segmented pipeline.
-  // Else, or if false: the segmented pipeline below.
+  // while still in L2; not while the caller's stream is captured into a graph). The
+  // state CTAs run at the highest stream priority and the intra kernel at the lowest,
+  // whatever the caller's priority, and spin while they wait. Used when the state CTAs,
+  // each beside an intra CTA, take at most half of the SMs (N * H * V / 64 <= SMs / 2:
+  // B = 1 at H = 32) and the state pass is the wgmma kernel. More state CTAs than SMs
+  // would starve the intra kernel (pending CTAs of the high-priority state launch hold
+  // back the intra kernel's: measured, it hangs); between half and all SMs it measured
+  // slower than the segmented pipeline. Else, or if false: the segmented pipeline below.
   bool stream = true;
   // ... and only up to this many chunks in the batch (0: any). Past it the chains, which
   // share every step with intra CTAs, set the pace: at 128K tokens streamed vs segmented
   // measured 6.03-6.15 vs 6.20-6.34 ms on an H100 but 6.06-6.08 vs 5.82-5.86 ms on an
   // H200 (at 32K: 1.52-1.60 vs 1.64-1.70 and 1.56-1.57 vs 1.53-1.58 ms).
   int stream_max_chunks = 1024;
+  int64_t intra_delay_ns = 0;  // tests: the streamed intra kernel starts this much later
   int seg_chunks = -1;  // chunks per segment of the intra / state pipeline (0: no pipeline,
                         // < 0: chunks / 16 clamped to [32, 128])
   int head_chunks = 0;  // size of the first segment (0: seg_chunks)
@@ -107,6 +110,9 @@ void SetTcTuning(const TcTuning& t);
 // Whether an intra CTA and a state CTA fit on one SM of the current device (registers
 // and shared memory), which the streamed mode needs.
 cudaError_t TcStreamedModeFits(bool* fits);
+// Which pipeline the last LaunchChunkTc call of the process enqueued (for tests).
+enum class TcPath { kSequential = 0, kSegmented = 1, kStreamed = 2 };
+TcPath LastTcPath();
 TcTuning GetTcTuning();
 
 // Exact fp32 SIMT path (any K <= 128, any V).

@@ -17,6 +17,7 @@
 // kernel by a few chunks and read items while they are still in L2.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <mutex>
 
@@ -56,7 +57,19 @@ __global__ void __launch_bounds__(kScanThreads)
   if (tid == kScanThreads - 1) offs[N] = s_sum[tid];
 }
 
+// Tests: holds the intra stream of a streamed call for `ns` nanoseconds, so the state
+// CTAs start first and take the flag-waiting paths (TcTuning::intra_delay_ns).
+__global__ void DelayKernel(int64_t ns) {
+  uint64_t t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do {
+    __nanosleep(1000);
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  } while (static_cast<int64_t>(t - t0) < ns);
+}
+
 TcStateImpl g_state_impl = TcStateImpl::kWgmma;
+std::atomic<TcPath> g_last_path{TcPath::kSequential};
 TcTuning g_tuning;
 
 // Internal streams and events of the segmented pipeline, one set per device, created
@@ -194,7 +207,11 @@ cudaError_t LaunchChunkTc(const KdaChunkParams& p, void* workspace, cudaStream_t
                           !g_tuning.skip_state && g_tuning.stop_after == 7 && !g_tuning.state_alone &&
                           after_intra == nullptr && chunks_ub > N &&
                           (g_tuning.stream_max_chunks <= 0 || chunks_ub <= g_tuning.stream_max_chunks);
-  if (can_stream) {
+  // Not while the caller's stream is being captured into a CUDA graph: the two kernels
+  // would become sibling nodes that the graph may run one after the other, state first.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (can_stream) KL_TRY(cudaStreamIsCapturing(stream, &capture));
+  if (can_stream && capture == cudaStreamCaptureStatusNone) {
     std::lock_guard<std::mutex> lock(g_pipe_mu);
     Pipeline* pl = nullptr;
     KL_TRY(GetPipeline(&pl));
@@ -212,18 +229,27 @@ cudaError_t LaunchChunkTc(const KdaChunkParams& p, void* workspace, cudaStream_t
       KL_TRY(cudaEventRecord(pl->fork, stream));
       KL_TRY(cudaStreamWaitEvent(pl->intra[0], pl->fork, 0));
       KL_TRY(cudaStreamWaitEvent(pl->state, pl->fork, 0));
+      if (g_tuning.intra_delay_ns > 0) {
+        DelayKernel<<<1, 32, 0, pl->intra[0]>>>(g_tuning.intra_delay_ns);
+        KL_TRY(cudaGetLastError());
+      }
       KL_TRY(tc::LaunchIntra(a, pl->intra[0]));
-      KL_TRY(tc::LaunchState(a, true, false, pl->state));
+      // Joined back even if the state launch fails: the caller's stream must not run
+      // ahead of an intra kernel that is still writing the workspace.
+      const cudaError_t launched = tc::LaunchState(a, true, false, pl->state);
       KL_TRY(cudaEventRecord(pl->join[0], pl->intra[0]));
       KL_TRY(cudaEventRecord(pl->join[kIntraStreams], pl->state));
       KL_TRY(cudaStreamWaitEvent(stream, pl->join[0], 0));
-      return cudaStreamWaitEvent(stream, pl->join[kIntraStreams], 0);
+      KL_TRY(cudaStreamWaitEvent(stream, pl->join[kIntraStreams], 0));
+      if (launched == cudaSuccess) g_last_path = TcPath::kStreamed;
+      return launched;
     }
   }
 
   int seg = g_tuning.seg_chunks;
   if (seg < 0) seg = chunks_ub / 16 < 32 ? 32 : chunks_ub / 16 > 128 ? 128 : chunks_ub / 16;
   const bool segmented = a.carry != nullptr && seg > 0 && chunks_ub > seg && after_intra == nullptr;
+  g_last_path = segmented ? TcPath::kSegmented : TcPath::kSequential;
   if (!segmented) {
     a.c0 = 0;
     a.c1 = static_cast<int>(max_chunks);
@@ -273,6 +299,7 @@ cudaError_t TcStreamedModeFits(bool* fits) {
   return cudaSuccess;
 }
 void SetTcTuning(const TcTuning& t) { g_tuning = t; }
+TcPath LastTcPath() { return g_last_path.load(); }
 TcTuning GetTcTuning() { return g_tuning; }
 
 }  // namespace kl::cuda::internal

@@ -281,7 +281,9 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(con
     const int k = ci - ch.cb, b = k & 1;
     const uint64_t dw = b ? desc_x1 : desc_x0, dq = dw + (64 * 128 * 2 / 16);
     const unsigned char* y1 = smem + kOffY1 + b * kY1Bytes;
-    int32_t next_flag = 1;  // streamed, thread 0: the flag of chunk ci + x_ahead, looked at after this step
+    // Streamed, thread 0: the flags of chunks ci + 1 (if its copies are not out yet) and
+    // ci + 2, read now and looked at after this step.
+    int32_t flag1 = 1, flag2 = 1;
     if (kStreamed && tid == 0) {
       if (x_ahead == 0) {  // the intra kernel was behind: wait for chunk ci here
         WaitFlag(flag_of(ci));
@@ -290,7 +292,8 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(con
         IssueY2(smem, item_of(ci), &bar_y2);  // held back with X at the end of ci - 1
         x_ahead = 1;
       }
-      if (ci + x_ahead < ch.ce) next_flag = LoadRelaxed(flag_of(ci + x_ahead));
+      if (x_ahead == 1 && ci + 1 < ch.ce) flag1 = LoadRelaxed(flag_of(ci + 1));
+      flag2 = ci + 2 < ch.ce ? LoadRelaxed(flag_of(ci + 2)) : 0;
     }
     MbarWait(&bar_x[b], (k >> 1) & 1);
 
@@ -348,30 +351,24 @@ __global__ void __launch_bounds__(kStateThreads, 1) KdaChunkStateWgmmaKernel(con
           IssueY1(smem, b, item_of(ci + 2), vs, &bar_y1[b]);
         }
       } else {
-        // X + Y1 of ci + 2 (x_ahead 2), or of ci + 1 if its flag was late (x_ahead 1),
-        // if the flag read at the top of this step was set; else later. Y2 of ci + 1
-        // once its X is out (its flag seen); else it goes out with X at the top of the
-        // next step (x_ahead 0 there).
-        int next_ahead = 0;
-        bool y2 = false;
-        if (x_ahead == 2) {
-          y2 = true;
-          next_ahead = 1;
-          if (ci + 2 < ch.ce && next_flag != 0) {
-            FenceProxyAsyncGlobal();
-            IssueX(smem, b, item_of(ci + 2), &bar_x[b]);
-            IssueY1(smem, b, item_of(ci + 2), vs, &bar_y1[b]);
-            next_ahead = 2;
-          }
-        } else if (ci + 1 < ch.ce && next_flag != 0) {
-          FenceProxyAsyncGlobal();
+        // X + Y1 of ci + 1 if they are not out yet (x_ahead 1) and its flag was set when
+        // read at the top of this step, then Y2 of ci + 1 (needed first), then X + Y1 of
+        // ci + 2 if its flag was set: a chain that missed a flag is back two ahead as soon
+        // as the intra kernel is. Whatever is not out goes out at the top of its step.
+        const bool x1 = x_ahead == 1 && ci + 1 < ch.ce && flag1 != 0;
+        const bool x2 = (x_ahead == 2 || x1) && ci + 2 < ch.ce && flag2 != 0;
+        if (x1 || x2) FenceProxyAsyncGlobal();
+        if (x1) {
           IssueX(smem, b ^ 1, item_of(ci + 1), &bar_x[b ^ 1]);
           IssueY1(smem, b ^ 1, item_of(ci + 1), vs, &bar_y1[b ^ 1]);
-          y2 = true;
-          next_ahead = 1;
         }
+        const bool y2 = x_ahead == 2 || x1;  // X of ci + 1 is out: its flag was seen
         if (y2 && ci + 1 < ch.ce) IssueY2(smem, item_of(ci + 1), &bar_y2);
-        x_ahead = next_ahead;
+        if (x2) {
+          IssueX(smem, b, item_of(ci + 2), &bar_x[b]);
+          IssueY1(smem, b, item_of(ci + 2), vs, &bar_y1[b]);
+        }
+        x_ahead = x2 ? 2 : y2 ? 1 : 0;
       }
     }
   }

@@ -455,13 +455,17 @@ TEST(KdaChunk, TensorCoreSegmentedPipelineVarlen) {
 // batch with more state CTAs than a GPU has SMs (256: LaunchChunkTc must fall back to
 // the segmented / sequential path, or it would hang). RunPrefill fills the workspace
 // with nonzero bytes first, so stale flags would let the state pass read items before
-// they are written. Each case runs twice; the same inputs with streaming off must agree.
+// they are written. Each case runs four times: streamed twice, streamed with the intra
+// kernel held back 300 us (the flag-waiting paths), and with streaming off: all four must
+// agree bit for bit, and LastTcPath must say streamed exactly where it should.
 TEST(KdaChunk, TensorCoreStreamedVarlen) {
   SKIP_WITHOUT_GPU();
   bool fits = false;
   ASSERT_EQ(internal::TcStreamedModeFits(&fits), cudaSuccess);
   EXPECT_TRUE(fits) << "an intra CTA and a state CTA no longer fit on one SM (registers or shared memory "
                        "grew): the streamed mode is off";
+  int sms = 0;
+  ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
   const internal::TcTuning saved = internal::GetTcTuning();
   struct Case {
     std::vector<int64_t> lens;
@@ -479,10 +483,16 @@ TEST(KdaChunk, TensorCoreStreamedVarlen) {
     const std::vector<int64_t> cu = CuFromLengths(c.lens);
     const int64_t num_slots = static_cast<int64_t>(c.lens.size()) + 1;
     const LayerInputs in = MakeInputs(880 + static_cast<int>(ci), cu.back(), c.H, 128, 128);
+    // Streamed when the state grid (N x H x 2 CTAs) is at most half the SMs.
+    const bool expect_streamed = fits && 2 * static_cast<int64_t>(c.lens.size()) * c.H * 2 <= sms;
     std::vector<Result> results;
-    for (int rep = 0; rep < 3; ++rep) {
+    // Calls 0-1 streamed if eligible; call 2 with the intra kernel held back 300 us (the
+    // state CTAs start first and wait on flags, then catch up with the intra kernel);
+    // call 3 with streaming off.
+    for (int rep = 0; rep < 4; ++rep) {
       internal::TcTuning t = saved;
-      t.stream = rep < 2;
+      t.stream = rep < 3;
+      t.intra_delay_ns = rep == 2 ? 300000 : 0;
       internal::SetTcTuning(t);
       results.push_back(RunPrefill(in, DType::kBF16, KdaChunkAlgo::kTensorCore, cu, slots, num_slots, 23));
       char what[128];
@@ -490,11 +500,13 @@ TEST(KdaChunk, TensorCoreStreamedVarlen) {
                     t.stream ? 1 : 0);
       ExpectRel(results.back(), kBf16RelTol, what);
       ExpectUntouched(results.back(), slots, cu, num_slots, c.H * 128 * 128);
+      EXPECT_EQ(internal::LastTcPath() == internal::TcPath::kStreamed, t.stream && expect_streamed) << what;
     }
     // The state pass sees the same items either way: the same bits.
-    EXPECT_EQ(results[0].o, results[1].o) << "case " << ci;
-    EXPECT_EQ(results[0].o, results[2].o) << "case " << ci;
-    EXPECT_EQ(results[0].pool, results[2].pool) << "case " << ci;
+    for (int rep = 1; rep < 4; ++rep) {
+      EXPECT_EQ(results[0].o, results[rep].o) << "case " << ci << " call " << rep;
+      EXPECT_EQ(results[0].pool, results[rep].pool) << "case " << ci << " call " << rep;
+    }
   }
   internal::SetTcTuning(saved);
 }
