@@ -46,6 +46,9 @@ struct CudaBackendOptions {
   // Chunk prefill of KDA on bf16 tensor cores (K = V = 128 on sm_90); else the
   // exact fp32 chunk algorithm.
   bool kda_tensor_cores = false;
+  // ... and for a long single sequence with its two kernels running at once (the streamed
+  // mode; needs at least half the GPU's SMs for this process: off under MPS thread limits).
+  bool kda_streamed_prefill = true;
   // MLA prefill attention on bf16 tensor cores (qk 192 / v 128 or 96 / 64);
   // else the exact fp32 kernel.
   bool mla_tensor_cores = false;

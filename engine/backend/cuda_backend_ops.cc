@@ -248,6 +248,7 @@ absl::Status CudaBackend::KdaMix(float* q, float* k, float* v, float* f, float* 
     ASSIGN_OR_RETURN(o_bf16, Scratch(T * dim * 2));
     p.act = DType::kBF16;
     p.algo = cuda::KdaChunkAlgo::kTensorCore;
+    p.allow_concurrent = options_.kda_streamed_prefill;
     p.q = bf[0];
     p.k = bf[1];
     p.v = bf[2];

@@ -24,6 +24,7 @@ const bool kRegistered = RegisterBackend(
       o.bf16_weights = spec.fast;
       o.latent_dtype = spec.fast ? DType::kBF16 : DType::kF32;
       o.kda_tensor_cores = spec.fast;
+      o.kda_streamed_prefill = spec.kda_streamed;
       o.mla_tensor_cores = spec.fast;
       o.cuda_graphs = spec.graphs;
       absl::StatusOr<std::unique_ptr<CudaBackend>> be = CudaBackend::Create(config, o);

@@ -24,6 +24,7 @@ struct BackendSpec {
   int device = 0;          // accelerator index
   int64_t max_seqs = 64;   // sequences resident at once (decode slots)
   bool fast = false;       // bf16 weights / latents and tensor-core kernels
+  bool kda_streamed = true;  // fast: KDA prefill kernels may run concurrently (CudaBackendOptions)
   // Decode-shaped forwards from CUDA graphs. Off for prefill workers: their
   // layer-done callbacks copy or ship each layer, which a graph cannot do.
   bool graphs = true;

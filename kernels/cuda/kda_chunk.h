@@ -60,6 +60,11 @@ struct KdaChunkParams {
   float* state_pool = nullptr;  // fp32 [num_slots][H][K][V]
   void* o = nullptr;            // act [num_tokens][H][V] out
   float scale = 0.0f;           // 0 means K^-1/2
+  // Tensor-core path: for one long sequence the two kernels may run at the same time, the
+  // second waiting on flags the first sets (the streamed mode, kda_chunk_internal.h). It
+  // relies on the first keeping at least half the GPU's SMs; set false where the process
+  // may get fewer SMs than the device reports (e.g. an MPS client with a thread limit).
+  bool allow_concurrent = true;
 };
 
 // Bytes of device workspace the call needs (0 for kExact). Depends only on shapes.

@@ -203,7 +203,7 @@ cudaError_t LaunchChunkTc(const KdaChunkParams& p, void* workspace, cudaStream_t
   // Segment length: as set, or (< 0) chunks / 16 clamped to [32, 128]: fewer launches
   // for long inputs, enough segments to overlap for short ones.
   // Streamed mode (TcTuning::stream): needs both whole kernels and the wgmma state pass.
-  const bool can_stream = g_tuning.stream && g_state_impl == TcStateImpl::kWgmma && !g_tuning.skip_intra &&
+  const bool can_stream = g_tuning.stream && p.allow_concurrent && g_state_impl == TcStateImpl::kWgmma && !g_tuning.skip_intra &&
                           !g_tuning.skip_state && g_tuning.stop_after == 7 && !g_tuning.state_alone &&
                           after_intra == nullptr && chunks_ub > N &&
                           (g_tuning.stream_max_chunks <= 0 || chunks_ub <= g_tuning.stream_max_chunks);

@@ -119,7 +119,7 @@ Result RunDecode(const LayerInputs& in0, DType act, const std::vector<int64_t>& 
 
 Result RunPrefill(const LayerInputs& in0, DType act, KdaChunkAlgo algo,
                   const std::vector<int64_t>& cu, const std::vector<int32_t>& slots,
-                  int64_t num_slots, uint64_t pool_seed) {
+                  int64_t num_slots, uint64_t pool_seed, bool allow_concurrent = true) {
   LayerInputs in = in0;
   if (act == DType::kBF16) testing::RoundActivations(in);
   const int64_t H = in.H, K = in.K, V = in.V, N = static_cast<int64_t>(slots.size());
@@ -152,6 +152,7 @@ Result RunPrefill(const LayerInputs& in0, DType act, KdaChunkAlgo algo,
   p.slots = d_slots.as<int32_t>();
   p.state_pool = pool.as<float>();
   p.o = o.get();
+  p.allow_concurrent = allow_concurrent;
   const size_t ws_bytes = KdaChunkWorkspaceBytes(p);
   DeviceBuffer ws(ws_bytes);
   EXPECT_TRUE(ws.ok() && o.ok() && pool.ok());
@@ -455,9 +456,10 @@ TEST(KdaChunk, TensorCoreSegmentedPipelineVarlen) {
 // batch with more state CTAs than a GPU has SMs (256: LaunchChunkTc must fall back to
 // the segmented / sequential path, or it would hang). RunPrefill fills the workspace
 // with nonzero bytes first, so stale flags would let the state pass read items before
-// they are written. Each case runs four times: streamed twice, streamed with the intra
-// kernel held back 300 us (the flag-waiting paths), and with streaming off: all four must
-// agree bit for bit, and LastTcPath must say streamed exactly where it should.
+// they are written. Each case runs five times: streamed twice, streamed with the intra
+// kernel held back 300 us (the flag-waiting paths), with allow_concurrent false and with
+// the tuning off: all five must agree bit for bit, and LastTcPath must say streamed
+// exactly where it should.
 TEST(KdaChunk, TensorCoreStreamedVarlen) {
   SKIP_WITHOUT_GPU();
   bool fits = false;
@@ -488,22 +490,25 @@ TEST(KdaChunk, TensorCoreStreamedVarlen) {
     std::vector<Result> results;
     // Calls 0-1 streamed if eligible; call 2 with the intra kernel held back 300 us (the
     // state CTAs start first and wait on flags, then catch up with the intra kernel);
-    // call 3 with streaming off.
-    for (int rep = 0; rep < 4; ++rep) {
+    // call 3 with KdaChunkParams::allow_concurrent false; call 4 with the tuning off.
+    for (int rep = 0; rep < 5; ++rep) {
       internal::TcTuning t = saved;
-      t.stream = rep < 3;
+      t.stream = rep < 4;
       t.intra_delay_ns = rep == 2 ? 300000 : 0;
       internal::SetTcTuning(t);
-      results.push_back(RunPrefill(in, DType::kBF16, KdaChunkAlgo::kTensorCore, cu, slots, num_slots, 23));
+      const bool allow = rep != 3;
+      results.push_back(
+          RunPrefill(in, DType::kBF16, KdaChunkAlgo::kTensorCore, cu, slots, num_slots, 23, allow));
       char what[128];
-      std::snprintf(what, sizeof(what), "chunk tensor-core streamed (case %zu, call %d, stream %d)", ci, rep,
-                    t.stream ? 1 : 0);
+      std::snprintf(what, sizeof(what), "chunk tensor-core streamed (case %zu, call %d, stream %d, allow %d)", ci,
+                    rep, t.stream ? 1 : 0, allow ? 1 : 0);
       ExpectRel(results.back(), kBf16RelTol, what);
       ExpectUntouched(results.back(), slots, cu, num_slots, c.H * 128 * 128);
-      EXPECT_EQ(internal::LastTcPath() == internal::TcPath::kStreamed, t.stream && expect_streamed) << what;
+      EXPECT_EQ(internal::LastTcPath() == internal::TcPath::kStreamed, t.stream && allow && expect_streamed)
+          << what;
     }
     // The state pass sees the same items either way: the same bits.
-    for (int rep = 1; rep < 4; ++rep) {
+    for (int rep = 1; rep < 5; ++rep) {
       EXPECT_EQ(results[0].o, results[rep].o) << "case " << ci << " call " << rep;
       EXPECT_EQ(results[0].pool, results[rep].pool) << "case " << ci << " call " << rep;
     }

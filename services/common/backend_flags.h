@@ -1,4 +1,5 @@
-// --backend / --cuda_device / --cuda_fast, shared by kl-prefill and kl-decode.
+// --backend / --cuda_device / --cuda_fast / --cuda_kda_streamed, shared by kl-prefill
+// and kl-decode.
 // "cuda" exists only in the GPU builds of the workers (kl-prefill-cuda,
 // kl-decode-cuda); the plain binaries answer it with a clear error.
 #ifndef KL_SERVICES_COMMON_BACKEND_FLAGS_H_
