@@ -530,7 +530,8 @@ bool WaitOrReport(cudaEvent_t done, const PrefillData& d, int round, const char*
     if (f[i] != 0) ++set;
     else if (first_unset < 0) first_unset = i;
   }
-  std::printf("STUCK: T=%ld N=%ld mode %s round %d (copy: %s): %ld of %ld flags set, first unset %ld (chunk %ld head %ld)\n",
+  std::printf("STUCK: T=%ld N=%ld mode %s round %d (copy: %s): %ld of %ld flags set, "
+              "first unset %ld (chunk %ld head %ld)\n",
               static_cast<long>(d.p.num_tokens), static_cast<long>(d.p.num_seqs), mode, round, cudaGetErrorString(e),
               static_cast<long>(set), static_cast<long>(chunks * H), static_cast<long>(first_unset),
               static_cast<long>(first_unset / H), static_cast<long>(first_unset % H));

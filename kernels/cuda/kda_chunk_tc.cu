@@ -11,8 +11,8 @@
 // the workspace. A state CTA fits beside an intra CTA, so the state pass of segment s
 // overlaps the intra work of s + 1, s + 2 and reads items that are still in L2; the
 // intra kernel runs at most max_ahead segments ahead of the state pass.
-// Streamed mode (the default where every state CTA fits on the GPU at once): one intra
-// and one state launch over all chunks, at the same time; the intra kernel flags each
+// Streamed mode (the default for B = 1 at H = 32 up to 1,024 chunks; TcTuning::stream
+// lists the conditions): one intra and one state launch over all chunks, at the same time; the intra kernel flags each
 // item when written and the state CTAs wait for the flags, so the chains trail the intra
 // kernel by a few chunks and read items while they are still in L2.
 #include <cuda_runtime.h>
@@ -200,12 +200,10 @@ cudaError_t LaunchChunkTc(const KdaChunkParams& p, void* workspace, cudaStream_t
   // Chunks of the batch <= ceil(T / 64) + N - 1 (tighter than MaxChunks for N = 1).
   const int64_t chunks_ub_raw = (p.num_tokens + kC - 1) / kC + p.num_seqs - 1;
   const int chunks_ub = static_cast<int>(chunks_ub_raw < max_chunks ? chunks_ub_raw : max_chunks);
-  // Segment length: as set, or (< 0) chunks / 16 clamped to [32, 128]: fewer launches
-  // for long inputs, enough segments to overlap for short ones.
   // Streamed mode (TcTuning::stream): needs both whole kernels and the wgmma state pass.
-  const bool can_stream = g_tuning.stream && p.allow_concurrent && g_state_impl == TcStateImpl::kWgmma && !g_tuning.skip_intra &&
-                          !g_tuning.skip_state && g_tuning.stop_after == 7 && !g_tuning.state_alone &&
-                          after_intra == nullptr && chunks_ub > N &&
+  const bool can_stream = g_tuning.stream && p.allow_concurrent && g_state_impl == TcStateImpl::kWgmma &&
+                          !g_tuning.skip_intra && !g_tuning.skip_state && g_tuning.stop_after == 7 &&
+                          !g_tuning.state_alone && after_intra == nullptr && chunks_ub > N &&
                           (g_tuning.stream_max_chunks <= 0 || chunks_ub <= g_tuning.stream_max_chunks);
   // Not while the caller's stream is being captured into a CUDA graph: the two kernels
   // would become sibling nodes that the graph may run one after the other, state first.
@@ -246,6 +244,8 @@ cudaError_t LaunchChunkTc(const KdaChunkParams& p, void* workspace, cudaStream_t
     }
   }
 
+  // Segment length: as set, or (< 0) chunks / 16 clamped to [32, 128]: fewer launches
+  // for long inputs, enough segments to overlap for short ones.
   int seg = g_tuning.seg_chunks;
   if (seg < 0) seg = chunks_ub / 16 < 32 ? 32 : chunks_ub / 16 > 128 ? 128 : chunks_ub / 16;
   const bool segmented = a.carry != nullptr && seg > 0 && chunks_ub > seg && after_intra == nullptr;
