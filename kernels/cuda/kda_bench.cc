@@ -1,12 +1,12 @@
 // Benchmark of the CUDA KDA kernels with the two ceilings measured in the same run:
-//   kda_bench [--quick | --profile]
+//   kda_bench [--quick] [--decode-only] | --profile | --exp | --stream-exp
 // Prints: device; D2D copy bandwidth (1 GiB, read + write counted); cuBLAS bf16
 // GEMM 8192^3; decode (N in {1, 16, 64, 256}, H = 32, K = V = 128, bf16 inputs,
 // fp32 states rotating through a 2 GiB slot pool so every launch reads DRAM; N = 1
 // also inside a CUDA graph); prefill (tensor-core path, B = 1, H = 32, T in {8K,
 // 32K, 128K}) with the intra / state phase split. Times are medians of CUDA-event
-// timings after warm-up. --quick: fewer repetitions, no 128K. --profile: a few
-// launches only, for ncu.
+// timings after warm-up. --quick: fewer repetitions, no 128K. --decode-only: no
+// prefill. --profile: a few launches only, for ncu.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -628,7 +628,7 @@ bool Profile() {
   return true;
 }
 
-bool Run(bool quick) {
+bool Run(bool quick, bool decode_only) {
   cudaDeviceProp prop;
   BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s, %d SMs, L2 %d MB, %zu MiB\n", prop.name, prop.multiProcessorCount,
@@ -639,7 +639,7 @@ bool Run(bool quick) {
   std::vector<Row> rows;
   if (!MeasureCeilings(s, quick, &c)) return false;
   if (!BenchDecode(s, quick, c, &rows)) return false;
-  if (!BenchPrefill(s, quick, c, &rows)) return false;
+  if (!decode_only && !BenchPrefill(s, quick, c, &rows)) return false;
   std::printf("\n== summary (%s)\n", prop.name);
   std::printf("ceiling: copy %.3f TB/s, cuBLAS bf16 GEMM %.1f TFLOP/s\n", c.copy_tbs, c.gemm_tflops);
   for (const Row& r : rows) std::printf("%s\n", r.text.c_str());
@@ -651,12 +651,13 @@ bool Run(bool quick) {
 }  // namespace kl::cuda
 
 int main(int argc, char** argv) {
-  bool quick = false, profile = false, exp = false, stream_exp = false;
+  bool quick = false, profile = false, exp = false, stream_exp = false, decode_only = false;
   for (int i = 1; i < argc; ++i) {
     quick |= std::strcmp(argv[i], "--quick") == 0;
     profile |= std::strcmp(argv[i], "--profile") == 0;
     exp |= std::strcmp(argv[i], "--exp") == 0;
     stream_exp |= std::strcmp(argv[i], "--stream-exp") == 0;
+    decode_only |= std::strcmp(argv[i], "--decode-only") == 0;
   }
   if (!kl::cuda::testing::HasCudaDevice()) {
     std::printf("kda_bench: no CUDA device\n");
@@ -665,5 +666,5 @@ int main(int argc, char** argv) {
   if (profile) return kl::cuda::Profile() ? 0 : 1;
   if (exp) return kl::cuda::Exp() ? 0 : 1;
   if (stream_exp) return kl::cuda::StreamExp() ? 0 : 1;
-  return kl::cuda::Run(quick) ? 0 : 1;
+  return kl::cuda::Run(quick, decode_only) ? 0 : 1;
 }
