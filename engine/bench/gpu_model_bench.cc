@@ -4,7 +4,7 @@
 // (weights touched + KDA states + MLA latents) at the copy bandwidth measured
 // in the same run.
 //
-//   gpu_model_bench [--config=auto|48b|small|tiny] [--quick]
+//   gpu_model_bench [--config=auto|48b|small|tiny] [--quick] [--decode_batches=1,4,16]
 // "auto" runs the 48B shape with as many of its 27 layers as fit in the GPU
 // (all of them on an H200; layers are dropped from the end, keeping the 3:1
 // KDA:MLA pattern, on smaller GPUs) and says so in the output.
@@ -21,7 +21,9 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "engine/backend/cuda_backend.h"
 #include "engine/config/model_config.h"
 #include "engine/model/model.h"
@@ -30,6 +32,8 @@
 ABSL_FLAG(std::string, config, "auto", "auto | 48b | small | tiny");
 ABSL_FLAG(bool, quick, false, "fewer and shorter runs");
 ABSL_FLAG(int64_t, decode_context, 4096, "tokens already in each sequence when decoding");
+ABSL_FLAG(std::string, decode_batches, "",
+          "comma-separated decode batch sizes (default 1,16,64; --quick 1,16)");
 ABSL_FLAG(int64_t, profile_decode_batch, 0,
           "only run decode steps of this batch size, eagerly (no CUDA graphs), the last one "
           "between cudaProfilerStart/Stop: for `ncu --profile-from-start off` per-kernel times");
@@ -131,8 +135,19 @@ int Run() {
   }
   const double copy_tbs = CopyTBs();
   const int64_t context = absl::GetFlag(FLAGS_decode_context);
-  const std::vector<int64_t> batches = quick ? std::vector<int64_t>{1, 16}
-                                             : std::vector<int64_t>{1, 16, 64};
+  std::vector<int64_t> batches = quick ? std::vector<int64_t>{1, 16}
+                                       : std::vector<int64_t>{1, 16, 64};
+  if (const std::string list = absl::GetFlag(FLAGS_decode_batches); !list.empty()) {
+    batches.clear();
+    for (absl::string_view b : absl::StrSplit(list, ',')) {
+      int64_t v = 0;
+      if (!absl::SimpleAtoi(b, &v) || v < 1) {
+        std::printf("--decode_batches: not a batch size: '%s'\n", std::string(b).c_str());
+        return 1;
+      }
+      batches.push_back(v);
+    }
+  }
   const std::vector<int64_t> prompts = quick ? std::vector<int64_t>{4096}
                                              : std::vector<int64_t>{4096, 16384};
   int64_t steps = quick ? 8 : 32;

@@ -15,6 +15,7 @@
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/kda_decode.h"
 #include "kernels/cuda/kda_device.cuh"
+#include "kernels/cuda/pdl.cuh"
 
 namespace kl::cuda {
 namespace {
@@ -37,6 +38,7 @@ struct DecodeArgs {
 
 template <class T, int K, int V>
 __global__ void __launch_bounds__(K) KdaDecodeKernel(const DecodeArgs a) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   constexpr int kWarps = K / 32;
   static_assert(K % 32 == 0 && V % kSliceV == 0, "K, V multiples of 32");
   constexpr bool kAccurate = sizeof(T) == 4;  // fp32 activations: libm-accurate math
@@ -182,6 +184,7 @@ __global__ void __launch_bounds__(256) ShortConvDecodeKernel(const T* x, const T
                                                              const int32_t* slots, T* tail_pool,
                                                              T* out, int64_t C, int W,
                                                              int32_t num_slots) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   constexpr bool kAccurate = sizeof(T) == 4;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t n = blockIdx.y;
@@ -221,7 +224,7 @@ cudaError_t LaunchDecode(const KdaDecodeParams& p, cudaStream_t stream) {
                p.scale != 0.0f ? p.scale : 1.0f / sqrtf(static_cast<float>(K))};
   const dim3 grid(V / kSliceV, static_cast<unsigned>(p.num_heads),
                   static_cast<unsigned>(p.num_seqs));
-  KdaDecodeKernel<T, K, V><<<grid, K, 0, stream>>>(a);
+  LaunchPdl(KdaDecodeKernel<T, K, V>, grid, K, 0, stream, a);
   return cudaGetLastError();
 }
 
@@ -283,14 +286,14 @@ absl::Status ShortConvDecode(const ShortConvDecodeParams& p, cudaStream_t stream
   const int W = static_cast<int>(p.width);
   const int32_t slots = static_cast<int32_t>(p.num_slots);
   if (p.act == DType::kF32) {
-    ShortConvDecodeKernel<float><<<grid, 256, 0, stream>>>(
-        static_cast<const float*>(p.x), static_cast<const float*>(p.w), p.slots,
-        static_cast<float*>(p.tail_pool), static_cast<float*>(p.out), p.channels, W, slots);
+    LaunchPdl(ShortConvDecodeKernel<float>, grid, 256, 0, stream, static_cast<const float*>(p.x),
+              static_cast<const float*>(p.w), p.slots, static_cast<float*>(p.tail_pool),
+              static_cast<float*>(p.out), p.channels, W, slots);
   } else {
-    ShortConvDecodeKernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(
-        static_cast<const __nv_bfloat16*>(p.x), static_cast<const __nv_bfloat16*>(p.w), p.slots,
-        static_cast<__nv_bfloat16*>(p.tail_pool), static_cast<__nv_bfloat16*>(p.out), p.channels,
-        W, slots);
+    LaunchPdl(ShortConvDecodeKernel<__nv_bfloat16>, grid, 256, 0, stream,
+              static_cast<const __nv_bfloat16*>(p.x), static_cast<const __nv_bfloat16*>(p.w),
+              p.slots, static_cast<__nv_bfloat16*>(p.tail_pool), static_cast<__nv_bfloat16*>(p.out),
+              p.channels, W, slots);
   }
   return CudaStatus(cudaGetLastError(), "ShortConvDecode launch");
 }

@@ -12,6 +12,7 @@
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/mla.h"
 #include "kernels/cuda/mla_device.cuh"
+#include "kernels/cuda/pdl.cuh"
 
 namespace kl::cuda {
 namespace {
@@ -30,6 +31,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerCta)
     MlaCacheWriteKernel(const CacheView c, const float* __restrict__ rows,
                         const int64_t* __restrict__ cu, const int32_t* __restrict__ start_pos,
                         int64_t num_seqs, int64_t num_tokens) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (t >= num_tokens) return;
@@ -47,6 +49,7 @@ template <class T>
 __global__ void __launch_bounds__(32 * kWarpsPerCta)
     MlaCacheGatherKernel(const CacheView c, const int64_t* __restrict__ cu, int64_t num_seqs,
                          int64_t num_rows, float* __restrict__ out) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (t >= num_rows) return;
@@ -82,11 +85,11 @@ absl::Status MlaCacheWrite(const MlaCacheWriteParams& p, cudaStream_t stream) {
   }
   const CacheView c = mla::View(p.cache);
   if (p.cache.dtype == DType::kF32) {
-    MlaCacheWriteKernel<float><<<GridFor(p.num_tokens), 32 * kWarpsPerCta, 0, stream>>>(
-        c, p.rows, p.cu_seqlens, p.start_pos, p.num_seqs, p.num_tokens);
+    LaunchPdl(MlaCacheWriteKernel<float>, GridFor(p.num_tokens), 32 * kWarpsPerCta, 0, stream, c,
+              p.rows, p.cu_seqlens, p.start_pos, p.num_seqs, p.num_tokens);
   } else {
-    MlaCacheWriteKernel<__nv_bfloat16><<<GridFor(p.num_tokens), 32 * kWarpsPerCta, 0, stream>>>(
-        c, p.rows, p.cu_seqlens, p.start_pos, p.num_seqs, p.num_tokens);
+    LaunchPdl(MlaCacheWriteKernel<__nv_bfloat16>, GridFor(p.num_tokens), 32 * kWarpsPerCta, 0,
+              stream, c, p.rows, p.cu_seqlens, p.start_pos, p.num_seqs, p.num_tokens);
   }
   return CudaStatus(cudaGetLastError(), "MlaCacheWrite launch");
 }
@@ -106,11 +109,11 @@ absl::Status MlaCacheGather(const MlaCacheGatherParams& p, cudaStream_t stream) 
   }
   const CacheView c = mla::View(p.cache);
   if (p.cache.dtype == DType::kF32) {
-    MlaCacheGatherKernel<float><<<GridFor(p.num_rows), 32 * kWarpsPerCta, 0, stream>>>(
-        c, p.kv_cu_seqlens, p.num_seqs, p.num_rows, p.out);
+    LaunchPdl(MlaCacheGatherKernel<float>, GridFor(p.num_rows), 32 * kWarpsPerCta, 0, stream, c,
+              p.kv_cu_seqlens, p.num_seqs, p.num_rows, p.out);
   } else {
-    MlaCacheGatherKernel<__nv_bfloat16><<<GridFor(p.num_rows), 32 * kWarpsPerCta, 0, stream>>>(
-        c, p.kv_cu_seqlens, p.num_seqs, p.num_rows, p.out);
+    LaunchPdl(MlaCacheGatherKernel<__nv_bfloat16>, GridFor(p.num_rows), 32 * kWarpsPerCta, 0,
+              stream, c, p.kv_cu_seqlens, p.num_seqs, p.num_rows, p.out);
   }
   return CudaStatus(cudaGetLastError(), "MlaCacheGather launch");
 }

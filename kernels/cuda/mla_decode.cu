@@ -43,6 +43,7 @@
 #include "kernels/cuda/kda_device.cuh"
 #include "kernels/cuda/mla.h"
 #include "kernels/cuda/mla_device.cuh"
+#include "kernels/cuda/pdl.cuh"
 
 namespace kl::cuda {
 namespace {
@@ -128,6 +129,7 @@ __device__ __forceinline__ void TcIssueTile(const DecodeArgs& a, int64_t n, Spli
 // partial score blocks are summed by the softmax threads.
 template <int M, int NT>
 __global__ void __launch_bounds__(kTcThreads, 1) MlaDecodeTcKernel(const DecodeArgs a) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int kSplitK = 8 / M;
   const int D = a.dl + a.dr;
@@ -370,7 +372,7 @@ cudaError_t LaunchTc(const DecodeArgs& a, int N, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     attr_set = true;
   }
-  MlaDecodeTcKernel<M, NT><<<dim3(a.S, N), kTcThreads, smem, stream>>>(a);
+  LaunchPdl(MlaDecodeTcKernel<M, NT>, dim3(a.S, N), kTcThreads, smem, stream, a);
   return cudaGetLastError();
 }
 

@@ -14,6 +14,7 @@
 #include "kernels/cuda/kda_device.cuh"
 #include "kernels/cuda/mla.h"
 #include "kernels/cuda/mla_device.cuh"
+#include "kernels/cuda/pdl.cuh"
 
 namespace kl::cuda::mla {
 namespace {
@@ -24,6 +25,7 @@ using namespace kl::cuda::dev;  // NOLINT
 
 template <class T>
 __global__ void __launch_bounds__(kSimtThreads) MlaDecodeSimtKernel(const DecodeArgs a) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   extern __shared__ float4 smem4[];
   const int D = a.dl + a.dr, dl = a.dl, ldt = D | 1;  // odd stride: lane-per-row reads conflict-free
   float* sQ = reinterpret_cast<float*>(smem4);      // [8][D]
@@ -183,6 +185,7 @@ __device__ __forceinline__ float CombBlockReduce(float v, bool is_max, float* re
 
 template <int W>
 __global__ void __launch_bounds__(kCombThreads) MlaDecodeCombineKernel(const DecodeArgs a) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   using V = CombVec<W>;
   using T = typename V::T;
   __shared__ float sW[kMlaMaxSplits];
@@ -247,7 +250,7 @@ cudaError_t LaunchSimt(const DecodeArgs& a, int N, cudaStream_t stream) {
     attr_set = true;
   }
   const dim3 grid(static_cast<unsigned>((a.H + kSimtHeads - 1) / kSimtHeads), a.S, N);
-  MlaDecodeSimtKernel<T><<<grid, kSimtThreads, smem, stream>>>(a);
+  LaunchPdl(MlaDecodeSimtKernel<T>, grid, kSimtThreads, smem, stream, a);
   return cudaGetLastError();
 }
 
@@ -262,10 +265,10 @@ cudaError_t LaunchDecodeCombine(const DecodeArgs& a, int N, cudaStream_t stream)
   // (two float2 stores); the API asks that of `out` only on the tensor-core paths.
   if (a.dl % 4 == 0 && reinterpret_cast<uintptr_t>(a.out) % 8 == 0) {
     const dim3 grid(a.H, N, static_cast<unsigned>((a.dl / 4 + 31) / 32));
-    MlaDecodeCombineKernel<4><<<grid, kCombThreads, 0, stream>>>(a);
+    LaunchPdl(MlaDecodeCombineKernel<4>, grid, kCombThreads, 0, stream, a);
   } else {
     const dim3 grid(a.H, N, static_cast<unsigned>((a.dl + 31) / 32));
-    MlaDecodeCombineKernel<1><<<grid, kCombThreads, 0, stream>>>(a);
+    LaunchPdl(MlaDecodeCombineKernel<1>, grid, kCombThreads, 0, stream, a);
   }
   return cudaGetLastError();
 }

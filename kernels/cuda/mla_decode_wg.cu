@@ -38,6 +38,7 @@
 #include "kernels/cuda/kda_device.cuh"
 #include "kernels/cuda/mla.h"
 #include "kernels/cuda/mla_device.cuh"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/wgmma.cuh"
 
 namespace kl::cuda::mla {
@@ -99,6 +100,7 @@ template <int NC, int NM>
 __global__ void __launch_bounds__(kWgThreads, 1)
     MlaDecodeWgKernel(const DecodeArgs a, const __grid_constant__ CUtensorMap tmap, int box_rows,
                       int oob_row) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   constexpr WgLayout L = MakeWgLayout(NC);
   constexpr uint32_t kStage = NC * kChunk;
   constexpr int D = NC * 64, dl = NM * 64;
@@ -428,7 +430,8 @@ cudaError_t LaunchWg(const DecodeArgs& a, int N, const CUtensorMap& map, int box
     if (err != cudaSuccess) return err;
     attr_set = true;
   }
-  MlaDecodeWgKernel<NC, NM><<<dim3(a.S, N), kWgThreads, smem, stream>>>(a, map, box_rows, oob_row);
+  LaunchPdl(MlaDecodeWgKernel<NC, NM>, dim3(a.S, N), kWgThreads, smem, stream, a, map, box_rows,
+            oob_row);
   return cudaGetLastError();
 }
 

@@ -25,6 +25,7 @@
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/moe.h"
 #include "kernels/cuda/moe_internal.h"
+#include "kernels/cuda/pdl.cuh"
 
 namespace kl::cuda {
 namespace {
@@ -136,6 +137,7 @@ __device__ __forceinline__ void WritePicks(const RouteArgs& a, int64_t t, int la
 
 // Many tokens: one warp per token, expert e in lane e % 32, register slot e / 32.
 __global__ void __launch_bounds__(kRouteWarps * 32) MoeRouteKernel(const RouteArgs a) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   __shared__ int32_t s_id[kRouteWarps][kMoeMaxTopK];
   __shared__ float s_w[kRouteWarps][kMoeMaxTopK];
   __shared__ float s_sig[kRouteWarps][kMoeMaxExperts];
@@ -168,6 +170,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32) MoeRouteKernel(const RouteAr
 // order then; the warp rounds above follow it exactly).
 constexpr int kRankThreads = 256;
 __global__ void __launch_bounds__(kRankThreads) MoeRouteRankKernel(const RouteArgs a) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   __shared__ float s_sel[kMoeMaxExperts], s_sig[kMoeMaxExperts];
   __shared__ int32_t s_id[kMoeMaxTopK];
   __shared__ float s_w[kMoeMaxTopK];
@@ -228,6 +231,7 @@ constexpr int64_t kSortFusedBf16Max = 4 * kSortThreads;
 __global__ void __launch_bounds__(kSortThreads)
     MoeSortKernel(const int32_t* __restrict__ ids, int32_t S, int32_t E, int32_t rows_per_tile,
                   int32_t max_tiles, MoeWorkspace ws, const float4* __restrict__ x, int32_t x_n4) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   __shared__ int32_t s_cnt[kMoeMaxExperts];
   __shared__ int32_t s_cur[kMoeMaxExperts];
   __shared__ int32_t s_off[kMoeMaxExperts + 1];
@@ -354,6 +358,7 @@ __global__ void __launch_bounds__(kSortThreads)
 
 // ---- bf16 copy of x (tensor-core paths) ----------------------------------------------------
 __global__ void ToBf16Kernel(const float4* __restrict__ x, uint2* __restrict__ xb, int64_t n4) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n4;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     xb[i] = ToBf16x4(x[i]);
@@ -375,6 +380,7 @@ __device__ __forceinline__ float WToF32(__nv_bfloat16 w) { return __bfloat162flo
 template <class W, bool kGateUp>
 __global__ void __launch_bounds__(kExThreads) MoeExactGemmKernel(const MoeGemmArgs a,
                                                                  const MoeWorkspace ws) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   constexpr int kBRows = kGateUp ? 2 * kExBN : kExBN;
   __shared__ float sA[kExRows][kExBK + 1];
   __shared__ float sB[kBRows][kExBK + 1];
@@ -450,6 +456,7 @@ __global__ void __launch_bounds__(kCombineThreads)
     MoeCombineKernel(const int32_t* __restrict__ ids, const int32_t* __restrict__ slot_pos,
                      const float4* __restrict__ y, int32_t D4, int32_t topk, int32_t accumulate,
                      float4* __restrict__ out) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   __shared__ int32_t s_pos[kMoeMaxTopK];
   const int64_t t = blockIdx.x;
   if (threadIdx.x < kMoeMaxTopK) s_pos[threadIdx.x] = -1;
@@ -494,8 +501,8 @@ __global__ void __launch_bounds__(kCombineThreads)
 template <class W>
 cudaError_t LaunchExactGemms(const MoeGemmArgs& a, const MoeWorkspace& ws, cudaStream_t stream) {
   const dim3 g1((a.I + kExBN - 1) / kExBN, a.max_m_tiles), g2((a.D + kExBN - 1) / kExBN, a.max_m_tiles);
-  MoeExactGemmKernel<W, true><<<g1, kExThreads, 0, stream>>>(a, ws);
-  MoeExactGemmKernel<W, false><<<g2, kExThreads, 0, stream>>>(a, ws);
+  LaunchPdl(MoeExactGemmKernel<W, true>, g1, kExThreads, 0, stream, a, ws);
+  LaunchPdl(MoeExactGemmKernel<W, false>, g2, kExThreads, 0, stream, a, ws);
   return cudaGetLastError();
 }
 
@@ -567,9 +574,9 @@ absl::Status MoeRoute(const MoeRouteParams& p, cudaStream_t stream) {
               p.biased_weights ? 1 : 0,
               p.routed_scaling_factor};
   if (p.num_tokens <= kMoeRouteRankMaxTokens) {
-    MoeRouteRankKernel<<<static_cast<unsigned>(p.num_tokens), kRankThreads, 0, stream>>>(a);
+    LaunchPdl(MoeRouteRankKernel, static_cast<unsigned>(p.num_tokens), kRankThreads, 0, stream, a);
   } else {
-    MoeRouteKernel<<<static_cast<unsigned>(blocks), kRouteWarps * 32, 0, stream>>>(a);
+    LaunchPdl(MoeRouteKernel, static_cast<unsigned>(blocks), kRouteWarps * 32, 0, stream, a);
   }
   return CudaStatus(cudaGetLastError(), "MoeRoute");
 }
@@ -660,16 +667,15 @@ absl::Status MoeExperts(const MoeExpertsParams& p, void* workspace, size_t works
 
   const int64_t n4 = tc ? p.num_tokens * p.hidden / 4 : 0;
   const bool fuse_bf16 = n4 <= kSortFusedBf16Max;
-  MoeSortKernel<<<1, kSortThreads, 0, stream>>>(p.topk_ids, static_cast<int32_t>(S), a.E,
-                                                rows_per_tile, a.max_m_tiles, ws,
-                                                reinterpret_cast<const float4*>(p.x),
-                                                fuse_bf16 ? static_cast<int32_t>(n4) : 0);
+  LaunchPdl(MoeSortKernel, 1, kSortThreads, 0, stream, p.topk_ids, static_cast<int32_t>(S), a.E,
+            rows_per_tile, a.max_m_tiles, ws, reinterpret_cast<const float4*>(p.x),
+            fuse_bf16 ? static_cast<int32_t>(n4) : 0);
   KL_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   if (tc) {
     if (!fuse_bf16) {
       const int64_t blocks = (n4 + 255) / 256 < 1024 ? (n4 + 255) / 256 : 1024;
-      ToBf16Kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-          reinterpret_cast<const float4*>(p.x), reinterpret_cast<uint2*>(ws.xb), n4);
+      LaunchPdl(ToBf16Kernel, static_cast<unsigned>(blocks), 256, 0, stream,
+                reinterpret_cast<const float4*>(p.x), reinterpret_cast<uint2*>(ws.xb), n4);
       KL_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     }
     KL_CUDA_RETURN_IF_ERROR(
@@ -681,9 +687,9 @@ absl::Status MoeExperts(const MoeExpertsParams& p, void* workspace, size_t works
   }
   const dim3 combine_grid(static_cast<unsigned>(p.num_tokens),
                           static_cast<unsigned>((a.D / 4 + kCombineThreads - 1) / kCombineThreads));
-  MoeCombineKernel<<<combine_grid, kCombineThreads, 0, stream>>>(
-      p.topk_ids, ws.slot_pos, reinterpret_cast<const float4*>(ws.y), a.D / 4, a.topk,
-      p.accumulate ? 1 : 0, reinterpret_cast<float4*>(p.out));
+  LaunchPdl(MoeCombineKernel, combine_grid, kCombineThreads, 0, stream, p.topk_ids, ws.slot_pos,
+            reinterpret_cast<const float4*>(ws.y), a.D / 4, a.topk, p.accumulate ? 1 : 0,
+            reinterpret_cast<float4*>(p.out));
   return CudaStatus(cudaGetLastError(), "MoeExperts");
 }
 

@@ -20,6 +20,7 @@
 #include "kernels/cuda/kda_device.cuh"
 #include "kernels/cuda/moe.h"
 #include "kernels/cuda/moe_internal.h"
+#include "kernels/cuda/pdl.cuh"
 
 namespace kl::cuda::internal {
 namespace {
@@ -65,6 +66,7 @@ static_assert(kSkRows == 16, "two n8 token tiles per M tile");
 template <bool kGateUp>
 __global__ void __launch_bounds__(kSkThreads, 2) MoeSkinnyKernel(const MoeGemmArgs a,
                                                                  const MoeWorkspace ws) {
+  PdlBegin();                                     // launched by LaunchPdl (pdl.cuh)
   __shared__ float s_red[kSkWarps][2][2][4][32];  // [warp][tile][token n8][reg][lane]
   const int4 tile = ws.tile_info[blockIdx.y];
   if (tile.x < 0) return;  // no work: uniform per CTA, before the barrier
@@ -174,6 +176,7 @@ __device__ __forceinline__ int Swz(int r, int ch) { return r * kTlBK + ((ch ^ ((
 template <bool kGateUp>
 __global__ void __launch_bounds__(kTlThreads) MoeTiledKernel(const MoeGemmArgs a,
                                                              const MoeWorkspace ws) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   __shared__ alignas(128) bf16 sA[kTlStages][kTlBM * kTlBK];
   __shared__ alignas(128) bf16 sB[kTlStages][kTlBN * kTlBK];
   const int4 tile = ws.tile_info[blockIdx.y];
@@ -309,11 +312,11 @@ cudaError_t LaunchMoeTcGemms(const MoeGemmArgs& a, const MoeWorkspace& ws, bool 
                              cudaStream_t stream) {
   const unsigned my = static_cast<unsigned>(a.max_m_tiles);
   if (skinny) {
-    MoeSkinnyKernel<true><<<dim3(a.I / 16, my), kSkThreads, 0, stream>>>(a, ws);
-    MoeSkinnyKernel<false><<<dim3(a.D / 32, my), kSkThreads, 0, stream>>>(a, ws);
+    LaunchPdl(MoeSkinnyKernel<true>, dim3(a.I / 16, my), kSkThreads, 0, stream, a, ws);
+    LaunchPdl(MoeSkinnyKernel<false>, dim3(a.D / 32, my), kSkThreads, 0, stream, a, ws);
   } else {
-    MoeTiledKernel<true><<<dim3(a.I / (kTlBN / 2), my), kTlThreads, 0, stream>>>(a, ws);
-    MoeTiledKernel<false><<<dim3(a.D / kTlBN, my), kTlThreads, 0, stream>>>(a, ws);
+    LaunchPdl(MoeTiledKernel<true>, dim3(a.I / (kTlBN / 2), my), kTlThreads, 0, stream, a, ws);
+    LaunchPdl(MoeTiledKernel<false>, dim3(a.D / kTlBN, my), kTlThreads, 0, stream, a, ws);
   }
   return cudaGetLastError();
 }

@@ -11,6 +11,7 @@
 #include "kernels/common/splitmix64.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/pdl.cuh"
 
 namespace kl::cuda {
 namespace {
@@ -56,6 +57,7 @@ __device__ __forceinline__ float ToF<__nv_bfloat16>(__nv_bfloat16 v) {
 template <class T>
 __global__ void EmbeddingKernel(const int32_t* ids, const T* table, int64_t vocab, int64_t dim,
                                 float* y) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   const int64_t i = blockIdx.x;
   const int32_t id = ids[i];
   float* yr = y + i * dim;
@@ -77,6 +79,7 @@ constexpr int kNormPer = 8;
 
 __global__ void RmsNormKernel(const float* x, int64_t dim, int64_t stride, const float* w,
                               float eps, float* y) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   const float* xr = x + blockIdx.x * stride;
   float* yr = y + blockIdx.x * stride;
   double ss = 0;
@@ -90,6 +93,7 @@ __global__ void RmsNormKernel(const float* x, int64_t dim, int64_t stride, const
 // values it then normalises (the same elements in both loops).
 __global__ void AddRmsNormKernel(const float* a, float* x, int64_t dim, const float* w, float eps,
                                  float* y) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   const float* ar = a + blockIdx.x * dim;
   float* xr = x + blockIdx.x * dim;
   float* yr = y + blockIdx.x * dim;
@@ -109,6 +113,7 @@ __global__ void AddRmsNormKernel(const float* a, float* x, int64_t dim, const fl
 template <bool kAdd>
 __global__ void RmsNormStagedKernel(const float* a, const float* x, float* x_out, int64_t dim,
                                     int64_t stride, const float* w, float eps, float* y) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   const float* xr = x + blockIdx.x * stride;
   float* yr = y + blockIdx.x * stride;
   float v[kNormPer], wv[kNormPer];
@@ -138,6 +143,7 @@ __global__ void RmsNormStagedKernel(const float* a, const float* x, float* x_out
 // (all loads before the first store, as the row norms above).
 __global__ void GatedRmsNormKernel(const float* o, const float* z, int64_t groups, int64_t dim,
                                    const float* w, float eps, float* y) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -177,6 +183,7 @@ __global__ void GatedRmsNormKernel(const float* o, const float* z, int64_t group
 template <class T>
 __global__ void FillSyntheticKernel(T* dst, int64_t n, float mean, float half_range,
                                     uint64_t seed) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float u = static_cast<float>((SplitMix64At(seed, i) >> 40) * 0x1.0p-24);
@@ -190,6 +197,7 @@ __global__ void FillSyntheticKernel(T* dst, int64_t n, float mean, float half_ra
 }
 
 __global__ void AddKernel(const float* x, int64_t n, float* y) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     y[i] += x[i];
@@ -197,6 +205,7 @@ __global__ void AddKernel(const float* x, int64_t n, float* y) {
 }
 
 __global__ void SwiGluKernel(const float* gate, const float* up, int64_t n, float* out) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float g = gate[i];
@@ -261,6 +270,18 @@ __global__ void __launch_bounds__(256) SkinnyGemvMultiKernel(const GemvMultiArgs
   const GemvSegment& g = a.seg[s];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, parts = a.split[s];
   const __nv_bfloat16* w = static_cast<const __nv_bfloat16*>(g.w);
+  {
+    // While the kernel ahead finishes (pdl.cuh): this warp's weight lines into L2, one
+    // prefetch per 128-byte line of the pieces GemvWarpPart will load.
+    const int64_t n = (blockIdx.x - a.begin[s]) * (8 / parts) + warp / parts;
+    if (n < g.n && (lane & 7) == 0) {
+      const __nv_bfloat16* row = w + n * a.K;
+      for (int64_t k = (lane + 32 * (warp % parts)) * 8; k < a.K; k += 256 * parts) {
+        PrefetchL2(row + k);
+      }
+    }
+  }
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   float acc[R];
   if (parts == 1) {  // block-uniform
     const int64_t n = (blockIdx.x - a.begin[s]) * 8 + warp;
@@ -301,6 +322,7 @@ int GemvSplit(int64_t n, int64_t K) {
 }
 
 __global__ void F32ToBf16Kernel(const float* x, int64_t n, __nv_bfloat16* y) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     y[i] = __float2bfloat16_rn(x[i]);
@@ -308,6 +330,7 @@ __global__ void F32ToBf16Kernel(const float* x, int64_t n, __nv_bfloat16* y) {
 }
 
 __global__ void Bf16ToF32Kernel(const __nv_bfloat16* x, int64_t n, float* y) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     y[i] = __bfloat162float(x[i]);
@@ -316,6 +339,7 @@ __global__ void Bf16ToF32Kernel(const __nv_bfloat16* x, int64_t n, float* y) {
 
 __global__ void GatherRowsKernel(const float* src, int64_t src_stride, int64_t dim,
                                  const int64_t* rows, float* dst) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   const float* s = src + rows[blockIdx.x] * src_stride;
   float* d = dst + static_cast<int64_t>(blockIdx.x) * dim;
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) d[c] = s[c];
@@ -342,6 +366,7 @@ struct ConvGroup {
 
 // One thread per (group, token, channel).
 __global__ void ShortConvKernel(const ConvGroup gp) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   const int64_t C = gp.p[0].channels, W = gp.p[0].width, per = gp.p[0].num_tokens * C;
   for (int64_t gidx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        gidx < gp.n * per; gidx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -371,6 +396,7 @@ __global__ void ShortConvKernel(const ConvGroup gp) {
 
 // One thread per (group, sequence, channel): the new tail = last W-1 rows of [tail; x].
 __global__ void ShortConvTailKernel(const ConvGroup gp) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   const int64_t C = gp.p[0].channels, W = gp.p[0].width, per = gp.p[0].num_seqs * C;
   if (W < 2) return;
   for (int64_t gidx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -394,6 +420,7 @@ __global__ void ShortConvTailKernel(const ConvGroup gp) {
 // One token per sequence: thread per (group, sequence, channel) reads the window,
 // writes the output (same sum order as ShortConvKernel) and shifts the tail.
 __global__ void ShortConvOneTokenKernel(const ConvGroup gp) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   const int64_t C = gp.p[0].channels, W = gp.p[0].width, per = gp.p[0].num_seqs * C;
   for (int64_t gidx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        gidx < gp.n * per; gidx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -417,6 +444,7 @@ __global__ void ShortConvOneTokenKernel(const ConvGroup gp) {
 
 __global__ void MlaCopyQPeKernel(const float* q, int64_t rows, int64_t heads, int64_t nope,
                                  int64_t rope, int64_t lora, float* qcat) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   const int64_t n = rows * heads * rope;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -428,6 +456,7 @@ __global__ void MlaCopyQPeKernel(const float* q, int64_t rows, int64_t heads, in
 __global__ void MlaBuildKvKernel(const float* kv, const float* latent, int64_t rows, int64_t heads,
                                  int64_t nope, int64_t v_dim, int64_t lora, int64_t rope, float* k,
                                  float* v) {
+  PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   const int64_t qk = nope + rope, kvh = nope + v_dim;
   const int64_t per_head = qk + v_dim;
   const int64_t n = rows * heads * per_head;
@@ -452,11 +481,11 @@ absl::Status EmbeddingGather(const int32_t* ids, int64_t n, const void* table, D
   if (n < 0 || dim <= 0 || vocab <= 0) return absl::InvalidArgumentError("EmbeddingGather: shape");
   if (n == 0) return absl::OkStatus();
   if (table_dtype == DType::kF32) {
-    EmbeddingKernel<float><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
-        ids, static_cast<const float*>(table), vocab, dim, y);
+    LaunchPdl(EmbeddingKernel<float>, static_cast<unsigned>(n), kThreads, 0, stream, ids,
+              static_cast<const float*>(table), vocab, dim, y);
   } else if (table_dtype == DType::kBF16) {
-    EmbeddingKernel<__nv_bfloat16><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
-        ids, static_cast<const __nv_bfloat16*>(table), vocab, dim, y);
+    LaunchPdl(EmbeddingKernel<__nv_bfloat16>, static_cast<unsigned>(n), kThreads, 0, stream, ids,
+              static_cast<const __nv_bfloat16*>(table), vocab, dim, y);
   } else {
     return absl::InvalidArgumentError("EmbeddingGather: table dtype must be f32 or bf16");
   }
@@ -469,10 +498,11 @@ absl::Status RmsNormRows(const float* x, int64_t rows, int64_t dim, int64_t stri
   if (rows == 0) return absl::OkStatus();
   const int threads = dim >= 1024 ? 512 : (dim >= 256 ? 256 : 128);
   if (dim <= static_cast<int64_t>(threads) * kNormPer) {
-    RmsNormStagedKernel<false>
-        <<<static_cast<unsigned>(rows), threads, 0, stream>>>(nullptr, x, nullptr, dim, stride, w, eps, y);
+    LaunchPdl(RmsNormStagedKernel<false>, static_cast<unsigned>(rows), threads, 0, stream, nullptr,
+              x, nullptr, dim, stride, w, eps, y);
   } else {
-    RmsNormKernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, dim, stride, w, eps, y);
+    LaunchPdl(RmsNormKernel, static_cast<unsigned>(rows), threads, 0, stream, x, dim, stride, w,
+              eps, y);
   }
   return CudaStatus(cudaGetLastError(), "RmsNormRows");
 }
@@ -483,10 +513,11 @@ absl::Status AddRmsNormRows(const float* a, float* x, int64_t rows, int64_t dim,
   if (rows == 0) return absl::OkStatus();
   const int threads = dim >= 1024 ? 512 : (dim >= 256 ? 256 : 128);  // as RmsNormRows
   if (dim <= static_cast<int64_t>(threads) * kNormPer) {
-    RmsNormStagedKernel<true>
-        <<<static_cast<unsigned>(rows), threads, 0, stream>>>(a, x, x, dim, dim, w, eps, y);
+    LaunchPdl(RmsNormStagedKernel<true>, static_cast<unsigned>(rows), threads, 0, stream, a, x, x,
+              dim, dim, w, eps, y);
   } else {
-    AddRmsNormKernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(a, x, dim, w, eps, y);
+    LaunchPdl(AddRmsNormKernel, static_cast<unsigned>(rows), threads, 0, stream, a, x, dim, w, eps,
+              y);
   }
   return CudaStatus(cudaGetLastError(), "AddRmsNormRows");
 }
@@ -497,8 +528,8 @@ absl::Status GatedRmsNormRows(const float* o, const float* z, int64_t rows, int6
   if (rows < 0 || heads <= 0 || dim <= 0) return absl::InvalidArgumentError("GatedRmsNorm: shape");
   const int64_t groups = rows * heads;
   if (groups == 0) return absl::OkStatus();
-  GatedRmsNormKernel<<<Blocks(groups, kThreads / 32), kThreads, 0, stream>>>(o, z, groups, dim, w,
-                                                                             eps, y);
+  LaunchPdl(GatedRmsNormKernel, Blocks(groups, kThreads / 32), kThreads, 0, stream, o, z, groups,
+            dim, w, eps, y);
   return CudaStatus(cudaGetLastError(), "GatedRmsNorm");
 }
 
@@ -507,11 +538,11 @@ absl::Status FillSynthetic(void* dst, DType dtype, int64_t n, float mean, float 
   if (n < 0) return absl::InvalidArgumentError("FillSynthetic: n < 0");
   if (n == 0) return absl::OkStatus();
   if (dtype == DType::kF32) {
-    FillSyntheticKernel<float>
-        <<<Blocks(n), kThreads, 0, stream>>>(static_cast<float*>(dst), n, mean, half_range, seed);
+    LaunchPdl(FillSyntheticKernel<float>, Blocks(n), kThreads, 0, stream, static_cast<float*>(dst),
+              n, mean, half_range, seed);
   } else if (dtype == DType::kBF16) {
-    FillSyntheticKernel<__nv_bfloat16><<<Blocks(n), kThreads, 0, stream>>>(
-        static_cast<__nv_bfloat16*>(dst), n, mean, half_range, seed);
+    LaunchPdl(FillSyntheticKernel<__nv_bfloat16>, Blocks(n), kThreads, 0, stream,
+              static_cast<__nv_bfloat16*>(dst), n, mean, half_range, seed);
   } else {
     return absl::InvalidArgumentError("FillSynthetic: dtype must be f32 or bf16");
   }
@@ -521,7 +552,7 @@ absl::Status FillSynthetic(void* dst, DType dtype, int64_t n, float mean, float 
 absl::Status AddInPlace(const float* x, int64_t n, float* y, cudaStream_t stream) {
   if (n < 0) return absl::InvalidArgumentError("AddInPlace: n < 0");
   if (n == 0) return absl::OkStatus();
-  AddKernel<<<Blocks(n), kThreads, 0, stream>>>(x, n, y);
+  LaunchPdl(AddKernel, Blocks(n), kThreads, 0, stream, x, n, y);
   return CudaStatus(cudaGetLastError(), "AddInPlace");
 }
 
@@ -529,7 +560,7 @@ absl::Status SwiGluElementwise(const float* gate, const float* up, int64_t n, fl
                                cudaStream_t stream) {
   if (n < 0) return absl::InvalidArgumentError("SwiGlu: n < 0");
   if (n == 0) return absl::OkStatus();
-  SwiGluKernel<<<Blocks(n), kThreads, 0, stream>>>(gate, up, n, out);
+  LaunchPdl(SwiGluKernel, Blocks(n), kThreads, 0, stream, gate, up, n, out);
   return CudaStatus(cudaGetLastError(), "SwiGlu");
 }
 
@@ -568,9 +599,9 @@ absl::Status SkinnyGemvMultiBf16(const float* x, int64_t ldx, int64_t rows,
   }
   const unsigned blocks = static_cast<unsigned>(a.begin[num_segs]);
   switch (rows) {
-#define KL_SKINNY_CASE(R)                                                   \
-  case R:                                                                   \
-    SkinnyGemvMultiKernel<R><<<blocks, 256, 0, stream>>>(a);                \
+#define KL_SKINNY_CASE(R)                                           \
+  case R:                                                           \
+    LaunchPdl(SkinnyGemvMultiKernel<R>, blocks, 256, 0, stream, a); \
     break;
     KL_SKINNY_CASE(1)
     KL_SKINNY_CASE(2)
@@ -588,14 +619,15 @@ absl::Status SkinnyGemvMultiBf16(const float* x, int64_t ldx, int64_t rows,
 absl::Status F32ToBf16(const float* x, int64_t n, void* y, cudaStream_t stream) {
   if (n < 0) return absl::InvalidArgumentError("F32ToBf16: n < 0");
   if (n == 0) return absl::OkStatus();
-  F32ToBf16Kernel<<<Blocks(n), kThreads, 0, stream>>>(x, n, static_cast<__nv_bfloat16*>(y));
+  LaunchPdl(F32ToBf16Kernel, Blocks(n), kThreads, 0, stream, x, n, static_cast<__nv_bfloat16*>(y));
   return CudaStatus(cudaGetLastError(), "F32ToBf16");
 }
 
 absl::Status Bf16ToF32(const void* x, int64_t n, float* y, cudaStream_t stream) {
   if (n < 0) return absl::InvalidArgumentError("Bf16ToF32: n < 0");
   if (n == 0) return absl::OkStatus();
-  Bf16ToF32Kernel<<<Blocks(n), kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), n, y);
+  LaunchPdl(Bf16ToF32Kernel, Blocks(n), kThreads, 0, stream, static_cast<const __nv_bfloat16*>(x),
+            n, y);
   return CudaStatus(cudaGetLastError(), "Bf16ToF32");
 }
 
@@ -603,8 +635,8 @@ absl::Status GatherRowsF32(const float* src, int64_t src_stride, int64_t dim, co
                            int64_t n, float* dst, cudaStream_t stream) {
   if (n < 0 || dim <= 0 || src_stride < dim) return absl::InvalidArgumentError("GatherRows: shape");
   if (n == 0) return absl::OkStatus();
-  GatherRowsKernel<<<static_cast<unsigned>(n), kThreads, 0, stream>>>(src, src_stride, dim, rows,
-                                                                      dst);
+  LaunchPdl(GatherRowsKernel, static_cast<unsigned>(n), kThreads, 0, stream, src, src_stride, dim,
+            rows, dst);
   return CudaStatus(cudaGetLastError(), "GatherRows");
 }
 
@@ -643,13 +675,14 @@ absl::Status ShortConvVarlenMulti(const ShortConvVarlenParams* ps, int n, cudaSt
   }
   if (p.num_seqs == 0 || p.num_tokens == 0) return absl::OkStatus();
   if (p.one_token_each) {
-    ShortConvOneTokenKernel<<<Blocks(n * p.num_seqs * p.channels), kThreads, 0, stream>>>(gp);
+    LaunchPdl(ShortConvOneTokenKernel, Blocks(n * p.num_seqs * p.channels), kThreads, 0, stream,
+              gp);
     return CudaStatus(cudaGetLastError(), "ShortConvVarlen");
   }
-  ShortConvKernel<<<Blocks(n * p.num_tokens * p.channels), kThreads, 0, stream>>>(gp);
+  LaunchPdl(ShortConvKernel, Blocks(n * p.num_tokens * p.channels), kThreads, 0, stream, gp);
   KL_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   if (p.width > 1 && p.num_slots > 0) {
-    ShortConvTailKernel<<<Blocks(n * p.num_seqs * p.channels), kThreads, 0, stream>>>(gp);
+    LaunchPdl(ShortConvTailKernel, Blocks(n * p.num_seqs * p.channels), kThreads, 0, stream, gp);
     KL_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }
   return absl::OkStatus();
@@ -661,8 +694,8 @@ absl::Status MlaCopyQPe(const float* q, int64_t rows, int64_t heads, int64_t nop
     return absl::InvalidArgumentError("MlaCopyQPe: shape");
   }
   if (rows == 0 || rope == 0) return absl::OkStatus();
-  MlaCopyQPeKernel<<<Blocks(rows * heads * rope), kThreads, 0, stream>>>(q, rows, heads, nope, rope,
-                                                                         lora, qcat);
+  LaunchPdl(MlaCopyQPeKernel, Blocks(rows * heads * rope), kThreads, 0, stream, q, rows, heads,
+            nope, rope, lora, qcat);
   return CudaStatus(cudaGetLastError(), "MlaCopyQPe");
 }
 
@@ -673,8 +706,8 @@ absl::Status MlaBuildKv(const float* kv, const float* latent, int64_t rows, int6
     return absl::InvalidArgumentError("MlaBuildKv: shape");
   }
   if (rows == 0) return absl::OkStatus();
-  MlaBuildKvKernel<<<Blocks(rows * heads * (nope + rope + v_dim)), kThreads, 0, stream>>>(
-      kv, latent, rows, heads, nope, v_dim, lora, rope, k, v);
+  LaunchPdl(MlaBuildKvKernel, Blocks(rows * heads * (nope + rope + v_dim)), kThreads, 0, stream, kv,
+            latent, rows, heads, nope, v_dim, lora, rope, k, v);
   return CudaStatus(cudaGetLastError(), "MlaBuildKv");
 }
 
