@@ -21,8 +21,9 @@ namespace {
 
 // Decode steps of at most this many sequences launch their kernels with programmatic
 // dependent launch (kernels/cuda/pdl.h): the GEMV regime (<= 8 rows), where a step is
-// ~525 latency-bound kernels. Measured on an H200 at the 48B shape: batch 1 3.78 ->
-// 3.48 ms per token; batches 16 and 64 ~3% slower with it (docs/benchmarks.md).
+// ~525 latency-bound kernels. H200, 48B shape: batch 1 3.79 -> 3.40 ms per token, batch
+// 8 12.09 -> 11.74 ms; batches 16 and 64 unchanged in two jobs, 2-3% slower in a third
+// (docs/benchmarks.md, session 8).
 constexpr int64_t kPdlMaxBatch = 8;
 
 }  // namespace
@@ -285,8 +286,9 @@ absl::Status CudaBackend::BeginForward(const ForwardShape& shape) {
   ++m.forwards;
   const bool decode =
       shape.num_seqs > 0 && shape.max_new_tokens == 1 && shape.num_tokens == shape.num_seqs;
-  // Programmatic dependent launch for the kernels of small decode steps (pdl.h; reset
-  // in EndForward). Captured graphs keep it.
+  // Programmatic dependent launch for the kernels of small decode steps (pdl.h; the
+  // thread's previous choice comes back in EndForward). Captured graphs keep it.
+  m.pdl_prev = cuda::PdlThreadWants();
   cuda::PdlThreadWants() = decode && shape.num_seqs <= kPdlMaxBatch;
   if (!decode) {
     ++m.stats.eager_forwards;
@@ -313,7 +315,15 @@ absl::Status CudaBackend::BeginForward(const ForwardShape& shape) {
     return absl::OkStatus();
   }
   m.mode = Impl::Mode::kCapture;
-  KL_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(m.stream, cudaStreamCaptureModeThreadLocal));
+  if (const cudaError_t e = cudaStreamBeginCapture(m.stream, cudaStreamCaptureModeThreadLocal);
+      e != cudaSuccess) {
+    // No forward follows (the caller does not call EndForward after a failed begin):
+    // undo what this call set.
+    m.mode = Impl::Mode::kIdle;
+    m.in_forward = false;
+    cuda::PdlThreadWants() = m.pdl_prev;
+    return cuda::CudaStatus(e, "cudaStreamBeginCapture");
+  }
   return absl::OkStatus();
 }
 
@@ -322,7 +332,7 @@ absl::Status CudaBackend::EndForward(const absl::Status& forward_status) {
   const Impl::Mode mode = m.mode;
   m.mode = Impl::Mode::kIdle;
   m.in_forward = false;
-  cuda::PdlThreadWants() = false;
+  cuda::PdlThreadWants() = m.pdl_prev;
   absl::Status st;
   if (mode == Impl::Mode::kCapture) {
     cudaGraph_t graph = nullptr;

@@ -80,6 +80,7 @@ struct CudaBackend::Impl {
   std::vector<Frame> frames;
   int64_t generation = 0;  // bumps every forward (stale Buffer owners do nothing)
   bool in_forward = false;
+  bool pdl_prev = false;  // the thread's PDL choice before BeginForward (kernels/cuda/pdl.h)
   std::vector<void*> loose;  // scratch made outside a forward; freed at the next sync point
 
   // Pinned host staging of a forward (same bump scheme; chunks are never freed

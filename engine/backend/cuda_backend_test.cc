@@ -22,6 +22,7 @@
 #include "engine/state/state_bundle.h"
 #include "gtest/gtest.h"
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/pdl.h"
 
 namespace kl {
 namespace {
@@ -544,6 +545,8 @@ TEST(CudaModelTest, DecodeRunsFromCudaGraphsAndMatchesEager) {
     ForwardOutput og, oe, oc;
     absl::Status st = g->gpu_model->Forward(absl::MakeSpan(ig), &og);
     ASSERT_TRUE(st.ok()) << "step " << step << ": " << st;
+    // PDL is asked for only inside a small decode forward (kernels/cuda/pdl.h).
+    EXPECT_FALSE(cuda::PdlThreadWants()) << "step " << step;
     ASSERT_TRUE(e->gpu_model->Forward(absl::MakeSpan(ie), &oe).ok());
     ASSERT_TRUE(g->cpu_model->Forward(absl::MakeSpan(ic), &oc).ok());
     for (int i = 0; i < 3; ++i) {
@@ -560,6 +563,15 @@ TEST(CudaModelTest, DecodeRunsFromCudaGraphsAndMatchesEager) {
   EXPECT_EQ(gs.replays, 26);
   EXPECT_EQ(es.captures, 0);
   EXPECT_EQ(es.replays, 0);
+  {  // a choice the caller made for its thread survives a forward (a graph replay here)
+    cuda::PdlScope outer(true);
+    std::vector<ForwardItem> ig;
+    for (int i = 0; i < 3; ++i) ig.push_back({&sg[i], toks[i]});
+    ForwardOutput og;
+    ASSERT_TRUE(g->gpu_model->Forward(absl::MakeSpan(ig), &og).ok());
+    EXPECT_TRUE(cuda::PdlThreadWants());
+  }
+  EXPECT_FALSE(cuda::PdlThreadWants());
 }
 
 TEST(CudaModelTest, BundleHandOffBetweenGpuAndCpu) {

@@ -25,16 +25,22 @@
 
 #include "kernels/cuda/pdl.h"
 
+// LaunchPdl sets the attribute whatever the device code was compiled for: a kernel
+// built for an arch without griddepcontrol would run unguarded, so none may be.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#error "pdl.cuh: device code must target sm_90 or newer (griddepcontrol)"
+#endif
+
 namespace kl::cuda {
 
 __device__ __forceinline__ void PdlWait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#ifdef __CUDA_ARCH__
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
 
 __device__ __forceinline__ void PdlLaunchDependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#ifdef __CUDA_ARCH__
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
