@@ -1,14 +1,16 @@
 // When the CUDA kernels launch with programmatic dependent launch (pdl.cuh), as seen
 // from host code (no device code here, so plain C++ callers such as the CUDA backend
-// can open a scope).
+// can include it).
 //
 // KL_CUDA_PDL in the environment, read once per process:
 //   "0"            never (every launch fully serialised, as with <<<>>>);
 //   "1"            every LaunchPdl launch;
-//   unset / other  ("auto") only while the calling thread holds a PdlScope(true).
-// The CUDA backend opens one around decode steps of small batches, where a step is
-// hundreds of latency-bound kernels and the overlap of their boundaries pays; at larger
-// batches it measured slower (docs/benchmarks.md, session 8), so there it stays off.
+//   unset / other  ("auto") only while the calling thread's flag (PdlThreadWants, set
+//                  by a PdlScope or directly) is true.
+// The CUDA backend sets the flag from BeginForward to EndForward of decode steps of at
+// most 8 sequences, where a step is hundreds of latency-bound kernels and the overlap of
+// their boundaries pays; at larger batches one of three jobs measured it 2-3% slower
+// (docs/benchmarks.md, session 8), so there it stays off.
 #ifndef KL_KERNELS_CUDA_PDL_H_
 #define KL_KERNELS_CUDA_PDL_H_
 
