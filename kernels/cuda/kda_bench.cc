@@ -1,7 +1,7 @@
 // Benchmark of the CUDA KDA kernels with the two ceilings measured in the same run:
 //   kda_bench [--quick] [--decode-only] | --profile | --exp | --stream-exp
 // Prints: device; D2D copy bandwidth (1 GiB, read + write counted); cuBLAS bf16
-// GEMM 8192^3; decode (N in {1, 16, 64, 256}, H = 32, K = V = 128, bf16 inputs,
+// GEMM 8192^3; decode (N in {1, 4, 8, 16, 64, 256}, H = 32, K = V = 128, bf16 inputs,
 // fp32 states rotating through a 2 GiB slot pool so every launch reads DRAM; N = 1
 // also inside a CUDA graph); prefill (tensor-core path, B = 1, H = 32, T in {8K,
 // 32K, 128K}) with the intra / state phase split. Times are medians of CUDA-event
@@ -78,7 +78,7 @@ bool BenchDecode(cudaStream_t s, bool quick, const Ceilings& c, std::vector<Row>
               static_cast<long>(P));
   std::printf("%6s %12s %14s %10s %12s %12s\n", "N", "us/launch", "state GB/s", "% copy",
               "touch us", "% of touch");
-  for (int64_t N : {1, 16, 64, 256}) {
+  for (int64_t N : {1, 4, 8, 16, 64, 256}) {
     p.num_seqs = p.num_tokens = N;
     auto call = [&](int i) {
       p.slots = slots.as<int32_t>() + (static_cast<int64_t>(i) * N) % P;

@@ -91,6 +91,11 @@ __global__ void __launch_bounds__(kSkThreads, 2) MoeSkinnyKernel(const MoeGemmAr
   const bf16* xr0 = g < rows ? ActRow<kGateUp>(a, ws, p0 + g) + 8 * t4 : nullptr;
   const bf16* xr1 = g + 8 < rows ? ActRow<kGateUp>(a, ws, p0 + g + 8) + 8 * t4 : nullptr;
   const bool two = rows > 8;  // second token n8 tile in use (CTA-uniform)
+  // Down: the epilogue's routing weight (two dependent loads) fetched now, while the
+  // weight stream runs, instead of after the reduction (ncu, H200, 48B decode B = 1:
+  // 15.6 -> 14.6-14.9 us per launch).
+  float wscale = 0.0f;
+  if (!kGateUp && (tid >> 4) < rows) wscale = a.topk_weights[ws.sorted_slot[p0 + (tid >> 4)]];
 
   float acc[2][2][4];
 #pragma unroll
@@ -157,7 +162,7 @@ __global__ void __launch_bounds__(kSkThreads, 2) MoeSkinnyKernel(const MoeGemmAr
   if (kGateUp) {
     static_cast<bf16*>(ws.h)[p * a.I + n0 + rr] = __float2bfloat16_rn(SiluMul(v[0], v[1]));
   } else {
-    const float w = a.topk_weights[ws.sorted_slot[p]];
+    const float w = wscale;  // thread (m, rr) fetched token m's weight above
     float* y = ws.y + p * a.D + n0;
     y[rr] = w * v[0];
     y[16 + rr] = w * v[1];
