@@ -32,7 +32,7 @@ def bench_decode(dev):
     A_log = torch.log(torch.rand(H, device=dev) * 15 + 1)
     dt_bias = torch.rand(H * K, device=dev) * 2 - 1
     rows = []
-    for N in (1, 16, 64, 256):
+    for N in (1, 4, 8, 16, 64, 256):
         q = torch.rand(1, N, H, K, device=dev, dtype=torch.bfloat16) * 2 - 1
         k = torch.rand_like(q) * 2 - 1
         v = torch.rand(1, N, H, V, device=dev, dtype=torch.bfloat16) * 2 - 1
