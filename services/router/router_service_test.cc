@@ -150,6 +150,9 @@ TEST_F(RouterServiceTest, FullQueueRejectsFast) {
   grpc::ClientContext running_ctx, queued_ctx;
   auto running = h_.stub().Generate(&running_ctx, TokenRequest(1, 4));
   ASSERT_TRUE(PollUntil([&] { return h_.service().Stats().in_flight == 1; }));
+  // In flight counts from placement on; the cancel below must find the call hung in the
+  // prefill worker (else it ends during placement and the worker never sees it).
+  ASSERT_TRUE(PollUntil([&] { return h_.prefill(0).prefill()->calls.load() == 1; }));
   auto queued = h_.stub().Generate(&queued_ctx, TokenRequest(1, 4));
   ASSERT_TRUE(PollUntil([&] { return h_.service().Stats().queue_depth == 1; }));
 
