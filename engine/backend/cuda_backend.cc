@@ -12,6 +12,7 @@
 #include "engine/backend/cuda_backend_impl.h"
 #include "kernels/common/status_macros.h"
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/kda_state_layout.h"
 #include "kernels/cuda/mla.h"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/pdl.h"
@@ -591,6 +592,7 @@ absl::Status CudaBackend::BindStates(const std::vector<SequenceState*>& states) 
     }
     ASSIGN_OR_RETURN(std::shared_ptr<CudaResidency> res, TakeSlot());
     const int32_t slot = res->slot;
+    void* staged = nullptr;
     for (int64_t i = 0; i < c.NumKdaLayers(); ++i) {
       const KdaLayerState& ks = s->kda[i];
       if (static_cast<int64_t>(ks.recurrent.size()) != HKV ||
@@ -599,9 +601,20 @@ absl::Status CudaBackend::BindStates(const std::vector<SequenceState*>& states) 
           static_cast<int64_t>(ks.conv_v.size()) != tail) {
         return absl::InvalidArgumentError("KDA state of wrong size");
       }
-      KL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(m.kda_state[i] + slot * HKV, ks.recurrent.data(),
-                                              HKV * sizeof(float), cudaMemcpyHostToDevice,
-                                              m.stream));
+      // Canonical host [H][K][V] -> device scratch -> the slot's pool layout
+      // (kda_state_layout.h). Stream order makes reusing `staged` per layer safe.
+      if (m.in_forward) {
+        ASSIGN_OR_RETURN(staged, Stage(ks.recurrent.data(), HKV * sizeof(float)));
+      } else {
+        if (staged == nullptr) {
+          ASSIGN_OR_RETURN(staged, Scratch(HKV * sizeof(float)));
+        }
+        KL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(staged, ks.recurrent.data(), HKV * sizeof(float),
+                                                cudaMemcpyHostToDevice, m.stream));
+      }
+      RETURN_IF_ERROR(cuda::KdaStateToPool(static_cast<const float*>(staged), c.kda_num_heads,
+                                           c.kda_head_dim, c.kda_head_dim,
+                                           m.kda_state[i] + slot * HKV, m.stream));
       const std::vector<float>* tails[3] = {&ks.conv_q, &ks.conv_k, &ks.conv_v};
       for (int j = 0; j < 3; ++j) {
         if (tail == 0) continue;
@@ -639,6 +652,20 @@ absl::Status CudaBackend::BindStates(const std::vector<SequenceState*>& states) 
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::KdaStateToHost(int64_t kda_index, int32_t slot, float* host,
+                                         void* canonical) {
+  Impl& m = *impl_;
+  const ModelConfig& c = config_;
+  const int64_t HKV = c.KdaStateElems();
+  // Pool layout -> canonical [H][K][V] in scratch -> host (stream-ordered; the caller syncs).
+  RETURN_IF_ERROR(cuda::KdaStateFromPool(m.kda_state[kda_index] + slot * HKV, c.kda_num_heads,
+                                         c.kda_head_dim, c.kda_head_dim,
+                                         static_cast<float*>(canonical), m.stream));
+  KL_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(host, canonical, HKV * sizeof(float), cudaMemcpyDeviceToHost, m.stream));
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::SyncStateToHost(SequenceState* s) {
   if (s->device == nullptr) return absl::OkStatus();
   ASSIGN_OR_RETURN(int32_t slot, SlotOf(s));
@@ -647,11 +674,14 @@ absl::Status CudaBackend::SyncStateToHost(SequenceState* s) {
   const int64_t lat = c.MlaLatentDim(), HKV = c.KdaStateElems(), tail = c.ConvTailElems();
   s->kda.resize(c.NumKdaLayers());
   s->mla.resize(c.NumMlaLayers());
+  void* canonical = nullptr;  // one layer's state in the canonical layout, reused per layer
+  if (c.NumKdaLayers() > 0) {
+    ASSIGN_OR_RETURN(canonical, Scratch(HKV * sizeof(float)));
+  }
   for (int64_t i = 0; i < c.NumKdaLayers(); ++i) {
     KdaLayerState& ks = s->kda[i];
     ks.recurrent.resize(HKV);
-    KL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ks.recurrent.data(), m.kda_state[i] + slot * HKV,
-                                            HKV * sizeof(float), cudaMemcpyDeviceToHost, m.stream));
+    RETURN_IF_ERROR(KdaStateToHost(i, slot, ks.recurrent.data(), canonical));
     std::vector<float>* tails[3] = {&ks.conv_q, &ks.conv_k, &ks.conv_v};
     for (int j = 0; j < 3; ++j) {
       tails[j]->resize(tail);
@@ -700,9 +730,8 @@ absl::Status CudaBackend::SyncLayerToHost(SequenceState* s, bool kda, int64_t in
     s->kda.resize(c.NumKdaLayers());
     KdaLayerState& ks = s->kda[index];
     ks.recurrent.resize(HKV);
-    KL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ks.recurrent.data(), m.kda_state[index] + slot * HKV,
-                                            HKV * sizeof(float), cudaMemcpyDeviceToHost,
-                                            m.stream));
+    ASSIGN_OR_RETURN(void* canonical, Scratch(HKV * sizeof(float)));
+    RETURN_IF_ERROR(KdaStateToHost(index, slot, ks.recurrent.data(), canonical));
     std::vector<float>* tails[3] = {&ks.conv_q, &ks.conv_k, &ks.conv_v};
     for (int j = 0; j < 3; ++j) {
       tails[j]->resize(tail);

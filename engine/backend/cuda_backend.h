@@ -169,6 +169,9 @@ class CudaBackend final : public Backend {
   // A free slot, owned by the returned residency (RESOURCE_EXHAUSTED if none).
   absl::StatusOr<std::shared_ptr<CudaResidency>> TakeSlot();
   absl::StatusOr<int32_t> SlotOf(const SequenceState* s) const;
+  // Enqueues the copy of KDA layer `kda_index` of `slot` into host [H][K][V] (canonical
+  // layout) through `scratch` (device, one layer's floats); the caller synchronises.
+  absl::Status KdaStateToHost(int64_t kda_index, int32_t slot, float* host, void* scratch);
   void FreeResidency(int32_t slot, const std::vector<int32_t>& pages);
   absl::StatusOr<const float*> F32Copy(const Weight& w);
   // y[rows][ldy] (first w.rows columns) = x[rows][ldx] (first w.cols) · wᵀ.

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/backend/cuda_backend.h"
 #include "engine/backend/cuda_backend_impl.h"
+#include "kernels/cuda/kda_state_layout.h"
 
 namespace kl {
 
@@ -18,7 +19,8 @@ class CudaDeviceState final : public DeviceStateAccess {
 
   std::string layout_tag() const override {
     const ModelConfig& c = be_->config_;
-    return absl::StrCat("kda=f32,tail=f32,hkv=", c.KdaStateElems(), ",tail_elems=",
+    return absl::StrCat("kda=f32,kda_slice=", cuda::KdaStateSliceWidth(c.kda_head_dim),
+                        ",tail=f32,hkv=", c.KdaStateElems(), ",tail_elems=",
                         c.ConvTailElems(), ",latent=", std::string(DTypeName(be_->options_.latent_dtype)),
                         ",lat=", c.MlaLatentDim(), ",page_rows=", be_->options_.page_rows);
   }

@@ -4,8 +4,10 @@
 //
 // Layout of the bytes a transport moves (both ends must report the same
 // layout_tag() or they do not talk over a device link):
-//  - KDA layer: the recurrent state [H][K][V] fp32 and the q, k, v conv tails
-//    [W-1][KdaDim] fp32, each one contiguous span of the sequence's slot;
+//  - KDA layer: the recurrent state, H heads of K x V fp32 in the backend's pool
+//    layout (the CUDA backend: kernels/cuda/kda_state_layout.h, named in the tag),
+//    and the q, k, v conv tails [W-1][KdaDim] fp32, each one contiguous span of the
+//    sequence's slot;
 //  - MLA layer: latent rows live in pages of page_rows() rows of
 //    latent_row_bytes() each (fp32 or bf16 per latent_dtype()); a sequence's
 //    pages are listed by SlotPages() (the same for every MLA layer).

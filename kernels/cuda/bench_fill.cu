@@ -39,11 +39,12 @@ __global__ void TouchKernel(float4* pool, const int32_t* slots, int64_t per_slot
 
 // No-math touches of K = V = 128 states, grid (4, H, N), 128 threads per block, each
 // reading 8 float4 and writing them back:
-//  - decode pattern: block = one 32-column slice of a head's [K][V] state, thread
-//    (warp w, lane = 8 kg + vq) rows 32 w + kg + 4 i, columns 4 vq .. + 3 (the decode
-//    kernel's mapping: 128 B of every 512-B row);
+//  - row-major slices: block = one 32-column slice of a head's row-major [K][V] state,
+//    thread (warp w, lane = 8 kg + vq) rows 32 w + kg + 4 i, columns 4 vq .. + 3 (the
+//    decode kernel's mapping over the layout used before kda_state_layout.h: 128 B of
+//    every 512-B row);
 //  - contiguous: block = a contiguous quarter (16 KB) of the head's state, float4
-//    tid + 128 i (the pattern a slice-major state layout would give).
+//    tid + 128 i (the bytes a decode block owns in the pool layout).
 template <bool kContiguous>
 __global__ void __launch_bounds__(128) TouchHeadQuartersKernel(float* pool, const int32_t* slots, int H,
                                                                float scale) {

@@ -21,9 +21,10 @@ cudaError_t FillUniform(void* p, int64_t n, bool bf16, float lo, float hi, uint6
 cudaError_t TouchSlots(float* pool, const int32_t* slots, int64_t n, int64_t slot_floats,
                        float scale, cudaStream_t stream);
 
-// The same bytes (K = V = 128 states, slot_floats = heads * 128 * 128) with the
-// decode kernel's block / thread mapping (one 32-column slice per block), or with
-// each block touching a contiguous 16 KB quarter of a head (`contiguous`).
+// The same bytes (K = V = 128 states, slot_floats = heads * 128 * 128) with each block
+// touching a contiguous 16 KB quarter of a head (`contiguous`: what a decode block owns
+// in the pool layout, kda_state_layout.h), or one 32-column slice of a row-major
+// [K][V] state (the decode kernel's mapping over the layout used before).
 cudaError_t TouchDecodePattern(float* pool, const int32_t* slots, int64_t n, int64_t heads, bool contiguous,
                                cudaStream_t stream);
 

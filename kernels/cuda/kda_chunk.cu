@@ -19,6 +19,7 @@
 #include "kernels/cuda/kda_chunk.h"
 #include "kernels/cuda/kda_chunk_internal.h"
 #include "kernels/cuda/kda_device.cuh"
+#include "kernels/cuda/kda_state_layout.h"
 
 namespace kl::cuda {
 namespace internal {
@@ -82,7 +83,7 @@ __global__ void __launch_bounds__(kThreads, 1) KdaChunkExactKernel(const ExactAr
 
   for (int i = tid; i < kKMax * kSlice; i += kThreads) {
     const int d = i / kSlice, c = i % kSlice;
-    sS[d * kLdS + c] = (has_state && d < K && c < vn) ? state[d * V + v0 + c] : 0.0f;
+    sS[d * kLdS + c] = (has_state && d < K && c < vn) ? state[KdaStateOffset(d, v0 + c, K, V)] : 0.0f;
   }
   const float neg_rate = -expf(a.a_log[h]);
 
@@ -189,7 +190,7 @@ __global__ void __launch_bounds__(kThreads, 1) KdaChunkExactKernel(const ExactAr
   if (has_state) {
     for (int i = tid; i < K * kSlice; i += kThreads) {
       const int d = i / kSlice, c = i % kSlice;
-      if (c < vn) state[d * V + v0 + c] = sS[d * kLdS + c];
+      if (c < vn) state[KdaStateOffset(d, v0 + c, K, V)] = sS[d * kLdS + c];
     }
   }
 }

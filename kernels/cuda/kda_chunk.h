@@ -57,7 +57,7 @@ struct KdaChunkParams {
   // receives the final state. An empty sequence leaves its slot untouched. A slot
   // < 0 or >= num_slots means "no state": start from zeros, discard the final state.
   const int32_t* slots = nullptr;
-  float* state_pool = nullptr;  // fp32 [num_slots][H][K][V]
+  float* state_pool = nullptr;  // fp32 [num_slots][H] K x V states, pool layout (kda_state_layout.h)
   void* o = nullptr;            // act [num_tokens][H][V] out
   float scale = 0.0f;           // 0 means K^-1/2
   // Tensor-core path: for one long sequence the two kernels may run at the same time, the

@@ -21,6 +21,7 @@
 
 #include "kernels/cuda/kda_chunk_tc.cuh"
 #include "kernels/cuda/kda_device.cuh"
+#include "kernels/cuda/kda_state_layout.h"
 #include "kernels/cuda/wgmma.cuh"
 
 namespace kl::cuda::internal::tc {
@@ -96,17 +97,18 @@ __device__ __forceinline__ bool ChainOf(const TcArgs& a, int n, int h, Chain* c)
   return true;
 }
 
-// S^T as mma C fragments: s[4 nt + e], d in [8 nt, 8 nt + 8):
+// S^T as mma C fragments (S in the pool layout, kda_state_layout.h, also for the carry
+// buffer): s[4 nt + e], d in [8 nt, 8 nt + 8):
 // e = 0: (v = vw + g8, d = 8 nt + 2 t4), 1: (v, d + 1), 2: (v + 8, d), 3: (v + 8, d + 1).
 __device__ __forceinline__ void LoadS(float (&s)[64], const float* src, int vw, int g8, int t4) {
 #pragma unroll
   for (int nt = 0; nt < 16; ++nt) {
     const int d = 8 * nt + 2 * t4, v = vw + g8;
     if (src != nullptr) {
-      s[4 * nt + 0] = src[d * kV + v];
-      s[4 * nt + 1] = src[(d + 1) * kV + v];
-      s[4 * nt + 2] = src[d * kV + v + 8];
-      s[4 * nt + 3] = src[(d + 1) * kV + v + 8];
+      s[4 * nt + 0] = src[KdaStateOffset(d, v, kK, kV)];
+      s[4 * nt + 1] = src[KdaStateOffset(d + 1, v, kK, kV)];
+      s[4 * nt + 2] = src[KdaStateOffset(d, v + 8, kK, kV)];
+      s[4 * nt + 3] = src[KdaStateOffset(d + 1, v + 8, kK, kV)];
     } else {
       s[4 * nt + 0] = s[4 * nt + 1] = s[4 * nt + 2] = s[4 * nt + 3] = 0.0f;
     }
@@ -117,10 +119,10 @@ __device__ __forceinline__ void StoreS(const float (&s)[64], float* dst, int vw,
 #pragma unroll
   for (int nt = 0; nt < 16; ++nt) {
     const int d = 8 * nt + 2 * t4, v = vw + g8;
-    dst[d * kV + v] = s[4 * nt + 0];
-    dst[(d + 1) * kV + v] = s[4 * nt + 1];
-    dst[d * kV + v + 8] = s[4 * nt + 2];
-    dst[(d + 1) * kV + v + 8] = s[4 * nt + 3];
+    dst[KdaStateOffset(d, v, kK, kV)] = s[4 * nt + 0];
+    dst[KdaStateOffset(d + 1, v, kK, kV)] = s[4 * nt + 1];
+    dst[KdaStateOffset(d, v + 8, kK, kV)] = s[4 * nt + 2];
+    dst[KdaStateOffset(d + 1, v + 8, kK, kV)] = s[4 * nt + 3];
   }
 }
 // Vt^T = U^T - P_W as bf16 A fragments over k = token j (U slice [64 j][72], padded).

@@ -1,6 +1,7 @@
 // KDA decode kernels: the fused recurrent step over a slot pool and the
 // one-token short conv. Design (README.md):
-//  - grid (V / 32 value slices, H, N), block = K threads (K / 32 warps);
+//  - grid (V / 32 value slices, H, N), block = K threads (K / 32 warps); a slice is
+//    contiguous in the pool (kda_state_layout.h), rows of 32 floats;
 //  - thread (warp w, lane = 8 * kg + vq) owns the 8 state rows d = 32 w + kg + 4 i
 //    (i < 8) of the 4 columns 32 * slice + 4 vq .. + 3: 32 fp32 registers, read
 //    with 16-byte loads issued before anything else, written once at the end;
@@ -15,6 +16,7 @@
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/kda_decode.h"
 #include "kernels/cuda/kda_device.cuh"
+#include "kernels/cuda/kda_state_layout.h"
 #include "kernels/cuda/pdl.cuh"
 
 namespace kl::cuda {
@@ -41,6 +43,7 @@ __global__ void __launch_bounds__(K) KdaDecodeKernel(const DecodeArgs a) {
   PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   constexpr int kWarps = K / 32;
   static_assert(K % 32 == 0 && V % kSliceV == 0, "K, V multiples of 32");
+  static_assert(KdaStateSliceWidth(V) == kSliceV, "a block owns one slice of the pool layout");
   constexpr bool kAccurate = sizeof(T) == 4;  // fp32 activations: libm-accurate math
 
   __shared__ float s_q[K], s_k[K], s_alpha[K];
@@ -78,12 +81,14 @@ __global__ void __launch_bounds__(K) KdaDecodeKernel(const DecodeArgs a) {
     return;
   }
 
-  // State rows first: 8 independent 16-byte loads in flight per thread.
-  float* st = a.state_pool + (static_cast<int64_t>(slot) * H + h) * K * V + col;
+  // State rows first: 8 independent 16-byte loads in flight per thread. The block's
+  // slice is contiguous in the pool (kda_state_layout.h): row d at d * kSliceV.
+  float* st = a.state_pool + (static_cast<int64_t>(slot) * H + h) * K * V +
+              KdaStateOffset(0, blockIdx.x * kSliceV, K, V) + vq * 4;
   float4 s[kRowsPerThread];
 #pragma unroll
   for (int i = 0; i < kRowsPerThread; ++i) {
-    s[i] = *reinterpret_cast<const float4*>(st + (warp * 32 + kg + 4 * i) * V);
+    s[i] = *reinterpret_cast<const float4*>(st + (warp * 32 + kg + 4 * i) * kSliceV);
   }
 
   const float neg_rate = -(kAccurate ? expf(a.a_log[h]) : __expf(a.a_log[h]));
@@ -175,7 +180,7 @@ __global__ void __launch_bounds__(K) KdaDecodeKernel(const DecodeArgs a) {
   }
 #pragma unroll
   for (int i = 0; i < kRowsPerThread; ++i) {
-    *reinterpret_cast<float4*>(st + (warp * 32 + kg + 4 * i) * V) = s[i];
+    *reinterpret_cast<float4*>(st + (warp * 32 + kg + 4 * i) * kSliceV) = s[i];
   }
 }
 

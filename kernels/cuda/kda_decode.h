@@ -26,7 +26,7 @@ namespace kl::cuda {
 //   g    = -exp(a_log[h]) * softplus(f + dt_bias)      (softplus linear above 20)
 //   beta = sigmoid(b)
 //   S <- diag(exp g) S;  u = beta (v - S^T k);  S <- S + k u^T;  o = S^T q
-// with S = state_pool[slots[n]][h], updated in place.
+// with S = state_pool[slots[n]][h] (pool layout, kda_state_layout.h), updated in place.
 struct KdaDecodeParams {
   int64_t num_seqs = 0;    // N
   int64_t num_tokens = 0;  // total tokens; == N when cu_seqlens is null
@@ -50,7 +50,9 @@ struct KdaDecodeParams {
   // int32 [N]: state slot of each sequence. A slot < 0 or >= num_slots marks a
   // padding row: its outputs are set to 0 and no state is read or written.
   const int32_t* slots = nullptr;
-  float* state_pool = nullptr;  // fp32 [num_slots][H][K][V], updated in place
+  // fp32 [num_slots][H] states of K x V in the pool layout (kda_state_layout.h: slices of
+  // 32 value columns, each contiguous), updated in place.
+  float* state_pool = nullptr;
   void* o = nullptr;            // act [num_tokens][H][V] out
   float scale = 0.0f;           // q scale; 0 means K^-1/2
 };

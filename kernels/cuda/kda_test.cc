@@ -13,6 +13,7 @@
 #include "kernels/cuda/kda_chunk.h"
 #include "kernels/cuda/kda_chunk_internal.h"
 #include "kernels/cuda/kda_decode.h"
+#include "kernels/cuda/kda_state_layout.h"
 #include "kernels/cuda/kda_test_util.h"
 
 namespace kl::cuda {
@@ -46,6 +47,22 @@ std::vector<T> Download(const DeviceBuffer& d) {
   std::vector<T> h(d.bytes() / sizeof(T));
   if (!h.empty()) cudaMemcpy(h.data(), d.get(), d.bytes(), cudaMemcpyDeviceToHost);
   return h;
+}
+
+// A pool of canonical [slots][H][K][V] states, uploaded in the pool layout
+// (kda_state_layout.h), and downloaded back into the canonical layout.
+DeviceBuffer UploadPool(const std::vector<float>& canonical, int64_t K, int64_t V) {
+  std::vector<float> pooled(canonical.size());
+  KdaStateToPoolHost(canonical.data(), static_cast<int64_t>(canonical.size()) / (K * V), K, V,
+                     pooled.data());
+  return Upload(pooled);
+}
+std::vector<float> DownloadPool(const DeviceBuffer& d, int64_t K, int64_t V) {
+  const std::vector<float> pooled = Download<float>(d);
+  std::vector<float> canonical(pooled.size());
+  KdaStateFromPoolHost(pooled.data(), static_cast<int64_t>(pooled.size()) / (K * V), K, V,
+                       canonical.data());
+  return canonical;
 }
 
 double MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
@@ -86,7 +103,7 @@ Result RunDecode(const LayerInputs& in0, DType act, const std::vector<int64_t>& 
   testing::OracleVarlen(in, cu, slots, num_slots, /*chunked=*/false, r.pool_ref, r.o_ref);
 
   DeviceInputs d(in, act);
-  DeviceBuffer pool = Upload(r.pool0), d_slots = Upload(slots), d_cu = Upload(cu);
+  DeviceBuffer pool = UploadPool(r.pool0, K, V), d_slots = Upload(slots), d_cu = Upload(cu);
   DeviceBuffer o(in.tokens * H * V * DTypeSize(act));
   EXPECT_TRUE(o.ok() && pool.ok());
   cudaMemset(o.get(), 0xff, o.bytes());  // NaN poison
@@ -113,7 +130,7 @@ Result RunDecode(const LayerInputs& in0, DType act, const std::vector<int64_t>& 
   EXPECT_TRUE(s.ok()) << s;
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   r.o = FromAct(Download<uint8_t>(o), act);
-  r.pool = Download<float>(pool);
+  r.pool = DownloadPool(pool, K, V);
   return r;
 }
 
@@ -129,7 +146,7 @@ Result RunPrefill(const LayerInputs& in0, DType act, KdaChunkAlgo algo,
   testing::OracleVarlen(in, cu, slots, num_slots, /*chunked=*/true, r.pool_ref, r.o_ref);
 
   DeviceInputs d(in, act);
-  DeviceBuffer pool = Upload(r.pool0), d_slots = Upload(slots), d_cu = Upload(cu);
+  DeviceBuffer pool = UploadPool(r.pool0, K, V), d_slots = Upload(slots), d_cu = Upload(cu);
   DeviceBuffer o(in.tokens * H * V * DTypeSize(act));
   cudaMemset(o.get(), 0xff, o.bytes());
   KdaChunkParams p;
@@ -163,7 +180,7 @@ Result RunPrefill(const LayerInputs& in0, DType act, KdaChunkAlgo algo,
   EXPECT_TRUE(s.ok()) << s;
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   r.o = FromAct(Download<uint8_t>(o), act);
-  r.pool = Download<float>(pool);
+  r.pool = DownloadPool(pool, K, V);
   return r;
 }
 
@@ -246,6 +263,56 @@ TEST(KdaCudaValidation, RejectsBadShapes) {
   c.act = DType::kF32;
   EXPECT_EQ(KdaChunkResolveAlgo(c), KdaChunkAlgo::kExact);
   EXPECT_EQ(KdaChunkWorkspaceBytes(c), 0u);
+}
+
+// ---- the pool layout (kda_state_layout.h) ----
+// The offset map is a bijection onto one head's K * V floats, slices of 32 columns are
+// contiguous, and a width that is not a multiple of 32 keeps the canonical layout.
+TEST(KdaStateLayout, OffsetsAreAPermutation) {
+  for (auto [K, V] : std::vector<std::pair<int64_t, int64_t>>{{128, 128}, {64, 96}, {64, 48}}) {
+    std::vector<int> hits(K * V, 0);
+    for (int64_t d = 0; d < K; ++d) {
+      for (int64_t v = 0; v < V; ++v) {
+        const int64_t off = KdaStateOffset(d, v, K, V);
+        ASSERT_GE(off, 0);
+        ASSERT_LT(off, K * V);
+        ++hits[off];
+        if (V % 32 == 0) {
+          EXPECT_EQ(off, (v / 32) * K * 32 + d * 32 + v % 32);
+        } else {
+          EXPECT_EQ(off, d * V + v);
+        }
+      }
+    }
+    for (int64_t i = 0; i < K * V; ++i) ASSERT_EQ(hits[i], 1) << "K=" << K << " V=" << V;
+  }
+}
+
+// The device conversions equal the host ones, and each undoes the other.
+TEST(KdaStateLayout, DeviceConversionsMatchHostAndRoundTrip) {
+  SKIP_WITHOUT_GPU();
+  for (auto [K, V] : std::vector<std::pair<int64_t, int64_t>>{{128, 128}, {64, 96}, {64, 48}}) {
+    const int64_t heads = 5;
+    const std::vector<float> canonical = RandomPool(31 + V, heads, K * V);
+    std::vector<float> host_pool(canonical.size()), back(canonical.size());
+    KdaStateToPoolHost(canonical.data(), heads, K, V, host_pool.data());
+    KdaStateFromPoolHost(host_pool.data(), heads, K, V, back.data());
+    ASSERT_EQ(back, canonical);
+    if (V % 32 == 0) ASSERT_NE(host_pool, canonical);
+
+    DeviceBuffer src = Upload(canonical), pool(canonical.size() * 4), out(canonical.size() * 4);
+    ASSERT_TRUE(pool.ok() && out.ok());
+    cudaMemset(pool.get(), 0xff, pool.bytes());
+    cudaMemset(out.get(), 0xff, out.bytes());
+    ASSERT_TRUE(KdaStateToPool(src.as<float>(), heads, K, V, pool.as<float>(), nullptr).ok());
+    ASSERT_TRUE(KdaStateFromPool(pool.as<float>(), heads, K, V, out.as<float>(), nullptr).ok());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(Download<float>(pool), host_pool) << "K=" << K << " V=" << V;
+    EXPECT_EQ(Download<float>(out), canonical) << "K=" << K << " V=" << V;
+  }
+  EXPECT_EQ(KdaStateToPool(nullptr, 1, 128, 128, nullptr, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(KdaStateToPool(nullptr, 0, 128, 128, nullptr, nullptr).ok());
 }
 
 // ---- decode ----
@@ -557,7 +624,7 @@ TEST(KdaChunk, PrefillThenDecodeContinues) {
   testing::OracleVarlen(all, {0, T + steps}, {0}, 1, false, pool_ref, o_ref);
   // GPU: prefill on the first T tokens, then `steps` one-token decodes.
   DeviceInputs d(all, DType::kBF16);
-  DeviceBuffer pool = Upload(pool0), slot = Upload(std::vector<int32_t>{0});
+  DeviceBuffer pool = UploadPool(pool0, K, V), slot = Upload(std::vector<int32_t>{0});
   DeviceBuffer cu = Upload(std::vector<int64_t>{0, T});
   DeviceBuffer o((T + steps) * H * V * 2);
   cudaMemset(o.get(), 0xff, o.bytes());
@@ -603,7 +670,7 @@ TEST(KdaChunk, PrefillThenDecodeContinues) {
   ASSERT_TRUE(AllFinite(out));
   const std::vector<float> tail(out.begin() + T * H * V, out.end());
   const std::vector<float> tail_ref(o_ref.begin() + T * H * V, o_ref.end());
-  const double rel = RelErr(tail, tail_ref), rel_s = RelErr(Download<float>(pool), pool_ref);
+  const double rel = RelErr(tail, tail_ref), rel_s = RelErr(DownloadPool(pool, K, V), pool_ref);
   std::printf("  prefill(131)+3 decode steps: rel(o decode) %.3g  rel(S) %.3g\n", rel, rel_s);
   EXPECT_LE(rel, kBf16RelTol);
   EXPECT_LE(rel_s, kBf16RelTol);
