@@ -77,7 +77,13 @@ int32_t Sampler::Sample(const float* logits, int64_t vocab) {
   } else {
     std::sort(c.begin(), c.end(), cmp);
   }
-  // Softmax over the kept candidates at the given temperature (double sums).
+  // Softmax over the kept candidates at the given temperature (double sums). Without a
+  // finite maximum (all -inf, or +inf) there is nothing to weigh: the first candidate
+  // (the draw is still consumed: one per stochastic Sample, so resumed streams agree).
+  if (!std::isfinite(c[0].first)) {
+    NextUniform();
+    return c[0].second;
+  }
   const double inv_t = 1.0 / params_.temperature;
   const double mx = c[0].first;
   std::vector<double> p(keep);

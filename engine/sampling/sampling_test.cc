@@ -1,6 +1,7 @@
 #include <cmath>
 #include <map>
 #include <set>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "engine/sampling/sampler.h"
@@ -19,6 +20,27 @@ TEST(Sampler, GreedyPicksArgmaxLowestIdOnTies) {
   p.top_k = 1;
   Sampler s2(p);
   EXPECT_EQ(s2.Sample(logits, 4), 1);
+}
+
+// No finite maximum: the first candidate in order (as greedy), and the draw is still
+// consumed, so a stream resumed at a later index stays aligned.
+TEST(Sampler, NonFiniteMaximumPicksTheFirstCandidate) {
+  const float inf = INFINITY;
+  const float all_neg_inf[] = {-inf, -inf, -inf};
+  const float pos_inf[] = {0.0f, inf, 1.0f, inf};
+  SamplingParams p;
+  p.seed = 5;
+  Sampler s(p);
+  EXPECT_EQ(s.Sample(all_neg_inf, 3), 0);
+  EXPECT_EQ(s.Sample(pos_inf, 4), 1);
+  const float finite[] = {0.1f, 0.7f, -0.3f, 0.2f};
+  Sampler resumed(p, 2);
+  std::vector<int> a, b;
+  for (int i = 0; i < 40; ++i) {
+    a.push_back(s.Sample(finite, 4));
+    b.push_back(resumed.Sample(finite, 4));
+  }
+  EXPECT_EQ(a, b);
 }
 
 TEST(Sampler, SeededIsReproducibleAndSeedsDiffer) {
