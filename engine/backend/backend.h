@@ -17,6 +17,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "engine/backend/device_state.h"
 #include "engine/state/sequence_state.h"
 #include "kernels/common/dtype.h"
@@ -140,12 +141,23 @@ struct MoeOpWeights {
 };
 
 // What a Forward will run, for backends that specialise on it (CUDA graphs).
+// Sampling of one row's next token on the device (SampleTokens): the host Sampler's
+// parameters (engine/sampling/sampler.h) and the draw it would use for this token.
+struct TokenSampling {
+  double temperature = 0.0;  // 0: greedy
+  double top_p = 1.0;
+  int64_t top_k = 0;
+  uint64_t seed = 0;
+  uint64_t draw_index = 0;   // the SplitMix64 draw of `seed` (the generated-token index)
+};
+
 struct ForwardShape {
   int64_t num_seqs = 0;
   int64_t num_tokens = 0;      // packed new tokens
   int64_t max_new_tokens = 0;  // largest per-sequence new-token count
   int64_t max_context = 0;     // largest pos + new tokens
   int64_t logits_rows = 0;     // rows that get logits
+  bool device_sampling = false;  // the logits are sampled on the device (SampleTokens)
 };
 
 class Backend {
@@ -259,6 +271,17 @@ class Backend {
   // --- MoE (spec §7): y[rows][D] = Σ_i w_i E_{idx_i}(x) (routed part only).
   virtual absl::Status Moe(const float* x, int64_t rows, int64_t dim, const MoeParams& p,
                            const MoeOpWeights& w, float* y) = 0;
+
+  // Token sampling where the logits live, so that only token ids reach the host.
+  // host_tokens[r] = the host Sampler's choice for logits[r][0, vocab) with params[r]
+  // (kernels/cuda/sampling.h says how close: the same token but for draws within ~1e-7
+  // of a boundary). Inside a Forward the ids land at EndForward. Backends without it
+  // return false / Unimplemented and callers sample on the host.
+  virtual bool SamplesOnDevice() const { return false; }
+  virtual absl::Status SampleTokens(const float* logits, int64_t rows, int64_t vocab,
+                                    absl::Span<const TokenSampling> params, int32_t* host_tokens) {
+    return absl::UnimplementedError("SampleTokens: this backend samples on the host");
+  }
 };
 
 }  // namespace kl

@@ -304,7 +304,7 @@ absl::Status CudaBackend::BeginForward(const ForwardShape& shape) {
     ++m.stats.eager_forwards;
     return absl::OkStatus();
   }
-  m.key = {shape.num_seqs, bucket, shape.logits_rows};
+  m.key = {shape.num_seqs, bucket, shape.logits_rows, shape.device_sampling ? 1 : 0};
   auto it = m.graphs.find(m.key);
   if (it != m.graphs.end()) {
     m.mode = Impl::Mode::kReplay;

@@ -133,6 +133,9 @@ class CudaBackend final : public Backend {
                             const Weight& kv_b, float* out) override;
   absl::Status Moe(const float* x, int64_t rows, int64_t dim, const MoeParams& p,
                    const MoeOpWeights& w, float* y) override;
+  bool SamplesOnDevice() const override { return true; }
+  absl::Status SampleTokens(const float* logits, int64_t rows, int64_t vocab,
+                            absl::Span<const TokenSampling> params, int32_t* host_tokens) override;
 
   struct Impl;  // CUDA-side state (cuda_backend.cc)
 

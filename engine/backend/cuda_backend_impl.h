@@ -98,7 +98,8 @@ struct CudaBackend::Impl {
   // CUDA graphs of decode shapes.
   enum class Mode { kIdle, kEager, kCapture, kReplay };
   Mode mode = Mode::kIdle;
-  using GraphKey = std::tuple<int64_t, int64_t, int64_t>;  // seqs, context bucket, logit rows
+  // seqs, context bucket, logit rows, sampled on the device (0 / 1)
+  using GraphKey = std::tuple<int64_t, int64_t, int64_t, int64_t>;
   struct GraphEntry {
     cudaGraphExec_t exec = nullptr;
     std::vector<int64_t> staging;  // sizes staged during capture (+ upload, - download)

@@ -17,6 +17,7 @@
 #include "kernels/cuda/mla.h"
 #include "kernels/cuda/moe.h"
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/sampling.h"
 
 namespace kl {
 
@@ -494,6 +495,34 @@ absl::Status CudaBackend::Moe(const float* x, int64_t rows, int64_t dim, const M
   }
   KL_LAUNCH(cuda::MoeExperts(ep, ws, ws_bytes, m.stream));
   return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------- sampling
+
+absl::Status CudaBackend::SampleTokens(const float* logits, int64_t rows, int64_t vocab,
+                                       absl::Span<const TokenSampling> params,
+                                       int32_t* host_tokens) {
+  if (static_cast<int64_t>(params.size()) != rows || rows < 0) {
+    return absl::InvalidArgumentError("SampleTokens: one parameter set per row");
+  }
+  if (rows == 0) return absl::OkStatus();
+  ScratchScope scope(this);
+  Impl& m = *impl_;
+  std::vector<cuda::SampleRowParams> p(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    p[r].temperature = params[r].temperature;
+    p[r].top_p = params[r].top_p;
+    p[r].top_k = params[r].top_k;
+    p[r].seed = params[r].seed;
+    p[r].draw_index = params[r].draw_index;
+  }
+  ASSIGN_OR_RETURN(void* d_params, Stage(p.data(), rows * sizeof(cuda::SampleRowParams)));
+  ASSIGN_OR_RETURN(void* d_tokens, Scratch(rows * sizeof(int32_t)));
+  KL_LAUNCH(cuda::SampleTokens(logits, rows, vocab, vocab,
+                               static_cast<const cuda::SampleRowParams*>(d_params),
+                               static_cast<int32_t*>(d_tokens), m.stream));
+  // 4-byte ids through the float download path (a byte copy).
+  return Download(static_cast<const float*>(d_tokens), rows, reinterpret_cast<float*>(host_tokens));
 }
 
 }  // namespace kl

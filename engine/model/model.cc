@@ -77,9 +77,16 @@ absl::Status Model::Forward(absl::Span<ForwardItem> items, ForwardOutput* out,
     shape.max_context = std::max(shape.max_context, items[i].state->num_tokens + n);
     if (n > 0) shape.logits_rows += items[i].all_logits ? n : 1;
   }
+  // Sampling on the device: every item has tokens, wants only its last row's logits and
+  // asks for it (ForwardItem::sample); then only the ids come back.
+  shape.device_sampling = backend_->SamplesOnDevice() && !items.empty();
+  for (size_t i = 0; i < items.size() && shape.device_sampling; ++i) {
+    shape.device_sampling =
+        items[i].sample != nullptr && !items[i].all_logits && !items[i].tokens.empty();
+  }
   RETURN_IF_ERROR(backend_->BindStates(states));
   RETURN_IF_ERROR(backend_->BeginForward(shape));
-  absl::Status st = ForwardBound(items, states, out, on_layer_done);
+  absl::Status st = ForwardBound(items, states, out, on_layer_done, shape.device_sampling);
   absl::Status end = backend_->EndForward(st);
   if (!st.ok()) return st;
   if (!end.ok()) return end;
@@ -89,7 +96,7 @@ absl::Status Model::Forward(absl::Span<ForwardItem> items, ForwardOutput* out,
 
 absl::Status Model::ForwardBound(absl::Span<ForwardItem> items,
                                  const std::vector<SequenceState*>& states, ForwardOutput* out,
-                                 const LayerDoneCallback& on_layer_done) {
+                                 const LayerDoneCallback& on_layer_done, bool device_sampling) {
   const auto& c = config_;
   const int64_t D = c.hidden_size;
   // Pack the batch: rows of item i are [seqs[i].row_begin, + rows).
@@ -104,6 +111,7 @@ absl::Status Model::ForwardBound(absl::Span<ForwardItem> items,
     ids.insert(ids.end(), items[i].tokens.begin(), items[i].tokens.end());
   }
   out->logits.assign(items.size(), {});
+  out->tokens.clear();
   if (rows == 0) return absl::OkStatus();
 
   Backend* be = backend_;
@@ -165,6 +173,14 @@ absl::Status Model::ForwardBound(absl::Span<ForwardItem> items,
   RETURN_IF_ERROR(be->RmsNorm(sel.data(), nw, D, D, weights_.final_norm, c.rms_norm_eps,
                               sel.data()));
   RETURN_IF_ERROR(be->Linear(sel.data(), nw, weights_.lm_head, logits.data()));
+  // Sampling on the device (decided in Forward: one row per item): only the ids come
+  // back, into out->tokens (filled by EndForward).
+  if (device_sampling) {
+    std::vector<TokenSampling> params(items.size());
+    for (size_t i = 0; i < items.size(); ++i) params[i] = *items[i].sample;
+    out->tokens.assign(items.size(), -1);
+    return be->SampleTokens(logits.data(), nw, c.vocab_size, params, out->tokens.data());
+  }
   int64_t j = 0;
   for (size_t i = 0; i < items.size(); ++i) {
     if (seqs[i].rows == 0) continue;

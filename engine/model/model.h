@@ -33,6 +33,10 @@ struct ForwardItem {
   // state to its host vectors before the callback (a gRPC state push reads
   // them). False for a state a device transport ships straight from the GPU.
   bool sync_layers_to_host = true;
+  // Optional: sample this item's next token where the logits are (Backend::SampleTokens)
+  // instead of returning its logits. Used only when the backend samples on the device and
+  // every item of the call has tokens, no all_logits, and a `sample`; otherwise logits.
+  const TokenSampling* sample = nullptr;
 };
 
 // Called during Forward right after layer `layer`'s mixer has updated every
@@ -45,6 +49,9 @@ struct ForwardOutput {
   // Per item: [rows][vocab] with rows = tokens.size() if all_logits, else 1
   // (0 when the item had no tokens).
   std::vector<std::vector<float>> logits;
+  // Per item, when the call sampled on the device (see ForwardItem::sample): the next
+  // token, and `logits` is left empty. Empty otherwise.
+  std::vector<int32_t> tokens;
 };
 
 class Model {
@@ -83,7 +90,7 @@ class Model {
   // Forward after the states are bound and the backend's forward has begun.
   absl::Status ForwardBound(absl::Span<ForwardItem> items,
                             const std::vector<SequenceState*>& states, ForwardOutput* out,
-                            const LayerDoneCallback& on_layer_done);
+                            const LayerDoneCallback& on_layer_done, bool device_sampling);
   absl::Status KdaLayer(int64_t layer, int64_t kda_index, const float* h, int64_t rows,
                         const std::vector<SequenceState*>& states,
                         const std::vector<SeqSlice>& seqs, float* out);

@@ -60,6 +60,10 @@ Sampler::Sampler(const SamplingParams& params, int64_t next_index) : Sampler(par
 
 double Sampler::NextUniform() { return rng_.Uniform(); }
 
+void Sampler::SkipDraw() {
+  if (stochastic()) rng_.Skip(1);
+}
+
 int32_t Sampler::Sample(const float* logits, int64_t vocab) {
   if (params_.temperature == 0 || params_.top_k == 1) return Argmax(logits, vocab);
   // Candidates sorted by logit descending, ties by id: a total order, so the

@@ -50,6 +50,10 @@ class Sampler {
   // Picks the next token from raw logits [vocab]. Advances the RNG only when
   // sampling is stochastic.
   int32_t Sample(const float* logits, int64_t vocab);
+  // Accounts for a token sampled elsewhere (Backend::SampleTokens) with this request's
+  // parameters: consumes the draw Sample would have, so later host samples stay aligned.
+  void SkipDraw();
+  bool stochastic() const { return !(params_.temperature == 0 || params_.top_k == 1); }
 
  private:
   double NextUniform();

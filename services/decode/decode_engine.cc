@@ -126,8 +126,18 @@ void DecodeEngine::Loop() {
 void DecodeEngine::Step(std::vector<Sequence*>& batch) {
   std::vector<ForwardItem> items;
   items.reserve(batch.size());
-  for (Sequence* s : batch) {
+  const bool on_device = options_.device_sampling && model_->backend()->SamplesOnDevice();
+  std::vector<TokenSampling> sampling(on_device ? batch.size() : 0);
+  for (size_t i = 0; i < batch.size(); ++i) {
+    Sequence* s = batch[i];
     items.push_back(ForwardItem{&s->state, absl::MakeConstSpan(&s->next_input, 1), false});
+    if (on_device) {
+      const SamplingParams& p = s->spec.params;
+      // The draw the host Sampler would take for this token: its seed, draw `index`.
+      sampling[i] = TokenSampling{p.temperature, p.top_p, p.top_k, s->sampler.seed(),
+                                  static_cast<uint64_t>(s->index)};
+      items.back().sample = &sampling[i];
+    }
   }
   ForwardOutput out;
   const absl::Time step_start = absl::Now();
@@ -153,7 +163,13 @@ void DecodeEngine::Step(std::vector<Sequence*>& batch) {
     const int64_t vocab = model_->config().vocab_size;
     for (size_t i = 0; i < batch.size(); ++i) {
       Sequence& s = *batch[i];
-      const int32_t tok = s.sampler.Sample(out.logits[i].data(), vocab);
+      int32_t tok;
+      if (!out.tokens.empty()) {  // sampled on the device
+        tok = out.tokens[i];
+        s.sampler.SkipDraw();
+      } else {
+        tok = s.sampler.Sample(out.logits[i].data(), vocab);
+      }
       const int64_t index = s.index++;
       ++s.produced;
       // A sequence whose state fills the model's context ends here, so it can

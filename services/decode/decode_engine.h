@@ -72,6 +72,10 @@ struct DecodeEngineOptions {
   StatePool* state_pool = nullptr;
   // Step time and batch size (optional, not owned; null: metrics off).
   DecodeMetrics* metrics = nullptr;
+  // Sample next tokens on the device when the backend can (the CUDA backend): only token
+  // ids cross to the host instead of [batch][vocab] logits, and nothing is sorted on the
+  // host. The same tokens as the host Sampler (kernels/cuda/sampling.h).
+  bool device_sampling = true;
 };
 
 struct DecodeEngineStats {
