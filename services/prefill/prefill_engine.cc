@@ -256,8 +256,11 @@ void PrefillEngine::RunBatch(const std::vector<std::shared_ptr<PrefillJob>>& bat
   }
   if (jobs.empty()) return;
   std::vector<ForwardItem> items;
-  for (const auto& job : jobs) {
+  std::vector<TokenSampling> sampling(jobs.size());
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const auto& job = jobs[i];
     items.push_back({job->state_.get(), job->spec().tokens, false, job->device_ == nullptr});
+    if (SampleOnDevice(*job, &sampling[i])) items.back().sample = &sampling[i];
   }
   const ModelConfig& c = model_->config();
   // Runs on this thread between layers: queue references only.
@@ -300,7 +303,7 @@ void PrefillEngine::RunBatch(const std::vector<std::shared_ptr<PrefillJob>>& bat
     if (!s.ok()) {
       FailJob(*jobs[i], absl::InternalError(absl::StrCat("prefill forward: ", s.message())));
     } else {
-      FinishJob(*jobs[i], out.logits[i]);
+      FinishJob(*jobs[i], out, i);
     }
   }
 }
@@ -321,6 +324,8 @@ void PrefillEngine::RunChunked(const std::shared_ptr<PrefillJob>& job) {
     const bool last = end == n;
     ForwardItem item{job->state_.get(), absl::MakeConstSpan(tokens.data() + begin, end - begin),
                      false, job->device_ == nullptr};
+    TokenSampling sampling;
+    if (last && SampleOnDevice(*job, &sampling)) item.sample = &sampling;
     auto on_layer = [&](int64_t layer) {
       if (pusher->failed()) return;
       if (job->device_ != nullptr) {
@@ -350,7 +355,7 @@ void PrefillEngine::RunChunked(const std::shared_ptr<PrefillJob>& job) {
     if (!a.ok()) pusher->Cancel(a);
   }
   model_->ReleaseState(job->state_.get()).IgnoreError();
-  FinishJob(*job, out.logits[0]);
+  FinishJob(*job, out, 0);
 }
 
 void PrefillEngine::FailJob(PrefillJob& job, const absl::Status& status) {
@@ -358,15 +363,29 @@ void PrefillEngine::FailJob(PrefillJob& job, const absl::Status& status) {
   job.Complete(status);
 }
 
-void PrefillEngine::FinishJob(PrefillJob& job, const std::vector<float>& last_logits) {
+bool PrefillEngine::SampleOnDevice(const PrefillJob& job, TokenSampling* out) const {
+  if (!options_.device_sampling || !model_->backend()->SamplesOnDevice()) return false;
+  const SamplingParams& p = job.spec().params;
+  // The host Sampler's seed (drawn when the request left it unset) and draw.
+  const Sampler sampler(p, job.spec().sample_index);
+  *out = TokenSampling{p.temperature, p.top_p, p.top_k, sampler.seed(),
+                       static_cast<uint64_t>(job.spec().sample_index)};
+  return true;
+}
+
+void PrefillEngine::FinishJob(PrefillJob& job, const ForwardOutput& out, size_t item) {
   std::shared_ptr<StatePusher> pusher;
   {
     absl::MutexLock l(&job.mu_);
     pusher = job.pusher_;
   }
   if (job.done() || pusher == nullptr) return;
-  Sampler sampler(job.spec().params, job.spec().sample_index);
-  job.result_.token = sampler.Sample(last_logits.data(), model_->config().vocab_size);
+  if (!out.tokens.empty()) {  // sampled on the device
+    job.result_.token = out.tokens[item];
+  } else {
+    Sampler sampler(job.spec().params, job.spec().sample_index);
+    job.result_.token = sampler.Sample(out.logits[item].data(), model_->config().vocab_size);
+  }
   job.result_.prefill_seconds = absl::ToDoubleSeconds(absl::Now() - job.started_);
   if (options_.metrics != nullptr) options_.metrics->prefill_time.Observe(job.result_.prefill_seconds);
   pusher->Finish();

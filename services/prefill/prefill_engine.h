@@ -114,6 +114,9 @@ struct PrefillEngineOptions {
   // GPU builds: ship states over device links (NCCL) where the decode worker
   // can take them; null: gRPC only. Must outlive the engine.
   DeviceTransport* transport = nullptr;
+  // Sample the first token on the device when the backend can (Backend::SampleTokens):
+  // the same token as the host Sampler, without sorting the vocabulary on the host.
+  bool device_sampling = true;
 };
 
 struct PrefillEngineStats {
@@ -157,7 +160,11 @@ class PrefillEngine {
   // A long prompt alone, chunk by chunk.
   void RunChunked(const std::shared_ptr<PrefillJob>& job);
   // Samples the first token and finishes the push (after the last chunk).
-  void FinishJob(PrefillJob& job, const std::vector<float>& last_logits);
+  // Samples the job's first token (from out.tokens[item] when the forward sampled on the
+  // device, else from out.logits[item] with the host Sampler) and finishes the push.
+  void FinishJob(PrefillJob& job, const ForwardOutput& out, size_t item);
+  // Whether the job's first token is sampled on the device, and with what (*out).
+  bool SampleOnDevice(const PrefillJob& job, TokenSampling* out) const;
   void FailJob(PrefillJob& job, const absl::Status& status);
 
   Model* const model_;
