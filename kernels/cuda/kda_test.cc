@@ -20,6 +20,8 @@ namespace kl::cuda {
 namespace {
 
 using testing::DeviceBuffer;
+using testing::Download;
+using testing::Upload;
 using testing::FromAct;
 using testing::GateRegime;
 using testing::LayerInputs;
@@ -35,19 +37,6 @@ constexpr double kConvFp32AbsTol = 1e-6;
 #define SKIP_WITHOUT_GPU() \
   if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device"
 
-// Device copy of a host vector; ASSERT-style failure via ok().
-template <class T>
-DeviceBuffer Upload(const std::vector<T>& h) {
-  DeviceBuffer d(h.size() * sizeof(T));
-  if (d.ok() && !h.empty()) cudaMemcpy(d.get(), h.data(), d.bytes(), cudaMemcpyHostToDevice);
-  return d;
-}
-template <class T>
-std::vector<T> Download(const DeviceBuffer& d) {
-  std::vector<T> h(d.bytes() / sizeof(T));
-  if (!h.empty()) cudaMemcpy(h.data(), d.get(), d.bytes(), cudaMemcpyDeviceToHost);
-  return h;
-}
 
 // A pool of canonical [slots][H][K][V] states, uploaded in the pool layout
 // (kda_state_layout.h), and downloaded back into the canonical layout.

@@ -54,6 +54,20 @@ inline bool HasCudaDevice() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
+// Device copy of a host vector (check ok() on the result), and the reverse.
+template <class T>
+DeviceBuffer Upload(const std::vector<T>& h) {
+  DeviceBuffer d(h.size() * sizeof(T));
+  if (d.ok() && !h.empty()) cudaMemcpy(d.get(), h.data(), d.bytes(), cudaMemcpyHostToDevice);
+  return d;
+}
+template <class T>
+std::vector<T> Download(const DeviceBuffer& d) {
+  std::vector<T> h(d.bytes() / sizeof(T));
+  if (!h.empty()) cudaMemcpy(h.data(), d.get(), d.bytes(), cudaMemcpyDeviceToHost);
+  return h;
+}
+
 inline float RoundBf16(float x) { return Bf16ToF32(F32ToBf16(x)); }
 inline void RoundBf16InPlace(std::vector<float>& x) {
   for (float& e : x) e = RoundBf16(e);

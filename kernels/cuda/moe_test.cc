@@ -24,6 +24,8 @@ namespace kl::cuda {
 namespace {
 
 using testing::DeviceBuffer;
+using testing::Download;
+using testing::Upload;
 using testing::RelErr;
 using testing::RoundBf16;
 
@@ -39,18 +41,6 @@ constexpr double kRouteWeightRelTol = 2e-6;  // device expf vs libm: ~1 ulp
 #define SKIP_WITHOUT_GPU() \
   if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device"
 
-template <class T>
-DeviceBuffer Upload(const std::vector<T>& h) {
-  DeviceBuffer d(h.size() * sizeof(T));
-  if (d.ok() && !h.empty()) cudaMemcpy(d.get(), h.data(), d.bytes(), cudaMemcpyHostToDevice);
-  return d;
-}
-template <class T>
-std::vector<T> Download(const DeviceBuffer& d) {
-  std::vector<T> h(d.bytes() / sizeof(T));
-  if (!h.empty()) cudaMemcpy(h.data(), d.get(), d.bytes(), cudaMemcpyDeviceToHost);
-  return h;
-}
 void PoisonNaN(const DeviceBuffer& d) {
   if (d.bytes() > 0) cudaMemset(d.get(), 0xFF, d.bytes());  // 0xFFFFFFFF: a NaN
 }

@@ -14,24 +14,13 @@
 
 #include "engine/sampling/sampler.h"
 #include "kernels/common/splitmix64.h"
+#include "kernels/cuda/bench_util.h"
 #include "kernels/cuda/sampling.h"
 
 namespace kl::cuda {
 namespace {
 
-#define CHECK_CUDA(x)                                                                   \
-  do {                                                                                  \
-    const cudaError_t e_ = (x);                                                         \
-    if (e_ != cudaSuccess) {                                                            \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      return false;                                                                     \
-    }                                                                                   \
-  } while (0)
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using bench::Median;
 
 struct Mode {
   const char* name;
@@ -41,7 +30,7 @@ struct Mode {
 
 bool Run(bool quick) {
   cudaDeviceProp prop;
-  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s\n", prop.name);
   const int64_t vocab = 163840, max_rows = 64;
   std::vector<float> logits(max_rows * vocab);
@@ -50,17 +39,17 @@ bool Run(bool quick) {
   float *d_logits = nullptr, *pinned = nullptr;
   SampleRowParams* d_params = nullptr;
   int32_t* d_tokens = nullptr;
-  CHECK_CUDA(cudaMalloc(&d_logits, logits.size() * sizeof(float)));
-  CHECK_CUDA(cudaMalloc(&d_params, max_rows * sizeof(SampleRowParams)));
-  CHECK_CUDA(cudaMalloc(&d_tokens, max_rows * sizeof(int32_t)));
-  CHECK_CUDA(cudaMallocHost(&pinned, logits.size() * sizeof(float)));
-  CHECK_CUDA(cudaMemcpy(d_logits, logits.data(), logits.size() * sizeof(float),
+  BENCH_CHECK(cudaMalloc(&d_logits, logits.size() * sizeof(float)));
+  BENCH_CHECK(cudaMalloc(&d_params, max_rows * sizeof(SampleRowParams)));
+  BENCH_CHECK(cudaMalloc(&d_tokens, max_rows * sizeof(int32_t)));
+  BENCH_CHECK(cudaMallocHost(&pinned, logits.size() * sizeof(float)));
+  BENCH_CHECK(cudaMemcpy(d_logits, logits.data(), logits.size() * sizeof(float),
                         cudaMemcpyHostToDevice));
   cudaStream_t s;
-  CHECK_CUDA(cudaStreamCreate(&s));
+  BENCH_CHECK(cudaStreamCreate(&s));
   cudaEvent_t e0, e1;
-  CHECK_CUDA(cudaEventCreate(&e0));
-  CHECK_CUDA(cudaEventCreate(&e1));
+  BENCH_CHECK(cudaEventCreate(&e0));
+  BENCH_CHECK(cudaEventCreate(&e1));
   const Mode modes[] = {{"greedy", 0.0, 1.0, 0},
                         {"T=1", 1.0, 1.0, 0},
                         {"T=0.8 top_p=0.95", 0.8, 0.95, 0},
@@ -76,28 +65,28 @@ bool Run(bool quick) {
         ps[r].seed = 1000 + r;
         ps[r].draw_index = 7;
       }
-      CHECK_CUDA(cudaMemcpy(d_params, ps.data(), rows * sizeof(SampleRowParams),
+      BENCH_CHECK(cudaMemcpy(d_params, ps.data(), rows * sizeof(SampleRowParams),
                             cudaMemcpyHostToDevice));
       std::vector<double> gpu;
       for (int i = 0; i < gpu_reps + 3; ++i) {
-        CHECK_CUDA(cudaEventRecord(e0, s));
+        BENCH_CHECK(cudaEventRecord(e0, s));
         if (!SampleTokens(d_logits, rows, vocab, vocab, d_params, d_tokens, s).ok()) return false;
-        CHECK_CUDA(cudaEventRecord(e1, s));
-        CHECK_CUDA(cudaEventSynchronize(e1));
+        BENCH_CHECK(cudaEventRecord(e1, s));
+        BENCH_CHECK(cudaEventSynchronize(e1));
         float ms = 0;
-        CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+        BENCH_CHECK(cudaEventElapsedTime(&ms, e0, e1));
         if (i >= 3) gpu.push_back(ms * 1e3);
       }
       std::vector<int32_t> gpu_tokens(rows);
-      CHECK_CUDA(cudaMemcpy(gpu_tokens.data(), d_tokens, rows * sizeof(int32_t),
+      BENCH_CHECK(cudaMemcpy(gpu_tokens.data(), d_tokens, rows * sizeof(int32_t),
                             cudaMemcpyDeviceToHost));
       std::vector<double> dl, host;
       int agree = 0;
       for (int i = 0; i < host_reps; ++i) {
         const auto t0 = std::chrono::steady_clock::now();
-        CHECK_CUDA(cudaMemcpyAsync(pinned, d_logits, rows * vocab * sizeof(float),
+        BENCH_CHECK(cudaMemcpyAsync(pinned, d_logits, rows * vocab * sizeof(float),
                                    cudaMemcpyDeviceToHost, s));
-        CHECK_CUDA(cudaStreamSynchronize(s));
+        BENCH_CHECK(cudaStreamSynchronize(s));
         const auto t1 = std::chrono::steady_clock::now();
         agree = 0;
         for (int64_t r = 0; r < rows; ++r) {

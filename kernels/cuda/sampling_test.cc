@@ -20,16 +20,12 @@ namespace kl::cuda {
 namespace {
 
 using testing::DeviceBuffer;
+using testing::Download;
+using testing::Upload;
 
 #define SKIP_WITHOUT_GPU() \
   if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device"
 
-template <class T>
-DeviceBuffer Upload(const std::vector<T>& h) {
-  DeviceBuffer d(h.size() * sizeof(T));
-  if (d.ok() && !h.empty()) cudaMemcpy(d.get(), h.data(), d.bytes(), cudaMemcpyHostToDevice);
-  return d;
-}
 
 // Samples every row on the GPU (one launch) and on the host; returns the GPU tokens and
 // expects them equal to the host's.
