@@ -100,7 +100,8 @@ struct SeqSlice {
 // state. Slot-pool backends: the pointers are the layer's pool bases and `slot`
 // the sequence's row in them.
 struct KdaStateRef {
-  float* recurrent = nullptr;  // [H][K][V] fp32
+  float* recurrent = nullptr;  // H states of K x V fp32, in the backend's layout (CPU:
+                               // [H][K][V]; CUDA: kernels/cuda/kda_state_layout.h)
   float* conv_q = nullptr;     // [W-1][KdaDim]
   float* conv_k = nullptr;
   float* conv_v = nullptr;

@@ -578,6 +578,7 @@ absl::Status CudaBackend::BindStates(const std::vector<SequenceState*>& states) 
   Impl& m = *impl_;
   const ModelConfig& c = config_;
   const int64_t lat = c.MlaLatentDim(), HKV = c.KdaStateElems(), tail = c.ConvTailElems();
+  void* staged = nullptr;  // one layer's canonical state on the device (see below)
   for (SequenceState* s : states) {
     if (s->device != nullptr) {
       if (s->device->owner != this) {
@@ -592,7 +593,6 @@ absl::Status CudaBackend::BindStates(const std::vector<SequenceState*>& states) 
     }
     ASSIGN_OR_RETURN(std::shared_ptr<CudaResidency> res, TakeSlot());
     const int32_t slot = res->slot;
-    void* staged = nullptr;
     for (int64_t i = 0; i < c.NumKdaLayers(); ++i) {
       const KdaLayerState& ks = s->kda[i];
       if (static_cast<int64_t>(ks.recurrent.size()) != HKV ||
@@ -602,7 +602,8 @@ absl::Status CudaBackend::BindStates(const std::vector<SequenceState*>& states) 
         return absl::InvalidArgumentError("KDA state of wrong size");
       }
       // Canonical host [H][K][V] -> device scratch -> the slot's pool layout
-      // (kda_state_layout.h). Stream order makes reusing `staged` per layer safe.
+      // (kda_state_layout.h). Outside a forward one scratch buffer serves every layer of
+      // every adopted state (stream order makes the reuse safe); inside one, Stage.
       if (m.in_forward) {
         ASSIGN_OR_RETURN(staged, Stage(ks.recurrent.data(), HKV * sizeof(float)));
       } else {

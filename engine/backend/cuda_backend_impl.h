@@ -118,7 +118,7 @@ struct CudaBackend::Impl {
   std::map<const void*, std::array<void*, 3>> expert_tables;  // MoE w1 vector → pointer arrays
 
   // State pools.
-  std::vector<float*> kda_state;                // per KDA layer: [slots][H][K][V]
+  std::vector<float*> kda_state;                // per KDA layer: [slots][H] pool layout
   std::vector<std::array<float*, 3>> kda_tail;  // per KDA layer: q, k, v [slots][W-1][KD]
   std::vector<void*> mla_pool;                  // per MLA layer: [pages][page_rows][lat]
   int32_t* block_table = nullptr;               // [slots][max_pages_per_seq]

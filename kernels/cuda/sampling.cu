@@ -1,9 +1,12 @@
-// GPU token sampling (sampling.h): one 1024-thread block per row; every selection is
-// a radix descent over the 64-bit order key, 8 bits per level: three passes over the
-// row, then over the few candidates that share the first 16 key bits.
+// GPU token sampling (sampling.h): one 1024-thread block per row. One pass finds the
+// row's maximum and range; each selection (top-k, nucleus, draw) is then two passes over
+// the row (256 value buckets, then the crossing bucket's candidates into shared memory)
+// and a radix descent over those candidates; a full-row radix descent when more than
+// kListCap candidates share the bucket.
 #include "kernels/cuda/sampling.h"
 
 #include <atomic>
+#include <cfloat>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -414,7 +417,9 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const float* logits, in
     return;
   }
   r.mx = top_logit;
-  r.inv_t = static_cast<float>(1.0 / p.temperature);
+  // 1 / T in fp32, at most FLT_MAX (a temperature under ~3e-39 would overflow it and turn
+  // the maximum's (0 * inf) weight into NaN): the maximum always weighs exactly `scale`.
+  r.inv_t = static_cast<float>(fmin(1.0 / p.temperature, static_cast<double>(FLT_MAX)));
   r.vmin = vmin;
   // 256 buckets over [vmin, max]; the max itself lands in 255 (or 256, clamped).
   r.vstep = top_logit > vmin ? 256.0f / (top_logit - vmin) : 0.0f;

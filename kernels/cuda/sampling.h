@@ -10,14 +10,15 @@
 // `draw_index` of `seed` (the host Sampler's draw for the same request and index).
 //
 // How: no sort. The order is a 64-bit key (monotone logit bits, then the inverted id),
-// and every "first candidate whose cumulative count / mass passes t" is a radix descent
-// over that key, 8 bits per pass, with per-bucket counts or masses summed in shared
-// memory. Masses are fixed-point integers (p scaled by 2^(62 - ceil(log2 vocab)), p <= 1),
-// so every sum is exact and the result does not depend on the order of the additions:
-// the same logits give the same token on every run. Against the host Sampler (double
-// sums in sorted order) the token is the same unless the draw falls within ~1e-13 of the
-// kept mass of a boundary. A NaN logit ranks below every number (never chosen unless the
-// row holds nothing else); -inf has weight 0.
+// and every "first candidate whose cumulative count / mass passes t" is found with 256
+// value buckets over the row, then a radix descent over the candidates of the crossing
+// bucket (kernels/cuda/README.md, "Token sampling"). Masses are fixed-point integers (p =
+// expf((logit - max) / T) <= 1, scaled by 2^(62 - ceil(log2 vocab))), so every sum is exact
+// and does not depend on the order of the additions: the same logits give the same token
+// on every run. Against the host Sampler (double exp, sums in sorted order) the token is
+// the same unless the draw falls within ~1e-7 (relative: fp32 exp) of a boundary between
+// two candidates' cumulative masses. A NaN logit ranks below every number (never chosen
+// unless the row holds nothing else); -inf has weight 0.
 #ifndef KL_KERNELS_CUDA_SAMPLING_H_
 #define KL_KERNELS_CUDA_SAMPLING_H_
 

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <set>
 #include <vector>
 
 #include "engine/sampling/sampler.h"
@@ -201,6 +202,26 @@ TEST(SampleTokens, NonFiniteLogits) {
   std::vector<float> finite = with_nan;
   finite[0] = finite[5] = -inf;
   EXPECT_EQ(tok, Argmax(finite.data(), vocab));
+}
+
+// Temperatures so small that 1 / T overflows fp32 (valid requests: T in (0, 100]): the
+// draw is among the tied maxima, as on the host.
+TEST(SampleTokens, TinyTemperatureDrawsAmongTiedMaxima) {
+  SKIP_WITHOUT_GPU();
+  const int64_t vocab = 50, rows = 40;
+  std::vector<float> logits;
+  std::vector<SampleRowParams> ps(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::vector<float> row = RandomLogits(300 + r, vocab, 1.0);
+    row[7] = row[30] = row[41] = 9.0f;  // three tied maxima
+    logits.insert(logits.end(), row.begin(), row.end());
+    ps[r].temperature = r % 2 == 0 ? 1e-300 : 1e-40;
+    ps[r].seed = 77 + r;
+    ps[r].draw_index = r;
+  }
+  const std::vector<int32_t> got = SampleBoth(logits, vocab, ps, "tiny temperatures");
+  std::set<int32_t> seen(got.begin(), got.end());
+  EXPECT_EQ(seen, (std::set<int32_t>{7, 30, 41}));
 }
 
 // Rows of a padded [rows][ld] buffer: only the first `vocab` columns count.
