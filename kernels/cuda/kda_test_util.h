@@ -8,6 +8,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -54,17 +56,28 @@ inline bool HasCudaDevice() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
-// Device copy of a host vector (check ok() on the result), and the reverse.
+// Device copy of a host vector (check ok() on the result), and the reverse. A failed
+// copy aborts the test binary with the CUDA error (a test must not compare garbage).
+inline void CheckCopy(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
+    std::abort();
+  }
+}
 template <class T>
 DeviceBuffer Upload(const std::vector<T>& h) {
   DeviceBuffer d(h.size() * sizeof(T));
-  if (d.ok() && !h.empty()) cudaMemcpy(d.get(), h.data(), d.bytes(), cudaMemcpyHostToDevice);
+  if (d.ok() && !h.empty()) {
+    CheckCopy(cudaMemcpy(d.get(), h.data(), d.bytes(), cudaMemcpyHostToDevice), "Upload");
+  }
   return d;
 }
 template <class T>
 std::vector<T> Download(const DeviceBuffer& d) {
   std::vector<T> h(d.bytes() / sizeof(T));
-  if (!h.empty()) cudaMemcpy(h.data(), d.get(), d.bytes(), cudaMemcpyDeviceToHost);
+  if (!h.empty()) {
+    CheckCopy(cudaMemcpy(h.data(), d.get(), d.bytes(), cudaMemcpyDeviceToHost), "Download");
+  }
   return h;
 }
 

@@ -31,22 +31,8 @@ constexpr double kBf16RelTol = 5e-3;
 #define SKIP_WITHOUT_GPU() \
   if (!::kl::cuda::testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device"
 
-template <class T>
-DeviceBuffer Upload(const std::vector<T>& h) {
-  DeviceBuffer d(h.size() * sizeof(T));
-  if (d.ok() && !h.empty()) {
-    EXPECT_EQ(cudaMemcpy(d.get(), h.data(), d.bytes(), cudaMemcpyHostToDevice), cudaSuccess);
-  }
-  return d;
-}
-template <class T>
-std::vector<T> Download(const DeviceBuffer& d) {
-  std::vector<T> h(d.bytes() / sizeof(T));
-  if (!h.empty()) {
-    EXPECT_EQ(cudaMemcpy(h.data(), d.get(), d.bytes(), cudaMemcpyDeviceToHost), cudaSuccess);
-  }
-  return h;
-}
+using testing::Download;
+using testing::Upload;
 inline DeviceBuffer Poisoned(size_t floats) {
   DeviceBuffer d(floats * sizeof(float));
   EXPECT_TRUE(d.ok());
