@@ -5,6 +5,7 @@
 // in the same run.
 //
 //   gpu_model_bench [--config=auto|48b|small|tiny] [--quick] [--decode_batches=1,4,16]
+//                   [--sampling=device|host] [--temperature=T]
 // "auto" runs the 48B shape with as many of its 27 layers as fit in the GPU
 // (all of them on an H200; layers are dropped from the end, keeping the 3:1
 // KDA:MLA pattern, on smaller GPUs) and says so in the output.
@@ -28,10 +29,16 @@
 #include "engine/config/model_config.h"
 #include "engine/model/model.h"
 #include "engine/model/random_source.h"
+#include "engine/sampling/sampler.h"
 
 ABSL_FLAG(std::string, config, "auto", "auto | 48b | small | tiny");
 ABSL_FLAG(bool, quick, false, "fewer and shorter runs");
 ABSL_FLAG(int64_t, decode_context, 4096, "tokens already in each sequence when decoding");
+ABSL_FLAG(std::string, sampling, "device",
+          "how a decode step picks its tokens, timed with the step as a worker does: device "
+          "(SampleTokens after the LM head, token ids downloaded) | host (logits downloaded, "
+          "the host Sampler on every row)");
+ABSL_FLAG(double, temperature, 0.0, "sampling temperature of every row (0: greedy)");
 ABSL_FLAG(std::string, decode_batches, "",
           "comma-separated decode batch sizes (default 1,16,64; --quick 1,16)");
 ABSL_FLAG(int64_t, profile_decode_batch, 0,
@@ -135,6 +142,17 @@ int Run() {
   }
   const double copy_tbs = CopyTBs();
   const int64_t context = absl::GetFlag(FLAGS_decode_context);
+  const std::string sampling = absl::GetFlag(FLAGS_sampling);
+  if (sampling != "device" && sampling != "host") {
+    std::printf("--sampling: device or host, not '%s'\n", sampling.c_str());
+    return 2;
+  }
+  const bool device_sampling = sampling == "device";
+  const double temperature = absl::GetFlag(FLAGS_temperature);
+  if (!(temperature >= 0 && temperature <= 100)) {
+    std::printf("--temperature: in [0, 100]\n");
+    return 2;
+  }
   std::vector<int64_t> batches = quick ? std::vector<int64_t>{1, 16}
                                        : std::vector<int64_t>{1, 16, 64};
   if (const std::string list = absl::GetFlag(FLAGS_decode_batches); !list.empty()) {
@@ -246,14 +264,36 @@ int Run() {
     for (auto& n : next) n = tokens(1);
     std::vector<double> times;
     bool failed = false;
+    SamplingParams sp;
+    sp.temperature = temperature;
+    std::vector<Sampler> samplers;
+    for (int64_t i = 0; i < batch; ++i) {
+      sp.seed = 1000 + i;
+      samplers.emplace_back(sp, 0);
+    }
     for (int64_t step = 0; step < steps + 3 && !failed; ++step) {
       std::vector<ForwardItem> items;
-      for (int64_t i = 0; i < batch; ++i) items.push_back({&seqs[i], next[i]});
+      std::vector<TokenSampling> ts(batch);
+      for (int64_t i = 0; i < batch; ++i) {
+        items.push_back({&seqs[i], next[i]});
+        ts[i] = TokenSampling{temperature, 1.0, 0, 1000 + static_cast<uint64_t>(i),
+                              static_cast<uint64_t>(step)};
+        if (device_sampling) items.back().sample = &ts[i];
+      }
       ForwardOutput out;
       const bool profiled = profile_batch > 0 && step == steps + 2;
       if (profiled) cudaProfilerStart();
       const auto a = Clock::now();
       absl::Status st = m.Forward(absl::MakeSpan(items), &out);
+      // The step a worker runs: the forward, then every row's token (host: the Sampler on
+      // the downloaded logits, one thread, as the decode engine does).
+      std::vector<int32_t> picked(batch);
+      if (st.ok()) {
+        for (int64_t i = 0; i < batch; ++i) {
+          picked[i] = device_sampling ? out.tokens[i]
+                                      : samplers[i].Sample(out.logits[i].data(), c.vocab_size);
+        }
+      }
       const double sec = Seconds(a, Clock::now());
       if (profiled) cudaProfilerStop();
       if (!st.ok()) {
@@ -262,10 +302,7 @@ int Run() {
         break;
       }
       if (step >= 3) times.push_back(sec);  // after eager, capture, first replay
-      for (int64_t i = 0; i < batch; ++i) {
-        const auto& lg = out.logits[i];
-        next[i] = {static_cast<int32_t>(std::max_element(lg.begin(), lg.end()) - lg.begin())};
-      }
+      for (int64_t i = 0; i < batch; ++i) next[i] = {picked[i]};
     }
     if (failed || times.empty()) continue;
     std::sort(times.begin(), times.end());
@@ -275,10 +312,12 @@ int Run() {
     char buf[320];
     std::snprintf(buf, sizeof(buf),
                   "decode B=%-3ld ctx=%-6ld | %7.3f ms/step (median of %zu) | %8.0f tok/s | floor "
-                  "%6.3f ms (weights %.2f GB, states %.2f GB, latents %.2f GB) | %5.1f%% of floor",
+                  "%6.3f ms (weights %.2f GB, states %.2f GB, latents %.2f GB) | %5.1f%% of floor"
+                  " | sampling %s T=%g",
                   static_cast<long>(batch), static_cast<long>(context), med * 1e3, times.size(),
                   batch / med, floor_s * 1e3, f.weight_bytes / 1e9, f.state_bytes / 1e9,
-                  f.latent_bytes / 1e9, 100.0 * floor_s / med);
+                  f.latent_bytes / 1e9, 100.0 * floor_s / med, device_sampling ? "device" : "host",
+                  temperature);
     std::printf("%s\n", buf);
     summary.push_back(buf);
   }
