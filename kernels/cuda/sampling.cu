@@ -128,30 +128,58 @@ __device__ __forceinline__ void ForRow(const RowCtx& r, F&& f) {
   for (; i < r.vocab; i += kThreads) f(__ldg(r.x + i), i);
 }
 
-// One pass: the largest order key of the row (the greedy pick) and the smallest finite
-// logit (the low end of the value buckets).
+// One pass: the greedy pick (the largest logit, the lowest id among equal ones; NaN only
+// when the row holds nothing else, then id 0), returned as its order key, and the smallest
+// finite logit (the low end of the value buckets). Plain float compares per element:
+// with one block per row this pass is instruction-bound.
 __device__ uint64_t RowRange(const RowCtx& r, Smem& sm, float* min_finite) {
-  unsigned long long best = 0;
-  float lo = INFINITY;
-  ForRow(r, [&](float x, int64_t i) {
-    const unsigned long long k = OrderKey(x, i);
-    best = k > best ? k : best;
+  constexpr int64_t kNone = INT64_MAX;
+  float best = -INFINITY, lo = INFINITY;
+  int64_t bi = kNone;
+  ForRow(r, [&](float x, int64_t i) {  // i ascends within a thread
+    if (x > best || (bi == kNone && x == x)) {
+      best = x;
+      bi = i;
+    }
     if (isfinite(x)) lo = fminf(lo, x);
   });
-  best = WarpMax(best);
+  auto better = [](float v, int64_t i, float w, int64_t j) {
+    return j != kNone && (i == kNone || w > v || (w == v && j < i));
+  };
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float w = __shfl_xor_sync(0xffffffffu, best, o);
+    const int64_t j = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (better(best, bi, w, j)) {
+      best = w;
+      bi = j;
+    }
+  }
   lo = WarpMinF(lo);
   if ((threadIdx.x & 31) == 0) {
-    sm.red[threadIdx.x >> 5] = best;
-    sm.redf[threadIdx.x >> 5] = lo;
+    sm.redf[threadIdx.x >> 5] = best;
+    sm.red[threadIdx.x >> 5] = static_cast<unsigned long long>(bi);
+    sm.red2[threadIdx.x >> 5] = __float_as_uint(lo);
   }
   __syncthreads();
   if (threadIdx.x < 32) {
-    unsigned long long v = threadIdx.x < kWarps ? sm.red[threadIdx.x] : 0;
-    float f = threadIdx.x < kWarps ? sm.redf[threadIdx.x] : INFINITY;
-    v = WarpMax(v);
+    float v = threadIdx.x < kWarps ? sm.redf[threadIdx.x] : -INFINITY;
+    int64_t i = threadIdx.x < kWarps ? static_cast<int64_t>(sm.red[threadIdx.x]) : kNone;
+    float f = threadIdx.x < kWarps ? __uint_as_float(static_cast<uint32_t>(sm.red2[threadIdx.x]))
+                                   : INFINITY;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float w = __shfl_xor_sync(0xffffffffu, v, o);
+      const int64_t j = __shfl_xor_sync(0xffffffffu, i, o);
+      if (better(v, i, w, j)) {
+        v = w;
+        i = j;
+      }
+    }
     f = WarpMinF(f);
     if (threadIdx.x == 0) {
-      sm.bcast[0] = v;
+      const int64_t top = i == kNone ? 0 : i;  // an all-NaN row: id 0, like the host
+      sm.bcast[0] = OrderKey(r.x[top], top);
       sm.bcastf = f;
     }
   }
