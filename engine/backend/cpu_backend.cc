@@ -9,6 +9,7 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "engine/sampling/sampler.h"
 #include "kernels/common/parallel.h"
 #include "kernels/common/status_macros.h"
 #include "kernels/cpu/kda.h"
@@ -412,6 +413,27 @@ absl::Status CpuBackend::Moe(const float* x, int64_t rows, int64_t dim, const Mo
   }
   if (p.accumulate) {
     for (int64_t i = 0; i < rows * dim; ++i) out[i] += routed[i];
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::SampleTokens(const float* logits, int64_t rows, int64_t vocab,
+                                      absl::Span<const TokenSampling> params,
+                                      int32_t* host_tokens) {
+  if (!options_.backend_sampling) {
+    return Backend::SampleTokens(logits, rows, vocab, params, host_tokens);
+  }
+  if (static_cast<int64_t>(params.size()) != rows || rows < 0) {
+    return absl::InvalidArgumentError("SampleTokens: one parameter set per row");
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    SamplingParams p;
+    p.temperature = params[r].temperature;
+    p.top_p = params[r].top_p;
+    p.top_k = params[r].top_k;
+    p.seed = params[r].seed;
+    Sampler sampler(p, static_cast<int64_t>(params[r].draw_index));
+    host_tokens[r] = sampler.Sample(logits + r * vocab, vocab);
   }
   return absl::OkStatus();
 }

@@ -22,6 +22,9 @@ struct CpuBackendOptions {
   // MLA: new-token counts at or above this use the naive (materialised K/V)
   // prefill form; below it the absorbed (latent) form of decode.
   int64_t mla_naive_min_rows = 32;
+  // Report SamplesOnDevice() and pick tokens inside the backend (SampleTokens, with the
+  // host Sampler): the engines' device-sampling path, exercised without a GPU (tests).
+  bool backend_sampling = false;
 };
 
 class CpuBackend final : public Backend {
@@ -53,6 +56,9 @@ class CpuBackend final : public Backend {
                             const Weight& kv_b, float* out) override;
   absl::Status Moe(const float* x, int64_t rows, int64_t dim, const MoeParams& p,
                    const MoeOpWeights& w, float* y) override;
+  bool SamplesOnDevice() const override { return options_.backend_sampling; }
+  absl::Status SampleTokens(const float* logits, int64_t rows, int64_t vocab,
+                            absl::Span<const TokenSampling> params, int32_t* host_tokens) override;
 
   // Bytes held by uploaded weights.
   int64_t weight_bytes() const override;

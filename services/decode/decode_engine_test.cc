@@ -8,6 +8,7 @@
 
 #include "absl/synchronization/mutex.h"
 #include "engine/runtime/generator.h"
+#include "engine/runtime/local_engine.h"
 #include "gtest/gtest.h"
 #include "services/decode/test_util.h"
 
@@ -216,6 +217,96 @@ TEST_F(DecodeEngineTest, StopTokenEndsTheSequenceWithFinished) {
   EXPECT_EQ(got, std::vector<int32_t>(ref.begin() + 1, ref.begin() + 1 + got.size()));
   EXPECT_EQ(got.back(), ref[3]);
   EXPECT_EQ(leases_->Stats().slots_used, 0);
+}
+
+// The device-sampling path (a backend that picks tokens itself, ForwardItem::sample;
+// here the CPU backend's test switch) gives the tokens of the host path: the draw of
+// each token is the host Sampler's for the same seed and token index. Stochastic
+// sequences of different lengths share the batch, and one joins late.
+TEST(DecodeEngineSamplingTest, BackendSamplingGivesTheHostSamplersTokens) {
+  struct Setup {
+    std::unique_ptr<LocalEngine> engine;
+    absl::Time now = absl::FromUnixSeconds(1000);
+    std::unique_ptr<LeaseManager> leases;
+    std::unique_ptr<DecodeEngine> decode;
+    DecodeEngine* raw = nullptr;
+  };
+  auto make = [](bool backend_sampling) {
+    auto s = std::make_unique<Setup>();
+    CpuBackendOptions cpu;
+    cpu.backend_sampling = backend_sampling;
+    s->engine = OpenTinyEngine(kTinySeed, cpu);
+    if (s->engine == nullptr) return std::unique_ptr<Setup>();
+    LeaseManagerOptions lo;
+    lo.ttl = kTtl;
+    Setup* raw = s.get();
+    s->leases = std::make_unique<LeaseManager>(lo, [raw] { return raw->now; });
+    DecodeEngineOptions eo;
+    eo.max_batch = 8;
+    s->decode = std::make_unique<DecodeEngine>(&s->engine->model(), s->leases.get(), eo);
+    s->raw = s->decode.get();
+    return s;
+  };
+  auto host = make(false), dev = make(true);
+  ASSERT_TRUE(host && dev);
+  ASSERT_FALSE(host->engine->model().backend()->SamplesOnDevice());
+  ASSERT_TRUE(dev->engine->model().backend()->SamplesOnDevice());
+
+  struct Req {
+    std::vector<int32_t> prompt;
+    double temperature, top_p;
+    int64_t top_k, max_new;
+    uint64_t seed;
+  };
+  const std::vector<Req> reqs = {{{5, 17, 300, 41, 9, 77}, 1.0, 1.0, 0, 24, 11},
+                                 {{8, 3, 3, 1000, 64}, 0.8, 0.9, 0, 18, 12},
+                                 {{2, 200, 13}, 1.2, 1.0, 20, 30, 13},
+                                 {{99, 98, 97, 96}, 0.0, 1.0, 0, 12, 14}};
+  auto run = [&](Setup& s, std::vector<std::vector<int32_t>>* tokens) {
+    std::vector<std::shared_ptr<FakeSink>> sinks;
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      const Req& r = reqs[i];
+      SequenceState st = s.engine->model().NewState();
+      ForwardItem it{&st, r.prompt, false};
+      ForwardOutput out;
+      ASSERT_TRUE(s.engine->model().Forward(absl::MakeSpan(&it, 1), &out).ok());
+      ASSERT_EQ(out.logits.size(), 1u);  // no `sample`: logits, on either backend
+      auto sink = std::make_shared<FakeSink>(&s.raw);
+      auto grant = s.leases->Reserve("r", 0);
+      ASSERT_TRUE(grant.ok());
+      ASSERT_TRUE(s.leases->Claim(grant->lease_id, sink).ok());
+      DecodeSpec spec;
+      spec.lease_id = grant->lease_id;
+      spec.params.temperature = r.temperature;
+      spec.params.top_p = r.top_p;
+      spec.params.top_k = r.top_k;
+      spec.params.seed = r.seed;
+      spec.params.ignore_eos = true;
+      spec.last_token = Argmax(out.logits[0].data(), s.engine->config().vocab_size);
+      spec.next_index = 1;
+      spec.max_new_tokens = r.max_new;
+      ASSERT_TRUE(s.decode->Join(spec, std::move(st), sink).ok());
+      sinks.push_back(sink);
+      if (i == 2) {  // the last one joins once the others are under way
+        ASSERT_TRUE(WaitFor([&] { return s.decode->Stats().steps >= 3; }));
+      }
+    }
+    for (auto& sink : sinks) {
+      ASSERT_TRUE(WaitFor([&] { return sink->end().has_value(); }));
+      EXPECT_TRUE(sink->end()->ok());
+      EXPECT_TRUE(sink->finished());
+      tokens->push_back(sink->tokens());
+    }
+  };
+  std::vector<std::vector<int32_t>> want, got;
+  run(*host, &want);
+  run(*dev, &got);
+  ASSERT_EQ(got.size(), reqs.size());
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ(got[i].size(), static_cast<size_t>(reqs[i].max_new)) << "sequence " << i;
+    EXPECT_EQ(got[i], want[i]) << "sequence " << i;
+  }
+  EXPECT_NE(want[0], want[3]);  // the stochastic streams are not all alike
 }
 
 }  // namespace

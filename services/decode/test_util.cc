@@ -35,9 +35,10 @@ const std::string& TinyDir(uint64_t seed) {
 
 }  // namespace
 
-std::unique_ptr<LocalEngine> OpenTinyEngine(uint64_t seed) {
+std::unique_ptr<LocalEngine> OpenTinyEngine(uint64_t seed, const CpuBackendOptions& cpu) {
   LocalEngineOptions o;
   o.model_dir = TinyDir(seed);
+  o.cpu = cpu;
   auto e = LocalEngine::Open(o);
   EXPECT_TRUE(e.ok()) << e.status();
   return e.ok() ? *std::move(e) : nullptr;
@@ -48,9 +49,10 @@ DecodeWorker::~DecodeWorker() {
   service.reset();
 }
 
-std::unique_ptr<DecodeWorker> StartDecodeWorker(uint64_t seed, DecodeServiceOptions options) {
+std::unique_ptr<DecodeWorker> StartDecodeWorker(uint64_t seed, DecodeServiceOptions options,
+                                                const CpuBackendOptions& cpu) {
   auto w = std::make_unique<DecodeWorker>();
-  w->engine = OpenTinyEngine(seed);
+  w->engine = OpenTinyEngine(seed, cpu);
   if (!w->engine) return nullptr;
   w->service = std::make_unique<DecodeService>(&w->engine->model(),
                                                w->engine->checkpoint_fingerprint(), options);

@@ -23,8 +23,9 @@ namespace kl {
 inline constexpr uint64_t kTinySeed = 20251030;
 inline constexpr uint64_t kOtherSeed = 77;
 
-// The tiny model for `seed`, made once per test process under TEST_TMPDIR, opened.
-std::unique_ptr<LocalEngine> OpenTinyEngine(uint64_t seed);
+// The tiny model for `seed`, made once per test process under TEST_TMPDIR, opened
+// (on the CPU backend with `cpu`).
+std::unique_ptr<LocalEngine> OpenTinyEngine(uint64_t seed, const CpuBackendOptions& cpu = {});
 
 // A decode worker serving on 127.0.0.1:<free port>, with a client stub.
 struct DecodeWorker {
@@ -35,7 +36,8 @@ struct DecodeWorker {
   std::unique_ptr<v1::Decode::Stub> stub;
   ~DecodeWorker();
 };
-std::unique_ptr<DecodeWorker> StartDecodeWorker(uint64_t seed, DecodeServiceOptions options);
+std::unique_ptr<DecodeWorker> StartDecodeWorker(uint64_t seed, DecodeServiceOptions options,
+                                                const CpuBackendOptions& cpu = {});
 
 // Polls `cond` every 10 ms until true or `timeout`; returns its last value.
 bool WaitFor(const std::function<bool()>& cond, absl::Duration timeout = absl::Seconds(10));

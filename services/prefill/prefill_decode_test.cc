@@ -41,9 +41,10 @@ struct PrefillWorker {
   }
 };
 
-std::unique_ptr<PrefillWorker> StartPrefillWorker(uint64_t seed, PrefillServiceOptions o) {
+std::unique_ptr<PrefillWorker> StartPrefillWorker(uint64_t seed, PrefillServiceOptions o,
+                                                  const CpuBackendOptions& cpu = {}) {
   auto w = std::make_unique<PrefillWorker>();
-  w->engine = OpenTinyEngine(seed);
+  w->engine = OpenTinyEngine(seed, cpu);
   if (!w->engine) return nullptr;
   w->service = std::make_unique<PrefillService>(&w->engine->model(),
                                                 w->engine->checkpoint_fingerprint(), o);
@@ -61,13 +62,15 @@ class PrefillDecodeTest : public ::testing::Test {
   void SetUp() override {
     PrefillServiceOptions po;
     po.max_batch_tokens = kMaxBatchTokens;
-    prefill_ = StartPrefillWorker(kTinySeed, po);
+    CpuBackendOptions cpu;
+    cpu.backend_sampling = BackendSampling();
+    prefill_ = StartPrefillWorker(kTinySeed, po, cpu);
     DecodeServiceOptions dopts;
     // Leases must outlive the slowest prefill a test queues behind (the long
     // prompt of FullQueueIsResourceExhaustedAndDrainRefuses is slow under the
     // sanitizers on 2 busy cores); no test here is about expiry.
     dopts.lease_ttl = absl::Minutes(10);
-    decode_ = StartDecodeWorker(kTinySeed, dopts);
+    decode_ = StartDecodeWorker(kTinySeed, dopts, cpu);
     ASSERT_NE(prefill_, nullptr);
     ASSERT_NE(decode_, nullptr);
   }
@@ -135,9 +138,31 @@ class PrefillDecodeTest : public ::testing::Test {
            p.waiting() == 0 && p.transfers_in_flight() == 0;
   }
 
+  // Workers whose backend picks the tokens (the path of CUDA workers, kernels/cuda/sampling.h).
+  virtual bool BackendSampling() const { return false; }
+
   std::unique_ptr<PrefillWorker> prefill_;
   std::unique_ptr<DecodeWorker> decode_;
 };
+
+class PrefillDecodeBackendSamplingTest : public PrefillDecodeTest {
+ protected:
+  bool BackendSampling() const override { return true; }
+};
+
+// Both workers take the device-sampling path (ForwardItem::sample; the CPU backend's test
+// switch): the tokens of the single-process engine, for a batched and a chunked prefill
+// (first token) and the decode steps after them, greedy and seeded.
+TEST_F(PrefillDecodeBackendSamplingTest, TokensEqualTheSingleProcessEngine) {
+  ASSERT_TRUE(prefill_->engine->model().backend()->SamplesOnDevice());
+  ASSERT_TRUE(decode_->engine->model().backend()->SamplesOnDevice());
+  const auto short_prompt = Prompt(40, 3);
+  const auto long_prompt = Prompt(3 * kMaxBatchTokens + 5, 4);  // chunked prefill
+  EXPECT_EQ(Generate2(short_prompt, 8), Reference(short_prompt, 8));
+  EXPECT_EQ(Generate2(short_prompt, 12, 0.9, 1234), Reference(short_prompt, 12, 0.9, 1234));
+  EXPECT_EQ(Generate2(long_prompt, 12, 1.1, 99), Reference(long_prompt, 12, 1.1, 99));
+  EXPECT_NE(Reference(short_prompt, 12, 0.9, 1234), Reference(short_prompt, 12, 0.9, 4321));
+}
 
 TEST_F(PrefillDecodeTest, GreedyTokensEqualTheSingleProcessEngine) {
   // Shorter than one KDA chunk, across chunk boundaries, and (> 128) chunked
