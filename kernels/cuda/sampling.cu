@@ -128,6 +128,20 @@ __device__ __forceinline__ void ForRow(const RowCtx& r, F&& f) {
   for (; i < r.vocab; i += kThreads) f(__ldg(r.x + i), i);
 }
 
+// (v, i) <- the warp's largest v, the lowest i among equal ones; i == INT64_MAX: none.
+__device__ __forceinline__ void WarpArgMax(float& v, int64_t& i) {
+  constexpr int64_t kNone = INT64_MAX;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float w = __shfl_xor_sync(0xffffffffu, v, o);
+    const int64_t j = __shfl_xor_sync(0xffffffffu, i, o);
+    if (j != kNone && (i == kNone || w > v || (w == v && j < i))) {
+      v = w;
+      i = j;
+    }
+  }
+}
+
 // One pass: the greedy pick (the largest logit, the lowest id among equal ones; NaN only
 // when the row holds nothing else, then id 0), returned as its order key, and the smallest
 // finite logit (the low end of the value buckets). Plain float compares per element:
@@ -143,18 +157,7 @@ __device__ uint64_t RowRange(const RowCtx& r, Smem& sm, float* min_finite) {
     }
     if (isfinite(x)) lo = fminf(lo, x);
   });
-  auto better = [](float v, int64_t i, float w, int64_t j) {
-    return j != kNone && (i == kNone || w > v || (w == v && j < i));
-  };
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float w = __shfl_xor_sync(0xffffffffu, best, o);
-    const int64_t j = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (better(best, bi, w, j)) {
-      best = w;
-      bi = j;
-    }
-  }
+  WarpArgMax(best, bi);
   lo = WarpMinF(lo);
   if ((threadIdx.x & 31) == 0) {
     sm.redf[threadIdx.x >> 5] = best;
@@ -167,15 +170,7 @@ __device__ uint64_t RowRange(const RowCtx& r, Smem& sm, float* min_finite) {
     int64_t i = threadIdx.x < kWarps ? static_cast<int64_t>(sm.red[threadIdx.x]) : kNone;
     float f = threadIdx.x < kWarps ? __uint_as_float(static_cast<uint32_t>(sm.red2[threadIdx.x]))
                                    : INFINITY;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float w = __shfl_xor_sync(0xffffffffu, v, o);
-      const int64_t j = __shfl_xor_sync(0xffffffffu, i, o);
-      if (better(v, i, w, j)) {
-        v = w;
-        i = j;
-      }
-    }
+    WarpArgMax(v, i);
     f = WarpMinF(f);
     if (threadIdx.x == 0) {
       const int64_t top = i == kNone ? 0 : i;  // an all-NaN row: id 0, like the host
