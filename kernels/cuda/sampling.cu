@@ -62,7 +62,7 @@ struct Smem {
   unsigned long long red[kWarps];
   unsigned long long red2[kWarps];
   float redf[kWarps];
-  unsigned long long bcast[3];
+  unsigned long long bcast[2];
   unsigned long long bcast_t;
   float bcastf;
   int list_n;
@@ -185,12 +185,6 @@ __device__ uint64_t RowRange(const RowCtx& r, Smem& sm, float* min_finite) {
   return k;
 }
 
-struct Pick {
-  uint64_t key;    // the candidate's order key
-  uint64_t above;  // weight of the candidates before it (keys > key, >= lo)
-  uint64_t own;    // its own weight
-};
-
 // Target functors: the weight position t to find, from the total weight of keys >= lo.
 struct ConstTarget {  // a fixed position (the k-th key: t = k - 1)
   uint64_t t;
@@ -214,8 +208,8 @@ struct DrawTarget {  // the candidate whose cumulative weight first exceeds u * 
 
 // After every warp has filled its histogram row: sums the rows (fixed order), then finds,
 // walking buckets from 255 down, the first bucket where above + cumulative > t (t =
-// target(total of all buckets) when `from_total`, else *t). Leaves in sm.bcast: the
-// bucket, the weight before it (above included) and its own weight; returns t.
+// target(total of all buckets) when `from_total`, else t). Leaves in sm.bcast the bucket
+// and the weight before it (above included); returns t.
 template <class Target>
 __device__ uint64_t ScanBuckets(Smem& sm, uint64_t above, uint64_t t, bool from_total,
                                 Target target) {
@@ -249,24 +243,28 @@ __device__ uint64_t ScanBuckets(Smem& sm, uint64_t above, uint64_t t, bool from_
     const unsigned ballot = __ballot_sync(0xffffffffu, crosses);
     if (lane == (ballot != 0 ? __ffs(ballot) - 1 : 31)) {
       unsigned long long acc = above + excl;
-      unsigned long long hj = h[7];
       int j = 7;
 #pragma unroll
       for (int q = 0; q < 7; ++q) {
-        if (j == 7 && acc + h[q] > t) {
-          j = q;
-          hj = h[q];
-        }
+        if (j == 7 && acc + h[q] > t) j = q;
         if (j == 7) acc += h[q];
       }
       sm.bcast[0] = static_cast<unsigned long long>(255 - 8 * lane - j);
       sm.bcast[1] = acc;
-      sm.bcast[2] = hj;
       sm.bcast_t = t;
     }
   }
   __syncthreads();
   return sm.bcast_t;
+}
+
+// Candidate (x, i) into the shared-memory list (counted even when the list is full).
+__device__ __forceinline__ void AppendCandidate(Smem& sm, float x, int64_t i) {
+  const int slot = atomicAdd(&sm.list_n, 1);
+  if (slot < kListCap) {
+    sm.list_x[slot] = x;
+    sm.list_i[slot] = static_cast<int32_t>(i);
+  }
 }
 
 __device__ __forceinline__ void ZeroHist(Smem& sm) {
@@ -275,16 +273,16 @@ __device__ __forceinline__ void ZeroHist(Smem& sm) {
   for (int j = 0; j < 8; ++j) sm.hist[warp][lane + 32 * j] = 0;
 }
 
-// Among candidates with key >= lo, in descending key order, the first whose inclusive
-// cumulative weight exceeds t = target(total weight) (weight 1 each, or Weight() when
-// kMass). A radix descent, 8 key bits per level. `list_only`: the candidates are the
+// The order key of the first candidate, among those with key >= lo in descending key
+// order, whose inclusive cumulative weight exceeds t = target(total weight) (weight 1
+// each, or Weight() when kMass). A radix descent, 8 key bits per level. `list_only`: the candidates are the
 // sm.list entries (all of them >= lo). Otherwise the row: level 2 also copies the
 // candidates that share the first 16 bits into the list, and levels 3-7 read only those
 // (unless there were more than kListCap). All sums are integers: exact, order-free.
 template <bool kMass, class Target>
-__device__ Pick RadixSelect(const RowCtx& r, uint64_t lo, Target target, bool list_only,
-                            Smem& sm) {
-  uint64_t prefix = 0, above = 0, own = 0, t = 0;
+__device__ uint64_t RadixSelect(const RowCtx& r, uint64_t lo, Target target, bool list_only,
+                                Smem& sm) {
+  uint64_t prefix = 0, above = 0, t = 0;
   bool from_list = list_only;
   int n_list = list_only ? sm.list_n : 0;
   __syncthreads();  // everyone has read list_n
@@ -317,10 +315,7 @@ __device__ Pick RadixSelect(const RowCtx& r, uint64_t lo, Target target, bool li
     __syncthreads();
     const uint64_t hi = sm.bcast[0], low = sm.bcast[1];
     __syncthreads();
-    if (hi == low) {  // one candidate
-      const uint64_t w = kMass ? Weight(r, r.x[TokenOf(hi)]) : 1;
-      return Pick{hi, 0, w};
-    }
+    if (hi == low) return hi;  // one candidate
     first_level = __clzll(static_cast<long long>(hi ^ low)) / 8;
     prefix = first_level == 0 ? 0 : hi & (~0ull << (64 - 8 * first_level));
   }
@@ -343,20 +338,14 @@ __device__ Pick RadixSelect(const RowCtx& r, uint64_t lo, Target target, bool li
       const bool unique = sm.list_hits == 1;
       const uint64_t key = sm.bcast[0];
       __syncthreads();
-      if (unique) return Pick{key, above, own};
+      if (unique) return key;
     }
     ZeroHist(sm);
     __syncthreads();
     auto visit = [&](float x, int64_t i, bool keep) {
       const uint64_t key = OrderKey(x, i);
       if (key < lo || (key & hi_mask) != prefix) return;
-      if (keep) {
-        const int slot = atomicAdd(&sm.list_n, 1);
-        if (slot < kListCap) {
-          sm.list_x[slot] = x;
-          sm.list_i[slot] = static_cast<int32_t>(i);
-        }
-      }
+      if (keep) AppendCandidate(sm, x, i);
       const unsigned long long w = kMass ? Weight(r, x) : 1ull;
       if (w != 0) atomicAdd(&hist[(key >> shift) & 255], w);
     };
@@ -369,14 +358,13 @@ __device__ Pick RadixSelect(const RowCtx& r, uint64_t lo, Target target, bool li
     t = ScanBuckets(sm, above, t, level == first_level, target);
     prefix |= static_cast<uint64_t>(sm.bcast[0]) << shift;
     above = sm.bcast[1];
-    own = sm.bcast[2];
     if (level == 2 && !list_only) {
       n_list = sm.list_n;
       from_list = n_list <= kListCap;
     }
     __syncthreads();
   }
-  return Pick{prefix, above, own};
+  return prefix;
 }
 
 // Value bucket of a logit: 256 equal steps over [min finite, max]; monotone in the logit,
@@ -392,7 +380,7 @@ __device__ __forceinline__ int ValueBucket(const RowCtx& r, float x) {
 // then the crossing bucket's candidates into the list and a radix descent over them.
 // Falls back to RadixSelect when that bucket holds more than kListCap candidates.
 template <bool kMass, class Target>
-__device__ Pick Select(const RowCtx& r, uint64_t lo, Target target, Smem& sm) {
+__device__ uint64_t Select(const RowCtx& r, uint64_t lo, Target target, Smem& sm) {
   unsigned long long* hist = sm.hist[threadIdx.x >> 5];
   ZeroHist(sm);
   if (threadIdx.x == 0) sm.list_n = 0;
@@ -406,18 +394,11 @@ __device__ Pick Select(const RowCtx& r, uint64_t lo, Target target, Smem& sm) {
   const int bucket = static_cast<int>(sm.bcast[0]);
   const uint64_t before = sm.bcast[1];
   ForRow(r, [&](float x, int64_t i) {
-    if (OrderKey(x, i) < lo || ValueBucket(r, x) != bucket) return;
-    const int slot = atomicAdd(&sm.list_n, 1);
-    if (slot < kListCap) {
-      sm.list_x[slot] = x;
-      sm.list_i[slot] = static_cast<int32_t>(i);
-    }
+    if (OrderKey(x, i) >= lo && ValueBucket(r, x) == bucket) AppendCandidate(sm, x, i);
   });
   __syncthreads();
   if (sm.list_n > kListCap) return RadixSelect<kMass>(r, lo, target, false, sm);
-  Pick p = RadixSelect<kMass>(r, lo, ConstTarget{t - before}, true, sm);
-  p.above += before;
-  return p;
+  return RadixSelect<kMass>(r, lo, ConstTarget{t - before}, true, sm);
 }
 
 __global__ void __launch_bounds__(kThreads) SampleKernel(const float* logits, int64_t vocab,
@@ -450,14 +431,14 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(const float* logits, in
   // Top-k: the k-th key in order; the candidates are the keys >= it.
   uint64_t lo = 0;
   if (p.top_k > 0 && p.top_k < vocab) {
-    lo = Select<false>(r, 0, ConstTarget{static_cast<uint64_t>(p.top_k - 1)}, sm).key;
+    lo = Select<false>(r, 0, ConstTarget{static_cast<uint64_t>(p.top_k - 1)}, sm);
   }
   // Nucleus: the shortest prefix whose mass reaches top_p of the candidates' mass.
-  if (p.top_p < 1.0) lo = Select<true>(r, lo, NucleusTarget{p.top_p}, sm).key;
+  if (p.top_p < 1.0) lo = Select<true>(r, lo, NucleusTarget{p.top_p}, sm);
   // The draw: SplitMix64 output `draw_index` of `seed` as a 53-bit uniform in [0, 1).
   const double u = static_cast<double>(SplitMix64At(p.seed, p.draw_index) >> 11) * 0x1.0p-53;
-  const Pick pick = Select<true>(r, lo, DrawTarget{u}, sm);
-  if (threadIdx.x == 0) tokens[row] = TokenOf(pick.key);
+  const uint64_t pick = Select<true>(r, lo, DrawTarget{u}, sm);
+  if (threadIdx.x == 0) tokens[row] = TokenOf(pick);
 }
 
 }  // namespace
