@@ -19,6 +19,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "engine/backend/device_state.h"
+#include "engine/sampling/sampler.h"
 #include "engine/state/sequence_state.h"
 #include "kernels/common/dtype.h"
 #include "kernels/common/splitmix64.h"
@@ -142,16 +143,6 @@ struct MoeOpWeights {
 };
 
 // What a Forward will run, for backends that specialise on it (CUDA graphs).
-// Sampling of one row's next token on the device (SampleTokens): the host Sampler's
-// parameters (engine/sampling/sampler.h) and the draw it would use for this token.
-struct TokenSampling {
-  double temperature = 0.0;  // 0: greedy
-  double top_p = 1.0;
-  int64_t top_k = 0;
-  uint64_t seed = 0;
-  uint64_t draw_index = 0;   // the SplitMix64 draw of `seed` (the generated-token index)
-};
-
 struct ForwardShape {
   int64_t num_seqs = 0;
   int64_t num_tokens = 0;      // packed new tokens

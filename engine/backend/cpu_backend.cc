@@ -427,13 +427,7 @@ absl::Status CpuBackend::SampleTokens(const float* logits, int64_t rows, int64_t
     return absl::InvalidArgumentError("SampleTokens: one parameter set per row");
   }
   for (int64_t r = 0; r < rows; ++r) {
-    SamplingParams p;
-    p.temperature = params[r].temperature;
-    p.top_p = params[r].top_p;
-    p.top_k = params[r].top_k;
-    p.seed = params[r].seed;
-    Sampler sampler(p, static_cast<int64_t>(params[r].draw_index));
-    host_tokens[r] = sampler.Sample(logits + r * vocab, vocab);
+    host_tokens[r] = Sampler(params[r]).Sample(logits + r * vocab, vocab);
   }
   return absl::OkStatus();
 }

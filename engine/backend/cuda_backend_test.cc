@@ -605,8 +605,7 @@ TEST(CudaModelTest, DeviceSamplingMatchesTheHostSampler) {
     std::vector<TokenSampling> ts(4);
     std::vector<ForwardItem> id, ih;
     for (int i = 0; i < 4; ++i) {
-      ts[i] = {params[i].temperature, params[i].top_p, params[i].top_k, *params[i].seed,
-               static_cast<uint64_t>(step)};
+      ts[i] = samplers[i].Draw(step);
       id.push_back({&dev[i], toks[i]});
       id.back().sample = &ts[i];
       ih.push_back({&host[i], toks[i]});

@@ -276,8 +276,7 @@ int Run() {
       std::vector<TokenSampling> ts(batch);
       for (int64_t i = 0; i < batch; ++i) {
         items.push_back({&seqs[i], next[i]});
-        ts[i] = TokenSampling{temperature, 1.0, 0, 1000 + static_cast<uint64_t>(i),
-                              static_cast<uint64_t>(step)};
+        ts[i] = samplers[i].Draw(step);
         if (device_sampling) items.back().sample = &ts[i];
       }
       ForwardOutput out;

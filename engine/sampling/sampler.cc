@@ -58,6 +58,20 @@ Sampler::Sampler(const SamplingParams& params, int64_t next_index) : Sampler(par
   rng_.Skip(static_cast<uint64_t>(next_index));  // O(1): one draw per index
 }
 
+namespace {
+SamplingParams ParamsOf(const TokenSampling& d) {
+  SamplingParams p;
+  p.temperature = d.temperature;
+  p.top_p = d.top_p;
+  p.top_k = d.top_k;
+  p.seed = d.seed;
+  return p;
+}
+}  // namespace
+
+Sampler::Sampler(const TokenSampling& draw)
+    : Sampler(ParamsOf(draw), static_cast<int64_t>(draw.draw_index)) {}
+
 double Sampler::NextUniform() { return rng_.Uniform(); }
 
 void Sampler::SkipDraw() {
@@ -65,7 +79,7 @@ void Sampler::SkipDraw() {
 }
 
 int32_t Sampler::Sample(const float* logits, int64_t vocab) {
-  if (params_.temperature == 0 || params_.top_k == 1) return Argmax(logits, vocab);
+  if (!stochastic()) return Argmax(logits, vocab);
   // Candidates sorted by logit descending, ties by id: a total order, so the
   // result does not depend on the sort implementation.
   auto& c = scratch_;

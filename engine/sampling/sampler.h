@@ -37,6 +37,16 @@ struct SamplingLimits {
 // INVALID_ARGUMENT naming the field ("sampling.top_p must be in (0, 1], got 1.5").
 absl::Status ValidateSamplingParams(const SamplingParams& p, const SamplingLimits& limits);
 
+// One token's draw, for sampling done elsewhere (Backend::SampleTokens): the request's
+// parameters, its seed, and which SplitMix64 draw of it (the generated-token index).
+struct TokenSampling {
+  double temperature = 0.0;  // 0: greedy
+  double top_p = 1.0;
+  int64_t top_k = 0;
+  uint64_t seed = 0;
+  uint64_t draw_index = 0;
+};
+
 class Sampler {
  public:
   // `params` must have passed ValidateSamplingParams.
@@ -45,7 +55,14 @@ class Sampler {
   // seed and index give the same draw on any worker (every stochastic Sample
   // consumes exactly one draw), so prefill, decode and migrations agree.
   Sampler(const SamplingParams& params, int64_t next_index);
+  // The sampler that takes `draw`: its parameters and seed, resumed at its index.
+  explicit Sampler(const TokenSampling& draw);
   uint64_t seed() const { return seed_; }
+  // The draw this request takes for the token at generated index `index`.
+  TokenSampling Draw(int64_t index) const {
+    return TokenSampling{params_.temperature, params_.top_p, params_.top_k, seed_,
+                         static_cast<uint64_t>(index)};
+  }
 
   // Picks the next token from raw logits [vocab]. Advances the RNG only when
   // sampling is stochastic.

@@ -132,10 +132,7 @@ void DecodeEngine::Step(std::vector<Sequence*>& batch) {
     Sequence* s = batch[i];
     items.push_back(ForwardItem{&s->state, absl::MakeConstSpan(&s->next_input, 1), false});
     if (on_device) {
-      const SamplingParams& p = s->spec.params;
-      // The draw the host Sampler would take for this token: its seed, draw `index`.
-      sampling[i] = TokenSampling{p.temperature, p.top_p, p.top_k, s->sampler.seed(),
-                                  static_cast<uint64_t>(s->index)};
+      sampling[i] = s->sampler.Draw(s->index);  // the host Sampler's draw for this token
       items.back().sample = &sampling[i];
     }
   }

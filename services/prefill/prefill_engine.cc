@@ -365,11 +365,8 @@ void PrefillEngine::FailJob(PrefillJob& job, const absl::Status& status) {
 
 bool PrefillEngine::SampleOnDevice(const PrefillJob& job, TokenSampling* out) const {
   if (!options_.device_sampling || !model_->backend()->SamplesOnDevice()) return false;
-  const SamplingParams& p = job.spec().params;
-  // The host Sampler's seed (drawn when the request left it unset) and draw.
-  const Sampler sampler(p, job.spec().sample_index);
-  *out = TokenSampling{p.temperature, p.top_p, p.top_k, sampler.seed(),
-                       static_cast<uint64_t>(job.spec().sample_index)};
+  const int64_t index = job.spec().sample_index;
+  *out = Sampler(job.spec().params, index).Draw(index);  // the host Sampler's draw
   return true;
 }
 

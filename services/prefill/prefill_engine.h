@@ -159,7 +159,6 @@ class PrefillEngine {
   void RunBatch(const std::vector<std::shared_ptr<PrefillJob>>& jobs);
   // A long prompt alone, chunk by chunk.
   void RunChunked(const std::shared_ptr<PrefillJob>& job);
-  // Samples the first token and finishes the push (after the last chunk).
   // Samples the job's first token (from out.tokens[item] when the forward sampled on the
   // device, else from out.logits[item] with the host Sampler) and finishes the push.
   void FinishJob(PrefillJob& job, const ForwardOutput& out, size_t item);
