@@ -4,6 +4,8 @@
 # //tools/make_checkpoint:make_checkpoint //services/router:kl-router
 # //services/prefill:kl-prefill-cuda //services/decode:kl-decode-cuda):
 #   tools/disagg_bench.sh [rate ...]
+# Environment: NUM_REQUESTS (96), PROMPT_LEN (1024:8192), OUTPUT_LEN (64:256),
+# RUN_TIMEOUT (300 s per setup and rate), OUT (where results and worker logs go).
 # Model: the 48B shape's first 4 layers (3 KDA + 1 MLA: the real attention,
 # state and expert sizes) with 64 routed experts instead of 256, random bf16
 # weights written by make_checkpoint. Load: kl bench, Poisson arrivals.
@@ -34,7 +36,7 @@ for r in "${rates[@]}"; do
   for setup in disagg coloc; do
     if [[ $setup == disagg ]]; then w=(--prefill_workers=1 --decode_workers=1); else w=(--prefill_workers=2 --decode_workers=2); fi
     start=$SECONDS
-    timeout 300 "$B/kl" "${common[@]}" "${w[@]}" --rate="$r" --json_out="$LOG/$setup-rate$r.json" \
+    timeout "${RUN_TIMEOUT:-300}" "$B/kl" "${common[@]}" "${w[@]}" --rate="$r" --json_out="$LOG/$setup-rate$r.json" \
       --log_dir="$LOG/logs-$setup-rate$r" \
       > "$LOG/$setup-rate$r.txt" 2>&1
     echo "== $setup rate=$r ($((SECONDS - start)) s, exit $?)"

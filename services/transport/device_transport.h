@@ -65,6 +65,11 @@ struct DeviceTransportOptions {
   // stream per link and two staging halves. Local to each side (the peers
   // need not agree).
   bool pipeline = false;
+  // Prefill side: the largest MLA message of a plan (a layer's rows beyond it
+  // move as several messages, so packing, sending and scattering overlap when
+  // pipelined, and each side's staging stays this size). At most
+  // kMaxMlaMessageBytes, which the receiver enforces.
+  int64_t message_bytes = kDefaultMessageBytes;
 };
 
 // Prefill side: one outgoing transfer on a link it holds exclusively.
@@ -74,8 +79,9 @@ class DeviceSend {
   virtual uint64_t link_id() const = 0;
   virtual const std::vector<v1::DeviceMessage>& plan() const = 0;
   // Engine thread, inside the forward, after layer `layer` of `state` (rows
-  // [row_begin, row_end) for MLA): queues the next plan message, which must be
-  // this one, behind the layer's compute. INTERNAL on a plan mismatch.
+  // [row_begin, row_end) for MLA): queues the next plan messages, which must be
+  // this layer's (one for KDA; for MLA, consecutive pieces covering exactly
+  // those rows), behind the layer's compute. INTERNAL on a plan mismatch.
   virtual absl::Status OnLayer(const SequenceState& state, int64_t layer, int64_t row_begin,
                                int64_t row_end) = 0;
   // Engine thread, after the last forward: ship-at-end mode queues everything

@@ -49,17 +49,29 @@ class NcclSend final : public DeviceSend {
     std::lock_guard<std::mutex> l(mu_);
     if (ended_) return absl::CancelledError("device send ended");
     if (!status_.ok()) return status_;
-    if (next_ >= static_cast<int64_t>(plan_.size())) return Fail("layer past the plan's end");
-    const v1::DeviceMessage& m = plan_[next_];
-    if (m.layer() != layer || (!m.kda() && (m.row_begin() != row_begin || m.row_end() != row_end))) {
-      return Fail(absl::StrCat("layer ", layer, " rows [", row_begin, ", ", row_end,
-                               ") is not plan message ", next_));
-    }
+    // A KDA layer is one message; an MLA layer's rows [row_begin, row_end) are
+    // the next consecutive messages of that layer (the plan may split them).
+    const int64_t first = next_;
+    int64_t row = row_begin;
+    do {
+      if (next_ >= static_cast<int64_t>(plan_.size())) return Fail("layer past the plan's end");
+      const v1::DeviceMessage& m = plan_[next_];
+      if (m.layer() != layer ||
+          (!m.kda() && (m.row_begin() != row || m.row_end() > row_end || m.row_end() <= row))) {
+        return Fail(absl::StrCat("layer ", layer, " rows [", row_begin, ", ", row_end,
+                                 ") do not match plan message ", next_));
+      }
+      ++next_;
+      if (m.kda()) break;
+      row = m.row_end();
+    } while (row < row_end);
     if (hold_ == nullptr) hold_ = state.device;  // keeps the slot until the sends end
-    const int64_t i = next_++;
     if (core_->options.ship_at_end) return absl::OkStatus();
-    absl::Status s = Queue(state, i);
-    return s.ok() ? s : Fail(std::string(s.message()));
+    for (int64_t i = first; i < next_; ++i) {
+      absl::Status s = Queue(state, i);
+      if (!s.ok()) return Fail(std::string(s.message()));
+    }
+    return absl::OkStatus();
   }
 
   absl::Status AfterForward(const SequenceState& state) override {

@@ -392,6 +392,7 @@ const bool kRegistered = RegisterDeviceTransport(
       core->options = options;
       core->sizes.kda_layer_bytes = KdaLayerBytes(config);
       core->sizes.latent_row_bytes = access->latent_row_bytes();
+      core->sizes.max_message_bytes = options.message_bytes;
       core->host_id = HostId();
       core->gpu_uuid = GpuUuid(access->device());
       core->layout = access->layout_tag();

@@ -44,6 +44,10 @@ ABSL_FLAG(int, reps, 2, "timed calls per (mode, prompt); the best is reported");
 ABSL_FLAG(int64_t, max_batch_tokens, 16384, "prefill chunk");
 ABSL_FLAG(bool, pipeline, false,
           "both ends pipeline their transfers (DeviceTransportOptions::pipeline)");
+ABSL_FLAG(std::string, message_mb, "0,16,64",
+          "transport-alone table: bounds on an MLA message to compare, MiB (0: a layer's rows "
+          "as one message)");
+ABSL_FLAG(double, call_message_mb, 16, "Prefill-call table: the bound on an MLA message, MiB");
 ABSL_FLAG(int64_t, plan_chunk, 0,
           "transport-alone table: MLA rows per plan message (0: the whole prompt, as one "
           "prefill chunk would ship them)");
@@ -214,6 +218,7 @@ int Main() {
   DeviceTransportOptions to;
   to.sync_open = true;
   to.pipeline = absl::GetFlag(FLAGS_pipeline);
+  to.message_bytes = static_cast<int64_t>(absl::GetFlag(FLAGS_call_message_mb) * (1 << 20));
   std::printf("transfers: %s\n", to.pipeline ? "pipelined (two streams per link)" : "serial");
   auto decode_transport =
       MakeDeviceTransport(c, decode.backend->device_state(), to).value();
@@ -288,76 +293,105 @@ int Main() {
 
   // The transport alone: a device state of T tokens sent over a link and
   // received into a fresh decode state (pack, checksums, announcements relayed
-  // in-process, grouped sends and receives, scatter), against raw NCCL moving
-  // the same messages one by one.
+  // in-process, grouped sends and receives, scatter), for each bound on the
+  // message size, against raw NCCL moving the unsplit plan's messages (one
+  // layer each) one by one and as one group.
   {
     std::printf("\nDevice transfer of a whole state (no compute to overlap), best of 3\n");
-    std::printf("%7s | %9s | %10s | %10s | %9s | %9s | %9s | %9s | %9s\n", "T", "state MB",
-                "sends ms", "verified", "raw NCCL", "raw group", "GB/s", "% of raw",
-                "% of grp");
+    std::printf("%7s | %6s | %4s | %9s | %10s | %10s | %9s | %9s | %9s | %9s | %9s\n", "T",
+                "msg MB", "msgs", "state MB", "sends ms", "verified", "raw NCCL", "raw group",
+                "GB/s", "% of raw", "% of grp");
+    std::vector<double> bounds;
+    for (absl::string_view p : absl::StrSplit(absl::GetFlag(FLAGS_message_mb), ',')) {
+      double v = 0;
+      if (absl::SimpleAtod(p, &v) && v >= 0) bounds.push_back(v);
+    }
     DeviceStateAccess* pa = prefill.backend->device_state();
     auto channel = grpc::CreateChannel(decode_addr, grpc::InsecureChannelCredentials());
     for (int64_t t : prompts) {
-      double best_send = 1e30, best_all = 1e30, raw = 0, raw_grouped = 0;
-      int64_t bytes = 0;
-      for (int rep = 0; rep < 4; ++rep) {
-        SequenceState st;
-        if (!pa->AllocateState(&st, t).ok()) break;
-        const int64_t chunk =
-            absl::GetFlag(FLAGS_plan_chunk) > 0 ? absl::GetFlag(FLAGS_plan_chunk) : t;
-        const auto plan = BuildTransferPlan(c, t, chunk, {KdaLayerBytes(c), pa->latent_row_bytes()});
-        auto send = modes[0].transport->BeginSend(decode_addr, channel, plan);
-        if (!send.ok()) {
-          std::printf("BeginSend: %s\n", send.status().ToString().c_str());
-          break;
-        }
-        v1::DeviceTransfer xfer;
+      const int64_t chunk =
+          absl::GetFlag(FLAGS_plan_chunk) > 0 ? absl::GetFlag(FLAGS_plan_chunk) : t;
+      double raw = 0, raw_grouped = 0;  // the unsplit plan's messages
+      {
         std::vector<int64_t> msgs;
-        bytes = 0;
-        for (const auto& m : plan) {
-          *xfer.add_messages() = m;
-          bytes += m.bytes();
+        for (const auto& m :
+             BuildTransferPlan(c, t, chunk, {KdaLayerBytes(c), pa->latent_row_bytes()})) {
           msgs.push_back(m.bytes());
         }
-        auto recv = decode_transport->BeginReceive((*send)->link_id(), xfer, t);
-        if (!recv.ok()) {
-          std::printf("BeginReceive: %s\n", recv.status().ToString().c_str());
-          break;
-        }
-        const auto t0 = Clock::now();
-        for (const auto& m : plan) {
-          if (!(*send)->OnLayer(st, m.layer(), m.row_begin(), m.row_end()).ok()) break;
-        }
-        // What the PushState stream does: relay each announced group to the receiver.
-        absl::Status relay;
-        for (bool drained = false; relay.ok() && !drained;) {
-          std::vector<MessageGroup> groups;
-          relay = (*send)->TakeGroups(&groups, &drained);
-          for (const MessageGroup& g : groups) {
-            if (relay.ok()) relay = (*recv)->Receive(g);
-          }
-          if (!drained) std::this_thread::yield();
-        }
-        if (!relay.ok()) std::printf("relay: %s\n", relay.ToString().c_str());
-        auto sums = (*send)->Complete([] { return true; });
-        const double ms_send = Ms(Clock::now() - t0);
-        auto got = sums.ok() ? (*recv)->Complete(*sums) : absl::StatusOr<SequenceState>(sums.status());
-        const double ms_all = Ms(Clock::now() - t0);
-        (*send)->End(got.ok());
-        if (!got.ok()) {
-          std::printf("transfer: %s\n", got.status().ToString().c_str());
-          break;
-        }
-        if (rep == 0) continue;  // warm-up (link set-up, scratch)
-        best_send = std::min(best_send, ms_send);
-        best_all = std::min(best_all, ms_all);
-        if (raw == 0) raw = g_raw(msgs, false);
-        if (raw_grouped == 0) raw_grouped = g_raw(msgs, true);
+        raw = g_raw(msgs, false);
+        raw_grouped = g_raw(msgs, true);
       }
-      std::printf("%7ld | %9.1f | %10.3f | %10.3f | %9.3f | %9.3f | %9.1f | %8.1f%% | %8.1f%%\n",
-                  static_cast<long>(t), bytes / 1e6, best_send, best_all, raw, raw_grouped,
-                  bytes / (best_all * 1e6), 100.0 * raw / best_all,
-                  100.0 * raw_grouped / best_all);
+      for (double mb : bounds) {
+        double best_send = 1e30, best_all = 1e30;
+        int64_t bytes = 0, count = 0;
+        const PlanSizes sizes{KdaLayerBytes(c), pa->latent_row_bytes(),
+                              static_cast<int64_t>(mb * (1 << 20))};
+        for (int rep = 0; rep < 4; ++rep) {
+          SequenceState st;
+          if (!pa->AllocateState(&st, t).ok()) break;
+          const auto plan = BuildTransferPlan(c, t, chunk, sizes);
+          auto send = modes[0].transport->BeginSend(decode_addr, channel, plan);
+          if (!send.ok()) {
+            std::printf("BeginSend: %s\n", send.status().ToString().c_str());
+            break;
+          }
+          v1::DeviceTransfer xfer;
+          bytes = 0;
+          count = static_cast<int64_t>(plan.size());
+          for (const auto& m : plan) {
+            *xfer.add_messages() = m;
+            bytes += m.bytes();
+          }
+          auto recv = decode_transport->BeginReceive((*send)->link_id(), xfer, t);
+          if (!recv.ok()) {
+            std::printf("BeginReceive: %s\n", recv.status().ToString().c_str());
+            break;
+          }
+          const auto t0 = Clock::now();
+          // As the prefill engine reports a layer: all its rows at once.
+          for (size_t i = 0; i < plan.size();) {
+            const auto& m = plan[i];
+            int64_t end = m.row_end();
+            size_t j = i + 1;
+            while (!m.kda() && j < plan.size() && !plan[j].kda() && plan[j].layer() == m.layer() &&
+                   plan[j].row_begin() == end) {
+              end = plan[j++].row_end();
+            }
+            if (!(*send)->OnLayer(st, m.layer(), m.row_begin(), end).ok()) break;
+            i = j;
+          }
+          // What the PushState stream does: relay each announced group to the receiver.
+          absl::Status relay;
+          for (bool drained = false; relay.ok() && !drained;) {
+            std::vector<MessageGroup> groups;
+            relay = (*send)->TakeGroups(&groups, &drained);
+            for (const MessageGroup& g : groups) {
+              if (relay.ok()) relay = (*recv)->Receive(g);
+            }
+            if (!drained) std::this_thread::yield();
+          }
+          if (!relay.ok()) std::printf("relay: %s\n", relay.ToString().c_str());
+          auto sums = (*send)->Complete([] { return true; });
+          const double ms_send = Ms(Clock::now() - t0);
+          auto got =
+              sums.ok() ? (*recv)->Complete(*sums) : absl::StatusOr<SequenceState>(sums.status());
+          const double ms_all = Ms(Clock::now() - t0);
+          (*send)->End(got.ok());
+          if (!got.ok()) {
+            std::printf("transfer: %s\n", got.status().ToString().c_str());
+            break;
+          }
+          if (rep == 0) continue;  // warm-up (link set-up, scratch)
+          best_send = std::min(best_send, ms_send);
+          best_all = std::min(best_all, ms_all);
+        }
+        std::printf(
+            "%7ld | %6.0f | %4ld | %9.1f | %10.3f | %10.3f | %9.3f | %9.3f | %9.1f | %8.1f%% | "
+            "%8.1f%%\n",
+            static_cast<long>(t), mb, static_cast<long>(count), bytes / 1e6, best_send, best_all,
+            raw, raw_grouped, bytes / (best_all * 1e6), 100.0 * raw / best_all,
+            100.0 * raw_grouped / best_all);
+      }
     }
   }
 

@@ -15,22 +15,32 @@ std::vector<v1::DeviceMessage> BuildTransferPlan(const ModelConfig& config, int6
   std::vector<v1::DeviceMessage> plan;
   if (num_tokens <= 0) return plan;
   const int64_t chunk = chunk_tokens > 0 ? chunk_tokens : num_tokens;
+  const int64_t piece_rows =
+      sizes.max_message_bytes > 0 && sizes.latent_row_bytes > 0
+          ? std::max<int64_t>(1, sizes.max_message_bytes / sizes.latent_row_bytes)
+          : chunk;
   for (int64_t begin = 0; begin < num_tokens; begin += chunk) {
     const int64_t end = std::min(num_tokens, begin + chunk);
     const bool last = end == num_tokens;
     for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
-      v1::DeviceMessage m;
-      m.set_layer(static_cast<int32_t>(l));
       if (config.IsKda(l)) {
         if (!last) continue;
+        v1::DeviceMessage m;
+        m.set_layer(static_cast<int32_t>(l));
         m.set_kda(true);
         m.set_bytes(sizes.kda_layer_bytes);
-      } else {
-        m.set_row_begin(begin);
-        m.set_row_end(end);
-        m.set_bytes((end - begin) * sizes.latent_row_bytes);
+        plan.push_back(std::move(m));
+        continue;
       }
-      plan.push_back(std::move(m));
+      for (int64_t row = begin; row < end; row += piece_rows) {
+        const int64_t row_end = std::min(end, row + piece_rows);
+        v1::DeviceMessage m;
+        m.set_layer(static_cast<int32_t>(l));
+        m.set_row_begin(row);
+        m.set_row_end(row_end);
+        m.set_bytes((row_end - row) * sizes.latent_row_bytes);
+        plan.push_back(std::move(m));
+      }
     }
   }
   return plan;
@@ -72,6 +82,10 @@ absl::Status ValidateTransferPlan(const google::protobuf::RepeatedPtrField<v1::D
         return absl::InvalidArgumentError(absl::StrCat(where, ": MLA message of ", m.bytes(),
                                                        " bytes for ", m.row_end() - m.row_begin(),
                                                        " rows"));
+      }
+      if (m.bytes() > kMaxMlaMessageBytes) {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": MLA message of ", m.bytes(),
+                                                       " bytes, at most ", kMaxMlaMessageBytes));
       }
       mla_next[m.layer()] = m.row_end();
       s.max_mla_bytes = std::max<int64_t>(s.max_mla_bytes, m.bytes());

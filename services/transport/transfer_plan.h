@@ -16,11 +16,21 @@
 namespace kl {
 
 // Byte sizes of what moves: a KDA layer (recurrent state + three conv tails)
-// and one latent row, as the device layout stores them.
+// and one latent row, as the device layout stores them; and the sender's bound
+// on one MLA message (0: none), which splits a layer's rows into several
+// messages so that packing, sending and scattering overlap and the staging
+// buffers stay small.
 struct PlanSizes {
   int64_t kda_layer_bytes = 0;
   int64_t latent_row_bytes = 0;
+  int64_t max_message_bytes = 0;
 };
+
+// The largest MLA message a receiver accepts (its staging holds one, or two
+// when pipelined): a peer's plan with a larger one is refused.
+inline constexpr int64_t kMaxMlaMessageBytes = int64_t{256} << 20;
+// The sender's default bound on an MLA message.
+inline constexpr int64_t kDefaultMessageBytes = int64_t{16} << 20;
 
 // KDA layer bytes of `config` (fp32 state and tails, device_state.h).
 int64_t KdaLayerBytes(const ModelConfig& config);
@@ -28,6 +38,8 @@ int64_t KdaLayerBytes(const ModelConfig& config);
 // The messages of a prefill of `num_tokens` tokens run in chunks of at most
 // `chunk_tokens` (the prefill engine's order: every layer of each chunk; MLA
 // rows of every chunk, KDA layers only in the last chunk, whose state is final).
+// A chunk's rows of an MLA layer are consecutive messages of at most
+// sizes.max_message_bytes each (at least one row).
 std::vector<v1::DeviceMessage> BuildTransferPlan(const ModelConfig& config, int64_t num_tokens,
                                                  int64_t chunk_tokens, const PlanSizes& sizes);
 
@@ -39,7 +51,8 @@ struct PlanSummary {
 // Checks a plan received from a peer against this worker's model and layout:
 // every KDA layer exactly once with kda_layer_bytes, every MLA layer's rows
 // covering [0, num_tokens) exactly, in order, with row_end - row_begin rows of
-// latent_row_bytes; nothing else. INVALID_ARGUMENT naming the first problem.
+// latent_row_bytes, none over kMaxMlaMessageBytes; nothing else (the sender's
+// max_message_bytes is its own choice). INVALID_ARGUMENT naming the first problem.
 absl::Status ValidateTransferPlan(const google::protobuf::RepeatedPtrField<v1::DeviceMessage>& plan,
                                   const ModelConfig& config, int64_t num_tokens,
                                   const PlanSizes& sizes, PlanSummary* summary);

@@ -53,6 +53,56 @@ TEST(TransferPlan, ChunkedShipsMlaRowsPerChunkAndKdaOnceAtTheEnd) {
   EXPECT_EQ(s.max_mla_bytes, 100 * 1152);
 }
 
+// A bound on the message size splits each chunk's MLA rows into consecutive
+// messages of at most that many bytes; KDA layers stay whole.
+TEST(TransferPlan, MessageBoundSplitsMlaRows) {
+  const ModelConfig c = TinyConfig();
+  PlanSizes sizes = Sizes(c);
+  sizes.max_message_bytes = 40 * 1152 + 100;  // 40 rows a message
+  const auto plan = BuildTransferPlan(c, 250, 100, sizes);
+  // Chunks of 100, 100, 50 rows: 3 + 3 + 2 messages per MLA layer.
+  const int64_t kda = c.NumKdaLayers(), mla = c.NumMlaLayers();
+  ASSERT_EQ(static_cast<int64_t>(plan.size()), 8 * mla + kda);
+  std::vector<int64_t> next(c.num_hidden_layers, 0);
+  for (const auto& m : plan) {
+    if (m.kda()) {
+      EXPECT_EQ(m.bytes(), KdaLayerBytes(c));
+      continue;
+    }
+    EXPECT_EQ(m.row_begin(), next[m.layer()]);
+    EXPECT_LE(m.row_end() - m.row_begin(), 40);
+    // A message never spans two chunks (the engine reports rows per chunk).
+    EXPECT_EQ(m.row_begin() / 100, (m.row_end() - 1) / 100);
+    EXPECT_EQ(m.bytes(), (m.row_end() - m.row_begin()) * 1152);
+    next[m.layer()] = m.row_end();
+  }
+  PlanSummary s;
+  ASSERT_TRUE(ValidateTransferPlan(Field(plan), c, 250, Sizes(c), &s).ok());
+  EXPECT_EQ(s.max_mla_bytes, 40 * 1152);
+  // A bound under one row still moves a row per message.
+  sizes.max_message_bytes = 1;
+  const auto rows = BuildTransferPlan(c, 3, 4096, sizes);
+  EXPECT_EQ(static_cast<int64_t>(rows.size()), 3 * mla + kda);
+  EXPECT_TRUE(ValidateTransferPlan(Field(rows), c, 3, Sizes(c), nullptr).ok());
+}
+
+// A receiver stages one MLA message (two when pipelined): a plan with a
+// message over kMaxMlaMessageBytes is refused, whatever the sender's bound.
+TEST(TransferPlan, ValidationRefusesOversizedMessages) {
+  const ModelConfig c = TinyConfig();
+  const int64_t rows = kMaxMlaMessageBytes / 1152 + 1;
+  const auto whole = BuildTransferPlan(c, rows, 0, Sizes(c));
+  absl::Status s = ValidateTransferPlan(Field(whole), c, rows, Sizes(c), nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("at most"), std::string::npos) << s;
+  PlanSizes bounded = Sizes(c);
+  bounded.max_message_bytes = kDefaultMessageBytes;
+  const auto split = BuildTransferPlan(c, rows, 0, bounded);
+  PlanSummary sum;
+  EXPECT_TRUE(ValidateTransferPlan(Field(split), c, rows, Sizes(c), &sum).ok());
+  EXPECT_LE(sum.max_mla_bytes, kDefaultMessageBytes);
+}
+
 TEST(TransferPlan, ValidationRefusesEveryMalformedPlan) {
   const ModelConfig c = TinyConfig();
   const auto good = BuildTransferPlan(c, 64, 4096, Sizes(c));

@@ -22,6 +22,9 @@ ABSL_FLAG(bool, nccl_ship_at_end, false,
 ABSL_FLAG(bool, nccl_pipeline, false,
           "overlap packing / scattering of one group of a device transfer with the NCCL "
           "transfer of the next (a second stream per link, twice the staging)");
+ABSL_FLAG(double, nccl_message_mb, 16,
+          "prefill: the largest message of a device transfer, MiB (an MLA layer's latent rows "
+          "beyond it move as several messages; each side stages one, two when pipelined)");
 ABSL_FLAG(bool, nccl_cross_host, false,
           "allow NCCL links to workers on other hosts (needs a network NCCL can use)");
 
@@ -48,6 +51,12 @@ absl::StatusOr<std::unique_ptr<DeviceTransport>> DeviceTransportFromFlags(Model&
   o.ship_at_end = absl::GetFlag(FLAGS_nccl_ship_at_end);
   o.cross_host = absl::GetFlag(FLAGS_nccl_cross_host);
   o.pipeline = absl::GetFlag(FLAGS_nccl_pipeline);
+  const double message_mb = absl::GetFlag(FLAGS_nccl_message_mb);
+  if (!(message_mb > 0) || message_mb * (1 << 20) > kMaxMlaMessageBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--nccl_message_mb must be in (0, ", kMaxMlaMessageBytes >> 20, "], not ", message_mb));
+  }
+  o.message_bytes = static_cast<int64_t>(message_mb * (1 << 20));
   absl::StatusOr<std::unique_ptr<DeviceTransport>> t =
       MakeDeviceTransport(model.config(), model.backend()->device_state(), o);
   if (t.ok() && *t == nullptr && o.enabled) {

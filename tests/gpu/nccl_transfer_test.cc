@@ -186,6 +186,31 @@ TEST(NcclTransfer, PipelinedTransfersGiveTheSameTokens) {
   }
 }
 
+// A small --nccl_message_mb splits each chunk's MLA rows into several plan
+// messages (a few dozen rows each here): the engine reports a layer's rows
+// once, the sender queues every piece of them, the receiver scatters each
+// into its rows. Pipelined on both sides, layer by layer and ship-at-end.
+TEST(NcclTransfer, SplitMessagesGiveTheSameTokens) {
+  if (!TwoGpus()) GTEST_SKIP() << "needs two GPUs";
+  for (bool ship_at_end : {false, true}) {
+    std::vector<std::string> prefill = {"--nccl_message_mb=0.004", "--nccl_pipeline"};
+    if (ship_at_end) prefill.push_back("--nccl_ship_at_end");
+    auto c = Start(prefill, {"--nccl_pipeline"});
+    GenerationClient client(c->router_address());
+    for (int i = 0; i < 3; ++i) {
+      const std::string p = Prompt(30 + 150 * i, i + 40);
+      StreamResult r = client.Generate(Req(p, 12), 120);
+      ASSERT_TRUE(r.status.ok()) << ship_at_end << " " << i << ": " << r.status.error_message();
+      EXPECT_EQ(r.tokens, Oracle().Greedy(p, 12, true)) << ship_at_end << " " << i;
+    }
+    const v1::WorkerStats s = DecodeStats(c->decode_address(0));
+    EXPECT_EQ(s.device_transfers(), 3) << ship_at_end;
+    EXPECT_EQ(s.device_transfer_failures(), 0) << ship_at_end;
+    EXPECT_EQ(s.integrity_failures(), 0) << ship_at_end;
+    EXPECT_TRUE(DecodeIdle(*c, 10)) << ship_at_end;
+  }
+}
+
 TEST(NcclTransfer, CutTransferIsRefusedAndRetried) {
   if (!TwoGpus()) GTEST_SKIP() << "needs two GPUs";
   // Every second push stops half way and aborts its link.
