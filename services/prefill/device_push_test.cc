@@ -84,32 +84,31 @@ class FakeSend final : public DeviceSend {
   absl::Status OnLayer(const SequenceState& s, int64_t layer, int64_t b, int64_t e) override {
     std::lock_guard<std::mutex> l(mu_);
     if (!status_.ok()) return status_;
-    if (next_ >= static_cast<int64_t>(plan_.size())) return absl::InternalError("past the plan");
-    const v1::DeviceMessage& m = plan_[next_];
-    if (m.layer() != layer || (!m.kda() && (m.row_begin() != b || m.row_end() != e))) {
-      return absl::InternalError(absl::StrCat("layer ", layer, " is not plan message ", next_));
-    }
-    std::vector<float> p;
-    if (m.kda()) {
-      const KdaLayerState& k = s.kda[Ordinal(c_, layer)];
-      for (const auto* v : {&k.recurrent, &k.conv_q, &k.conv_k, &k.conv_v}) {
-        p.insert(p.end(), v->begin(), v->end());
+    absl::StatusOr<int64_t> end = LayerMessagesEnd(plan_, next_, layer, b, e);
+    if (!end.ok()) return end.status();
+    for (; next_ < *end; ++next_) {
+      const v1::DeviceMessage& m = plan_[next_];
+      std::vector<float> p;
+      if (m.kda()) {
+        const KdaLayerState& k = s.kda[Ordinal(c_, layer)];
+        for (const auto* v : {&k.recurrent, &k.conv_q, &k.conv_k, &k.conv_v}) {
+          p.insert(p.end(), v->begin(), v->end());
+        }
+      } else {
+        const int64_t d = c_.MlaLatentDim();
+        const auto& lat = s.mla[Ordinal(c_, layer)].latent;
+        p.assign(lat.begin() + m.row_begin() * d, lat.begin() + m.row_end() * d);
       }
-    } else {
-      const int64_t d = c_.MlaLatentDim();
-      const auto& lat = s.mla[Ordinal(c_, layer)].latent;
-      p.assign(lat.begin() + b * d, lat.begin() + e * d);
+      if (static_cast<int64_t>(p.size() * sizeof(float)) != m.bytes()) {
+        return absl::InternalError("payload size differs from the plan");
+      }
+      sums_.push_back(Sum(p));
+      if (!(cut_ && next_ >= static_cast<int64_t>(plan_.size()) / 2)) {
+        queue_.emplace_back(next_, std::move(p));
+        ++queued_;
+        cv_.notify_all();
+      }
     }
-    if (static_cast<int64_t>(p.size() * sizeof(float)) != m.bytes()) {
-      return absl::InternalError("payload size differs from the plan");
-    }
-    sums_.push_back(Sum(p));
-    if (!(cut_ && next_ >= static_cast<int64_t>(plan_.size()) / 2)) {
-      queue_.emplace_back(next_, std::move(p));
-      ++queued_;
-      cv_.notify_all();
-    }
-    ++next_;
     return absl::OkStatus();
   }
   absl::Status AfterForward(const SequenceState&) override { return absl::OkStatus(); }
@@ -311,7 +310,7 @@ class FakeTransport final : public DeviceTransport {
   }
   v1::OpenTransportRequest Offer() const override { return v1::OpenTransportRequest(); }
   PlanSizes plan_sizes() const override {
-    return {KdaLayerBytes(c_), c_.MlaLatentDim() * int64_t{sizeof(float)}};
+    return {KdaLayerBytes(c_), c_.MlaLatentDim() * int64_t{sizeof(float)}, max_message_bytes};
   }
   DeviceTransportStats Stats() const override {  // what the workers export
     std::lock_guard<std::mutex> l(wire_->mu);
@@ -322,6 +321,7 @@ class FakeTransport final : public DeviceTransport {
     return s;
   }
   FakeSendOptions send_options;
+  int64_t max_message_bytes = 0;  // the prefill side's bound on an MLA message (0: none)
   bool refuse_last = false;  // the decode side fails the group holding the last message
 
  private:
@@ -438,6 +438,35 @@ TEST_F(DevicePushTest, BatchedAndChunkedPrefillsGiveTheEnginesTokens) {
   const v1::WorkerStats ps = prefill_->Snapshot();  // what kl_device_* export
   EXPECT_EQ(ps.device_transfers(), 5);
   EXPECT_EQ(ps.device_fallbacks(), 0);
+}
+
+// A bound on the message size splits each chunk's MLA rows into several plan
+// messages: the engine still reports a layer's rows once, the sender queues
+// every piece, the decode side validates the split plan and places each piece.
+TEST_F(DevicePushTest, MlaRowsSplitIntoBoundedMessagesGiveTheEnginesTokens) {
+  Start();
+  const ModelConfig& c = engine_->model().config();
+  const int64_t row_bytes = c.MlaLatentDim() * int64_t{sizeof(float)};
+  transport_->max_message_bytes = 20 * row_bytes;  // 20 rows a message
+  int64_t messages = 0;
+  for (int len : {5, 97, 250}) {
+    const auto prompt = Prompt(len, len + 1);
+    std::vector<int32_t> got;
+    ASSERT_TRUE(Run(prompt, 8, &got).ok()) << len;
+    EXPECT_EQ(got, Reference(prompt, 8)) << "prompt length " << len;
+    PlanSizes sizes = transport_->plan_sizes();
+    const auto plan = BuildTransferPlan(c, len, kMaxBatchTokens, sizes);
+    for (const auto& m : plan) EXPECT_LE(m.bytes(), m.kda() ? m.bytes() : 20 * row_bytes);
+    messages += static_cast<int64_t>(plan.size());
+    sizes.max_message_bytes = 0;
+    if (len > 20) {
+      EXPECT_GT(plan.size(), BuildTransferPlan(c, len, kMaxBatchTokens, sizes).size()) << len;
+    }
+  }
+  EXPECT_EQ(wire_.receives_ok, 3);
+  EXPECT_EQ(wire_.sends_ended_ok, 3);
+  EXPECT_EQ(wire_.messages_posted, messages);
+  EXPECT_TRUE(WaitFor([&] { return Idle(); }));
 }
 
 TEST_F(DevicePushTest, ConcurrentPrefillsInOneBatchEachUseTheirOwnTransfer) {

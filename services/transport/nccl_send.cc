@@ -49,22 +49,10 @@ class NcclSend final : public DeviceSend {
     std::lock_guard<std::mutex> l(mu_);
     if (ended_) return absl::CancelledError("device send ended");
     if (!status_.ok()) return status_;
-    // A KDA layer is one message; an MLA layer's rows [row_begin, row_end) are
-    // the next consecutive messages of that layer (the plan may split them).
+    absl::StatusOr<int64_t> end = LayerMessagesEnd(plan_, next_, layer, row_begin, row_end);
+    if (!end.ok()) return Fail(std::string(end.status().message()));
     const int64_t first = next_;
-    int64_t row = row_begin;
-    do {
-      if (next_ >= static_cast<int64_t>(plan_.size())) return Fail("layer past the plan's end");
-      const v1::DeviceMessage& m = plan_[next_];
-      if (m.layer() != layer ||
-          (!m.kda() && (m.row_begin() != row || m.row_end() > row_end || m.row_end() <= row))) {
-        return Fail(absl::StrCat("layer ", layer, " rows [", row_begin, ", ", row_end,
-                                 ") do not match plan message ", next_));
-      }
-      ++next_;
-      if (m.kda()) break;
-      row = m.row_end();
-    } while (row < row_end);
+    next_ = *end;
     if (hold_ == nullptr) hold_ = state.device;  // keeps the slot until the sends end
     if (core_->options.ship_at_end) return absl::OkStatus();
     for (int64_t i = first; i < next_; ++i) {

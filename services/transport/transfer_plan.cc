@@ -46,6 +46,27 @@ std::vector<v1::DeviceMessage> BuildTransferPlan(const ModelConfig& config, int6
   return plan;
 }
 
+absl::StatusOr<int64_t> LayerMessagesEnd(const std::vector<v1::DeviceMessage>& plan, int64_t next,
+                                         int64_t layer, int64_t row_begin, int64_t row_end) {
+  const int64_t n = static_cast<int64_t>(plan.size());
+  int64_t row = row_begin;
+  do {
+    if (next >= n) {
+      return absl::InternalError(absl::StrCat("layer ", layer, " past the plan's end"));
+    }
+    const v1::DeviceMessage& m = plan[next];
+    if (m.layer() != layer ||
+        (!m.kda() && (m.row_begin() != row || m.row_end() <= row || m.row_end() > row_end))) {
+      return absl::InternalError(absl::StrCat("layer ", layer, " rows [", row_begin, ", ", row_end,
+                                              ") do not match plan message ", next));
+    }
+    ++next;
+    if (m.kda()) break;
+    row = m.row_end();
+  } while (row < row_end);
+  return next;
+}
+
 absl::Status ValidateTransferPlan(const google::protobuf::RepeatedPtrField<v1::DeviceMessage>& plan,
                                   const ModelConfig& config, int64_t num_tokens,
                                   const PlanSizes& sizes, PlanSummary* summary) {

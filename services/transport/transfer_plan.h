@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "engine/config/model_config.h"
 #include "proto/worker.pb.h"
 
@@ -42,6 +43,13 @@ int64_t KdaLayerBytes(const ModelConfig& config);
 // sizes.max_message_bytes each (at least one row).
 std::vector<v1::DeviceMessage> BuildTransferPlan(const ModelConfig& config, int64_t num_tokens,
                                                  int64_t chunk_tokens, const PlanSizes& sizes);
+
+// The plan messages a finished layer covers: `layer`'s message at `next` if it
+// is a KDA layer, else the consecutive messages of `layer` from `next` whose
+// rows make up exactly [row_begin, row_end). Returns the index after them;
+// INTERNAL naming the message that does not match.
+absl::StatusOr<int64_t> LayerMessagesEnd(const std::vector<v1::DeviceMessage>& plan, int64_t next,
+                                         int64_t layer, int64_t row_begin, int64_t row_end);
 
 struct PlanSummary {
   int64_t total_bytes = 0;

@@ -86,6 +86,33 @@ TEST(TransferPlan, MessageBoundSplitsMlaRows) {
   EXPECT_TRUE(ValidateTransferPlan(Field(rows), c, 3, Sizes(c), nullptr).ok());
 }
 
+// What a finished layer covers: one KDA message, or the MLA pieces whose rows
+// make up exactly the reported rows; anything else names the message.
+TEST(TransferPlan, LayerMessagesEndCoversExactlyTheReportedRows) {
+  const ModelConfig c = TinyConfig();
+  PlanSizes sizes = Sizes(c);
+  sizes.max_message_bytes = 40 * 1152;
+  const auto plan = BuildTransferPlan(c, 100, 4096, sizes);  // MLA: [0,40) [40,80) [80,100)
+  int64_t next = 0;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    absl::StatusOr<int64_t> end = LayerMessagesEnd(plan, next, l, 0, 100);
+    ASSERT_TRUE(end.ok()) << l << ": " << end.status();
+    EXPECT_EQ(*end - next, c.IsKda(l) ? 1 : 3) << l;
+    next = *end;
+  }
+  EXPECT_EQ(next, static_cast<int64_t>(plan.size()));
+  int64_t mla = 0;
+  while (plan[mla].kda()) ++mla;
+  const int64_t layer = plan[mla].layer();
+  EXPECT_EQ(LayerMessagesEnd(plan, mla, layer, 0, 80).value(), mla + 2);  // a prefix of pieces
+  for (auto [b, e] : {std::pair<int64_t, int64_t>{0, 90}, {0, 30}, {10, 100}, {0, 101}}) {
+    absl::StatusOr<int64_t> bad = LayerMessagesEnd(plan, mla, layer, b, e);
+    EXPECT_EQ(bad.status().code(), absl::StatusCode::kInternal) << b << " " << e;
+  }
+  EXPECT_FALSE(LayerMessagesEnd(plan, mla, layer + 1, 0, 100).ok());  // another layer's
+  EXPECT_FALSE(LayerMessagesEnd(plan, static_cast<int64_t>(plan.size()), layer, 0, 100).ok());
+}
+
 // A receiver stages one MLA message (two when pipelined): a plan with a
 // message over kMaxMlaMessageBytes is refused, whatever the sender's bound.
 TEST(TransferPlan, ValidationRefusesOversizedMessages) {
