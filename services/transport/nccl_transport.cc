@@ -101,12 +101,16 @@ class NcclTransport final : public DeviceTransport {
         ++core_->stats.links_opened;
       }
       std::thread([core = core_, link, uid = *id] {
+        const absl::Time start = absl::Now();
         absl::Status s = link->Init(uid, core->options.init_timeout);
+        const int64_t ms = absl::ToInt64Milliseconds(absl::Now() - start);
         if (!s.ok()) {
-          KL_LOG(WARNING).Field("link", link->id()) << "device link init failed: " << s.ToString();
+          KL_LOG(WARNING).Field("link", link->id()).Field("init_ms", ms)
+              << "device link init failed: " << s.ToString();
           core->Forget(link);
         } else {
-          KL_LOG(INFO).Field("link", link->id()).Field("peer", link->peer()) << "device link ready";
+          KL_LOG(INFO).Field("link", link->id()).Field("peer", link->peer()).Field("init_ms", ms)
+              << "device link ready";
         }
       }).detach();
       r.set_transport("nccl");
@@ -315,9 +319,12 @@ class NcclTransport final : public DeviceTransport {
     }
     const absl::Duration timeout =
         std::min(core->options.init_timeout, absl::Seconds(resp.init_timeout_seconds()));
+    const absl::Time start = absl::Now();
     absl::Status s = link->Init(resp.nccl_unique_id(), timeout);
+    const int64_t ms = absl::ToInt64Milliseconds(absl::Now() - start);
     if (!s.ok()) {
-      KL_LOG(WARNING).Field("peer", address) << "device link init failed, gRPC for 60 s: "
+      KL_LOG(WARNING).Field("peer", address).Field("init_ms", ms)
+          << "device link init failed, gRPC for 60 s: "
                                              << s.ToString();
       core->Forget(link);
       // E.g. a network policy that blocks NCCL's sockets: do not retry at once.
@@ -325,7 +332,8 @@ class NcclTransport final : public DeviceTransport {
       core->grpc_only_until[address] = absl::Now() + absl::Seconds(60);
       return s;
     }
-    KL_LOG(INFO).Field("peer", address).Field("link", link->id()) << "device link ready";
+    KL_LOG(INFO).Field("peer", address).Field("link", link->id()).Field("init_ms", ms)
+        << "device link ready";
     return link;
   }
 
