@@ -324,8 +324,7 @@ class NcclTransport final : public DeviceTransport {
     const int64_t ms = absl::ToInt64Milliseconds(absl::Now() - start);
     if (!s.ok()) {
       KL_LOG(WARNING).Field("peer", address).Field("init_ms", ms)
-          << "device link init failed, gRPC for 60 s: "
-                                             << s.ToString();
+          << "device link init failed, gRPC for 60 s: " << s.ToString();
       core->Forget(link);
       // E.g. a network policy that blocks NCCL's sockets: do not retry at once.
       std::lock_guard<std::mutex> l(core->mu);
