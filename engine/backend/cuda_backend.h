@@ -172,9 +172,13 @@ class CudaBackend final : public Backend {
   // A free slot, owned by the returned residency (RESOURCE_EXHAUSTED if none).
   absl::StatusOr<std::shared_ptr<CudaResidency>> TakeSlot();
   absl::StatusOr<int32_t> SlotOf(const SequenceState* s) const;
-  // Enqueues the copy of KDA layer `kda_index` of `slot` into host [H][K][V] (canonical
-  // layout) through `scratch` (device, one layer's floats); the caller synchronises.
-  absl::Status KdaStateToHost(int64_t kda_index, int32_t slot, float* host, void* scratch);
+  // Enqueue copies to the host (the caller synchronises): KDA layer `kda_index`
+  // of `slot` — its state as canonical [H][K][V] through `scratch` (device, one
+  // layer's floats) and its conv tails — into `ks` (resized); rows [row_begin,
+  // row_end) of MLA layer `mla_index` into `host` (fp32 rows; grown to row_end).
+  absl::Status KdaLayerToHost(int64_t kda_index, int32_t slot, KdaLayerState* ks, void* scratch);
+  absl::Status MlaRowsToHost(int64_t mla_index, int32_t slot, int64_t row_begin, int64_t row_end,
+                             std::vector<float>* host);
   void FreeResidency(int32_t slot, const std::vector<int32_t>& pages);
   absl::StatusOr<const float*> F32Copy(const Weight& w);
   // y[rows][ldy] (first w.rows columns) = x[rows][ldx] (first w.cols) · wᵀ.

@@ -156,65 +156,74 @@ absl::Status CudaBackend::BindStates(const std::vector<SequenceState*>& states) 
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::KdaStateToHost(int64_t kda_index, int32_t slot, float* host,
+absl::Status CudaBackend::KdaLayerToHost(int64_t kda_index, int32_t slot, KdaLayerState* ks,
                                          void* canonical) {
   Impl& m = *impl_;
   const ModelConfig& c = config_;
-  const int64_t HKV = c.KdaStateElems();
+  const int64_t HKV = c.KdaStateElems(), tail = c.ConvTailElems();
+  ks->recurrent.resize(HKV);
   // Pool layout -> canonical [H][K][V] in scratch -> host (stream-ordered; the caller syncs).
   RETURN_IF_ERROR(cuda::KdaStateFromPool(m.kda_state[kda_index] + slot * HKV, c.kda_num_heads,
                                          c.kda_head_dim, c.kda_head_dim,
                                          static_cast<float*>(canonical), m.stream));
-  KL_CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(host, canonical, HKV * sizeof(float), cudaMemcpyDeviceToHost, m.stream));
+  KL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ks->recurrent.data(), canonical, HKV * sizeof(float),
+                                          cudaMemcpyDeviceToHost, m.stream));
+  std::vector<float>* tails[3] = {&ks->conv_q, &ks->conv_k, &ks->conv_v};
+  for (int j = 0; j < 3; ++j) {
+    tails[j]->resize(tail);
+    if (tail == 0) continue;
+    KL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(tails[j]->data(), m.kda_tail[kda_index][j] + slot * tail,
+                                            tail * sizeof(float), cudaMemcpyDeviceToHost,
+                                            m.stream));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::MlaRowsToHost(int64_t mla_index, int32_t slot, int64_t row_begin,
+                                        int64_t row_end, std::vector<float>* host) {
+  Impl& m = *impl_;
+  const ModelConfig& c = config_;
+  const int64_t lat = c.MlaLatentDim(), rows = row_end - row_begin;
+  if (static_cast<int64_t>(host->size()) < row_end * lat) host->resize(row_end * lat);
+  if (rows <= 0) return absl::OkStatus();
+  // Only the window's rows: a chunked push asks for each chunk's rows once.
+  const int64_t cu[2] = {0, rows};
+  ASSIGN_OR_RETURN(void* d_cu, Stage(cu, sizeof(cu)));
+  ASSIGN_OR_RETURN(const int32_t* table, StageBlockTable({slot}));
+  ASSIGN_OR_RETURN(void* out, Scratch(rows * lat * sizeof(float)));
+  cuda::MlaCacheGatherParams p;
+  p.num_seqs = 1;
+  p.num_rows = rows;
+  p.cache = {m.mla_pool[mla_index], options_.latent_dtype, m.latent_pages, options_.page_rows,
+             c.kv_lora_rank,        c.qk_rope_head_dim,    table,          m.max_pages_per_seq};
+  p.kv_cu_seqlens = static_cast<const int64_t*>(d_cu);
+  p.first_row = row_begin;
+  p.out = static_cast<float*>(out);
+  RETURN_IF_ERROR(cuda::MlaCacheGather(p, m.stream));
+  KL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host->data() + row_begin * lat, out,
+                                          rows * lat * sizeof(float), cudaMemcpyDeviceToHost,
+                                          m.stream));
   return absl::OkStatus();
 }
 
 absl::Status CudaBackend::SyncStateToHost(SequenceState* s) {
   if (s->device == nullptr) return absl::OkStatus();
   ASSIGN_OR_RETURN(int32_t slot, SlotOf(s));
-  Impl& m = *impl_;
   const ModelConfig& c = config_;
-  const int64_t lat = c.MlaLatentDim(), HKV = c.KdaStateElems(), tail = c.ConvTailElems();
   s->kda.resize(c.NumKdaLayers());
   s->mla.resize(c.NumMlaLayers());
   void* canonical = nullptr;  // one layer's state in the canonical layout, reused per layer
   if (c.NumKdaLayers() > 0) {
-    ASSIGN_OR_RETURN(canonical, Scratch(HKV * sizeof(float)));
+    ASSIGN_OR_RETURN(canonical, Scratch(c.KdaStateElems() * sizeof(float)));
   }
   for (int64_t i = 0; i < c.NumKdaLayers(); ++i) {
-    KdaLayerState& ks = s->kda[i];
-    ks.recurrent.resize(HKV);
-    RETURN_IF_ERROR(KdaStateToHost(i, slot, ks.recurrent.data(), canonical));
-    std::vector<float>* tails[3] = {&ks.conv_q, &ks.conv_k, &ks.conv_v};
-    for (int j = 0; j < 3; ++j) {
-      tails[j]->resize(tail);
-      if (tail == 0) continue;
-      KL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(tails[j]->data(), m.kda_tail[i][j] + slot * tail,
-                                              tail * sizeof(float), cudaMemcpyDeviceToHost,
-                                              m.stream));
-    }
+    RETURN_IF_ERROR(KdaLayerToHost(i, slot, &s->kda[i], canonical));
   }
-  const int64_t n = s->num_tokens;
   for (int64_t i = 0; i < c.NumMlaLayers(); ++i) {
-    s->mla[i].latent.resize(n * lat);
-    if (n == 0) continue;
-    std::vector<int64_t> cu = {0, n};
-    ASSIGN_OR_RETURN(void* d_cu, Stage(cu.data(), 2 * sizeof(int64_t)));
-    ASSIGN_OR_RETURN(void* out, Scratch(n * lat * sizeof(float)));
-    ASSIGN_OR_RETURN(const int32_t* table, StageBlockTable({slot}));
-    cuda::MlaCacheGatherParams p;
-    p.num_seqs = 1;
-    p.num_rows = n;
-    p.cache = {m.mla_pool[i],  options_.latent_dtype, m.latent_pages, options_.page_rows,
-               c.kv_lora_rank, c.qk_rope_head_dim,    table,          m.max_pages_per_seq};
-    p.kv_cu_seqlens = static_cast<const int64_t*>(d_cu);
-    p.out = static_cast<float*>(out);
-    RETURN_IF_ERROR(cuda::MlaCacheGather(p, m.stream));
-    KL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s->mla[i].latent.data(), out, n * lat * sizeof(float),
-                                            cudaMemcpyDeviceToHost, m.stream));
+    s->mla[i].latent.resize(s->num_tokens * c.MlaLatentDim());
+    RETURN_IF_ERROR(MlaRowsToHost(i, slot, 0, s->num_tokens, &s->mla[i].latent));
   }
-  KL_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(m.stream));
+  KL_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(impl_->stream));
   return absl::OkStatus();
 }
 
@@ -230,45 +239,15 @@ absl::Status CudaBackend::SyncLayerToHost(SequenceState* s, bool kda, int64_t in
   ScratchScope scope(this);
   if (kda) {
     if (index < 0 || index >= c.NumKdaLayers()) return absl::InvalidArgumentError("KDA layer");
-    const int64_t HKV = c.KdaStateElems(), tail = c.ConvTailElems();
     s->kda.resize(c.NumKdaLayers());
-    KdaLayerState& ks = s->kda[index];
-    ks.recurrent.resize(HKV);
-    ASSIGN_OR_RETURN(void* canonical, Scratch(HKV * sizeof(float)));
-    RETURN_IF_ERROR(KdaStateToHost(index, slot, ks.recurrent.data(), canonical));
-    std::vector<float>* tails[3] = {&ks.conv_q, &ks.conv_k, &ks.conv_v};
-    for (int j = 0; j < 3; ++j) {
-      tails[j]->resize(tail);
-      if (tail == 0) continue;
-      KL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(tails[j]->data(), m.kda_tail[index][j] + slot * tail,
-                                              tail * sizeof(float), cudaMemcpyDeviceToHost,
-                                              m.stream));
-    }
+    ASSIGN_OR_RETURN(void* canonical, Scratch(c.KdaStateElems() * sizeof(float)));
+    RETURN_IF_ERROR(KdaLayerToHost(index, slot, &s->kda[index], canonical));
   } else {
     if (index < 0 || index >= c.NumMlaLayers() || row_begin < 0 || row_end < row_begin) {
       return absl::InvalidArgumentError("MLA layer or rows");
     }
-    const int64_t lat = c.MlaLatentDim();
     s->mla.resize(c.NumMlaLayers());
-    std::vector<float>& host = s->mla[index].latent;
-    if (static_cast<int64_t>(host.size()) < row_end * lat) host.resize(row_end * lat);
-    if (row_end > row_begin) {
-      std::vector<int64_t> cu = {0, row_end};
-      ASSIGN_OR_RETURN(void* d_cu, Stage(cu.data(), 2 * sizeof(int64_t)));
-      ASSIGN_OR_RETURN(const int32_t* table, StageBlockTable({slot}));
-      ASSIGN_OR_RETURN(void* out, Scratch(row_end * lat * sizeof(float)));
-      cuda::MlaCacheGatherParams p;
-      p.num_seqs = 1;
-      p.num_rows = row_end;
-      p.cache = {m.mla_pool[index], options_.latent_dtype, m.latent_pages, options_.page_rows,
-                 c.kv_lora_rank, c.qk_rope_head_dim, table, m.max_pages_per_seq};
-      p.kv_cu_seqlens = static_cast<const int64_t*>(d_cu);
-      p.out = static_cast<float*>(out);
-      RETURN_IF_ERROR(cuda::MlaCacheGather(p, m.stream));
-      KL_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
-          host.data() + row_begin * lat, static_cast<float*>(out) + row_begin * lat,
-          (row_end - row_begin) * lat * sizeof(float), cudaMemcpyDeviceToHost, m.stream));
-    }
+    RETURN_IF_ERROR(MlaRowsToHost(index, slot, row_begin, row_end, &s->mla[index].latent));
   }
   KL_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(m.stream));
   return absl::OkStatus();

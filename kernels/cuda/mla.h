@@ -70,6 +70,10 @@ struct MlaCacheGatherParams {
   MlaPagedCache cache;
   const int64_t* kv_cu_seqlens = nullptr;  // int64 [N+1]
   float* out = nullptr;                    // fp32 [num_rows][row_dim]
+  // Position of each sequence's first packed row: packed row t of sequence n
+  // is position first_row + t - kv_cu_seqlens[n] (a window of rows, e.g. one
+  // prefill chunk's, without gathering the rows before it).
+  int64_t first_row = 0;
 };
 
 absl::Status MlaCacheGather(const MlaCacheGatherParams& p, cudaStream_t stream);

@@ -48,13 +48,13 @@ __global__ void __launch_bounds__(32 * kWarpsPerCta)
 template <class T>
 __global__ void __launch_bounds__(32 * kWarpsPerCta)
     MlaCacheGatherKernel(const CacheView c, const int64_t* __restrict__ cu, int64_t num_seqs,
-                         int64_t num_rows, float* __restrict__ out) {
+                         int64_t num_rows, int64_t first_row, float* __restrict__ out) {
   PdlBegin();  // launched by LaunchPdl (pdl.cuh)
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (t >= num_rows) return;
   const int64_t n = mla::FindSeq(cu, num_seqs, t);
-  const int64_t phys = n < 0 ? -1 : mla::PhysRow(c, n, t - cu[n]);
+  const int64_t phys = n < 0 ? -1 : mla::PhysRow(c, n, first_row + t - cu[n]);
   float* dst = out + t * c.row_dim;
   if (phys < 0) {  // no page: a zero row (every output row is written)
     for (int64_t d = lane; d < c.row_dim; d += 32) dst[d] = 0.0f;
@@ -95,9 +95,10 @@ absl::Status MlaCacheWrite(const MlaCacheWriteParams& p, cudaStream_t stream) {
 }
 
 absl::Status MlaCacheGather(const MlaCacheGatherParams& p, cudaStream_t stream) {
-  if (p.num_seqs < 0 || p.num_rows < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("MlaCacheGather: num_seqs=", p.num_seqs, " num_rows=", p.num_rows));
+  if (p.num_seqs < 0 || p.num_rows < 0 || p.first_row < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("MlaCacheGather: num_seqs=", p.num_seqs,
+                                                   " num_rows=", p.num_rows,
+                                                   " first_row=", p.first_row));
   }
   if (p.num_seqs == 0 || p.num_rows == 0) return absl::OkStatus();
   if (p.num_rows / kWarpsPerCta >= INT32_MAX) {
@@ -110,10 +111,10 @@ absl::Status MlaCacheGather(const MlaCacheGatherParams& p, cudaStream_t stream) 
   const CacheView c = mla::View(p.cache);
   if (p.cache.dtype == DType::kF32) {
     LaunchPdl(MlaCacheGatherKernel<float>, GridFor(p.num_rows), 32 * kWarpsPerCta, 0, stream, c,
-              p.kv_cu_seqlens, p.num_seqs, p.num_rows, p.out);
+              p.kv_cu_seqlens, p.num_seqs, p.num_rows, p.first_row, p.out);
   } else {
     LaunchPdl(MlaCacheGatherKernel<__nv_bfloat16>, GridFor(p.num_rows), 32 * kWarpsPerCta, 0,
-              stream, c, p.kv_cu_seqlens, p.num_seqs, p.num_rows, p.out);
+              stream, c, p.kv_cu_seqlens, p.num_seqs, p.num_rows, p.first_row, p.out);
   }
   return CudaStatus(cudaGetLastError(), "MlaCacheGather launch");
 }

@@ -95,6 +95,33 @@ void RunWriteGather(DType dtype, uint64_t seed) {
     }
   }
   EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * 4), 0) << "gather differs";
+
+  // A window: rows [first, first + len) of every sequence (each sequence's
+  // window packed like a chunk), past the end of a short one and across its
+  // missing page; rows with no page read zeros.
+  const int64_t first = 17, len = 40;
+  std::vector<int64_t> win_cu(N + 1, 0);
+  for (int64_t n = 0; n < N; ++n) win_cu[n + 1] = win_cu[n] + len;
+  DeviceBuffer d_win_cu = Upload(win_cu), win = Poisoned(win_cu[N] * row);
+  g.num_rows = win_cu[N];
+  g.kv_cu_seqlens = d_win_cu.as<int64_t>();
+  g.first_row = first;
+  g.out = win.as<float>();
+  ASSERT_TRUE(MlaCacheGather(g, nullptr).ok());
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<float> got_win = Download<float>(win);
+  std::vector<float> want_win(got_win.size(), 0.0f);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t i = 0; i < len; ++i) {
+      const int64_t p = ref.Phys(n, first + i);
+      if (p < 0) continue;
+      std::memcpy(&want_win[(win_cu[n] + i) * row], &ref.pool[p * row], row * 4);
+    }
+  }
+  EXPECT_EQ(std::memcmp(got_win.data(), want_win.data(), got_win.size() * 4), 0)
+      << "window gather differs";
+  g.first_row = -1;
+  EXPECT_EQ(MlaCacheGather(g, nullptr).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(MlaCache, WriteGatherF32) {
