@@ -267,11 +267,9 @@ absl::StatusOr<cudaEvent_t> NcclLink::Event(int64_t i) {
   return events_[i];
 }
 
-absl::Status NcclLink::Wait(cudaEvent_t event, absl::Time deadline, const std::atomic<bool>* stop) {
-  // Most waits end within a few milliseconds (a transfer of a few hundred MB
-  // over NVLink): yield for the first 5 ms, so the end is seen within
-  // microseconds, then poll every 50 us.
-  const absl::Time spin_until = absl::Now() + absl::Milliseconds(5);
+absl::Status NcclLink::Wait(cudaEvent_t event, absl::Time deadline, const std::atomic<bool>* stop,
+                            absl::Duration spin) {
+  const absl::Time spin_until = absl::Now() + spin;
   for (;;) {
     const cudaError_t e = cudaEventQuery(event);
     if (e == cudaSuccess) return absl::OkStatus();

@@ -68,8 +68,10 @@ class NcclLink {
   absl::StatusOr<cudaEvent_t> Event(int64_t i);
   // Polls `event` until it completes, the communicator reports an error, or
   // `deadline` passes (then the link is aborted). `stop` (may be null) ends the
-  // wait early with ABORTED.
-  absl::Status Wait(cudaEvent_t event, absl::Time deadline, const std::atomic<bool>* stop);
+  // wait early with ABORTED. Yields between polls for the first `spin` (the end
+  // of a transfer is seen within microseconds), then sleeps 50 us per poll.
+  absl::Status Wait(cudaEvent_t event, absl::Time deadline, const std::atomic<bool>* stop,
+                    absl::Duration spin = absl::Milliseconds(5));
   // Aborts the communicator and drains both streams; the link is dead.
   void Abort();
 

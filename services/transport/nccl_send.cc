@@ -235,8 +235,10 @@ class NcclSend final : public DeviceSend {
       if (pending_.empty()) return absl::OkStatus();  // an earlier pump took it
       head = pending_.front().piece.after;
     }
-    // A layer's compute may take a long chunk: as long as it takes (End stops it).
-    RETURN_IF_ERROR(link->Wait(head, absl::InfiniteFuture(), &stop_));
+    // A layer's compute may take a long chunk: as long as it takes (End stops
+    // it), polling every 50 us after a short yield (a core spinning through a
+    // whole layer would take CPU from the engine).
+    RETURN_IF_ERROR(link->Wait(head, absl::InfiniteFuture(), &stop_, absl::Microseconds(200)));
     std::vector<Pending> group;
     int64_t staging = 0;
     for (;;) {

@@ -218,7 +218,13 @@ int Main() {
   DeviceTransportOptions to;
   to.sync_open = true;
   to.pipeline = absl::GetFlag(FLAGS_pipeline);
-  to.message_bytes = static_cast<int64_t>(absl::GetFlag(FLAGS_call_message_mb) * (1 << 20));
+  const double call_mb = absl::GetFlag(FLAGS_call_message_mb);
+  if (!(call_mb * (1 << 20) >= kMinMessageBytes && call_mb * (1 << 20) <= kMaxMlaMessageBytes)) {
+    std::printf("--call_message_mb must be in [%g, %ld]\n", kMinMessageBytes / double{1 << 20},
+                static_cast<long>(kMaxMlaMessageBytes >> 20));
+    return 2;
+  }
+  to.message_bytes = static_cast<int64_t>(call_mb * (1 << 20));
   std::printf("transfers: %s\n", to.pipeline ? "pipelined (two streams per link)" : "serial");
   auto decode_transport =
       MakeDeviceTransport(c, decode.backend->device_state(), to).value();
@@ -294,8 +300,8 @@ int Main() {
   // The transport alone: a device state of T tokens sent over a link and
   // received into a fresh decode state (pack, checksums, announcements relayed
   // in-process, grouped sends and receives, scatter), for each bound on the
-  // message size, against raw NCCL moving the unsplit plan's messages (one
-  // layer each) one by one and as one group.
+  // message size, against raw NCCL moving the unsplit plan's messages (one per
+  // layer and plan chunk) one by one and as one group.
   {
     std::printf("\nDevice transfer of a whole state (no compute to overlap), best of 3\n");
     std::printf("%7s | %6s | %4s | %9s | %10s | %10s | %9s | %9s | %9s | %9s | %9s\n", "T",
@@ -304,7 +310,14 @@ int Main() {
     std::vector<double> bounds;
     for (absl::string_view p : absl::StrSplit(absl::GetFlag(FLAGS_message_mb), ',')) {
       double v = 0;
-      if (absl::SimpleAtod(p, &v) && v >= 0) bounds.push_back(v);
+      if (absl::SimpleAtod(p, &v) &&
+          (v == 0 || (v * (1 << 20) >= kMinMessageBytes && v * (1 << 20) <= kMaxMlaMessageBytes))) {
+        bounds.push_back(v);
+      } else {
+        std::printf("--message_mb: '%s' skipped (0, or a bound in [%g, %ld] MiB)\n",
+                    std::string(p).c_str(), kMinMessageBytes / double{1 << 20},
+                    static_cast<long>(kMaxMlaMessageBytes >> 20));
+      }
     }
     DeviceStateAccess* pa = prefill.backend->device_state();
     auto channel = grpc::CreateChannel(decode_addr, grpc::InsecureChannelCredentials());
@@ -385,8 +398,13 @@ int Main() {
           best_send = std::min(best_send, ms_send);
           best_all = std::min(best_all, ms_all);
         }
+        if (best_all >= 1e30) {
+          std::printf("%7ld | %6.3g | no timed transfer completed (see above)\n",
+                      static_cast<long>(t), mb);
+          continue;
+        }
         std::printf(
-            "%7ld | %6.0f | %4ld | %9.1f | %10.3f | %10.3f | %9.3f | %9.3f | %9.1f | %8.1f%% | "
+            "%7ld | %6.3g | %4ld | %9.1f | %10.3f | %10.3f | %9.3f | %9.3f | %9.1f | %8.1f%% | "
             "%8.1f%%\n",
             static_cast<long>(t), mb, static_cast<long>(count), bytes / 1e6, best_send, best_all,
             raw, raw_grouped, bytes / (best_all * 1e6), 100.0 * raw / best_all,

@@ -15,9 +15,9 @@ std::vector<v1::DeviceMessage> BuildTransferPlan(const ModelConfig& config, int6
   std::vector<v1::DeviceMessage> plan;
   if (num_tokens <= 0) return plan;
   const int64_t chunk = chunk_tokens > 0 ? chunk_tokens : num_tokens;
-  const int64_t piece_rows =
+  const int64_t bound_rows =
       sizes.max_message_bytes > 0 && sizes.latent_row_bytes > 0
-          ? std::max<int64_t>(1, sizes.max_message_bytes / sizes.latent_row_bytes)
+          ? std::clamp<int64_t>(sizes.max_message_bytes / sizes.latent_row_bytes, 1, chunk)
           : chunk;
   for (int64_t begin = 0; begin < num_tokens; begin += chunk) {
     const int64_t end = std::min(num_tokens, begin + chunk);
@@ -32,6 +32,9 @@ std::vector<v1::DeviceMessage> BuildTransferPlan(const ModelConfig& config, int6
         plan.push_back(std::move(m));
         continue;
       }
+      // As many pieces as the bound needs, of equal size (no small last piece).
+      const int64_t pieces = (end - begin + bound_rows - 1) / bound_rows;
+      const int64_t piece_rows = (end - begin + pieces - 1) / pieces;
       for (int64_t row = begin; row < end; row += piece_rows) {
         const int64_t row_end = std::min(end, row + piece_rows);
         v1::DeviceMessage m;

@@ -30,8 +30,9 @@ struct PlanSizes {
 // The largest MLA message a receiver accepts (its staging holds one, or two
 // when pipelined): a peer's plan with a larger one is refused.
 inline constexpr int64_t kMaxMlaMessageBytes = int64_t{256} << 20;
-// The sender's default bound on an MLA message.
+// The sender's default bound on an MLA message, and the smallest it may set.
 inline constexpr int64_t kDefaultMessageBytes = int64_t{16} << 20;
+inline constexpr int64_t kMinMessageBytes = int64_t{4} << 10;
 
 // KDA layer bytes of `config` (fp32 state and tails, device_state.h).
 int64_t KdaLayerBytes(const ModelConfig& config);
@@ -40,7 +41,8 @@ int64_t KdaLayerBytes(const ModelConfig& config);
 // `chunk_tokens` (the prefill engine's order: every layer of each chunk; MLA
 // rows of every chunk, KDA layers only in the last chunk, whose state is final).
 // A chunk's rows of an MLA layer are consecutive messages of at most
-// sizes.max_message_bytes each (at least one row).
+// sizes.max_message_bytes each (at least one row), as equal in size as rows
+// allow.
 std::vector<v1::DeviceMessage> BuildTransferPlan(const ModelConfig& config, int64_t num_tokens,
                                                  int64_t chunk_tokens, const PlanSizes& sizes);
 

@@ -78,7 +78,7 @@ TEST(TransferPlan, MessageBoundSplitsMlaRows) {
   }
   PlanSummary s;
   ASSERT_TRUE(ValidateTransferPlan(Field(plan), c, 250, Sizes(c), &s).ok());
-  EXPECT_EQ(s.max_mla_bytes, 40 * 1152);
+  EXPECT_EQ(s.max_mla_bytes, 34 * 1152);  // 100 rows as 34 + 34 + 32, 50 as 25 + 25
   // A bound under one row still moves a row per message.
   sizes.max_message_bytes = 1;
   const auto rows = BuildTransferPlan(c, 3, 4096, sizes);
@@ -92,7 +92,7 @@ TEST(TransferPlan, LayerMessagesEndCoversExactlyTheReportedRows) {
   const ModelConfig c = TinyConfig();
   PlanSizes sizes = Sizes(c);
   sizes.max_message_bytes = 40 * 1152;
-  const auto plan = BuildTransferPlan(c, 100, 4096, sizes);  // MLA: [0,40) [40,80) [80,100)
+  const auto plan = BuildTransferPlan(c, 100, 4096, sizes);  // MLA: [0,34) [34,68) [68,100)
   int64_t next = 0;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     absl::StatusOr<int64_t> end = LayerMessagesEnd(plan, next, l, 0, 100);
@@ -104,7 +104,7 @@ TEST(TransferPlan, LayerMessagesEndCoversExactlyTheReportedRows) {
   int64_t mla = 0;
   while (plan[mla].kda()) ++mla;
   const int64_t layer = plan[mla].layer();
-  EXPECT_EQ(LayerMessagesEnd(plan, mla, layer, 0, 80).value(), mla + 2);  // a prefix of pieces
+  EXPECT_EQ(LayerMessagesEnd(plan, mla, layer, 0, 68).value(), mla + 2);  // a prefix of pieces
   for (auto [b, e] : {std::pair<int64_t, int64_t>{0, 90}, {0, 30}, {10, 100}, {0, 101}}) {
     absl::StatusOr<int64_t> bad = LayerMessagesEnd(plan, mla, layer, b, e);
     EXPECT_EQ(bad.status().code(), absl::StatusCode::kInternal) << b << " " << e;

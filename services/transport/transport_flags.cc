@@ -30,7 +30,7 @@ ABSL_FLAG(bool, nccl_cross_host, false,
 
 namespace kl {
 
-absl::StatusOr<std::unique_ptr<DeviceTransport>> DeviceTransportFromFlags(Model& model) {
+absl::StatusOr<DeviceTransportOptions> DeviceTransportOptionsFromFlags() {
   const std::string mode = absl::GetFlag(FLAGS_transport);
   if (mode != "auto" && mode != "grpc") {
     return absl::InvalidArgumentError(
@@ -41,7 +41,7 @@ absl::StatusOr<std::unique_ptr<DeviceTransport>> DeviceTransportFromFlags(Model&
   o.links_per_peer = absl::GetFlag(FLAGS_nccl_links_per_peer);
   const double init = absl::GetFlag(FLAGS_nccl_init_timeout_s);
   const double xfer = absl::GetFlag(FLAGS_nccl_transfer_timeout_s);
-  if (o.links_per_peer < 1 || init <= 0 || xfer <= 0) {
+  if (o.links_per_peer < 1 || !(init > 0) || !(xfer > 0)) {
     return absl::InvalidArgumentError(
         "--nccl_links_per_peer must be >= 1 and the --nccl_*_timeout_s values > 0");
   }
@@ -51,12 +51,23 @@ absl::StatusOr<std::unique_ptr<DeviceTransport>> DeviceTransportFromFlags(Model&
   o.ship_at_end = absl::GetFlag(FLAGS_nccl_ship_at_end);
   o.cross_host = absl::GetFlag(FLAGS_nccl_cross_host);
   o.pipeline = absl::GetFlag(FLAGS_nccl_pipeline);
+  // At least 4 KiB (a bound that rounds to nothing would mean none), at most
+  // what a receiver accepts.
   const double message_mb = absl::GetFlag(FLAGS_nccl_message_mb);
-  if (!(message_mb > 0) || message_mb * (1 << 20) > kMaxMlaMessageBytes) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--nccl_message_mb must be in (0, ", kMaxMlaMessageBytes >> 20, "], not ", message_mb));
+  const double message_bytes = message_mb * (1 << 20);
+  if (!(message_bytes >= kMinMessageBytes && message_bytes <= kMaxMlaMessageBytes)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--nccl_message_mb must be in [", kMinMessageBytes / double{1 << 20}, ", ",
+                     kMaxMlaMessageBytes >> 20, "], not ", message_mb));
   }
-  o.message_bytes = static_cast<int64_t>(message_mb * (1 << 20));
+  o.message_bytes = static_cast<int64_t>(message_bytes);
+  return o;
+}
+
+absl::StatusOr<std::unique_ptr<DeviceTransport>> DeviceTransportFromFlags(Model& model) {
+  absl::StatusOr<DeviceTransportOptions> opts = DeviceTransportOptionsFromFlags();
+  if (!opts.ok()) return opts.status();
+  const DeviceTransportOptions& o = *opts;
   absl::StatusOr<std::unique_ptr<DeviceTransport>> t =
       MakeDeviceTransport(model.config(), model.backend()->device_state(), o);
   if (t.ok() && *t == nullptr && o.enabled) {

@@ -16,6 +16,10 @@ namespace kl {
 // bad flag values.
 absl::StatusOr<std::unique_ptr<DeviceTransport>> DeviceTransportFromFlags(Model& model);
 
+// The options the flags give (enabled = --transport=auto). INVALID_ARGUMENT
+// naming the flag for bad values.
+absl::StatusOr<DeviceTransportOptions> DeviceTransportOptionsFromFlags();
+
 }  // namespace kl
 
 #endif  // KL_SERVICES_TRANSPORT_TRANSPORT_FLAGS_H_

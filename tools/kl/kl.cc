@@ -363,6 +363,7 @@ int main(int argc, char** argv) {
   if (cmd == "generate") return kl::RunGenerate();
   if (cmd == "local") return kl::RunLocal();
   if (cmd == "bench") return kl::RunBenchCommand();
-  std::fprintf(stderr, "%s\n", absl::ProgramUsageMessage());
-  return cmd.empty() ? 2 : 2;
+  if (!cmd.empty()) std::fprintf(stderr, "kl: unknown command '%s'\n\n", cmd.c_str());
+  std::fprintf(stderr, "%s\n", std::string(absl::ProgramUsageMessage()).c_str());
+  return 2;
 }

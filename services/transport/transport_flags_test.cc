@@ -1,0 +1,67 @@
+// The transport's flags to options: the message bound's range (nothing that
+// rounds to no bound, nothing a receiver would refuse) and the other checks.
+#include "services/transport/transport_flags.h"
+
+#include <string>
+
+#include "absl/flags/declare.h"
+#include "absl/flags/flag.h"
+#include "absl/flags/reflection.h"
+#include "gtest/gtest.h"
+#include "services/transport/transfer_plan.h"
+
+ABSL_DECLARE_FLAG(std::string, transport);
+ABSL_DECLARE_FLAG(double, nccl_message_mb);
+ABSL_DECLARE_FLAG(int, nccl_links_per_peer);
+ABSL_DECLARE_FLAG(bool, nccl_pipeline);
+
+namespace kl {
+namespace {
+
+TEST(TransportFlags, DefaultsGiveTheDocumentedOptions) {
+  absl::FlagSaver saver;
+  absl::StatusOr<DeviceTransportOptions> o = DeviceTransportOptionsFromFlags();
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_TRUE(o->enabled);
+  EXPECT_EQ(o->message_bytes, kDefaultMessageBytes);
+  EXPECT_EQ(o->links_per_peer, 4);
+  EXPECT_FALSE(o->pipeline);
+}
+
+TEST(TransportFlags, MessageBoundIsBytesWithinTheReceiversLimits) {
+  absl::FlagSaver saver;
+  absl::SetFlag(&FLAGS_nccl_message_mb, 0.5);
+  absl::SetFlag(&FLAGS_nccl_pipeline, true);
+  absl::StatusOr<DeviceTransportOptions> o = DeviceTransportOptionsFromFlags();
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->message_bytes, int64_t{512} << 10);
+  EXPECT_TRUE(o->pipeline);
+  absl::SetFlag(&FLAGS_nccl_message_mb, 4.0 / 1024);  // exactly the 4 KiB floor
+  o = DeviceTransportOptionsFromFlags();
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->message_bytes, kMinMessageBytes);
+  absl::SetFlag(&FLAGS_nccl_message_mb, 256.0);  // exactly the receivers' limit
+  EXPECT_TRUE(DeviceTransportOptionsFromFlags().ok());
+  for (double bad : {0.0, -1.0, 1e-7, 3.9 / 1024, 256.5, 1e300}) {
+    absl::SetFlag(&FLAGS_nccl_message_mb, bad);
+    absl::StatusOr<DeviceTransportOptions> b = DeviceTransportOptionsFromFlags();
+    EXPECT_EQ(b.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(b.status().message().find("--nccl_message_mb"), std::string::npos) << bad;
+  }
+}
+
+TEST(TransportFlags, BadModeAndLinkCountAreRefused) {
+  absl::FlagSaver saver;
+  absl::SetFlag(&FLAGS_transport, "grpc");
+  absl::StatusOr<DeviceTransportOptions> o = DeviceTransportOptionsFromFlags();
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_FALSE(o->enabled);
+  absl::SetFlag(&FLAGS_transport, "nccl");
+  EXPECT_EQ(DeviceTransportOptionsFromFlags().status().code(), absl::StatusCode::kInvalidArgument);
+  absl::SetFlag(&FLAGS_transport, "auto");
+  absl::SetFlag(&FLAGS_nccl_links_per_peer, 0);
+  EXPECT_EQ(DeviceTransportOptionsFromFlags().status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace kl
