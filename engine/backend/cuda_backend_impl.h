@@ -18,6 +18,7 @@
 #include "engine/backend/cuda_backend.h"
 #include "kernels/common/status_macros.h"
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/mla.h"
 
 namespace kl {
 namespace cuda_backend_internal {
@@ -132,6 +133,14 @@ struct CudaBackend::Impl {
   std::vector<std::vector<int32_t>> slot_pages;
 
   std::unique_ptr<DeviceStateAccess> device_state;  // made on first use
+
+  // The paged latent cache whose pool is `pool` (an MLA layer's: latent_dtype
+  // rows of lora + rope) as the MLA kernels see it, through the device block
+  // table `table` ([rows][max_pages_per_seq]).
+  cuda::MlaPagedCache LatentCache(void* pool, DType latent_dtype, int64_t page_rows, int64_t lora,
+                                  int64_t rope, const int32_t* table) const {
+    return {pool, latent_dtype, latent_pages, page_rows, lora, rope, table, max_pages_per_seq};
+  }
 };
 
 // A sequence's claim on a slot (and the pages recorded for it in slot_pages).

@@ -302,9 +302,8 @@ absl::Status CudaBackend::MlaAttention(const float* q, const float* latent,
   ASSIGN_OR_RETURN(const int32_t* d_table, StageBlockTable(slot_list));
   ASSIGN_OR_RETURN(void* d_cu, Stage(cu.data(), cu.size() * sizeof(int64_t)));
   ASSIGN_OR_RETURN(void* d_pos, Stage(pos.data(), pos.size() * sizeof(int32_t)));
-  const cuda::MlaPagedCache cache{
-      caches[0].rows, options_.latent_dtype, m.latent_pages, options_.page_rows, lora, rope,
-      d_table,        m.max_pages_per_seq};
+  const cuda::MlaPagedCache cache =
+      m.LatentCache(caches[0].rows, options_.latent_dtype, options_.page_rows, lora, rope, d_table);
   {
     cuda::MlaCacheWriteParams p;
     p.num_seqs = N;

@@ -143,8 +143,8 @@ absl::Status CudaBackend::BindStates(const std::vector<SequenceState*>& states) 
         cuda::MlaCacheWriteParams p;
         p.num_seqs = 1;
         p.num_tokens = n;
-        p.cache = {m.mla_pool[i],  options_.latent_dtype, m.latent_pages, options_.page_rows,
-                   c.kv_lora_rank, c.qk_rope_head_dim,    table,          m.max_pages_per_seq};
+        p.cache = m.LatentCache(m.mla_pool[i], options_.latent_dtype, options_.page_rows,
+                                c.kv_lora_rank, c.qk_rope_head_dim, table);
         p.rows = static_cast<const float*>(rows);
         p.cu_seqlens = static_cast<const int64_t*>(d_cu);
         p.start_pos = static_cast<const int32_t*>(d_start);
@@ -194,8 +194,8 @@ absl::Status CudaBackend::MlaRowsToHost(int64_t mla_index, int32_t slot, int64_t
   cuda::MlaCacheGatherParams p;
   p.num_seqs = 1;
   p.num_rows = rows;
-  p.cache = {m.mla_pool[mla_index], options_.latent_dtype, m.latent_pages, options_.page_rows,
-             c.kv_lora_rank,        c.qk_rope_head_dim,    table,          m.max_pages_per_seq};
+  p.cache = m.LatentCache(m.mla_pool[mla_index], options_.latent_dtype, options_.page_rows,
+                          c.kv_lora_rank, c.qk_rope_head_dim, table);
   p.kv_cu_seqlens = static_cast<const int64_t*>(d_cu);
   p.first_row = row_begin;
   p.out = static_cast<float*>(out);
