@@ -17,11 +17,17 @@ __device__ __forceinline__ uint64_t DevMix(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-// One thread per 16-byte chunk of a row; grid-stride over (row, chunk).
-template <bool kPack>
-__global__ void CopyRowsKernel(PagedRows paged, int64_t row_begin, int64_t rows, char* flat) {
+// One thread per 16-byte chunk of a row; grid-stride over (row, chunk). With
+// kSum, the thread also folds the chunk's two 64-bit words of the flat buffer
+// (positions 2i, 2i + 1 of the message) into *sum, as Checksum64 of the flat
+// bytes would: warp sums are added atomically and the first thread adds the
+// length term. One pass over the bytes instead of a copy and a checksum.
+template <bool kPack, bool kSum>
+__global__ void CopyRowsKernel(PagedRows paged, int64_t row_begin, int64_t rows, char* flat,
+                               unsigned long long* sum) {
   const int64_t chunks = paged.row_bytes / 16;
   const int64_t total = rows * chunks;
+  uint64_t acc = 0;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
        i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t r = i / chunks, c = i % chunks;
@@ -29,12 +35,28 @@ __global__ void CopyRowsKernel(PagedRows paged, int64_t row_begin, int64_t rows,
     const int64_t page = paged.pages[row / paged.page_rows];
     char* p = static_cast<char*>(paged.pool) +
               (page * paged.page_rows + row % paged.page_rows) * paged.row_bytes + c * 16;
-    char* f = flat + r * paged.row_bytes + c * 16;
+    char* f = flat + r * paged.row_bytes + c * 16;  // == flat + 16 i
+    uint4 v;
     if (kPack) {
-      *reinterpret_cast<uint4*>(f) = *reinterpret_cast<const uint4*>(p);
+      v = *reinterpret_cast<const uint4*>(p);
+      *reinterpret_cast<uint4*>(f) = v;
     } else {
-      *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(f);
+      v = *reinterpret_cast<const uint4*>(f);
+      *reinterpret_cast<uint4*>(p) = v;
     }
+    if (kSum) {
+      const uint64_t w0 = v.x | (static_cast<uint64_t>(v.y) << 32);
+      const uint64_t w1 = v.z | (static_cast<uint64_t>(v.w) << 32);
+      const uint64_t pos = 2 * static_cast<uint64_t>(i) + 1;
+      acc += DevMix(w0 ^ (pos * kPosKey)) + DevMix(w1 ^ ((pos + 1) * kPosKey));
+    }
+  }
+  if (kSum) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      acc += static_cast<uint64_t>(total * 16) * kLenKey;
+    }
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
+    if ((threadIdx.x & 31) == 0 && acc != 0) atomicAdd(sum, static_cast<unsigned long long>(acc));
   }
 }
 
@@ -92,22 +114,35 @@ absl::Status CheckPaged(const PagedRows& p, int64_t row_begin, int64_t row_end) 
 }  // namespace
 
 absl::Status PackRows(const PagedRows& src, int64_t row_begin, int64_t row_end, void* dst,
-                      cudaStream_t stream) {
+                      cudaStream_t stream, uint64_t* sum) {
   if (absl::Status s = CheckPaged(src, row_begin, row_end); !s.ok()) return s;
-  if (row_end == row_begin) return absl::OkStatus();
   const int64_t work = (row_end - row_begin) * (src.row_bytes / 16);
-  CopyRowsKernel<true><<<Blocks(work, 256), 256, 0, stream>>>(src, row_begin, row_end - row_begin,
-                                                              static_cast<char*>(dst));
+  auto* out = reinterpret_cast<unsigned long long*>(sum);
+  char* flat = static_cast<char*>(dst);
+  if (sum != nullptr) {
+    // Even an empty message adds its (zero) length term: launch for one block.
+    CopyRowsKernel<true, true><<<Blocks(work, 256), 256, 0, stream>>>(
+        src, row_begin, row_end - row_begin, flat, out);
+  } else if (work > 0) {
+    CopyRowsKernel<true, false><<<Blocks(work, 256), 256, 0, stream>>>(
+        src, row_begin, row_end - row_begin, flat, nullptr);
+  }
   return CudaStatus(cudaGetLastError(), "PackRows");
 }
 
 absl::Status UnpackRows(const void* src, int64_t row_begin, int64_t row_end, const PagedRows& dst,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, uint64_t* sum) {
   if (absl::Status s = CheckPaged(dst, row_begin, row_end); !s.ok()) return s;
-  if (row_end == row_begin) return absl::OkStatus();
   const int64_t work = (row_end - row_begin) * (dst.row_bytes / 16);
-  CopyRowsKernel<false><<<Blocks(work, 256), 256, 0, stream>>>(
-      dst, row_begin, row_end - row_begin, const_cast<char*>(static_cast<const char*>(src)));
+  auto* out = reinterpret_cast<unsigned long long*>(sum);
+  char* flat = const_cast<char*>(static_cast<const char*>(src));
+  if (sum != nullptr) {
+    CopyRowsKernel<false, true><<<Blocks(work, 256), 256, 0, stream>>>(
+        dst, row_begin, row_end - row_begin, flat, out);
+  } else if (work > 0) {
+    CopyRowsKernel<false, false><<<Blocks(work, 256), 256, 0, stream>>>(
+        dst, row_begin, row_end - row_begin, flat, nullptr);
+  }
   return CudaStatus(cudaGetLastError(), "UnpackRows");
 }
 

@@ -24,11 +24,14 @@ struct PagedRows {
 };
 
 // dst[(r - row_begin) * row_bytes ...] = row r, for r in [row_begin, row_end).
+// With `sum` (device), also *sum += Checksum64 of the packed bytes (first word
+// 0) in the same pass: the caller zeroes *sum, as for Checksum64Batch.
 absl::Status PackRows(const PagedRows& src, int64_t row_begin, int64_t row_end, void* dst,
-                      cudaStream_t stream);
-// The reverse: writes rows [row_begin, row_end) of `dst` from contiguous `src`.
+                      cudaStream_t stream, uint64_t* sum = nullptr);
+// The reverse: writes rows [row_begin, row_end) of `dst` from contiguous `src`;
+// with `sum`, *sum += Checksum64 of `src`'s bytes in the same pass.
 absl::Status UnpackRows(const void* src, int64_t row_begin, int64_t row_end, const PagedRows& dst,
-                        cudaStream_t stream);
+                        cudaStream_t stream, uint64_t* sum = nullptr);
 
 // *out (device) = Checksum64(bytes of p); `bytes` a multiple of 4, p 4-aligned.
 // Enqueued on `stream` (zeroes *out first).

@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -138,6 +139,59 @@ TEST(TransferKernels, PackUnpackRoundTripThroughScatteredPages) {
   cudaFree(pool2);
   cudaFree(flat);
   cudaFree(d_pages);
+}
+
+// Pack and scatter that also sum what they move: the sum equals Checksum64 of
+// the packed bytes (sender) and of the received bytes (receiver), added into
+// the output like Checksum64Batch (zeroed by the caller); a flipped byte in
+// the flat buffer changes the receiver's sum; an empty range adds nothing
+// but its zero length term; a large range spans many blocks.
+TEST(TransferKernels, PackAndUnpackSumWhatTheyMove) {
+  if (!HaveGpu()) GTEST_SKIP() << "no GPU";
+  for (const int64_t rows : {int64_t{0}, int64_t{1}, int64_t{37}, int64_t{5000}}) {
+    const int64_t page_rows = 16, row_bytes = 1152;
+    const int64_t npages = std::max<int64_t>(1, (rows + page_rows - 1) / page_rows);
+    std::vector<int32_t> pages(npages);
+    for (int64_t i = 0; i < npages; ++i) pages[i] = static_cast<int32_t>((i * 7 + 3) % npages);
+    std::vector<uint8_t> pool_h = RandomBytes(npages * page_rows * row_bytes, 11 + rows);
+    void *pool = nullptr, *flat = nullptr, *pool2 = nullptr;
+    int32_t* d_pages = nullptr;
+    uint64_t* d_sum = nullptr;
+    ASSERT_EQ(cudaMalloc(&pool, pool_h.size()), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&pool2, pool_h.size()), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&flat, std::max<int64_t>(1, rows) * row_bytes), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&d_pages, pages.size() * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&d_sum, 3 * sizeof(uint64_t)), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(pool, pool_h.data(), pool_h.size(), cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(d_pages, pages.data(), pages.size() * 4, cudaMemcpyHostToDevice),
+              cudaSuccess);
+    ASSERT_EQ(cudaMemset(d_sum, 0, 3 * sizeof(uint64_t)), cudaSuccess);
+    const PagedRows src{pool, d_pages, page_rows, row_bytes}, dst{pool2, d_pages, page_rows, row_bytes};
+    ASSERT_TRUE(PackRows(src, 0, rows, flat, nullptr, d_sum).ok());
+    std::vector<uint8_t> flat_h(rows * row_bytes);
+    ASSERT_EQ(cudaMemcpy(flat_h.data(), flat, flat_h.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* want =
+          pool_h.data() + (pages[r / page_rows] * page_rows + r % page_rows) * row_bytes;
+      ASSERT_EQ(std::memcmp(flat_h.data() + r * row_bytes, want, row_bytes), 0) << rows << " " << r;
+    }
+    ASSERT_TRUE(UnpackRows(flat, 0, rows, dst, nullptr, d_sum + 1).ok());
+    if (rows > 0) {  // one flipped byte on the "wire"
+      ASSERT_EQ(cudaMemset(static_cast<char*>(flat) + (rows * row_bytes) / 2, 0x5a, 1), cudaSuccess);
+      ASSERT_TRUE(UnpackRows(flat, 0, rows, dst, nullptr, d_sum + 2).ok());
+    }
+    uint64_t got[3] = {};
+    ASSERT_EQ(cudaMemcpy(got, d_sum, sizeof(got), cudaMemcpyDeviceToHost), cudaSuccess);
+    const uint64_t want = Checksum64Host(flat_h.data(), static_cast<int64_t>(flat_h.size()));
+    EXPECT_EQ(got[0], want) << rows;
+    EXPECT_EQ(got[1], want) << rows;
+    if (rows > 0 && flat_h[(rows * row_bytes) / 2] != 0x5a) EXPECT_NE(got[2], want) << rows;
+    cudaFree(pool);
+    cudaFree(pool2);
+    cudaFree(flat);
+    cudaFree(d_pages);
+    cudaFree(d_sum);
+  }
 }
 
 }  // namespace

@@ -93,9 +93,11 @@ struct Piece {
   cudaEvent_t after = nullptr;         // compute to wait for (sender)
 };
 
-// A group's spans on this side, in plan order, with their checksum outputs
-// (d_sums[index * kMaxSpans + span]). MLA messages get consecutive aligned
-// places from `base` in the link's staging buffer (their ptrs[0] is set here).
+// A group's spans on this side, in plan order, and the KDA spans' checksum
+// jobs (output d_sums[index * kMaxSpans + span]; an MLA message's checksum,
+// into d_sums[index * kMaxSpans], comes from PackRows / UnpackRows). MLA
+// messages get consecutive aligned places from `base` in the link's staging
+// buffer (their ptrs[0] is set here).
 struct GroupSpans {
   std::vector<void*> ptrs;
   std::vector<int64_t> bytes;

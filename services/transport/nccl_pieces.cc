@@ -66,7 +66,10 @@ GroupSpans PlaceGroup(NcclLink& link, char* base, std::vector<Piece>& group) {
     for (int j = 0; j < p.n; ++j) {
       g.ptrs.push_back(p.ptrs[j]);
       g.bytes.push_back(p.bytes[j]);
-      g.sums.push_back({p.ptrs[j], p.bytes[j], link.d_sums() + p.index * kMaxSpans + j, word});
+      // An MLA message's one span is summed by the pack / scatter pass itself.
+      if (p.kda) {
+        g.sums.push_back({p.ptrs[j], p.bytes[j], link.d_sums() + p.index * kMaxSpans + j, word});
+      }
       word += (p.bytes[j] + 7) / 8;
     }
   }

@@ -78,8 +78,9 @@ class NcclReceive final : public DeviceReceive {
       RETURN_IF_ERROR(
           cuda::Checksum64Batch(spans.sums.data(), static_cast<int>(spans.sums.size()), post));
       for (const Piece& p : group) {
-        if (!p.kda) {
-          RETURN_IF_ERROR(cuda::UnpackRows(p.ptrs[0], p.row_begin, p.row_end, p.paged, post));
+        if (!p.kda) {  // summed and scattered in one pass
+          RETURN_IF_ERROR(cuda::UnpackRows(p.ptrs[0], p.row_begin, p.row_end, p.paged, post,
+                                           link->d_sums() + p.index * kMaxSpans));
         }
       }
       if (pipeline) {

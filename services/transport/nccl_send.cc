@@ -285,7 +285,10 @@ class NcclSend final : public DeviceSend {
     }
     GroupSpans spans = PlaceGroup(*link, base, pieces);
     for (const Piece& p : pieces) {
-      if (!p.kda) RETURN_IF_ERROR(cuda::PackRows(p.paged, p.row_begin, p.row_end, p.ptrs[0], prep));
+      if (!p.kda) {  // packed and summed in one pass
+        RETURN_IF_ERROR(cuda::PackRows(p.paged, p.row_begin, p.row_end, p.ptrs[0], prep,
+                                       link->d_sums() + p.index * kMaxSpans));
+      }
     }
     RETURN_IF_ERROR(
         cuda::Checksum64Batch(spans.sums.data(), static_cast<int>(spans.sums.size()), prep));

@@ -2,6 +2,7 @@
 // GPUs. One process: a decode worker (DecodeService + NCCL transport) on GPU 1
 // and prefill workers on GPU 0 serving the same synthetic model, all over real
 // gRPC on loopback, exactly as in the cluster.
+//  0. on one GPU: the per-byte passes of an MLA message (pack + checksum, fused or not);
 //  1. NCCL send/recv bandwidth GPU 0 -> GPU 1 (our own nccl-tests-style loop);
 //  2. for prompts of 4K / 32K / 128K tokens, the Prefill call of the router
 //     (prefill + state push until the decode worker has verified the state),
@@ -29,6 +30,7 @@
 #include "engine/config/model_config.h"
 #include "engine/model/model.h"
 #include "engine/model/random_source.h"
+#include "kernels/cuda/transfer.h"
 #include "proto/worker.grpc.pb.h"
 #include "services/common/server_util.h"
 #include "services/decode/decode_service.h"
@@ -188,10 +190,78 @@ Worker MakeWorker(const ModelConfig& c, int device, int64_t max_seqs, int64_t ma
   return w;
 }
 
+// One GPU: the per-byte passes of a transfer's MLA message — pack from the
+// paged latent cache + checksum of the packed bytes (sender), checksum of the
+// received bytes + scatter (receiver) — as two kernels and as one fused pass,
+// against a device-to-device copy of the same bytes. Best of 20 (CUDA events).
+void KernelPasses() {
+  cudaSetDevice(0);
+  const int64_t row_bytes = 1152, page_rows = 64;  // a bf16 latent row of the 48B shape
+  std::printf("\nPer-byte passes of an MLA message on GPU 0 (best of 20)\n");
+  std::printf("%9s | %8s | %12s | %8s | %12s | %8s | %8s\n", "MB", "copy ms", "pack+sum ms",
+              "fused", "sum+scatter", "fused", "copy/fused");
+  for (int64_t rows : {int64_t{14563}, int64_t{131072}}) {  // 16 MiB bound; a 128K layer
+    const int64_t npages = (rows + page_rows - 1) / page_rows, bytes = rows * row_bytes;
+    std::vector<int32_t> pages(npages);
+    for (int64_t i = 0; i < npages; ++i) pages[i] = static_cast<int32_t>((i * 7919) % npages);
+    void *pool = nullptr, *flat = nullptr, *copy = nullptr;
+    int32_t* d_pages = nullptr;
+    uint64_t* sum = nullptr;
+    cudaMalloc(&pool, npages * page_rows * row_bytes);
+    cudaMalloc(&flat, bytes);
+    cudaMalloc(&copy, bytes);
+    cudaMalloc(&d_pages, npages * sizeof(int32_t));
+    cudaMalloc(&sum, sizeof(uint64_t));
+    cudaMemset(pool, 1, npages * page_rows * row_bytes);
+    cudaMemcpy(d_pages, pages.data(), npages * sizeof(int32_t), cudaMemcpyHostToDevice);
+    const cuda::PagedRows paged{pool, d_pages, page_rows, row_bytes};
+    const cuda::ChecksumSpan span{flat, bytes, sum, 0};
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    auto time = [&](const std::function<void()>& f) {
+      float best = 1e30f;
+      for (int it = 0; it < 21; ++it) {
+        cudaEventRecord(e0);
+        f();
+        cudaEventRecord(e1);
+        cudaEventSynchronize(e1);
+        float ms = 0;
+        cudaEventElapsedTime(&ms, e0, e1);
+        if (it > 0) best = std::min(best, ms);
+      }
+      return best;
+    };
+    const float t_copy = time([&] { cudaMemcpyAsync(copy, flat, bytes, cudaMemcpyDeviceToDevice); });
+    const float t_pack2 = time([&] {
+      cuda::PackRows(paged, 0, rows, flat, nullptr).IgnoreError();
+      cuda::Checksum64Batch(&span, 1, nullptr).IgnoreError();
+    });
+    const float t_pack1 = time([&] { cuda::PackRows(paged, 0, rows, flat, nullptr, sum).IgnoreError(); });
+    const float t_unpack2 = time([&] {
+      cuda::Checksum64Batch(&span, 1, nullptr).IgnoreError();
+      cuda::UnpackRows(flat, 0, rows, paged, nullptr).IgnoreError();
+    });
+    const float t_unpack1 =
+        time([&] { cuda::UnpackRows(flat, 0, rows, paged, nullptr, sum).IgnoreError(); });
+    std::printf("%9.1f | %8.3f | %12.3f | %8.3f | %12.3f | %8.3f | %7.0f%%\n", bytes / 1e6,
+                t_copy, t_pack2, t_pack1, t_unpack2, t_unpack1,
+                100.0 * t_copy / std::max(t_pack1, t_unpack1));
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaFree(pool);
+    cudaFree(flat);
+    cudaFree(copy);
+    cudaFree(d_pages);
+    cudaFree(sum);
+  }
+}
+
 int Main() {
   setvbuf(stdout, nullptr, _IOLBF, 0);  // a killed run still shows its tables
   int gpus = 0;
   cudaGetDeviceCount(&gpus);
+  if (gpus >= 1) KernelPasses();
   if (gpus < 2) {
     std::printf("transfer_bench needs two GPUs (found %d)\n", gpus);
     return 0;
