@@ -1,5 +1,6 @@
 #include "kernels/cuda/transfer.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -52,13 +53,26 @@ __global__ void CopyRowsKernel(PagedRows paged, int64_t row_begin, int64_t rows,
     }
   }
   if (kSum) {
+    // One atomic per block (the grid is capped for this): thousands of warps
+    // adding to one address would serialise behind each other.
+    __shared__ uint64_t warp_sums[32];
     if (blockIdx.x == 0 && threadIdx.x == 0) {
       acc += static_cast<uint64_t>(total * 16) * kLenKey;
     }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
-    if ((threadIdx.x & 31) == 0 && acc != 0) atomicAdd(sum, static_cast<unsigned long long>(acc));
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x / 32] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      uint64_t b = 0;
+      for (unsigned w = 0; w < blockDim.x / 32; ++w) b += warp_sums[w];
+      if (b != 0) atomicAdd(sum, static_cast<unsigned long long>(b));
+    }
   }
 }
+
+// Blocks of a summing pack / scatter: enough to stream the bytes, few enough
+// that the per-block atomics stay cheap.
+constexpr int kMaxSumBlocks = 1024;
 
 // Up to kChecksumBatch spans; blocks [first_block[i], first_block[i + 1]) fold
 // span i. Each thread folds the 64-bit words it owns; warp sums go to the
@@ -121,7 +135,7 @@ absl::Status PackRows(const PagedRows& src, int64_t row_begin, int64_t row_end, 
   char* flat = static_cast<char*>(dst);
   if (sum != nullptr) {
     // Even an empty message adds its (zero) length term: launch for one block.
-    CopyRowsKernel<true, true><<<Blocks(work, 256), 256, 0, stream>>>(
+    CopyRowsKernel<true, true><<<std::min(Blocks(work, 256), kMaxSumBlocks), 256, 0, stream>>>(
         src, row_begin, row_end - row_begin, flat, out);
   } else if (work > 0) {
     CopyRowsKernel<true, false><<<Blocks(work, 256), 256, 0, stream>>>(
@@ -137,7 +151,7 @@ absl::Status UnpackRows(const void* src, int64_t row_begin, int64_t row_end, con
   auto* out = reinterpret_cast<unsigned long long*>(sum);
   char* flat = const_cast<char*>(static_cast<const char*>(src));
   if (sum != nullptr) {
-    CopyRowsKernel<false, true><<<Blocks(work, 256), 256, 0, stream>>>(
+    CopyRowsKernel<false, true><<<std::min(Blocks(work, 256), kMaxSumBlocks), 256, 0, stream>>>(
         dst, row_begin, row_end - row_begin, flat, out);
   } else if (work > 0) {
     CopyRowsKernel<false, false><<<Blocks(work, 256), 256, 0, stream>>>(
