@@ -21,8 +21,8 @@ __device__ __forceinline__ uint64_t DevMix(uint64_t z) {
 // One thread per 16-byte chunk of a row; grid-stride over (row, chunk). With
 // kSum, the thread also folds the chunk's two 64-bit words of the flat buffer
 // (positions 2i, 2i + 1 of the message) into *sum, as Checksum64 of the flat
-// bytes would: warp sums are added atomically and the first thread adds the
-// length term. One pass over the bytes instead of a copy and a checksum.
+// bytes would: each block's sum is added atomically and the first thread adds
+// the length term. One pass over the bytes instead of a copy and a checksum.
 template <bool kPack, bool kSum>
 __global__ void CopyRowsKernel(PagedRows paged, int64_t row_begin, int64_t rows, char* flat,
                                unsigned long long* sum) {
@@ -130,6 +130,7 @@ absl::Status CheckPaged(const PagedRows& p, int64_t row_begin, int64_t row_end) 
 absl::Status PackRows(const PagedRows& src, int64_t row_begin, int64_t row_end, void* dst,
                       cudaStream_t stream, uint64_t* sum) {
   if (absl::Status s = CheckPaged(src, row_begin, row_end); !s.ok()) return s;
+  if (row_end == row_begin && sum == nullptr) return absl::OkStatus();
   const int64_t work = (row_end - row_begin) * (src.row_bytes / 16);
   auto* out = reinterpret_cast<unsigned long long*>(sum);
   char* flat = static_cast<char*>(dst);
@@ -137,7 +138,7 @@ absl::Status PackRows(const PagedRows& src, int64_t row_begin, int64_t row_end, 
     // Even an empty message adds its (zero) length term: launch for one block.
     CopyRowsKernel<true, true><<<std::min(Blocks(work, 256), kMaxSumBlocks), 256, 0, stream>>>(
         src, row_begin, row_end - row_begin, flat, out);
-  } else if (work > 0) {
+  } else {
     CopyRowsKernel<true, false><<<Blocks(work, 256), 256, 0, stream>>>(
         src, row_begin, row_end - row_begin, flat, nullptr);
   }
@@ -147,13 +148,14 @@ absl::Status PackRows(const PagedRows& src, int64_t row_begin, int64_t row_end, 
 absl::Status UnpackRows(const void* src, int64_t row_begin, int64_t row_end, const PagedRows& dst,
                         cudaStream_t stream, uint64_t* sum) {
   if (absl::Status s = CheckPaged(dst, row_begin, row_end); !s.ok()) return s;
+  if (row_end == row_begin && sum == nullptr) return absl::OkStatus();
   const int64_t work = (row_end - row_begin) * (dst.row_bytes / 16);
   auto* out = reinterpret_cast<unsigned long long*>(sum);
   char* flat = const_cast<char*>(static_cast<const char*>(src));
   if (sum != nullptr) {
     CopyRowsKernel<false, true><<<std::min(Blocks(work, 256), kMaxSumBlocks), 256, 0, stream>>>(
         dst, row_begin, row_end - row_begin, flat, out);
-  } else if (work > 0) {
+  } else {
     CopyRowsKernel<false, false><<<Blocks(work, 256), 256, 0, stream>>>(
         dst, row_begin, row_end - row_begin, flat, nullptr);
   }

@@ -176,6 +176,13 @@ TEST(TransferKernels, PackAndUnpackSumWhatTheyMove) {
       ASSERT_EQ(std::memcmp(flat_h.data() + r * row_bytes, want, row_bytes), 0) << rows << " " << r;
     }
     ASSERT_TRUE(UnpackRows(flat, 0, rows, dst, nullptr, d_sum + 1).ok());
+    std::vector<uint8_t> pool2_h(pool_h.size());
+    ASSERT_EQ(cudaMemcpy(pool2_h.data(), pool2, pool2_h.size(), cudaMemcpyDeviceToHost),
+              cudaSuccess);
+    for (int64_t r = 0; r < rows; ++r) {  // the summing scatter wrote every row
+      const int64_t off = (pages[r / page_rows] * page_rows + r % page_rows) * row_bytes;
+      ASSERT_EQ(std::memcmp(pool2_h.data() + off, pool_h.data() + off, row_bytes), 0) << r;
+    }
     if (rows > 0) {  // one flipped byte on the "wire"
       ASSERT_EQ(cudaMemset(static_cast<char*>(flat) + (rows * row_bytes) / 2, 0x5a, 1), cudaSuccess);
       ASSERT_TRUE(UnpackRows(flat, 0, rows, dst, nullptr, d_sum + 2).ok());
@@ -186,6 +193,19 @@ TEST(TransferKernels, PackAndUnpackSumWhatTheyMove) {
     EXPECT_EQ(got[0], want) << rows;
     EXPECT_EQ(got[1], want) << rows;
     if (rows > 0 && flat_h[(rows * row_bytes) / 2] != 0x5a) EXPECT_NE(got[2], want) << rows;
+    // A range that does not start at row 0 (a plan piece): positions count
+    // from the message's first word, not from the sequence's first row.
+    if (rows > 9) {
+      ASSERT_EQ(cudaMemset(d_sum, 0, sizeof(uint64_t)), cudaSuccess);
+      ASSERT_TRUE(PackRows(src, 7, rows, flat, nullptr, d_sum).ok());
+      std::vector<uint8_t> part((rows - 7) * row_bytes);
+      ASSERT_EQ(cudaMemcpy(part.data(), flat, part.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+      EXPECT_EQ(0, std::memcmp(part.data(), flat_h.data() + 7 * row_bytes, part.size()));
+      uint64_t got_part = 0;
+      ASSERT_EQ(cudaMemcpy(&got_part, d_sum, sizeof(got_part), cudaMemcpyDeviceToHost),
+                cudaSuccess);
+      EXPECT_EQ(got_part, Checksum64Host(part.data(), static_cast<int64_t>(part.size()))) << rows;
+    }
     cudaFree(pool);
     cudaFree(pool2);
     cudaFree(flat);
