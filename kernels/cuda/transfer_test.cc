@@ -192,7 +192,9 @@ TEST(TransferKernels, PackAndUnpackSumWhatTheyMove) {
     const uint64_t want = Checksum64Host(flat_h.data(), static_cast<int64_t>(flat_h.size()));
     EXPECT_EQ(got[0], want) << rows;
     EXPECT_EQ(got[1], want) << rows;
-    if (rows > 0 && flat_h[(rows * row_bytes) / 2] != 0x5a) EXPECT_NE(got[2], want) << rows;
+    if (rows > 0 && flat_h[(rows * row_bytes) / 2] != 0x5a) {
+      EXPECT_NE(got[2], want) << rows;
+    }
     // A range that does not start at row 0 (a plan piece): positions count
     // from the message's first word, not from the sequence's first row.
     if (rows > 9) {

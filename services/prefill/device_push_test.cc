@@ -495,7 +495,9 @@ TEST_F(DevicePushTest, CutCorruptAndMissingChecksumsAreRefusedAndLeaveNothingHel
     std::vector<int32_t> got;
     const grpc::Status s = Run(prompt, 6, &got);
     EXPECT_EQ(s.error_code(), want[i]) << i << ": " << s.error_message();
-    if (s.ok()) EXPECT_EQ(got, reference) << i;  // a clean push after a damaged one
+    if (s.ok()) {
+      EXPECT_EQ(got, reference) << i;  // a clean push after a damaged one
+    }
   }
   EXPECT_TRUE(WaitFor([&] { return Idle(); }));
   // corrupt (checksum mismatch) and drop_final (no checksums) are integrity failures.
