@@ -107,6 +107,8 @@ __global__ void ChecksumBatchKernel(const __grid_constant__ BatchArgs a) {
   if ((threadIdx.x & 31) == 0 && acc != 0) atomicAdd(a.out[s], static_cast<unsigned long long>(acc));
 }
 
+__global__ void FlipBitKernel(unsigned char* p, unsigned char mask) { *p ^= mask; }
+
 constexpr int kThreads = 256;
 constexpr int kMaxBlocksPerSpan = 1024;
 
@@ -208,6 +210,16 @@ absl::Status Checksum64(const void* p, int64_t bytes, uint64_t* out, cudaStream_
   if (absl::Status s = CheckSpans(&span, 1); !s.ok()) return s;
   KL_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(out, 0, sizeof(uint64_t), stream));
   return Checksum64Batch(&span, 1, stream);
+}
+
+absl::Status FlipBit(void* p, int bit, cudaStream_t stream) {
+  if (p == nullptr || bit < 0 || bit > 7) {
+    return absl::InvalidArgumentError("FlipBit: bad byte or bit");
+  }
+  FlipBitKernel<<<1, 1, 0, stream>>>(static_cast<unsigned char*>(p),
+                                     static_cast<unsigned char>(1u << bit));
+  KL_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
 }
 
 uint64_t Checksum64Host(const void* p, int64_t bytes, int64_t first_word) {

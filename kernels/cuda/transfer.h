@@ -52,6 +52,11 @@ struct ChecksumSpan {
 inline constexpr int kChecksumBatch = 48;
 absl::Status Checksum64Batch(const ChecksumSpan* spans, int n, cudaStream_t stream);
 
+// FAULT INJECTION (tests): flips bit `bit` (0-7) of the byte at device address
+// `p`, enqueued on `stream`. Twice restores it. Damages bytes in flight after
+// the sender summed them, so that the receiver's own sum must catch it.
+absl::Status FlipBit(void* p, int bit, cudaStream_t stream);
+
 // The same function on the host (tests; the definition both sides implement):
 // words w_i = little-endian u64 of bytes [8i, 8i + 8) (zero-padded), sum over i
 // of Mix(w_i ^ (first_word + i + 1) * 0x9E3779B97F4A7C15), plus

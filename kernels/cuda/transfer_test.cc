@@ -68,6 +68,29 @@ TEST(TransferKernels, ChecksumMatchesHost) {
   EXPECT_FALSE(Checksum64(nullptr, 6, nullptr, nullptr).ok());
 }
 
+// The fault injector's bit flip: flips exactly the bit asked for, twice
+// restores the byte, and refuses a bad bit.
+TEST(TransferKernels, FlipBitFlipsOneBitAndTwiceRestores) {
+  if (!HaveGpu()) GTEST_SKIP() << "no GPU";
+  std::vector<uint8_t> h = RandomBytes(64, 5);
+  void* d = nullptr;
+  ASSERT_EQ(cudaMalloc(&d, h.size()), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d, h.data(), h.size(), cudaMemcpyHostToDevice), cudaSuccess);
+  char* byte = static_cast<char*>(d) + 37;
+  ASSERT_TRUE(FlipBit(byte, 3, nullptr).ok());
+  std::vector<uint8_t> got(h.size());
+  ASSERT_EQ(cudaMemcpy(got.data(), d, got.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+  for (size_t i = 0; i < h.size(); ++i) {
+    EXPECT_EQ(got[i], i == 37 ? static_cast<uint8_t>(h[i] ^ 0x08) : h[i]) << i;
+  }
+  ASSERT_TRUE(FlipBit(byte, 3, nullptr).ok());
+  ASSERT_EQ(cudaMemcpy(got.data(), d, got.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(got, h);
+  EXPECT_FALSE(FlipBit(byte, 8, nullptr).ok());
+  EXPECT_FALSE(FlipBit(nullptr, 0, nullptr).ok());
+  cudaFree(d);
+}
+
 TEST(TransferKernels, BatchedChecksumsMatchHostPerSpanAndShared) {
   if (!HaveGpu()) GTEST_SKIP() << "no GPU";
   // More spans than one launch takes, of mixed sizes (empty, tiny, odd word

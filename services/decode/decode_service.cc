@@ -7,6 +7,7 @@
 #include "services/common/request_context.h"
 #include "services/common/status_util.h"
 #include "services/decode/worker_codec.h"
+#include "services/transport/device_metrics.h"
 
 namespace kl {
 
@@ -98,6 +99,11 @@ v1::WorkerStats DecodeService::Snapshot() const {
     s.set_device_links(t.links_ready);
     s.set_device_transfers(t.transfers_ok);
     s.set_device_transfer_failures(t.transfers_failed);
+    s.set_device_messages(t.messages);
+    s.set_device_bytes(t.bytes);
+    s.set_device_link_inits(t.link_inits);
+    s.set_device_link_init_failures(t.link_init_failures);
+    s.set_device_link_init_seconds(t.link_init_seconds);
   }
   return s;
 }
@@ -219,6 +225,7 @@ void RegisterDecodeCallbacks(Metrics& m, const DecodeService* s) {
   m.AddCallbackCounter("kl_device_transfer_failures_total",
                        "Device transfers (NCCL) refused, cut or timed out; the link was dropped.",
                        {}, get(&v1::WorkerStats::device_transfer_failures));
+  RegisterDeviceTransportCallbacks(m, [s] { return s->Snapshot(); });
   m.AddCallbackCounter("kl_decode_requests_completed_total",
                        "Sequences that finished on this worker (stop or length).", {},
                        get(&v1::WorkerStats::requests_completed));

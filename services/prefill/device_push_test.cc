@@ -46,6 +46,7 @@ struct Wire {
   int sends_ended_ok = 0, sends_ended_failed = 0, receives_aborted = 0, receives_ok = 0;
   int groups_posted = 0, messages_posted = 0;
   int sends_stopped_by_peer = 0;  // Complete ended by peer_alive() == false
+  int corrupted_kda = 0, corrupted_mla = 0;  // messages damaged after the sender's sum
 };
 
 int64_t Ordinal(const ModelConfig& c, int64_t layer) {
@@ -81,6 +82,14 @@ class FakeSend final : public DeviceSend {
   uint64_t link_id() const override { return id_; }
   const std::vector<v1::DeviceMessage>& plan() const override { return plan_; }
   void InjectCut() override { cut_ = true; }
+  void InjectCorrupt(bool mla) override {
+    for (size_t i = 0; i < plan_.size(); ++i) {
+      if (plan_[i].kda() != mla) {
+        corrupt_at_ = static_cast<int64_t>(i);
+        return;
+      }
+    }
+  }
   absl::Status OnLayer(const SequenceState& s, int64_t layer, int64_t b, int64_t e) override {
     std::lock_guard<std::mutex> l(mu_);
     if (!status_.ok()) return status_;
@@ -103,6 +112,11 @@ class FakeSend final : public DeviceSend {
         return absl::InternalError("payload size differs from the plan");
       }
       sums_.push_back(Sum(p));
+      if (next_ == corrupt_at_) {  // damaged on the wire, after the sender's sum
+        reinterpret_cast<unsigned char*>(p.data())[p.size() * 2] ^= 0x20;
+        std::lock_guard<std::mutex> w(wire_->mu);
+        ++(m.kda() ? wire_->corrupted_kda : wire_->corrupted_mla);
+      }
       if (!(cut_ && next_ >= static_cast<int64_t>(plan_.size()) / 2)) {
         queue_.emplace_back(next_, std::move(p));
         ++queued_;
@@ -195,6 +209,7 @@ class FakeSend final : public DeviceSend {
   absl::Status status_;
   int64_t queued_ = 0, announced_ = 0;
   bool cut_ = false, ended_ = false, stop_ = false;
+  int64_t corrupt_at_ = -1;
   int64_t next_ = 0;
   std::vector<uint64_t> sums_;
   std::thread worker_;  // last: starts after the members it uses
@@ -506,6 +521,28 @@ TEST_F(DevicePushTest, CutCorruptAndMissingChecksumsAreRefusedAndLeaveNothingHel
   EXPECT_EQ(wire_.receives_aborted, 3);  // every refused transfer freed its device state
   EXPECT_EQ(wire_.sends_ended_failed, 3);
   EXPECT_EQ(wire_.sends_ended_ok, 4);
+}
+
+// A bit damaged on the wire after the sender summed the message (the
+// checksums the sender sends are right): the receiver's own sum must differ.
+// Damaged pushes take a KDA message, then an MLA message, in turn.
+TEST_F(DevicePushTest, DataDamagedInFlightIsCaughtByTheReceiversSum) {
+  Start("corrupt", /*every=*/2);
+  const auto prompt = Prompt(120, 8);  // chunked: several MLA messages
+  const auto reference = Reference(prompt, 6);
+  for (int i = 0; i < 5; ++i) {
+    std::vector<int32_t> got;
+    const grpc::Status s = Run(prompt, 6, &got);
+    EXPECT_EQ(s.error_code(), i % 2 == 1 ? grpc::StatusCode::DATA_LOSS : grpc::StatusCode::OK)
+        << i << ": " << s.error_message();
+    if (s.ok()) EXPECT_EQ(got, reference) << i;
+  }
+  EXPECT_TRUE(WaitFor([&] { return Idle(); }));
+  EXPECT_EQ(wire_.corrupted_kda, 1);
+  EXPECT_EQ(wire_.corrupted_mla, 1);
+  EXPECT_EQ(GetStats(*decode_->stub).integrity_failures(), 2);
+  EXPECT_EQ(wire_.receives_aborted, 2);
+  EXPECT_EQ(wire_.receives_ok, 3);
 }
 
 TEST_F(DevicePushTest, AStalledSendFailsThePushWithItsCode) {

@@ -165,6 +165,8 @@ std::shared_ptr<DeviceSend> PrefillEngine::StartDeviceSend(const PrefillJob& job
     return nullptr;
   }
   if (target.fault == StateFault::kCut) (*send)->InjectCut();
+  // Damaged data in turn: a KDA message, then an MLA message.
+  if (target.fault == StateFault::kCorrupt) (*send)->InjectCorrupt(device_corrupts_++ % 2 == 1);
   return std::shared_ptr<DeviceSend>(std::move(*send));
 }
 

@@ -182,6 +182,7 @@ class PrefillEngine {
   std::atomic<int64_t> running_{0};
   std::atomic<int64_t> completed_{0};
   std::atomic<int64_t> forwards_{0};
+  int64_t device_corrupts_ = 0;  // fault injection; the engine thread only
   std::thread thread_;
 };
 

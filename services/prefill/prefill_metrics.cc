@@ -1,6 +1,7 @@
 #include "services/prefill/prefill_metrics.h"
 
 #include "services/prefill/prefill_service.h"
+#include "services/transport/device_metrics.h"
 
 namespace kl {
 namespace {
@@ -62,6 +63,7 @@ void RegisterPrefillCallbacks(Metrics& m, const PrefillService* s) {
                        "State pushes sent over gRPC although device links are on (no free link, "
                        "link coming up, or the peer takes gRPC).",
                        {}, get(&v1::WorkerStats::device_fallbacks));
+  RegisterDeviceTransportCallbacks(m, [s] { return s->Snapshot(); });
 }
 
 }  // namespace kl

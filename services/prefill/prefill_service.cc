@@ -103,6 +103,11 @@ v1::WorkerStats PrefillService::Snapshot() const {
     s.set_device_links(t.links_ready);
     s.set_device_transfers(t.transfers_ok);
     s.set_device_transfer_failures(t.transfers_failed);
+    s.set_device_messages(t.messages);
+    s.set_device_bytes(t.bytes);
+    s.set_device_link_inits(t.link_inits);
+    s.set_device_link_init_failures(t.link_init_failures);
+    s.set_device_link_init_seconds(t.link_init_seconds);
     s.set_device_fallbacks(t.fallbacks);
   }
   return s;

@@ -15,9 +15,11 @@
 //   cut         over a device link: stops sending after half the plan's
 //               messages and aborts the link (a sender dying mid-transfer);
 //               over gRPC: cancels the push after half the parts
-// Over a device link, corrupt flips a bit of the first message's checksum and
-// drop_final closes the stream without the checksums; truncate, duplicate and
-// reorder are frame faults, so those pushes go over gRPC.
+// Over a device link, corrupt flips one bit of a message's data on its way,
+// after the sender summed it (the first KDA message and the first MLA message
+// in turn, so each kind's receiver-side sum is tested), and drop_final closes
+// the stream without the checksums; truncate, duplicate and reorder are frame
+// faults, so those pushes go over gRPC.
 #ifndef KL_SERVICES_PREFILL_STATE_FAULT_H_
 #define KL_SERVICES_PREFILL_STATE_FAULT_H_
 

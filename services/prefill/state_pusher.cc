@@ -375,7 +375,6 @@ void StatePusher::RunDevice() {
     if (!sums.ok()) {
       if (!failed_) local = sums.status();  // else the decode worker's status says why
     } else if (fault != StateFault::kDropFinal) {
-      if (fault == StateFault::kCorrupt && !sums->empty()) (*sums)[0] ^= 1;
       v1::StatePart done;
       for (uint64_t v : *sums) done.add_device_checksums(v);
       done.set_device_done(true);

@@ -110,6 +110,11 @@ class DeviceSend {
   // FAULT INJECTION (tests): stop sending after half the plan's messages, as
   // a sender that dies mid-transfer; Complete then aborts the link and fails.
   virtual void InjectCut() = 0;
+  // FAULT INJECTION (tests): damages one bit of the plan's first MLA message
+  // (`mla`) or first KDA message in flight: after the sender summed it, before
+  // it goes out (a KDA bit is restored in the sender's state once sent). The
+  // checksums stay the sender's, so only the receiver's own sum can catch it.
+  virtual void InjectCorrupt(bool mla) = 0;
   // The transfer is over: ok = the decode worker accepted it (the link goes
   // back to the pool); otherwise the link is aborted and dropped. Idempotent;
   // any thread.
@@ -144,7 +149,11 @@ struct DeviceTransportStats {
   int64_t links_opened = 0;
   int64_t links_dropped = 0;
   int64_t fallbacks = 0;  // prefill: transfers sent over gRPC for want of a link
-  int64_t bytes = 0;
+  int64_t bytes = 0;      // of the transfers that went through
+  int64_t messages = 0;   // plan messages of the transfers that went through
+  int64_t link_inits = 0;          // links whose set-up finished (ncclCommInitRank)
+  int64_t link_init_failures = 0;  // links whose set-up failed or timed out
+  double link_init_seconds = 0;    // set-up time of the finished ones, in all
 };
 
 class DeviceTransport {

@@ -52,6 +52,15 @@ struct Core {
     std::lock_guard<std::mutex> l(mu);
     stats.*field += n;
   }
+  void CountInit(bool ok, absl::Duration took) {
+    std::lock_guard<std::mutex> l(mu);
+    if (!ok) {
+      ++stats.link_init_failures;
+      return;
+    }
+    ++stats.link_inits;
+    stats.link_init_seconds += absl::ToDoubleSeconds(took);
+  }
   // Drops a dead link from the registries.
   void Forget(const std::shared_ptr<NcclLink>& link) {
     std::lock_guard<std::mutex> l(mu);

@@ -134,6 +134,7 @@ class NcclReceive final : public DeviceReceive {
     link_->set_state(NcclLink::State::kReady);  // every operation completed: reusable
     core_->Count(&DeviceTransportStats::transfers_ok);
     core_->Count(&DeviceTransportStats::bytes, bytes_);
+    core_->Count(&DeviceTransportStats::messages, messages_);
     return std::move(state_);
   }
 

@@ -43,6 +43,14 @@ class NcclSend final : public DeviceSend {
   uint64_t link_id() const override { return link_->id(); }
   const std::vector<v1::DeviceMessage>& plan() const override { return plan_; }
   void InjectCut() override { cut_at_ = static_cast<int64_t>(plan_.size()) / 2; }
+  void InjectCorrupt(bool mla) override {
+    for (size_t i = 0; i < plan_.size(); ++i) {
+      if (plan_[i].kda() != mla && plan_[i].bytes() > 0) {
+        corrupt_at_ = static_cast<int64_t>(i);
+        return;
+      }
+    }
+  }
 
   absl::Status OnLayer(const SequenceState& state, int64_t layer, int64_t row_begin,
                        int64_t row_end) override {
@@ -118,11 +126,18 @@ class NcclSend final : public DeviceSend {
       // In slices: between them the pusher checks that the decode worker has
       // not ended the call (a refused group, a revoked lease), whose receives
       // would then never match the sends still spinning here.
-      const absl::Time deadline = absl::Now() + TransferBudget(core_->options, bytes_);
+      const absl::Time start = absl::Now();
+      const absl::Time deadline = start + TransferBudget(core_->options, bytes_);
+      // The end of the sends is polled with yields for its first 5 ms only,
+      // however many slices the wait takes; then with short sleeps.
+      const absl::Time spin_until = start + absl::Milliseconds(5);
       bool drained = false;
       for (;;) {
-        const absl::Time slice = std::min(deadline, absl::Now() + absl::Milliseconds(100));
-        w = drained ? link_->Wait(link_->done(), slice, &stop_) : link_->Drain(slice, &stop_);
+        const absl::Time now = absl::Now();
+        const absl::Time slice = std::min(deadline, now + absl::Milliseconds(100));
+        w = drained ? link_->Wait(link_->done(), slice, &stop_,
+                                  std::max(absl::ZeroDuration(), spin_until - now))
+                    : link_->Drain(slice, &stop_);
         if (w.ok() && !drained) {
           drained = true;
           continue;
@@ -162,6 +177,7 @@ class NcclSend final : public DeviceSend {
       link_->set_state(NcclLink::State::kReady);
       core_->Count(&DeviceTransportStats::transfers_ok);
       core_->Count(&DeviceTransportStats::bytes, bytes_);
+      core_->Count(&DeviceTransportStats::messages, static_cast<int64_t>(plan_.size()));
     } else {
       link_->Abort();  // ends the sends, drains the stream: the slot is no longer read
       core_->Forget(link_);
@@ -292,6 +308,14 @@ class NcclSend final : public DeviceSend {
     }
     RETURN_IF_ERROR(
         cuda::Checksum64Batch(spans.sums.data(), static_cast<int>(spans.sums.size()), prep));
+    // FAULT INJECTION: one bit of the message damaged after it was summed.
+    char* damaged_kda = nullptr;
+    for (const Piece& p : pieces) {
+      if (p.index != corrupt_at_) continue;
+      char* byte = static_cast<char*>(p.ptrs[0]) + p.bytes[0] / 2;
+      RETURN_IF_ERROR(cuda::FlipBit(byte, 5, prep));
+      if (p.kda) damaged_kda = byte;
+    }
     if (pipeline_) {
       RETURN_IF_ERROR(cuda::CudaStatus(cudaEventRecord(link->filled(h), prep), "staging"));
       RETURN_IF_ERROR(cuda::CudaStatus(cudaStreamWaitEvent(st, link->filled(h), 0), "staging"));
@@ -306,6 +330,8 @@ class NcclSend final : public DeviceSend {
     if (wake) wake();  // the pusher announces it; the receiver posts the receives
     RETURN_IF_ERROR(
         link->Send(spans.ptrs.data(), spans.bytes.data(), static_cast<int>(spans.ptrs.size())));
+    // A KDA message goes out of the sequence's state itself: restored once sent.
+    if (damaged_kda != nullptr) RETURN_IF_ERROR(cuda::FlipBit(damaged_kda, 5, st));
     if (!pipeline_) return absl::OkStatus();
     return cuda::CudaStatus(cudaEventRecord(link->freed(h), st), "staging");
   }
@@ -340,6 +366,7 @@ class NcclSend final : public DeviceSend {
   std::function<void()> wake_;
   int64_t pages_sent_ = 0;  // the link's worker only
   int64_t cut_at_ = -1;
+  int64_t corrupt_at_ = -1;  // fault injection: the plan message damaged in flight
   bool ended_ = false;
   std::shared_ptr<StateResidency> hold_;
 };

@@ -104,6 +104,7 @@ class NcclTransport final : public DeviceTransport {
         const absl::Time start = absl::Now();
         absl::Status s = link->Init(uid, core->options.init_timeout);
         const int64_t ms = absl::ToInt64Milliseconds(absl::Now() - start);
+        core->CountInit(s.ok(), absl::Now() - start);
         if (!s.ok()) {
           KL_LOG(WARNING).Field("link", link->id()).Field("init_ms", ms)
               << "device link init failed: " << s.ToString();
@@ -322,6 +323,7 @@ class NcclTransport final : public DeviceTransport {
     const absl::Time start = absl::Now();
     absl::Status s = link->Init(resp.nccl_unique_id(), timeout);
     const int64_t ms = absl::ToInt64Milliseconds(absl::Now() - start);
+    core->CountInit(s.ok(), absl::Now() - start);
     if (!s.ok()) {
       KL_LOG(WARNING).Field("peer", address).Field("init_ms", ms)
           << "device link init failed, gRPC for 60 s: " << s.ToString();

@@ -119,6 +119,11 @@ TEST(NcclTransfer, GreedyTokensEqualTheSingleProcessGpuEngine) {
   }
   const v1::WorkerStats s = DecodeStats(c->decode_address(0));
   EXPECT_GE(s.device_links(), 1);
+  EXPECT_GE(s.device_link_inits(), 1);
+  EXPECT_EQ(s.device_link_init_failures(), 0);
+  EXPECT_GT(s.device_link_init_seconds(), 0);
+  EXPECT_GE(s.device_messages(), s.device_transfers() * 2);  // KDA and MLA layers each
+  EXPECT_GT(s.device_bytes(), 0);
   // Every sequential request went over NCCL; concurrent ones may exceed the
   // links (4 per peer) and go over gRPC.
   EXPECT_GE(s.device_transfers(), static_cast<int64_t>(prompts.size()));
@@ -192,6 +197,20 @@ TEST(NcclTransfer, PipelinedTransfersGiveTheSameTokens) {
 // into its rows. Pipelined on both sides, layer by layer and ship-at-end.
 TEST(NcclTransfer, SplitMessagesGiveTheSameTokens) {
   if (!TwoGpus()) GTEST_SKIP() << "needs two GPUs";
+  // The same prompts with the default bound (a few dozen rows are far below
+  // it): the plan messages the split runs must exceed.
+  int64_t unsplit = 0;
+  {
+    auto c = Start({});
+    GenerationClient client(c->router_address());
+    for (int i = 0; i < 3; ++i) {
+      StreamResult r = client.Generate(Req(Prompt(30 + 150 * i, i + 40), 12), 120);
+      ASSERT_TRUE(r.status.ok()) << i << ": " << r.status.error_message();
+    }
+    const v1::WorkerStats s = DecodeStats(c->decode_address(0));
+    ASSERT_EQ(s.device_transfers(), 3);
+    unsplit = s.device_messages();
+  }
   for (bool ship_at_end : {false, true}) {
     std::vector<std::string> prefill = {"--nccl_message_mb=0.004", "--nccl_pipeline"};
     if (ship_at_end) prefill.push_back("--nccl_ship_at_end");
@@ -205,6 +224,7 @@ TEST(NcclTransfer, SplitMessagesGiveTheSameTokens) {
     }
     const v1::WorkerStats s = DecodeStats(c->decode_address(0));
     EXPECT_EQ(s.device_transfers(), 3) << ship_at_end;
+    EXPECT_GT(s.device_messages(), unsplit) << ship_at_end;  // the rows went in pieces
     EXPECT_EQ(s.device_transfer_failures(), 0) << ship_at_end;
     EXPECT_EQ(s.integrity_failures(), 0) << ship_at_end;
     EXPECT_TRUE(DecodeIdle(*c, 10)) << ship_at_end;
@@ -228,7 +248,11 @@ TEST(NcclTransfer, CutTransferIsRefusedAndRetried) {
   EXPECT_TRUE(DecodeIdle(*c, 10));
 }
 
-TEST(NcclTransfer, ChecksumMismatchIsRefusedAndRetried) {
+// Every second push has one bit damaged on its way, after the sender summed
+// it (the sender's checksums are right): a KDA message, then an MLA message,
+// then a KDA message again. Each is caught by the receiver's own sum of that
+// kind, refused and retried.
+TEST(NcclTransfer, DataDamagedInFlightIsRefusedAndRetried) {
   if (!TwoGpus()) GTEST_SKIP() << "needs two GPUs";
   auto c = Start({"--fault_inject_state=corrupt", "--fault_inject_every=2"});
   GenerationClient client(c->router_address());
@@ -238,9 +262,11 @@ TEST(NcclTransfer, ChecksumMismatchIsRefusedAndRetried) {
     ASSERT_TRUE(r.status.ok()) << i << ": " << r.status.error_message();
     EXPECT_EQ(r.tokens, Oracle().Greedy(p, 12, true)) << i;
   }
+  // Pushes 2, 4 and 6 of the 7 (4 requests, 3 retries) were damaged.
   const v1::WorkerStats s = DecodeStats(c->decode_address(0));
-  EXPECT_GE(s.integrity_failures(), 1);
-  EXPECT_GE(s.device_transfers(), 4);
+  EXPECT_EQ(s.integrity_failures(), 3);
+  EXPECT_EQ(s.device_transfer_failures(), 3);
+  EXPECT_EQ(s.device_transfers(), 4);
   EXPECT_TRUE(DecodeIdle(*c, 10));
 }
 

@@ -120,6 +120,21 @@ TEST(Cluster, ConcurrentLoadOnSeveralWorkersMatchesOracle) {
     ExpectContiguous(results[i]);
   }
   EXPECT_TRUE(DecodeIdle(*c, 2, 5));
+  // Every worker's stats, as `kl bench` reports them: the decode workers
+  // finished the 10 requests between them; a CPU build moves no state over
+  // device links.
+  auto all = c->WorkerStatsAll();
+  ASSERT_TRUE(all.ok()) << all.status();
+  ASSERT_EQ(all->size(), 4u);
+  int64_t finished = 0;
+  for (const auto& [name, s] : *all) {
+    EXPECT_EQ(s.role(), name.substr(0, name.find('-'))) << name;
+    if (s.role() == "decode") finished += s.requests_completed();
+    EXPECT_EQ(s.device_transfers() + s.device_messages() + s.device_link_inits(), 0) << name;
+  }
+  EXPECT_EQ((*all)[0].first, "prefill-0");
+  EXPECT_EQ((*all)[3].first, "decode-1");
+  EXPECT_EQ(finished, n);
 }
 
 TEST(Cluster, DecodeWorkerKilledMidStreamMigrates) {

@@ -34,6 +34,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include <nlohmann/json.hpp>
+
 ABSL_FLAG(std::string, model, "", "model folder (HF layout); empty = the embedded tiny model");
 ABSL_FLAG(std::string, cache_dir, "", "where the embedded model is made (default: ~/.cache/kimi-serve)");
 ABSL_FLAG(std::string, prompt, "Once upon a time", "prompt text");
@@ -263,6 +265,41 @@ bool ParseRange(const std::string& s, int* lo, int* hi) {
   return *lo >= 1 && *hi >= *lo;
 }
 
+// Each local worker's state-transfer counters at the end of a bench run: how
+// the states moved (device links or gRPC) and what the device links' set-up
+// cost. Printed to stderr and added to the report.
+nlohmann::json WorkerTransferReport(const LocalCluster& c) {
+  nlohmann::json out = nlohmann::json::array();
+  auto all = c.WorkerStatsAll();
+  if (!all.ok()) {
+    std::fprintf(stderr, "[no worker stats: %s]\n", std::string(all.status().message()).c_str());
+    return out;
+  }
+  for (const auto& [name, s] : *all) {
+    out.push_back({{"worker", name},
+                   {"requests_completed", s.requests_completed()},
+                   {"integrity_failures", s.integrity_failures()},
+                   {"device_transfers", s.device_transfers()},
+                   {"device_transfer_failures", s.device_transfer_failures()},
+                   {"device_fallbacks", s.device_fallbacks()},
+                   {"device_messages", s.device_messages()},
+                   {"device_bytes", s.device_bytes()},
+                   {"device_link_inits", s.device_link_inits()},
+                   {"device_link_init_failures", s.device_link_init_failures()},
+                   {"device_link_init_seconds", s.device_link_init_seconds()}});
+    std::fprintf(stderr,
+                 "[%s: %lld requests; device transfers %lld ok, %lld failed, %lld sent over gRPC "
+                 "instead; device links set up %lld (%.3f s in all), %lld failed]\n",
+                 name.c_str(), static_cast<long long>(s.requests_completed()),
+                 static_cast<long long>(s.device_transfers()),
+                 static_cast<long long>(s.device_transfer_failures()),
+                 static_cast<long long>(s.device_fallbacks()),
+                 static_cast<long long>(s.device_link_inits()), s.device_link_init_seconds(),
+                 static_cast<long long>(s.device_link_init_failures()));
+  }
+  return out;
+}
+
 int RunBenchCommand() {
   std::unique_ptr<LocalCluster> cluster;
   std::string address = absl::GetFlag(FLAGS_router);
@@ -291,6 +328,13 @@ int RunBenchCommand() {
     return Fail(absl::InvalidArgumentError("--prompt_len / --output_len must be MIN:MAX"));
   }
   auto report = RunBench(o);
+  if (report.ok() && cluster) {
+    nlohmann::json j = nlohmann::json::parse(*report, nullptr, /*allow_exceptions=*/false);
+    if (j.is_object()) {
+      j["workers"] = WorkerTransferReport(*cluster);
+      *report = j.dump(2);
+    }
+  }
   if (cluster) cluster->Stop();
   if (!report.ok()) return Fail(report.status());
   std::printf("%s\n", report->c_str());

@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "proto/health.grpc.pb.h"
+#include "proto/worker.grpc.pb.h"
 
 namespace kl {
 namespace fs = std::filesystem;
@@ -109,6 +110,34 @@ absl::Status LocalCluster::WaitServing(const Proc& p, double seconds) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   return absl::DeadlineExceededError(absl::StrCat(p.name, " not serving after ", seconds, " s"));
+}
+
+std::shared_ptr<grpc::Channel> LocalCluster::WorkerChannel(ClusterRole role, int i) const {
+  const Proc& p = role == ClusterRole::kPrefill ? prefill_.at(i) : decode_.at(i);
+  return worker_security_.Dial(Addr(p.port));
+}
+
+absl::StatusOr<std::vector<std::pair<std::string, v1::WorkerStats>>> LocalCluster::WorkerStatsAll()
+    const {
+  std::vector<std::pair<std::string, v1::WorkerStats>> out;
+  for (ClusterRole role : {ClusterRole::kPrefill, ClusterRole::kDecode}) {
+    const bool prefill = role == ClusterRole::kPrefill;
+    for (size_t i = 0; i < (prefill ? prefill_ : decode_).size(); ++i) {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+      v1::WorkerStats s;
+      const auto channel = WorkerChannel(role, static_cast<int>(i));
+      const grpc::Status st =
+          prefill ? v1::Prefill::NewStub(channel)->Stats(&ctx, v1::WorkerStatsRequest(), &s)
+                  : v1::Decode::NewStub(channel)->Stats(&ctx, v1::WorkerStatsRequest(), &s);
+      const std::string name = absl::StrCat(prefill ? "prefill-" : "decode-", i);
+      if (!st.ok()) {
+        return absl::UnavailableError(absl::StrCat(name, " stats: ", st.error_message()));
+      }
+      out.emplace_back(name, std::move(s));
+    }
+  }
+  return out;
 }
 
 std::string LocalCluster::RouterView(ClusterRole role, int i, const std::string& address) const {

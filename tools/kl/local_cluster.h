@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "proto/worker.pb.h"
 #include "services/common/tls.h"
 
 namespace kl {
@@ -67,6 +69,12 @@ class LocalCluster {
   // host:port of a process's Prometheus /metrics (each child gets
   // --metrics_listen=127.0.0.1:<free port>); `i` is ignored for the router.
   std::string metrics_address(ClusterRole role, int i = 0) const;
+  // A channel to prefill / decode worker `i`, secured as the cluster's
+  // workers expect (mTLS when the cluster has TLS).
+  std::shared_ptr<grpc::Channel> WorkerChannel(ClusterRole role, int i) const;
+  // Every worker's WorkerStats ("prefill-0", ..., "decode-0", ...), over
+  // WorkerChannel; the first failing call's status.
+  absl::StatusOr<std::vector<std::pair<std::string, v1::WorkerStats>>> WorkerStatsAll() const;
 
   // Fault injection for tests.
   void KillDecode(int i, int sig = 9) { Signal(decode_[i], sig); }
