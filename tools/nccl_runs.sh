@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The two-GPU measurements of the NCCL transport (docs/nccl_transfer.md,
+# docs/benchmarks.md "NCCL state transfer"), from a bundle
+# (tools/gpu_bundle.sh --all), on a machine with two GPUs of one host:
+#   tools/nccl_runs.sh tests       # nccl_transfer_test (about 2 min)
+#   tools/nccl_runs.sh bandwidth   # transfer_bench, serial and --pipeline, message
+#                                  # bounds side by side (about 5 min)
+#   tools/nccl_runs.sh load        # disaggregated vs colocated goodput
+#                                  # (tools/disagg_bench.sh; about 8 min)
+#   tools/nccl_runs.sh tests bandwidth   # several in one call
+# Each part fits one device call (10 minutes). Results go under $OUT (default
+# ./gpu_logs): one log per program, topo.txt, summary.txt.
+# Environment: MESSAGE_MB (transfer_bench --message_mb, default 0,8,16,32,64),
+# RATES (load, default "4 12"), NUM_REQUESTS (64), RUN_TIMEOUT (120 s per setup
+# and rate).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BUNDLE="${BUNDLE_DIR:-.bundle}"
+LOG="${OUT:-gpu_logs}"
+mkdir -p "$LOG"
+for z in "$BUNDLE"/lib/*.gz "$BUNDLE"/bin/*.gz; do [[ -e "$z" ]] && gunzip -f "$z"; done
+chmod +x "$BUNDLE"/bin/* 2>/dev/null || true
+export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+# NVLink multicast stays off (it can take a shared host's GPUs out of service).
+export NCCL_NVLS_ENABLE=0
+export TEST_UNDECLARED_OUTPUTS_DIR="$(cd "$LOG" && pwd)/outputs" TEST_TMPDIR="${TEST_TMPDIR:-$(mktemp -d)}"
+mkdir -p "$TEST_UNDECLARED_OUTPUTS_DIR"
+B="$BUNDLE/bin"
+[[ $# -gt 0 ]] || set -- tests
+{
+  nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv
+  nvidia-smi topo -m
+} > "$LOG/topo.txt" 2>&1
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+[[ "$gpus" -ge 2 ]] || echo "nccl_runs.sh: $gpus GPU(s) here: the two-GPU parts will skip or fail" >&2
+rc=0
+note() { echo "$*" | tee -a "$LOG/summary.txt"; }
+for part in "$@"; do
+  start=$SECONDS
+  case "$part" in
+    tests)
+      "$B/nccl_transfer_test" > "$LOG/nccl_transfer_test.log" 2>&1
+      r=$?
+      note "nccl_transfer_test: exit $r ($((SECONDS - start)) s): $(grep -c '^\[       OK \]' "$LOG/nccl_transfer_test.log") ok, $(grep -c '^\[  FAILED  \] NcclTransfer' "$LOG/nccl_transfer_test.log") failed, $(grep -c '^\[  SKIPPED \] NcclTransfer' "$LOG/nccl_transfer_test.log") skipped"
+      [[ $r -eq 0 ]] || rc=1 ;;
+    bandwidth)
+      for mode in serial pipeline; do
+        flags=(--message_mb="${MESSAGE_MB:-0,8,16,32,64}")
+        [[ $mode == pipeline ]] && flags+=(--pipeline)
+        s=$SECONDS
+        "$B/transfer_bench" "${flags[@]}" > "$LOG/transfer_bench_$mode.log" 2>&1
+        r=$?
+        note "transfer_bench $mode: exit $r ($((SECONDS - s)) s)"
+        [[ $r -eq 0 ]] || rc=1
+      done ;;
+    load)
+      # shellcheck disable=SC2086
+      OUT="$LOG" NUM_REQUESTS="${NUM_REQUESTS:-64}" RUN_TIMEOUT="${RUN_TIMEOUT:-120}" \
+        bash tools/disagg_bench.sh ${RATES:-4 12} > "$LOG/disagg_bench.log" 2>&1
+      r=$?
+      note "disagg_bench: exit $r ($((SECONDS - start)) s)"
+      [[ $r -eq 0 ]] || rc=1 ;;
+    *) echo "nccl_runs.sh: unknown part $part (tests, bandwidth, load)" >&2; exit 2 ;;
+  esac
+done
+exit $rc
