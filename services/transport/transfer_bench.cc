@@ -522,9 +522,13 @@ int Main() {
     }
   }
   const DeviceTransportStats ds = decode_transport->Stats();
-  std::printf("\ndecode transport: %ld transfers ok, %ld failed, %.1f MB\n",
-              static_cast<long>(ds.transfers_ok), static_cast<long>(ds.transfers_failed),
-              ds.bytes / 1e6);
+  std::printf(
+      "\ndecode transport: %ld transfers ok, %ld failed, %.1f MB in %ld plan messages; %ld "
+      "links set up (%.3f s in all, %.1f ms each on average), %ld set-ups failed\n",
+      static_cast<long>(ds.transfers_ok), static_cast<long>(ds.transfers_failed), ds.bytes / 1e6,
+      static_cast<long>(ds.messages), static_cast<long>(ds.link_inits), ds.link_init_seconds,
+      ds.link_inits > 0 ? 1e3 * ds.link_init_seconds / static_cast<double>(ds.link_inits) : 0.0,
+      static_cast<long>(ds.link_init_failures));
   for (auto& m : modes) {
     m.server->server->Shutdown();
     m.service.reset();
