@@ -15,14 +15,9 @@
 #    on one GPU hands over by gRPC, a pair across GPUs by NCCL).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BUNDLE="${BUNDLE_DIR:-.bundle}"
+source tools/bundle_env.sh
 LOG="${OUT:-gpu_logs}"
 mkdir -p "$LOG"
-for z in "$BUNDLE"/lib/*.gz "$BUNDLE"/bin/*.gz; do [[ -e "$z" ]] && gunzip -f "$z"; done
-chmod +x "$BUNDLE"/bin/* 2>/dev/null || true
-export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-export NCCL_NVLS_ENABLE=0
-B="$BUNDLE/bin"
 M="${MODEL_DIR:-/tmp/kimi48b_4l_64e}"
 [[ -f "$M/config.json" ]] || "$B/make_checkpoint" --preset=kimi48b --layers=4 --experts=64 \
   --max_total_gib=16 --out_dir="$M" > "$LOG/make_checkpoint.log" 2>&1 || { cat "$LOG/make_checkpoint.log"; exit 1; }

@@ -17,7 +17,6 @@
 # as tools/gpu_bundle.sh) into .bundle/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BUNDLE="${BUNDLE_DIR:-.bundle}"
 
 if [[ "${1:-}" == "--bundle" ]]; then
   shift
@@ -37,15 +36,7 @@ done
 wanted() { [[ -z "$ONLY" || "$ONLY" == *" $1 "* ]]; }
 LOG="${OUT:-gpu_logs}"
 mkdir -p "$LOG"
-for z in "$BUNDLE"/lib/*.gz "$BUNDLE"/bin/*.gz; do [[ -e "$z" ]] && gunzip -f "$z"; done  # see gpu_bundle.sh
-chmod +x "$BUNDLE"/bin/* 2>/dev/null || true
-export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-if ! ldconfig -p 2>/dev/null | grep -q libcublas.so.13 && [[ ! -e /usr/local/cuda/lib64/libcublas.so.13 ]]; then
-  cublas_dir="$(python3 -c 'import nvidia.cublas, os; print(os.path.join(os.path.dirname(nvidia.cublas.__file__), "lib"))' 2>/dev/null || true)"
-  [[ -n "$cublas_dir" ]] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$cublas_dir"
-fi
-# NVLink multicast stays off (KINDS.md: it can take a shared host's GPUs down).
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source tools/bundle_env.sh
 # Multi-process GPU tests write their workers' logs here.
 export TEST_UNDECLARED_OUTPUTS_DIR="$(cd "$LOG" && pwd)/outputs" TEST_TMPDIR="${TEST_TMPDIR:-$(mktemp -d)}"
 mkdir -p "$TEST_UNDECLARED_OUTPUTS_DIR"

@@ -15,17 +15,11 @@
 # and rate).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BUNDLE="${BUNDLE_DIR:-.bundle}"
+source tools/bundle_env.sh
 LOG="${OUT:-gpu_logs}"
 mkdir -p "$LOG"
-for z in "$BUNDLE"/lib/*.gz "$BUNDLE"/bin/*.gz; do [[ -e "$z" ]] && gunzip -f "$z"; done
-chmod +x "$BUNDLE"/bin/* 2>/dev/null || true
-export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-# NVLink multicast stays off (it can take a shared host's GPUs out of service).
-export NCCL_NVLS_ENABLE=0
 export TEST_UNDECLARED_OUTPUTS_DIR="$(cd "$LOG" && pwd)/outputs" TEST_TMPDIR="${TEST_TMPDIR:-$(mktemp -d)}"
 mkdir -p "$TEST_UNDECLARED_OUTPUTS_DIR"
-B="$BUNDLE/bin"
 [[ $# -gt 0 ]] || set -- tests
 {
   nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv
