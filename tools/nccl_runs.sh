@@ -35,7 +35,9 @@ for part in "$@"; do
     tests)
       "$B/nccl_transfer_test" > "$LOG/nccl_transfer_test.log" 2>&1
       r=$?
-      note "nccl_transfer_test: exit $r ($((SECONDS - start)) s): $(grep -c '^\[       OK \]' "$LOG/nccl_transfer_test.log") ok, $(grep -c '^\[  FAILED  \] NcclTransfer' "$LOG/nccl_transfer_test.log") failed, $(grep -c '^\[  SKIPPED \] NcclTransfer' "$LOG/nccl_transfer_test.log") skipped"
+      # A test's own result line ends with its time (the closing lists do not).
+      count() { grep -cE "^\[ *$1 *\] NcclTransfer\..* \([0-9]+ ms\)\$" "$LOG/nccl_transfer_test.log"; }
+      note "nccl_transfer_test: exit $r ($((SECONDS - start)) s): $(count OK) ok, $(count FAILED) failed, $(count SKIPPED) skipped"
       [[ $r -eq 0 ]] || rc=1 ;;
     bandwidth)
       for mode in serial pipeline; do
