@@ -6,6 +6,7 @@
 #   tools/disagg_bench.sh [rate ...]
 # Environment: NUM_REQUESTS (96), PROMPT_LEN (1024:8192), OUTPUT_LEN (64:256),
 # RUN_TIMEOUT (300 s per setup and rate), OUT (where results and worker logs go).
+# Exit status: non-zero if any run failed or timed out.
 # Model: the 48B shape's first 4 layers (3 KDA + 1 MLA: the real attention,
 # state and expert sizes) with 64 routed experts instead of 256, random bf16
 # weights written by make_checkpoint. Load: kl bench, Poisson arrivals.
@@ -27,6 +28,7 @@ common=(bench --local --model="$M" --worker_backend=cuda --decode_slots=32
         --num_requests="${NUM_REQUESTS:-96}" --warmup=8 --prompt_len="${PROMPT_LEN:-1024:8192}"
         --output_len="${OUTPUT_LEN:-64:256}" --slo_ttft=2 --slo_tpot=0.05 --concurrency=64
         --worker_flags=--nccl_sync_open)
+rc=0
 for r in "${rates[@]}"; do
   for setup in disagg coloc; do
     if [[ $setup == disagg ]]; then w=(--prefill_workers=1 --decode_workers=1); else w=(--prefill_workers=2 --decode_workers=2); fi
@@ -34,8 +36,11 @@ for r in "${rates[@]}"; do
     timeout "${RUN_TIMEOUT:-300}" "$B/kl" "${common[@]}" "${w[@]}" --rate="$r" --json_out="$LOG/$setup-rate$r.json" \
       --log_dir="$LOG/logs-$setup-rate$r" \
       > "$LOG/$setup-rate$r.txt" 2>&1
-    echo "== $setup rate=$r ($((SECONDS - start)) s, exit $?)"
+    e=$?  # 124: the run hit RUN_TIMEOUT
+    [[ $e -eq 0 ]] || rc=1
+    echo "== $setup rate=$r ($((SECONDS - start)) s, exit $e)"
     cat "$LOG/$setup-rate$r.json" 2>/dev/null || tail -5 "$LOG/$setup-rate$r.txt"
     echo
   done
 done
+exit $rc

@@ -6,13 +6,14 @@
 #   tools/nccl_runs.sh bandwidth   # transfer_bench, serial and --pipeline, message
 #                                  # bounds side by side (about 5 min)
 #   tools/nccl_runs.sh load        # disaggregated vs colocated goodput
-#                                  # (tools/disagg_bench.sh; about 8 min)
+#                                  # (tools/disagg_bench.sh at one rate: up to
+#                                  # 2 x RUN_TIMEOUT + making the checkpoint)
 #   tools/nccl_runs.sh tests bandwidth   # several in one call
 # Each part fits one device call (10 minutes). Results go under $OUT (default
 # ./gpu_logs): one log per program, topo.txt, summary.txt.
 # Environment: MESSAGE_MB (transfer_bench --message_mb, default 0,8,16,32,64),
-# RATES (load, default "4 12"), NUM_REQUESTS (64), RUN_TIMEOUT (120 s per setup
-# and rate).
+# RATES (load, default 4; each rate adds up to 2 x RUN_TIMEOUT, so run others in
+# further calls), NUM_REQUESTS (64), RUN_TIMEOUT (120 s per setup and rate).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/bundle_env.sh
@@ -52,9 +53,15 @@ for part in "$@"; do
     load)
       # shellcheck disable=SC2086
       OUT="$LOG" NUM_REQUESTS="${NUM_REQUESTS:-64}" RUN_TIMEOUT="${RUN_TIMEOUT:-120}" \
-        bash tools/disagg_bench.sh ${RATES:-4 12} > "$LOG/disagg_bench.log" 2>&1
+        bash tools/disagg_bench.sh ${RATES:-4} > "$LOG/disagg_bench.log" 2>&1
       r=$?
       note "disagg_bench: exit $r ($((SECONDS - start)) s)"
+      # Each run's line and its workers' transfer / link set-up counters.
+      for f in "$LOG"/disagg-rate*.txt "$LOG"/coloc-rate*.txt; do
+        [[ -e "$f" ]] || continue
+        note "$(basename "$f" .txt): $(grep -E '"(goodput|completed)"' "${f%.txt}.json" 2>/dev/null | tr -d ' \n')"
+        grep -E '^\[(prefill|decode)-[0-9]+:' "$f" | tee -a "$LOG/summary.txt"
+      done
       [[ $r -eq 0 ]] || rc=1 ;;
     *) echo "nccl_runs.sh: unknown part $part (tests, bandwidth, load)" >&2; exit 2 ;;
   esac

@@ -82,14 +82,7 @@ class FakeSend final : public DeviceSend {
   uint64_t link_id() const override { return id_; }
   const std::vector<v1::DeviceMessage>& plan() const override { return plan_; }
   void InjectCut() override { cut_ = true; }
-  void InjectCorrupt(bool mla) override {
-    for (size_t i = 0; i < plan_.size(); ++i) {
-      if (plan_[i].kda() != mla) {
-        corrupt_at_ = static_cast<int64_t>(i);
-        return;
-      }
-    }
-  }
+  void InjectCorrupt(bool mla) override { corrupt_at_ = FaultTargetMessage(plan_, mla); }
   absl::Status OnLayer(const SequenceState& s, int64_t layer, int64_t b, int64_t e) override {
     std::lock_guard<std::mutex> l(mu_);
     if (!status_.ok()) return status_;

@@ -1,5 +1,6 @@
 #include "services/transport/device_metrics.h"
 
+#include <string>
 #include <utility>
 
 namespace kl {
@@ -15,12 +16,13 @@ void RegisterDeviceTransportCallbacks(Metrics& m, std::function<v1::WorkerStats(
                        "Plan messages of the device transfers (NCCL) that went through (a KDA "
                        "layer is one; MLA rows go in pieces of at most --nccl_message_mb).",
                        {}, get(&v1::WorkerStats::device_messages));
-  m.AddCallbackCounter("kl_device_link_inits_total",
-                       "Device link (NCCL communicator) set-ups, by result.", {{"result", "ok"}},
+  const std::string inits_help =
+      "Device link (NCCL communicator) set-ups that started, by result (a peer that answers "
+      "gRPC starts none).";
+  m.AddCallbackCounter("kl_device_link_inits_total", inits_help, {{"result", "ok"}},
                        get(&v1::WorkerStats::device_link_inits));
-  m.AddCallbackCounter("kl_device_link_inits_total",
-                       "Device link (NCCL communicator) set-ups, by result.",
-                       {{"result", "failed"}}, get(&v1::WorkerStats::device_link_init_failures));
+  m.AddCallbackCounter("kl_device_link_inits_total", inits_help, {{"result", "failed"}},
+                       get(&v1::WorkerStats::device_link_init_failures));
   m.AddCallbackCounter("kl_device_link_init_seconds_total",
                        "Time the device link set-ups that finished took, in all (divide by "
                        "kl_device_link_inits_total{result=\"ok\"} for the mean).",

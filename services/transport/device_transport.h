@@ -111,8 +111,10 @@ class DeviceSend {
   // a sender that dies mid-transfer; Complete then aborts the link and fails.
   virtual void InjectCut() = 0;
   // FAULT INJECTION (tests): damages one bit of the plan's first MLA message
-  // (`mla`) or first KDA message in flight: after the sender summed it, before
-  // it goes out (a KDA bit is restored in the sender's state once sent). The
+  // (`mla`) or first KDA message in flight (FaultTargetMessage: the other kind
+  // when the plan has none of this one): after the sender summed it, before
+  // it goes out (a KDA bit is flipped back in the sender's state once the send
+  // went out; a failed send leaves it, as that state is never decoded). The
   // checksums stay the sender's, so only the receiver's own sum can catch it.
   virtual void InjectCorrupt(bool mla) = 0;
   // The transfer is over: ok = the decode worker accepted it (the link goes

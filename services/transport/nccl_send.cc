@@ -43,13 +43,11 @@ class NcclSend final : public DeviceSend {
   uint64_t link_id() const override { return link_->id(); }
   const std::vector<v1::DeviceMessage>& plan() const override { return plan_; }
   void InjectCut() override { cut_at_ = static_cast<int64_t>(plan_.size()) / 2; }
+  // Called before the first OnLayer; the link's worker reads corrupt_at_ only
+  // after that (through mu_ and the link's queue).
   void InjectCorrupt(bool mla) override {
-    for (size_t i = 0; i < plan_.size(); ++i) {
-      if (plan_[i].kda() != mla && plan_[i].bytes() > 0) {
-        corrupt_at_ = static_cast<int64_t>(i);
-        return;
-      }
-    }
+    corrupt_at_ = FaultTargetMessage(plan_, mla);
+    if (corrupt_at_ < 0) KL_LOG(WARNING) << "FAULT INJECTION: no message to damage in this plan";
   }
 
   absl::Status OnLayer(const SequenceState& state, int64_t layer, int64_t row_begin,
@@ -126,11 +124,11 @@ class NcclSend final : public DeviceSend {
       // In slices: between them the pusher checks that the decode worker has
       // not ended the call (a refused group, a revoked lease), whose receives
       // would then never match the sends still spinning here.
-      const absl::Time start = absl::Now();
-      const absl::Time deadline = start + TransferBudget(core_->options, bytes_);
-      // The end of the sends is polled with yields for its first 5 ms only,
-      // however many slices the wait takes; then with short sleeps.
-      const absl::Time spin_until = start + absl::Milliseconds(5);
+      const absl::Time deadline = absl::Now() + TransferBudget(core_->options, bytes_);
+      // Once the queued work has run, the end of the sends is polled with
+      // yields for its first 5 ms only, however many slices the wait takes;
+      // then with short sleeps.
+      absl::Time spin_until;
       bool drained = false;
       for (;;) {
         const absl::Time now = absl::Now();
@@ -140,6 +138,7 @@ class NcclSend final : public DeviceSend {
                     : link_->Drain(slice, &stop_);
         if (w.ok() && !drained) {
           drained = true;
+          spin_until = absl::Now() + absl::Milliseconds(5);
           continue;
         }
         if (w.ok() || w.code() != absl::StatusCode::kDeadlineExceeded || absl::Now() >= deadline) {
@@ -312,7 +311,9 @@ class NcclSend final : public DeviceSend {
     char* damaged_kda = nullptr;
     for (const Piece& p : pieces) {
       if (p.index != corrupt_at_) continue;
-      char* byte = static_cast<char*>(p.ptrs[0]) + p.bytes[0] / 2;
+      int j = 0;
+      while (j + 1 < p.n && p.bytes[j] == 0) ++j;  // the first non-empty span
+      char* byte = static_cast<char*>(p.ptrs[j]) + p.bytes[j] / 2;
       RETURN_IF_ERROR(cuda::FlipBit(byte, 5, prep));
       if (p.kda) damaged_kda = byte;
     }
@@ -331,6 +332,8 @@ class NcclSend final : public DeviceSend {
     RETURN_IF_ERROR(
         link->Send(spans.ptrs.data(), spans.bytes.data(), static_cast<int>(spans.ptrs.size())));
     // A KDA message goes out of the sequence's state itself: restored once sent.
+    // (If the send failed, the link is aborted and the state, left damaged, is
+    // never decoded: the prefill worker drops it and a retry prefills afresh.)
     if (damaged_kda != nullptr) RETURN_IF_ERROR(cuda::FlipBit(damaged_kda, 5, st));
     if (!pipeline_) return absl::OkStatus();
     return cuda::CudaStatus(cudaEventRecord(link->freed(h), st), "staging");

@@ -181,4 +181,13 @@ absl::Status ValidateGroup(const std::vector<int64_t>& mla_bytes, int64_t next,
   return absl::OkStatus();
 }
 
+int64_t FaultTargetMessage(const std::vector<v1::DeviceMessage>& plan, bool mla) {
+  for (bool want_mla : {mla, !mla}) {
+    for (size_t i = 0; i < plan.size(); ++i) {
+      if (plan[i].kda() != want_mla && plan[i].bytes() > 0) return static_cast<int64_t>(i);
+    }
+  }
+  return -1;
+}
+
 }  // namespace kl

@@ -53,6 +53,11 @@ std::vector<v1::DeviceMessage> BuildTransferPlan(const ModelConfig& config, int6
 absl::StatusOr<int64_t> LayerMessagesEnd(const std::vector<v1::DeviceMessage>& plan, int64_t next,
                                          int64_t layer, int64_t row_begin, int64_t row_end);
 
+// FAULT INJECTION (tests): the plan message that `corrupt` damages in flight:
+// the first non-empty MLA message (`mla`) or KDA message, else the first
+// non-empty message of the other kind; -1 when every message is empty.
+int64_t FaultTargetMessage(const std::vector<v1::DeviceMessage>& plan, bool mla);
+
 struct PlanSummary {
   int64_t total_bytes = 0;
   int64_t max_mla_bytes = 0;  // the largest MLA message (receive staging)

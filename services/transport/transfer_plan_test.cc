@@ -113,6 +113,28 @@ TEST(TransferPlan, LayerMessagesEndCoversExactlyTheReportedRows) {
   EXPECT_FALSE(LayerMessagesEnd(plan, static_cast<int64_t>(plan.size()), layer, 0, 100).ok());
 }
 
+// The message `corrupt` damages: the first non-empty one of the kind asked
+// for, else of the other kind, else none.
+TEST(TransferPlan, FaultTargetIsTheFirstNonEmptyMessageOfAKind) {
+  const ModelConfig c = TinyConfig();
+  auto plan = BuildTransferPlan(c, 100, 4096, Sizes(c));
+  int64_t first_mla = 0;
+  while (plan[first_mla].kda()) ++first_mla;
+  ASSERT_GT(first_mla, 0);
+  EXPECT_EQ(FaultTargetMessage(plan, /*mla=*/false), 0);
+  EXPECT_EQ(FaultTargetMessage(plan, /*mla=*/true), first_mla);
+  std::vector<v1::DeviceMessage> kda_only;
+  for (const auto& m : plan) {
+    if (m.kda()) kda_only.push_back(m);
+  }
+  EXPECT_EQ(FaultTargetMessage(kda_only, /*mla=*/true), 0);  // no MLA message: a KDA one
+  kda_only[0].set_bytes(0);
+  EXPECT_EQ(FaultTargetMessage(kda_only, /*mla=*/false), 1);  // skips an empty message
+  for (auto& m : kda_only) m.set_bytes(0);
+  EXPECT_EQ(FaultTargetMessage(kda_only, /*mla=*/false), -1);
+  EXPECT_EQ(FaultTargetMessage({}, /*mla=*/true), -1);
+}
+
 // A receiver stages one MLA message (two when pipelined): a plan with a
 // message over kMaxMlaMessageBytes is refused, whatever the sender's bound.
 TEST(TransferPlan, ValidationRefusesOversizedMessages) {

@@ -287,13 +287,16 @@ nlohmann::json WorkerTransferReport(const LocalCluster& c) {
                    {"device_link_inits", s.device_link_inits()},
                    {"device_link_init_failures", s.device_link_init_failures()},
                    {"device_link_init_seconds", s.device_link_init_seconds()}});
+    // Only a prefill worker chooses the transport (and counts its fallbacks).
+    const std::string fallbacks =
+        s.role() == "prefill" ? absl::StrCat(", ", s.device_fallbacks(), " sent over gRPC instead")
+                              : "";
     std::fprintf(stderr,
-                 "[%s: %lld requests; device transfers %lld ok, %lld failed, %lld sent over gRPC "
-                 "instead; device links set up %lld (%.3f s in all), %lld failed]\n",
+                 "[%s: %lld requests; device transfers %lld ok, %lld failed%s; device links set "
+                 "up %lld (%.3f s in all), %lld failed]\n",
                  name.c_str(), static_cast<long long>(s.requests_completed()),
                  static_cast<long long>(s.device_transfers()),
-                 static_cast<long long>(s.device_transfer_failures()),
-                 static_cast<long long>(s.device_fallbacks()),
+                 static_cast<long long>(s.device_transfer_failures()), fallbacks.c_str(),
                  static_cast<long long>(s.device_link_inits()), s.device_link_init_seconds(),
                  static_cast<long long>(s.device_link_init_failures()));
   }
