@@ -42,7 +42,7 @@ import traceback
 import urllib.request
 import xml.etree.ElementTree as ET
 
-OVERLAYS = ["base", "overlays/cpu", "overlays/gpu"]
+OVERLAYS = ["base", "overlays/cpu", "overlays/gpu", "overlays/gpu-nccl"]
 NAMESPACE = "kimi-serve"
 ROUTER, PREFILL, DECODE = "kl-router", "kl-prefill", "kl-decode"
 BINARIES = ["kl-router", "kl-prefill", "kl-decode", "make_checkpoint"]
@@ -315,31 +315,42 @@ def rule_peers_allow(rule, labels):
 
 
 def rule_ports(rule):
-    return {p["port"] for p in rule.get("ports", [])} if rule.get("ports") else None  # None = all
+    """The ports a rule opens (a port with endPort: the whole range); None = all."""
+    if not rule.get("ports"):
+        return None
+    ports = set()
+    for p in rule["ports"]:
+        ports.update(range(p["port"], p.get("endPort", p["port"]) + 1))
+    return ports
+
+
+def ingress_rules(objs, labels):
+    """Every ingress rule of the NetworkPolicies that select pods with these labels."""
+    mine = [p for p in objs.of("NetworkPolicy") if selects(p["spec"]["podSelector"], labels)
+            and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    return mine, [r for p in mine for r in p["spec"].get("ingress", [])]
+
+
+def admits(rules, peer_labels, port):
+    return any(rule_peers_allow(r, peer_labels) and
+               (rule_ports(r) is None or port in rule_ports(r)) for r in rules)
 
 
 def check_network_policy(objs, deps, rel):
-    pols = objs.of("NetworkPolicy")
     router_l, prefill_l = pod_labels(deps[ROUTER]), pod_labels(deps[PREFILL])
     stranger = {"app.kubernetes.io/name": "some-other-app"}
     for name, allowed in ((PREFILL, [router_l]), (DECODE, [router_l, prefill_l])):
         labels = pod_labels(deps[name])
         c = deps[name]["spec"]["template"]["spec"]["containers"][0]
         grpc, metrics = port_of(c, "grpc"), port_of(c, "metrics")
-        mine = [p for p in pols if selects(p["spec"]["podSelector"], labels)
-                and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+        mine, rules = ingress_rules(objs, labels)
         assert mine, f"{rel}: no NetworkPolicy selects {name}"
-        rules = [r for p in mine for r in p["spec"].get("ingress", [])]
-
-        def admits(peer_labels, port):
-            return any(rule_peers_allow(r, peer_labels) and
-                       (rule_ports(r) is None or port in rule_ports(r)) for r in rules)
-
         for peer in allowed:
-            assert admits(peer, grpc), f"{rel}: {name} grpc not reachable from {peer}"
-        assert not admits(stranger, grpc), f"{rel}: {name} grpc port open to any pod"
+            assert admits(rules, peer, grpc), f"{rel}: {name} grpc not reachable from {peer}"
+        assert not admits(rules, stranger, grpc), f"{rel}: {name} grpc port open to any pod"
         if name == PREFILL:
-            assert not admits(pod_labels(deps[DECODE]), grpc), f"{rel}: decode may reach prefill"
+            assert not admits(rules, pod_labels(deps[DECODE]), grpc), \
+                f"{rel}: decode may reach prefill"
         assert any(any("namespaceSelector" in p for p in r.get("from", [])) and
                    metrics in (rule_ports(r) or {metrics}) for r in rules), \
             f"{rel}: Prometheus cannot reach {name} metrics port"
@@ -442,6 +453,23 @@ def check_gpu_overlay(objs, deps):
         assert claim in pvcs, f"gpu {name}: models volume must be a rendered PVC, got {vol}"
 
 
+def check_nccl_overlay(objs, deps):
+    """NCCL between worker pods: each kind reaches the other on the ephemeral
+    ports (bootstrap and socket transport) and no other pod does; both workers
+    allow peers on other hosts and name the socket interface."""
+    stranger = {"app.kubernetes.io/name": "some-other-app"}
+    for name, peer in ((PREFILL, DECODE), (DECODE, PREFILL)):
+        _, rules = ingress_rules(objs, pod_labels(deps[name]))
+        for port in (32768, 40000, 50050, 50052, 60999):
+            assert admits(rules, pod_labels(deps[peer]), port), \
+                f"gpu-nccl: {peer} cannot reach {name} on port {port}"
+            assert not admits(rules, stranger, port), f"gpu-nccl: {name} port {port} open to any pod"
+        c = deps[name]["spec"]["template"]["spec"]["containers"][0]
+        assert "--nccl_cross_host" in c.get("args", []), f"gpu-nccl: {name} without --nccl_cross_host"
+        assert container_env(objs, c).get("NCCL_SOCKET_IFNAME"), \
+            f"gpu-nccl: {name} has no NCCL_SOCKET_IFNAME"
+
+
 def check_rendered(objs, rel):
     check_namespace(objs, rel)
     deps = check_deployments(objs, rel)
@@ -453,8 +481,10 @@ def check_rendered(objs, rel):
     check_prometheus_rule(objs, rel)
     if rel == "overlays/cpu":
         check_cpu_overlay(objs, deps)
-    if rel == "overlays/gpu":
+    if rel in ("overlays/gpu", "overlays/gpu-nccl"):
         check_gpu_overlay(objs, deps)
+    if rel == "overlays/gpu-nccl":
+        check_nccl_overlay(objs, deps)
 
 
 # --------------------------------------------------------------------------- local run
