@@ -5,7 +5,9 @@
 # //services/prefill:kl-prefill-cuda //services/decode:kl-decode-cuda):
 #   tools/disagg_bench.sh [rate ...]
 # Environment: NUM_REQUESTS (96), PROMPT_LEN (1024:8192), OUTPUT_LEN (64:256),
-# RUN_TIMEOUT (300 s per setup and rate), OUT (where results and worker logs go).
+# RUN_TIMEOUT (300 s per setup and rate), OUT (where results and worker logs go),
+# WORKER_FLAGS (both workers' extra flags, comma-separated; default
+# --nccl_sync_open).
 # Exit status: non-zero if any run failed or timed out.
 # Model: the 48B shape's first 4 layers (3 KDA + 1 MLA: the real attention,
 # state and expert sizes) with 64 routed experts instead of 256, random bf16
@@ -26,8 +28,12 @@ rates=("$@")
 [[ ${#rates[@]} -gt 0 ]] || rates=(4 12)
 common=(bench --local --model="$M" --worker_backend=cuda --decode_slots=32
         --num_requests="${NUM_REQUESTS:-96}" --warmup=8 --prompt_len="${PROMPT_LEN:-1024:8192}"
-        --output_len="${OUTPUT_LEN:-64:256}" --slo_ttft=2 --slo_tpot=0.05 --concurrency=64
-        --worker_flags=--nccl_sync_open)
+        --output_len="${OUTPUT_LEN:-64:256}" --slo_ttft=2 --slo_tpot=0.05 --concurrency=64)
+# Unset: a prefill worker's first transfer to a peer waits for its link (as in
+# the figures so far); WORKER_FLAGS= (empty) runs the workers' defaults, where
+# transfers go over gRPC while links come up in the background.
+wf="${WORKER_FLAGS---nccl_sync_open}"
+[[ -n "$wf" ]] && common+=(--worker_flags="$wf")
 rc=0
 for r in "${rates[@]}"; do
   for setup in disagg coloc; do

@@ -13,7 +13,10 @@
 # ./gpu_logs): one log per program, topo.txt, summary.txt.
 # Environment: MESSAGE_MB (transfer_bench --message_mb, default 0,8,16,32,64),
 # RATES (load, default 4; each rate adds up to 2 x RUN_TIMEOUT, so run others in
-# further calls), NUM_REQUESTS (64), RUN_TIMEOUT (120 s per setup and rate).
+# further calls), NUM_REQUESTS (64), RUN_TIMEOUT (120 s per setup and rate),
+# WORKER_FLAGS (load: see tools/disagg_bench.sh; `WORKER_FLAGS= ... load` runs
+# the workers' default link set-up, in the background, as the control for a
+# TTFT tail that link set-up could explain).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/bundle_env.sh
