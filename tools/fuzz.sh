@@ -26,7 +26,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ ${#TARGETS[@]} -eq 0 ]; then
-  TARGETS=(config_fuzzer safetensors_fuzzer tokenizer_fuzzer bundle_fuzzer request_fuzzer)
+  TARGETS=(config_fuzzer safetensors_fuzzer tokenizer_fuzzer bundle_fuzzer request_fuzzer
+           transfer_plan_fuzzer)
 fi
 
 # One output base per workspace, apart from the normal (gcc) one.

@@ -19,6 +19,8 @@
 #include "engine/state/bundle_test_util.h"
 #include "engine/state/state_bundle.h"
 #include "proto/generation.pb.h"
+#include "proto/worker.pb.h"
+#include "services/transport/transfer_plan.h"
 #include "tests/fuzz/fuzz_util.h"
 
 namespace {
@@ -166,6 +168,48 @@ void RequestSeeds() {
   Put("request_fuzzer", "invalid", bad.SerializeAsString());
 }
 
+// Header (transfer_plan_fuzzer.cc): num_tokens, built-plan chunk / bound /
+// tokens, G groups + their (first - next, count) bytes; then a plan that the
+// prefill worker's builder made (row bytes 32, as the fuzzer's sizes), so the
+// seeds start from plans the receiver accepts.
+void TransferPlanSeeds() {
+  const kl::ModelConfig config = kl::fuzz::FuzzBundleConfig();
+  struct Variant {
+    const char* name;
+    int64_t tokens, chunk, bound_rows;
+    std::vector<std::pair<int8_t, int8_t>> groups;
+  };
+  const Variant variants[] = {
+      {"one_chunk", 5, 64, 0, {{0, 1}, {0, 1}}},
+      {"chunked_split", 40, 16, 6, {{0, 2}, {0, 3}, {0, 64}, {1, 1}, {0, 2}}},
+      {"grouped_whole", 100, 30, 0, {{0, 4}, {0, 2}}},
+      {"bad_groups", 9, 4, 2, {{3, 1}, {0, 0}, {0, -1}, {0, 127}, {0, 1}}},
+  };
+  for (const Variant& v : variants) {
+    kl::PlanSizes sizes;
+    sizes.kda_layer_bytes = kl::KdaLayerBytes(config);
+    sizes.latent_row_bytes = 32;
+    sizes.max_message_bytes = v.bound_rows * 32;
+    kl::v1::DeviceTransfer t;
+    for (const auto& m : kl::BuildTransferPlan(config, v.tokens, v.chunk, sizes)) {
+      *t.add_messages() = m;
+    }
+    Check(kl::ValidateTransferPlan(t.messages(), config, v.tokens, sizes, nullptr), v.name);
+    std::string bytes;
+    bytes.push_back(static_cast<char>(v.tokens & 0xff));
+    bytes.push_back(static_cast<char>(v.tokens >> 8));
+    bytes.push_back(static_cast<char>(v.chunk - 1));
+    bytes.push_back(static_cast<char>(v.bound_rows));
+    bytes.push_back(static_cast<char>(v.tokens - 1));
+    bytes.push_back(static_cast<char>(v.groups.size()));
+    for (const auto& [first, count] : v.groups) {
+      bytes.push_back(static_cast<char>(first));
+      bytes.push_back(static_cast<char>(count));
+    }
+    Put("transfer_plan_fuzzer", v.name, bytes + t.SerializeAsString());
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -181,6 +225,7 @@ int main(int argc, char** argv) {
   TokenizerSeeds();
   BundleSeeds();
   RequestSeeds();
+  TransferPlanSeeds();
   std::filesystem::remove_all(tmpl);
   std::printf("seed corpus written to %s (%d failures)\n", g_root.c_str(), g_failures);
   return g_failures == 0 ? 0 : 1;
