@@ -94,17 +94,7 @@ v1::WorkerStats DecodeService::Snapshot() const {
   s.set_integrity_failures(integrity_failures_.load());
   s.set_state_fingerprint(FingerprintHex(StateFingerprint(model_->config())));
   s.set_checkpoint_fingerprint(FingerprintHex(checkpoint_fingerprint_));
-  if (options_.transport != nullptr) {
-    const DeviceTransportStats t = options_.transport->Stats();
-    s.set_device_links(t.links_ready);
-    s.set_device_transfers(t.transfers_ok);
-    s.set_device_transfer_failures(t.transfers_failed);
-    s.set_device_messages(t.messages);
-    s.set_device_bytes(t.bytes);
-    s.set_device_link_inits(t.link_inits);
-    s.set_device_link_init_failures(t.link_init_failures);
-    s.set_device_link_init_seconds(t.link_init_seconds);
-  }
+  if (options_.transport != nullptr) SetDeviceTransportStats(options_.transport->Stats(), &s);
   return s;
 }
 

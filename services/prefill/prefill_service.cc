@@ -8,6 +8,7 @@
 #include "services/common/server_util.h"
 #include "services/common/status_util.h"
 #include "services/decode/worker_codec.h"
+#include "services/transport/device_metrics.h"
 
 namespace kl {
 namespace {
@@ -98,18 +99,7 @@ v1::WorkerStats PrefillService::Snapshot() const {
   s.set_requests_completed(es.completed);
   s.set_state_fingerprint(FingerprintHex(StateFingerprint(model_->config())));
   s.set_checkpoint_fingerprint(FingerprintHex(checkpoint_fingerprint_));
-  if (transport_ != nullptr) {
-    const DeviceTransportStats t = transport_->Stats();
-    s.set_device_links(t.links_ready);
-    s.set_device_transfers(t.transfers_ok);
-    s.set_device_transfer_failures(t.transfers_failed);
-    s.set_device_messages(t.messages);
-    s.set_device_bytes(t.bytes);
-    s.set_device_link_inits(t.link_inits);
-    s.set_device_link_init_failures(t.link_init_failures);
-    s.set_device_link_init_seconds(t.link_init_seconds);
-    s.set_device_fallbacks(t.fallbacks);
-  }
+  if (transport_ != nullptr) SetDeviceTransportStats(transport_->Stats(), &s);
   return s;
 }
 

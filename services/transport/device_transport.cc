@@ -17,6 +17,11 @@ bool RegisterDeviceTransport(DeviceTransportFactory factory) {
   return true;
 }
 
+absl::Duration LinkIdleLimit(const DeviceTransportOptions& options, bool decode_side) {
+  if (options.link_idle_timeout <= absl::ZeroDuration()) return absl::InfiniteDuration();
+  return decode_side ? 2 * options.link_idle_timeout : options.link_idle_timeout;
+}
+
 absl::StatusOr<std::unique_ptr<DeviceTransport>> MakeDeviceTransport(
     const ModelConfig& config, DeviceStateAccess* access, const DeviceTransportOptions& options) {
   if (!Factory() || access == nullptr || !options.enabled) return nullptr;

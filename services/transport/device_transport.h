@@ -70,7 +70,16 @@ struct DeviceTransportOptions {
   // pipelined, and each side's staging stays this size). At most
   // kMaxMlaMessageBytes, which the receiver enforces.
   int64_t message_bytes = kDefaultMessageBytes;
+  // A link that carried nothing for this long is closed (its communicator's
+  // buffers and threads freed); zero: never. The prefill side, which picks
+  // links, closes first; the decode side waits twice as long (LinkIdleLimit),
+  // so it does not close a link its peer may still pick.
+  absl::Duration link_idle_timeout = absl::Minutes(10);
 };
+
+// How long a link of this side may stay unused before it is closed
+// (InfiniteDuration: never).
+absl::Duration LinkIdleLimit(const DeviceTransportOptions& options, bool decode_side);
 
 // Prefill side: one outgoing transfer on a link it holds exclusively.
 class DeviceSend {
@@ -155,6 +164,7 @@ struct DeviceTransportStats {
   int64_t messages = 0;   // plan messages of the transfers that went through
   int64_t link_inits = 0;          // links whose set-up finished (ncclCommInitRank)
   int64_t link_init_failures = 0;  // links whose set-up failed or timed out
+  int64_t links_idle_closed = 0;   // links closed for carrying nothing (link_idle_timeout)
   double link_init_seconds = 0;    // set-up time of the finished ones, in all
 };
 

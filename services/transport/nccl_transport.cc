@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstdlib>
 #include <fstream>
 #include <mutex>
@@ -59,7 +60,32 @@ uint64_t RandomId() {
 
 class NcclTransport final : public DeviceTransport {
  public:
-  explicit NcclTransport(std::shared_ptr<Core> core) : core_(std::move(core)) {}
+  explicit NcclTransport(std::shared_ptr<Core> core) : core_(std::move(core)) {
+    const absl::Duration shortest = std::min(LinkIdleLimit(core_->options, /*decode_side=*/false),
+                                             LinkIdleLimit(core_->options, /*decode_side=*/true));
+    if (shortest != absl::InfiniteDuration()) {
+      // Checked a few times per limit (at least every 10 s, at most every 50 ms).
+      const absl::Duration every =
+          std::clamp(shortest / 4, absl::Milliseconds(50), absl::Seconds(10));
+      reaper_ = std::thread([this, every] {
+        std::unique_lock<std::mutex> l(reaper_mu_);
+        while (!reaper_cv_.wait_for(l, absl::ToChronoMilliseconds(every),
+                                    [this] { return reaper_stop_; })) {
+          l.unlock();
+          CloseIdleLinks();
+          l.lock();
+        }
+      });
+    }
+  }
+  ~NcclTransport() override {
+    {
+      std::lock_guard<std::mutex> l(reaper_mu_);
+      reaper_stop_ = true;
+    }
+    reaper_cv_.notify_all();
+    if (reaper_.joinable()) reaper_.join();
+  }
 
   v1::OpenTransportResponse Accept(const v1::OpenTransportRequest& req) override {
     v1::OpenTransportResponse r;
@@ -338,6 +364,50 @@ class NcclTransport final : public DeviceTransport {
     return link;
   }
 
+  // Closes the links that carried nothing for longer than this side's limit
+  // (LinkIdleLimit): taken first (a transfer may be picking one this moment),
+  // dropped from the registries, aborted. The peer's end goes at its own limit,
+  // which on the decode side is twice the prefill side's.
+  void CloseIdleLinks() {
+    const absl::Time now = absl::Now();
+    const absl::Duration decode_limit = LinkIdleLimit(core_->options, /*decode_side=*/true);
+    const absl::Duration prefill_limit = LinkIdleLimit(core_->options, /*decode_side=*/false);
+    auto idle = [now](const std::shared_ptr<NcclLink>& k, absl::Duration limit) {
+      return k->state() == NcclLink::State::kReady && now - k->last_used() > limit &&
+             k->TryAcquire();
+    };
+    std::vector<std::shared_ptr<NcclLink>> closed;
+    {
+      std::lock_guard<std::mutex> l(core_->mu);
+      for (auto it = core_->accepted.begin(); it != core_->accepted.end();) {
+        if (idle(it->second, decode_limit)) {
+          closed.push_back(it->second);
+          it = core_->accepted.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      for (auto& [peer, links] : core_->outgoing) {
+        for (auto it = links.begin(); it != links.end();) {
+          if (idle(*it, prefill_limit)) {
+            closed.push_back(*it);
+            it = links.erase(it);
+          } else {
+            ++it;
+          }
+        }
+      }
+      core_->stats.links_dropped += static_cast<int64_t>(closed.size());
+      core_->stats.links_idle_closed += static_cast<int64_t>(closed.size());
+    }
+    for (const auto& k : closed) {
+      const int64_t idle_s = absl::ToInt64Seconds(now - k->last_used());
+      KL_LOG(INFO).Field("link", k->id()).Field("peer", k->peer()).Field("idle_s", idle_s)
+          << "device link closed: idle";
+      k->Abort();
+    }
+  }
+
   void DropOldestIdleLocked() {
     std::shared_ptr<NcclLink> oldest;
     for (const auto& [id, k] : core_->accepted) {
@@ -386,6 +456,10 @@ class NcclTransport final : public DeviceTransport {
   }
 
   const std::shared_ptr<Core> core_;
+  std::mutex reaper_mu_;
+  std::condition_variable reaper_cv_;
+  bool reaper_stop_ = false;
+  std::thread reaper_;  // last: starts after the members it uses
 };
 
 const bool kRegistered = RegisterDeviceTransport(

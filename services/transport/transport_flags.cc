@@ -25,6 +25,9 @@ ABSL_FLAG(bool, nccl_pipeline, false,
 ABSL_FLAG(double, nccl_message_mb, 16,
           "prefill: the largest message of a device transfer, MiB (an MLA layer's latent rows "
           "beyond it move as several messages; each side stages one, two when pipelined)");
+ABSL_FLAG(double, nccl_link_idle_s, 600,
+          "close an NCCL link that carried nothing for this long, seconds (the decode side "
+          "waits twice as long); 0 = never");
 ABSL_FLAG(bool, nccl_cross_host, false,
           "allow NCCL links to workers on other hosts (needs a network NCCL can use)");
 
@@ -61,6 +64,12 @@ absl::StatusOr<DeviceTransportOptions> DeviceTransportOptionsFromFlags() {
                      kMaxMlaMessageBytes >> 20, "], not ", message_mb));
   }
   o.message_bytes = static_cast<int64_t>(message_bytes);
+  const double idle = absl::GetFlag(FLAGS_nccl_link_idle_s);
+  if (!(idle >= 0) || idle > 1e9) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--nccl_link_idle_s must be >= 0 (0: never close idle links), not ", idle));
+  }
+  o.link_idle_timeout = absl::Seconds(idle);
   return o;
 }
 

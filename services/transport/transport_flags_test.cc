@@ -14,6 +14,7 @@ ABSL_DECLARE_FLAG(std::string, transport);
 ABSL_DECLARE_FLAG(double, nccl_message_mb);
 ABSL_DECLARE_FLAG(int, nccl_links_per_peer);
 ABSL_DECLARE_FLAG(bool, nccl_pipeline);
+ABSL_DECLARE_FLAG(double, nccl_link_idle_s);
 
 namespace kl {
 namespace {
@@ -26,6 +27,29 @@ TEST(TransportFlags, DefaultsGiveTheDocumentedOptions) {
   EXPECT_EQ(o->message_bytes, kDefaultMessageBytes);
   EXPECT_EQ(o->links_per_peer, 4);
   EXPECT_FALSE(o->pipeline);
+  EXPECT_EQ(o->link_idle_timeout, absl::Minutes(10));
+}
+
+// Idle links: the prefill side closes after the timeout, the decode side after
+// twice it (so it never closes a link its peer may still pick); 0 = never.
+TEST(TransportFlags, IdleLinkLimitsPerSide) {
+  absl::FlagSaver saver;
+  absl::SetFlag(&FLAGS_nccl_link_idle_s, 1.5);
+  absl::StatusOr<DeviceTransportOptions> o = DeviceTransportOptionsFromFlags();
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(LinkIdleLimit(*o, /*decode_side=*/false), absl::Milliseconds(1500));
+  EXPECT_EQ(LinkIdleLimit(*o, /*decode_side=*/true), absl::Seconds(3));
+  absl::SetFlag(&FLAGS_nccl_link_idle_s, 0.0);
+  o = DeviceTransportOptionsFromFlags();
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(LinkIdleLimit(*o, false), absl::InfiniteDuration());
+  EXPECT_EQ(LinkIdleLimit(*o, true), absl::InfiniteDuration());
+  for (double bad : {-1.0, 1e300}) {
+    absl::SetFlag(&FLAGS_nccl_link_idle_s, bad);
+    absl::StatusOr<DeviceTransportOptions> b = DeviceTransportOptionsFromFlags();
+    EXPECT_EQ(b.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(b.status().message().find("--nccl_link_idle_s"), std::string::npos) << bad;
+  }
 }
 
 TEST(TransportFlags, MessageBoundIsBytesWithinTheReceiversLimits) {

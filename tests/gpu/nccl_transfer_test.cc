@@ -270,6 +270,49 @@ TEST(NcclTransfer, DataDamagedInFlightIsRefusedAndRetried) {
   EXPECT_TRUE(DecodeIdle(*c, 10));
 }
 
+// --nccl_link_idle_s=1: the prefill side closes its link after 1 s without a
+// transfer, the decode side after 2 s; the next request opens a new one.
+TEST(NcclTransfer, IdleLinksAreClosedAndReopened) {
+  if (!TwoGpus()) GTEST_SKIP() << "needs two GPUs";
+  auto c = Start({"--nccl_link_idle_s=1"}, {"--nccl_link_idle_s=1"});
+  GenerationClient client(c->router_address());
+  auto generate = [&](int seed) {
+    const std::string p = Prompt(40 + 30 * seed, seed + 60);
+    StreamResult r = client.Generate(Req(p, 8), 120);
+    ASSERT_TRUE(r.status.ok()) << seed << ": " << r.status.error_message();
+    EXPECT_EQ(r.tokens, Oracle().Greedy(p, 8, true)) << seed;
+  };
+  generate(0);
+  // Both ends' links up, then both closed for idling.
+  auto links = [&] {
+    int64_t up = 0, closed = 0;
+    auto all = c->WorkerStatsAll();
+    EXPECT_TRUE(all.ok()) << all.status();
+    if (all.ok()) {
+      for (const auto& [name, s] : *all) {
+        up += s.device_links();
+        closed += s.device_links_idle_closed();
+      }
+    }
+    return std::make_pair(up, closed);
+  };
+  EXPECT_GE(links().first, 1);
+  const auto until = Clock::now() + std::chrono::seconds(10);
+  while (links().first > 0 && Clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  const auto [up, closed] = links();
+  EXPECT_EQ(up, 0);
+  EXPECT_EQ(closed, 2);  // one link, closed on each side
+  // A new link (opened synchronously: --nccl_sync_open).
+  generate(1);
+  const v1::WorkerStats s = DecodeStats(c->decode_address(0));
+  EXPECT_EQ(s.device_transfers(), 2);
+  EXPECT_EQ(s.device_link_inits(), 2);
+  EXPECT_EQ(s.device_transfer_failures(), 0);
+  EXPECT_TRUE(DecodeIdle(*c, 10));
+}
+
 TEST(NcclTransfer, WorkersOnOneGpuFallBackToGrpc) {
   if (GpuCount() < 1) GTEST_SKIP() << "needs a GPU";  // both workers use GPU 0
   // The decode worker joins the prefill worker on GPU 0: NCCL cannot link two
