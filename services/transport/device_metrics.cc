@@ -37,8 +37,8 @@ void RegisterDeviceTransportCallbacks(Metrics& m, std::function<v1::WorkerStats(
   m.AddCallbackCounter("kl_device_link_inits_total", inits_help, {{"result", "failed"}},
                        get(&v1::WorkerStats::device_link_init_failures));
   m.AddCallbackCounter("kl_device_links_idle_closed_total",
-                       "Device links closed after carrying nothing for --nccl_link_idle_s (twice "
-                       "that on decode workers).",
+                       "Device links closed after carrying nothing for --nccl_link_idle_s (on "
+                       "decode workers: twice the longer of their own and the peer's).",
                        {}, get(&v1::WorkerStats::device_links_idle_closed));
   m.AddCallbackCounter("kl_device_link_init_seconds_total",
                        "Time the device link set-ups that finished took, in all (divide by "

@@ -1,5 +1,6 @@
 #include "services/transport/device_transport.h"
 
+#include <algorithm>
 #include <utility>
 
 namespace kl {
@@ -17,9 +18,13 @@ bool RegisterDeviceTransport(DeviceTransportFactory factory) {
   return true;
 }
 
-absl::Duration LinkIdleLimit(const DeviceTransportOptions& options, bool decode_side) {
-  if (options.link_idle_timeout <= absl::ZeroDuration()) return absl::InfiniteDuration();
-  return decode_side ? 2 * options.link_idle_timeout : options.link_idle_timeout;
+absl::Duration LinkIdleLimit(const DeviceTransportOptions& options, bool decode_side,
+                             absl::Duration peer_timeout) {
+  const absl::Duration own = options.link_idle_timeout;
+  if (own <= absl::ZeroDuration()) return absl::InfiniteDuration();
+  if (!decode_side) return own;
+  if (peer_timeout <= absl::ZeroDuration()) return absl::InfiniteDuration();
+  return 2 * std::max(own, peer_timeout);
 }
 
 absl::StatusOr<std::unique_ptr<DeviceTransport>> MakeDeviceTransport(

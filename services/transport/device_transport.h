@@ -72,14 +72,18 @@ struct DeviceTransportOptions {
   int64_t message_bytes = kDefaultMessageBytes;
   // A link that carried nothing for this long is closed (its communicator's
   // buffers and threads freed); zero: never. The prefill side, which picks
-  // links, closes first; the decode side waits twice as long (LinkIdleLimit),
-  // so it does not close a link its peer may still pick.
+  // links, closes first; the decode side waits twice the longer of its own
+  // and the peer's (LinkIdleLimit), so it does not close a link its peer may
+  // still pick.
   absl::Duration link_idle_timeout = absl::Minutes(10);
 };
 
-// How long a link of this side may stay unused before it is closed
-// (InfiniteDuration: never).
-absl::Duration LinkIdleLimit(const DeviceTransportOptions& options, bool decode_side);
+// How long a link may stay unused before this side closes it
+// (InfiniteDuration: never). Prefill side: its own timeout. Decode side: twice
+// the longer of its own and the peer's (`peer_timeout`, from the rendezvous;
+// zero or less: never, as for a peer that does not say).
+absl::Duration LinkIdleLimit(const DeviceTransportOptions& options, bool decode_side,
+                             absl::Duration peer_timeout = absl::ZeroDuration());
 
 // Prefill side: one outgoing transfer on a link it holds exclusively.
 class DeviceSend {

@@ -162,6 +162,7 @@ absl::Status NcclLink::Init(const std::string& unique_id, absl::Duration timeout
     Abort();
     return s;
   }
+  Touch();  // idle from now on, not from creation (set-up may take seconds)
   state_ = State::kReady;
   return absl::OkStatus();
 }

@@ -102,6 +102,10 @@ class NcclLink {
   }
   absl::Time last_used() const;
   void Touch();
+  // Closed once unused for this long (InfiniteDuration: never); set before
+  // the link is registered.
+  absl::Duration idle_limit() const { return idle_limit_; }
+  void set_idle_limit(absl::Duration d) { idle_limit_ = d; }
 
  private:
   absl::Status Settle(absl::Time deadline, const char* what);  // takes mu_ briefly
@@ -142,6 +146,7 @@ class NcclLink {
   int64_t sums_cap_ = 0;
   std::vector<void*> retired_dev_, retired_host_;  // outgrown scratch, freed with the link
   absl::Time last_used_ = absl::Now();
+  absl::Duration idle_limit_ = absl::InfiniteDuration();
 };
 
 }  // namespace kl

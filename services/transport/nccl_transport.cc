@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <condition_variable>
 #include <cstdlib>
 #include <fstream>
@@ -61,8 +62,8 @@ uint64_t RandomId() {
 class NcclTransport final : public DeviceTransport {
  public:
   explicit NcclTransport(std::shared_ptr<Core> core) : core_(std::move(core)) {
-    const absl::Duration shortest = std::min(LinkIdleLimit(core_->options, /*decode_side=*/false),
-                                             LinkIdleLimit(core_->options, /*decode_side=*/true));
+    // Every link's limit is at least this side's timeout (LinkIdleLimit).
+    const absl::Duration shortest = LinkIdleLimit(core_->options, /*decode_side=*/false);
     if (shortest != absl::InfiniteDuration()) {
       // Checked a few times per limit (at least every 10 s, at most every 50 ms).
       const absl::Duration every =
@@ -121,6 +122,12 @@ class NcclTransport final : public DeviceTransport {
       }
       auto link = std::make_shared<NcclLink>(RandomId(), c.device, /*rank=*/1,
                                              req.host_id() + "/" + req.gpu_uuid());
+      // A peer's value that is not a plain positive number counts as "never".
+      const double peer_idle = req.link_idle_seconds();
+      link->set_idle_limit(LinkIdleLimit(
+          c.options, /*decode_side=*/true,
+          std::isfinite(peer_idle) && peer_idle > 0 && peer_idle <= 1e9 ? absl::Seconds(peer_idle)
+                                                                        : absl::ZeroDuration()));
       {
         std::lock_guard<std::mutex> l(core_->mu);
         core_->accepted[link->id()] = link;
@@ -300,6 +307,8 @@ class NcclTransport final : public DeviceTransport {
     r.set_nccl_version(NcclLink::Version());
     r.set_layout_tag(c.layout);
     r.set_state_fingerprint(StateFingerprint(c.config));
+    const absl::Duration idle = LinkIdleLimit(c.options, /*decode_side=*/false);
+    r.set_link_idle_seconds(idle == absl::InfiniteDuration() ? 0 : absl::ToDoubleSeconds(idle));
     return r;
   }
 
@@ -338,6 +347,7 @@ class NcclTransport final : public DeviceTransport {
       return drop(absl::UnavailableError(resp.reason()));  // Forget takes core->mu
     }
     auto link = std::make_shared<NcclLink>(resp.link_id(), core->device, 0, address);
+    link->set_idle_limit(LinkIdleLimit(core->options, /*decode_side=*/false));
     {
       std::lock_guard<std::mutex> l(core->mu);
       auto& v = core->outgoing[address];
@@ -364,23 +374,23 @@ class NcclTransport final : public DeviceTransport {
     return link;
   }
 
-  // Closes the links that carried nothing for longer than this side's limit
-  // (LinkIdleLimit): taken first (a transfer may be picking one this moment),
-  // dropped from the registries, aborted. The peer's end goes at its own limit,
-  // which on the decode side is twice the prefill side's.
+  // Closes the links that carried nothing for longer than their limit
+  // (LinkIdleLimit, set when each was made): taken first (a transfer may be
+  // picking one this moment), dropped from the registries, aborted. The
+  // peer's end goes at its own limit, which on the decode side is twice the
+  // longer of both sides' timeouts. The link's buffers are freed on this
+  // thread (cudaFree waits for the work queued on this GPU so far).
   void CloseIdleLinks() {
     const absl::Time now = absl::Now();
-    const absl::Duration decode_limit = LinkIdleLimit(core_->options, /*decode_side=*/true);
-    const absl::Duration prefill_limit = LinkIdleLimit(core_->options, /*decode_side=*/false);
-    auto idle = [now](const std::shared_ptr<NcclLink>& k, absl::Duration limit) {
-      return k->state() == NcclLink::State::kReady && now - k->last_used() > limit &&
+    auto idle = [now](const std::shared_ptr<NcclLink>& k) {
+      return k->state() == NcclLink::State::kReady && now - k->last_used() > k->idle_limit() &&
              k->TryAcquire();
     };
     std::vector<std::shared_ptr<NcclLink>> closed;
     {
       std::lock_guard<std::mutex> l(core_->mu);
       for (auto it = core_->accepted.begin(); it != core_->accepted.end();) {
-        if (idle(it->second, decode_limit)) {
+        if (idle(it->second)) {
           closed.push_back(it->second);
           it = core_->accepted.erase(it);
         } else {
@@ -389,7 +399,7 @@ class NcclTransport final : public DeviceTransport {
       }
       for (auto& [peer, links] : core_->outgoing) {
         for (auto it = links.begin(); it != links.end();) {
-          if (idle(*it, prefill_limit)) {
+          if (idle(*it)) {
             closed.push_back(*it);
             it = links.erase(it);
           } else {

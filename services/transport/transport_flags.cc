@@ -26,8 +26,8 @@ ABSL_FLAG(double, nccl_message_mb, 16,
           "prefill: the largest message of a device transfer, MiB (an MLA layer's latent rows "
           "beyond it move as several messages; each side stages one, two when pipelined)");
 ABSL_FLAG(double, nccl_link_idle_s, 600,
-          "close an NCCL link that carried nothing for this long, seconds (the decode side "
-          "waits twice as long); 0 = never");
+          "close an NCCL link that carried nothing for this long, seconds (at least 1; the "
+          "decode side waits twice the longer of its own and the peer's); 0 = never");
 ABSL_FLAG(bool, nccl_cross_host, false,
           "allow NCCL links to workers on other hosts (needs a network NCCL can use)");
 
@@ -65,9 +65,11 @@ absl::StatusOr<DeviceTransportOptions> DeviceTransportOptionsFromFlags() {
   }
   o.message_bytes = static_cast<int64_t>(message_bytes);
   const double idle = absl::GetFlag(FLAGS_nccl_link_idle_s);
-  if (!(idle >= 0) || idle > 1e9) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--nccl_link_idle_s must be >= 0 (0: never close idle links), not ", idle));
+  // At least a second: a link must outlive the rendezvous and a push's first
+  // message, or it would be closed between being picked and being used.
+  if (!(idle == 0 || (idle >= 1 && idle <= 1e9))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--nccl_link_idle_s must be 0 (never close idle links) or in [1, 1e9], not ", idle));
   }
   o.link_idle_timeout = absl::Seconds(idle);
   return o;

@@ -30,21 +30,25 @@ TEST(TransportFlags, DefaultsGiveTheDocumentedOptions) {
   EXPECT_EQ(o->link_idle_timeout, absl::Minutes(10));
 }
 
-// Idle links: the prefill side closes after the timeout, the decode side after
-// twice it (so it never closes a link its peer may still pick); 0 = never.
+// Idle links: the prefill side closes after its timeout; the decode side after
+// twice the longer of its own and the peer's (so it never closes a link the
+// peer may still pick, whatever either was given); 0 = never, on either side.
 TEST(TransportFlags, IdleLinkLimitsPerSide) {
   absl::FlagSaver saver;
   absl::SetFlag(&FLAGS_nccl_link_idle_s, 1.5);
   absl::StatusOr<DeviceTransportOptions> o = DeviceTransportOptionsFromFlags();
   ASSERT_TRUE(o.ok()) << o.status();
   EXPECT_EQ(LinkIdleLimit(*o, /*decode_side=*/false), absl::Milliseconds(1500));
-  EXPECT_EQ(LinkIdleLimit(*o, /*decode_side=*/true), absl::Seconds(3));
+  EXPECT_EQ(LinkIdleLimit(*o, /*decode_side=*/true, absl::Seconds(1)), absl::Seconds(3));
+  EXPECT_EQ(LinkIdleLimit(*o, /*decode_side=*/true, absl::Seconds(600)), absl::Seconds(1200));
+  // A peer that never closes (or does not say): the decode side never closes.
+  EXPECT_EQ(LinkIdleLimit(*o, /*decode_side=*/true), absl::InfiniteDuration());
   absl::SetFlag(&FLAGS_nccl_link_idle_s, 0.0);
   o = DeviceTransportOptionsFromFlags();
   ASSERT_TRUE(o.ok()) << o.status();
   EXPECT_EQ(LinkIdleLimit(*o, false), absl::InfiniteDuration());
-  EXPECT_EQ(LinkIdleLimit(*o, true), absl::InfiniteDuration());
-  for (double bad : {-1.0, 1e300}) {
+  EXPECT_EQ(LinkIdleLimit(*o, true, absl::Seconds(5)), absl::InfiniteDuration());
+  for (double bad : {-1.0, 0.5, 1e300}) {
     absl::SetFlag(&FLAGS_nccl_link_idle_s, bad);
     absl::StatusOr<DeviceTransportOptions> b = DeviceTransportOptionsFromFlags();
     EXPECT_EQ(b.status().code(), absl::StatusCode::kInvalidArgument) << bad;

@@ -454,13 +454,22 @@ def check_gpu_overlay(objs, deps):
 
 
 def check_nccl_overlay(objs, deps):
-    """NCCL between worker pods: each kind reaches the other on the ephemeral
-    ports (bootstrap and socket transport) and no other pod does; both workers
-    allow peers on other hosts and name the socket interface."""
+    """NCCL between worker pods: each pod pins its ephemeral port range
+    (sysctl), each kind reaches the other on that whole range (bootstrap and
+    socket transport; the prefill gRPC port excepted, check_network_policy)
+    and no other pod does; both workers allow peers on other hosts and name
+    the socket interface."""
     stranger = {"app.kubernetes.io/name": "some-other-app"}
     for name, peer in ((PREFILL, DECODE), (DECODE, PREFILL)):
+        sysctls = {s["name"]: s["value"] for s in
+                   deps[name]["spec"]["template"]["spec"].get("securityContext", {})
+                   .get("sysctls", [])}
+        assert "net.ipv4.ip_local_port_range" in sysctls, \
+            f"gpu-nccl: {name} does not pin its ephemeral ports"
+        lo, hi = (int(x) for x in sysctls["net.ipv4.ip_local_port_range"].split())
+        grpc = port_of(deps[name]["spec"]["template"]["spec"]["containers"][0], "grpc")
         _, rules = ingress_rules(objs, pod_labels(deps[name]))
-        for port in (32768, 40000, 50050, 50052, 60999):
+        for port in sorted({lo, lo + 1, (lo + hi) // 2, hi - 1, hi} - {grpc}):
             assert admits(rules, pod_labels(deps[peer]), port), \
                 f"gpu-nccl: {peer} cannot reach {name} on port {port}"
             assert not admits(rules, stranger, port), f"gpu-nccl: {name} port {port} open to any pod"

@@ -169,27 +169,30 @@ void RequestSeeds() {
 }
 
 // Header (transfer_plan_fuzzer.cc): num_tokens, built-plan chunk / bound /
-// tokens, G groups + their (first - next, count) bytes; then a plan that the
-// prefill worker's builder made (row bytes 32, as the fuzzer's sizes), so the
+// tokens, G, the row-size byte, then G (first - next, count) pairs; then a
+// plan that the prefill worker's builder made with the same sizes, so the
 // seeds start from plans the receiver accepts.
 void TransferPlanSeeds() {
   const kl::ModelConfig config = kl::fuzz::FuzzBundleConfig();
   struct Variant {
     const char* name;
-    int64_t tokens, chunk, bound_rows;
+    int64_t tokens, chunk;
+    uint8_t bound, row_shift;  // header bytes 3 and 6
     std::vector<std::pair<int8_t, int8_t>> groups;
   };
   const Variant variants[] = {
-      {"one_chunk", 5, 64, 0, {{0, 1}, {0, 1}}},
-      {"chunked_split", 40, 16, 6, {{0, 2}, {0, 3}, {0, 64}, {1, 1}, {0, 2}}},
-      {"grouped_whole", 100, 30, 0, {{0, 4}, {0, 2}}},
-      {"bad_groups", 9, 4, 2, {{3, 1}, {0, 0}, {0, -1}, {0, 127}, {0, 1}}},
+      {"one_chunk", 5, 64, 0, 1, {{0, 1}, {0, 1}}},
+      {"chunked_split", 40, 16, 42, 1, {{0, 2}, {0, 3}, {0, 64}, {1, 1}, {0, 2}}},
+      {"grouped_whole", 100, 30, 0, 1, {{0, 4}, {0, 2}}},
+      {"bad_groups", 9, 4, 14, 1, {{3, 1}, {0, 0}, {0, -1}, {0, 127}, {0, 1}}},
+      {"big_rows", 60, 20, 3, 16, {{0, 1}, {0, 2}, {0, 1}}},  // 1 MiB rows
   };
   for (const Variant& v : variants) {
+    const int64_t row_bytes = int64_t{16} << v.row_shift;
     kl::PlanSizes sizes;
     sizes.kda_layer_bytes = kl::KdaLayerBytes(config);
-    sizes.latent_row_bytes = 32;
-    sizes.max_message_bytes = v.bound_rows * 32;
+    sizes.latent_row_bytes = row_bytes;
+    sizes.max_message_bytes = v.bound == 0 ? 0 : v.bound * row_bytes / 7 + 1;
     kl::v1::DeviceTransfer t;
     for (const auto& m : kl::BuildTransferPlan(config, v.tokens, v.chunk, sizes)) {
       *t.add_messages() = m;
@@ -199,9 +202,10 @@ void TransferPlanSeeds() {
     bytes.push_back(static_cast<char>(v.tokens & 0xff));
     bytes.push_back(static_cast<char>(v.tokens >> 8));
     bytes.push_back(static_cast<char>(v.chunk - 1));
-    bytes.push_back(static_cast<char>(v.bound_rows));
+    bytes.push_back(static_cast<char>(v.bound));
     bytes.push_back(static_cast<char>(v.tokens - 1));
     bytes.push_back(static_cast<char>(v.groups.size()));
+    bytes.push_back(static_cast<char>(v.row_shift));
     for (const auto& [first, count] : v.groups) {
       bytes.push_back(static_cast<char>(first));
       bytes.push_back(static_cast<char>(count));

@@ -3,14 +3,17 @@
 // ValidateTransferPlan, MlaBytes, StagingCapacity, ValidateGroup) and the plans
 // a prefill worker builds (BuildTransferPlan, LayerMessagesEnd), for a small
 // model (FuzzBundleConfig: one KDA and one MLA layer).
-// Input: a 6-byte header, then 2 bytes per announced group, then a serialized
+// Input: a 7-byte header, then 2 bytes per announced group, then a serialized
 // kl.v1.DeviceTransfer (the plan as it arrives on the PushState stream):
 //   bytes 0-1  num_tokens of the received plan (little-endian, mod 512)
 //   byte 2     chunk tokens of a built plan (1 + b % 64)
-//   byte 3     the built plan's message bound in latent rows (0: none)
+//   byte 3     the built plan's message bound: 0 none, else b * row / 7 + 1
+//              bytes (below a row, between rows, many rows)
 //   byte 4     tokens of the built plan (1 + b)
 //   byte 5     announced groups G (b % 24); then G pairs (first - next as a
 //              signed byte, count as a signed byte)
+//   byte 6     latent row bytes: 16 << (b % 17), 16 B to 1 MiB (large rows
+//              reach the receiver's message limit and the staging bounds)
 // Invariants: a received plan is accepted exactly when an independent reading
 // of the rules accepts it, a refusal is INVALID_ARGUMENT with a message; for an
 // accepted plan the summary adds up, staging holds its largest message, every
@@ -32,13 +35,22 @@
 
 namespace {
 
-constexpr int64_t kRowBytes = 32;
-
-kl::PlanSizes Sizes(const kl::ModelConfig& c) {
+kl::PlanSizes Sizes(const kl::ModelConfig& c, int64_t row_bytes) {
   kl::PlanSizes s;
   s.kda_layer_bytes = kl::KdaLayerBytes(c);
-  s.latent_row_bytes = kRowBytes;
+  s.latent_row_bytes = row_bytes;
   return s;
+}
+
+// Staging bytes of messages [first, first + count) computed here, not with the
+// library's helper: each MLA message rounded up to 256 bytes.
+int64_t OwnGroupStaging(const kl::v1::DeviceTransfer& t, int64_t first, int64_t count) {
+  int64_t total = 0;
+  for (int64_t i = first; i < first + count; ++i) {
+    const auto& m = t.messages(static_cast<int>(i));
+    if (!m.kda()) total += (m.bytes() + 255) / 256 * 256;
+  }
+  return total;
 }
 
 void CheckRefusal(const absl::Status& s) {
@@ -75,8 +87,8 @@ bool ReferenceAccepts(const kl::v1::DeviceTransfer& t, const kl::ModelConfig& c,
 }
 
 void CheckReceived(const kl::v1::DeviceTransfer& t, int64_t n, const uint8_t* groups, int g,
-                   const kl::ModelConfig& c) {
-  const kl::PlanSizes sizes = Sizes(c);
+                   const kl::ModelConfig& c, int64_t row_bytes) {
+  const kl::PlanSizes sizes = Sizes(c, row_bytes);
   kl::PlanSummary summary;
   const absl::Status s = kl::ValidateTransferPlan(t.messages(), c, n, sizes, &summary);
   KL_FUZZ_CHECK(s.ok() == ReferenceAccepts(t, c, n, sizes), "acceptance differs from the rules");
@@ -110,7 +122,7 @@ void CheckReceived(const kl::v1::DeviceTransfer& t, int64_t n, const uint8_t* gr
     KL_FUZZ_CHECK(group.first == next, "an accepted group does not continue the plan");
     KL_FUZZ_CHECK(group.count >= 1 && group.count <= kl::kMaxGroupMessages, "group size");
     KL_FUZZ_CHECK(group.first + group.count <= messages, "group beyond the plan");
-    KL_FUZZ_CHECK(kl::GroupStagingBytes(mla, group.first, group.count) <= capacity,
+    KL_FUZZ_CHECK(OwnGroupStaging(t, group.first, group.count) <= capacity,
                   "an accepted group overflows staging");
     next += group.count;
   }
@@ -122,17 +134,18 @@ void CheckReceived(const kl::v1::DeviceTransfer& t, int64_t n, const uint8_t* gr
 
 // A built plan: accepted, and covered exactly by the engine's layer reports
 // (every layer of each chunk; KDA layers only in the last chunk).
-void CheckBuilt(int64_t n, int64_t chunk, int64_t bound_rows, const kl::ModelConfig& c) {
-  kl::PlanSizes sizes = Sizes(c);
-  sizes.max_message_bytes = bound_rows * kRowBytes;
+void CheckBuilt(int64_t n, int64_t chunk, int64_t bound, const kl::ModelConfig& c,
+                int64_t row_bytes) {
+  kl::PlanSizes sizes = Sizes(c, row_bytes);
+  sizes.max_message_bytes = bound;
   const std::vector<kl::v1::DeviceMessage> plan = kl::BuildTransferPlan(c, n, chunk, sizes);
   kl::v1::DeviceTransfer t;
   for (const auto& m : plan) *t.add_messages() = m;
   const absl::Status s = kl::ValidateTransferPlan(t.messages(), c, n, sizes, nullptr);
   KL_FUZZ_CHECK(s.ok(), std::string(s.ToString()).c_str());
   for (const auto& m : plan) {
-    if (!m.kda() && bound_rows > 0) {
-      KL_FUZZ_CHECK(m.row_end() - m.row_begin() <= bound_rows, "a message over the bound");
+    if (!m.kda() && bound > 0) {  // at most the bound, or one row if a row is more
+      KL_FUZZ_CHECK(m.bytes() <= std::max(bound, row_bytes), "a message over the bound");
     }
   }
   int64_t next = 0;
@@ -157,15 +170,17 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 }
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  if (size < 6) return 0;
+  if (size < 7) return 0;
   const kl::ModelConfig c = kl::fuzz::FuzzBundleConfig();
   const int64_t n = (data[0] | (data[1] << 8)) % 512;
-  CheckBuilt(1 + data[4], 1 + data[2] % 64, data[3], c);
+  const int64_t row_bytes = int64_t{16} << (data[6] % 17);
+  const int64_t bound = data[3] == 0 ? 0 : data[3] * row_bytes / 7 + 1;
+  CheckBuilt(1 + data[4], 1 + data[2] % 64, bound, c, row_bytes);
   const int g = data[5] % 24;
-  if (size < 6 + 2 * static_cast<size_t>(g)) return 0;
+  const size_t off = 7 + 2 * static_cast<size_t>(g);
+  if (size < off) return 0;
   kl::v1::DeviceTransfer t;
-  const size_t off = 6 + 2 * static_cast<size_t>(g);
   if (!t.ParseFromArray(data + off, static_cast<int>(size - off))) return 0;
-  CheckReceived(t, n, data + 6, g, c);
+  CheckReceived(t, n, data + 7, g, c, row_bytes);
   return 0;
 }
