@@ -296,7 +296,7 @@ absl::Status NcclLink::Wait(cudaEvent_t event, absl::Time deadline, const std::a
   }
 }
 
-void NcclLink::Abort() {
+void NcclLink::Abort(bool expected) {
   state_ = State::kDead;
   cudaSetDevice(device_);
   bool first = false;
@@ -315,7 +315,7 @@ void NcclLink::Abort() {
   WaitIdle();  // the worker queues nothing more on the streams
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
   if (aux_ != nullptr) cudaStreamSynchronize(aux_);
-  if (first) {
+  if (first && !expected) {
     KL_LOG(WARNING).Field("link", id_).Field("peer", peer_) << "NCCL link aborted";
   }
 }

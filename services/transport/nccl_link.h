@@ -72,8 +72,9 @@ class NcclLink {
   // of a transfer is seen within microseconds), then sleeps 50 us per poll.
   absl::Status Wait(cudaEvent_t event, absl::Time deadline, const std::atomic<bool>* stop,
                     absl::Duration spin = absl::Milliseconds(5));
-  // Aborts the communicator and drains both streams; the link is dead.
-  void Abort();
+  // Aborts the communicator and drains both streams; the link is dead. Logs
+  // a warning the first time unless `expected` (a link closed on purpose).
+  void Abort(bool expected = false);
 
   // Scratch (grown on demand, device memory of this link's GPU).
   absl::Status Reserve(int64_t staging_bytes, int64_t pages, int64_t sums);

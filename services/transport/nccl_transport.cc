@@ -414,7 +414,7 @@ class NcclTransport final : public DeviceTransport {
       const int64_t idle_s = absl::ToInt64Seconds(now - k->last_used());
       KL_LOG(INFO).Field("link", k->id()).Field("peer", k->peer()).Field("idle_s", idle_s)
           << "device link closed: idle";
-      k->Abort();
+      k->Abort(/*expected=*/true);
     }
   }
 
@@ -429,7 +429,7 @@ class NcclTransport final : public DeviceTransport {
     if (oldest == nullptr || !oldest->TryAcquire()) return;
     core_->accepted.erase(oldest->id());
     ++core_->stats.links_dropped;
-    std::thread([oldest] { oldest->Abort(); }).detach();
+    std::thread([oldest] { oldest->Abort(/*expected=*/true); }).detach();
   }
 
   // Decode side: resolves every plan message against the new state (on this
