@@ -23,6 +23,10 @@ absl::StatusOr<RunningServer> StartServer(const ServerOptions& options,
   b.AddListeningPort(options.address,
                      options.credentials ? options.credentials : grpc::InsecureServerCredentials(),
                      &rs.port);
+  // gRPC turns SO_REUSEPORT on by default: a second server on a port in use
+  // would then bind too and silently take half its connections. Off, a taken
+  // port is a start-up error.
+  b.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   b.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
   b.SetMaxSendMessageSize(options.max_send_message_bytes);
   for (grpc::Service* s : services) b.RegisterService(s);

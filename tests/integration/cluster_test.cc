@@ -1,7 +1,10 @@
 // End-to-end tests of the cluster: real kl-router, kl-prefill and kl-decode
 // processes on loopback (tools/kl/local_cluster.h), the embedded tiny model, and
 // the single-process engine as the oracle.
+#include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -13,17 +16,15 @@
 #include <sstream>
 #include <thread>
 
-#include <grpcpp/grpcpp.h>
-
-#include "gtest/gtest.h"
 #include "engine/runtime/generator.h"
 #include "engine/runtime/local_engine.h"
+#include "gtest/gtest.h"
 #include "proto/worker.grpc.pb.h"
 #include "services/common/http_get.h"
-#include "tools/kl/client.h"
-#include "tools/kl/local_cluster.h"
 #include "tests/common/cluster_util.h"
 #include "tests/common/tiny_oracle.h"
+#include "tools/kl/client.h"
+#include "tools/kl/local_cluster.h"
 #include "tools/make_checkpoint/maker.h"
 
 namespace kl {
@@ -72,7 +73,8 @@ bool DecodeIdle(LocalCluster& c, int n, double seconds) {
 }
 
 std::unique_ptr<LocalCluster> StartCluster(int prefill, int decode,
-                                           std::vector<std::string> router_args = {}) {
+                                           std::vector<std::string> router_args = {},
+                                           std::function<int()> pick_port = nullptr) {
   Oracle::Get();  // makes the model
   LocalClusterOptions o;
   o.model_dir = ModelDir();
@@ -80,6 +82,7 @@ std::unique_ptr<LocalCluster> StartCluster(int prefill, int decode,
   o.decode_workers = decode;
   o.decode_slots = 8;
   o.router_args = std::move(router_args);
+  o.pick_port = std::move(pick_port);
   o.log_dir = std::getenv("TEST_UNDECLARED_OUTPUTS_DIR") ? std::getenv("TEST_UNDECLARED_OUTPUTS_DIR")
                                                          : std::getenv("TEST_TMPDIR");
   auto c = std::make_unique<LocalCluster>(o);
@@ -100,6 +103,65 @@ TEST(Cluster, GreedyEqualsSingleProcessShortAndLongPrompts) {
     EXPECT_EQ(r.usage.completion_tokens(), static_cast<int64_t>(r.tokens.size()));
   }
   EXPECT_TRUE(DecodeIdle(*c, 1, 5));
+}
+
+// A loopback port held by a listening socket for the test's lifetime.
+class HeldPort {
+ public:
+  HeldPort() {
+    fd_ = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(a);
+    if (bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 && listen(fd_, 4) == 0 &&
+        getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
+      port_ = ntohs(a.sin_port);
+    }
+  }
+  ~HeldPort() { close(fd_); }
+  int port() const { return port_; }
+
+ private:
+  int fd_ = -1;
+  int port_ = 0;
+};
+
+// Ports are picked before the processes bind them, so another process can
+// take one in between (a parallel test did, once, in CI). Start must move the
+// process that could not listen to fresh ports, worker or router, gRPC port or
+// metrics port, and the cluster must then work as usual.
+TEST(Cluster, PortsTakenBeforeTheProcessesBindThemAreReplaced) {
+  HeldPort held_grpc, held_metrics;
+  ASSERT_GT(held_grpc.port(), 0);
+  ASSERT_GT(held_metrics.port(), 0);
+  // Pick order: prefill port, prefill metrics, decode port, decode metrics,
+  // router port, router metrics, then the replacements.
+  int calls = 0;
+  auto c = StartCluster(1, 1, {}, [&] {
+    ++calls;
+    const int p = calls == 1 || calls == 5 ? held_grpc.port()
+                  : calls == 4             ? held_metrics.port()
+                                           : PickFreePort();
+    return p;
+  });
+  // Three processes had to move: each takes two fresh ports.
+  EXPECT_EQ(calls, 6 + 2 * 3);
+  for (const std::string& a :
+       {c->router_address(), c->prefill_address(0), c->decode_address(0),
+        c->metrics_address(ClusterRole::kRouter), c->metrics_address(ClusterRole::kPrefill, 0),
+        c->metrics_address(ClusterRole::kDecode, 0)}) {
+    EXPECT_NE(a, "127.0.0.1:" + std::to_string(held_grpc.port()));
+    EXPECT_NE(a, "127.0.0.1:" + std::to_string(held_metrics.port()));
+  }
+  GenerationClient client(c->router_address());
+  const std::string prompt = "Once upon a time";
+  StreamResult r = client.Generate(Req(prompt, 8), 60);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.tokens, Oracle::Get().Greedy(prompt, 8, false));
+  absl::StatusOr<HttpResponse> m = HttpGet(c->metrics_address(ClusterRole::kDecode, 0), "/metrics");
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_NE(m->body.find("kl_"), std::string::npos);
 }
 
 TEST(Cluster, ConcurrentLoadOnSeveralWorkersMatchesOracle) {

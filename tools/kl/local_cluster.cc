@@ -1,6 +1,7 @@
 #include "tools/kl/local_cluster.h"
 
 #include <fcntl.h>
+#include <grpcpp/grpcpp.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -12,10 +13,10 @@
 #include <filesystem>
 #include <thread>
 
-#include <grpcpp/grpcpp.h>
-
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
 #include "proto/health.grpc.pb.h"
 #include "proto/worker.grpc.pb.h"
 
@@ -23,19 +24,29 @@ namespace kl {
 namespace fs = std::filesystem;
 
 int PickFreePort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = 0;
-  int port = 0;
-  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0) {
-    socklen_t len = sizeof(a);
-    getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-    port = ntohs(a.sin_port);
+  // Never the same port twice in one process: a port handed out is not bound
+  // until its child starts, so the kernel could offer it again meanwhile.
+  static absl::Mutex mu(absl::kConstInit);
+  static auto* given = new absl::flat_hash_set<int>();
+  for (int tries = 0; tries < 64; ++tries) {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) return 0;
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = 0;
+    int port = 0;
+    if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0) {
+      socklen_t len = sizeof(a);
+      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+      port = ntohs(a.sin_port);
+    }
+    close(fd);
+    if (port == 0) return 0;
+    absl::MutexLock lock(&mu);
+    if (given->insert(port).second) return port;
   }
-  close(fd);
-  return port;
+  return 0;
 }
 
 std::string LocalCluster::Binary(const std::string& base) const {
@@ -93,8 +104,8 @@ absl::Status LocalCluster::WaitServing(const Proc& p, double seconds) {
   while (std::chrono::steady_clock::now() < until) {
     int status;
     if (waitpid(p.pid, &status, WNOHANG) == p.pid) {
-      return absl::InternalError(absl::StrCat(p.name, " exited during start-up (status ", status,
-                                              "); see its log"));
+      return absl::AbortedError(
+          absl::StrCat(p.name, " exited during start-up (status ", status, "); see its log"));
     }
     // A fresh channel each attempt: one that failed to connect while the
     // process was still loading would wait out gRPC's reconnect backoff
@@ -159,62 +170,94 @@ absl::Status LocalCluster::Start() {
                      "--cluster_server_name=" + o_.cluster_tls.server_name};
   }
   const std::string threads = absl::StrCat("--threads=", o_.threads_per_process);
-  std::vector<std::string> paddrs, daddrs;
-  for (int i = 0; i < o_.prefill_workers; ++i) {
-    Proc p{absl::StrCat("prefill-", i), Binary("kl-prefill"), {}, PickFreePort()};
-    p.metrics_port = PickFreePort();
+  const std::function<int()> pick = o_.pick_port ? o_.pick_port : PickFreePort;
+  // Each process's flags from its ports (picked again when a start fails).
+  const auto worker_args = [&](Proc& p, bool prefill, int i) {
     p.args = {"--model=" + o_.model_dir, "--listen=" + Addr(p.port), threads,
               "--metrics_listen=" + Addr(p.metrics_port)};
+    if (!prefill) p.args.push_back(absl::StrCat("--slots=", o_.decode_slots));
     p.args.insert(p.args.end(), security_args.begin(), security_args.end());
     if (!o_.worker_backend.empty()) {
       p.args.push_back("--backend=" + o_.worker_backend);
-      p.args.push_back(absl::StrCat("--cuda_device=", i));
+      p.args.push_back(absl::StrCat("--cuda_device=", prefill ? i : o_.prefill_workers + i));
     }
-    p.args.insert(p.args.end(), o_.prefill_args.begin(), o_.prefill_args.end());
-    paddrs.push_back(RouterView(ClusterRole::kPrefill, i, Addr(p.port)));
-    prefill_.push_back(p);
+    const auto& extra = prefill ? o_.prefill_args : o_.decode_args;
+    p.args.insert(p.args.end(), extra.begin(), extra.end());
+  };
+  const auto router_args = [&](Proc& p) {
+    std::vector<std::string> paddrs, daddrs;
+    for (int i = 0; i < o_.prefill_workers; ++i) {
+      paddrs.push_back(RouterView(ClusterRole::kPrefill, i, Addr(prefill_[i].port)));
+    }
+    for (int i = 0; i < o_.decode_workers; ++i) {
+      daddrs.push_back(RouterView(ClusterRole::kDecode, i, Addr(decode_[i].port)));
+    }
+    p.args = {"--model=" + o_.model_dir, "--listen=" + Addr(p.port),
+              "--prefill=" + absl::StrJoin(paddrs, ","), "--decode=" + absl::StrJoin(daddrs, ","),
+              "--metrics_listen=" + Addr(p.metrics_port)};
+    p.args.insert(p.args.end(), security_args.begin(), security_args.end());
+    if (!o_.tls_cert.empty()) {
+      p.args.push_back("--tls_cert=" + o_.tls_cert);
+      p.args.push_back("--tls_key=" + o_.tls_key);
+    }
+    if (!o_.api_keys_file.empty()) p.args.push_back("--api_keys_file=" + o_.api_keys_file);
+    p.args.insert(p.args.end(), o_.router_args.begin(), o_.router_args.end());
+  };
+  for (int i = 0; i < o_.prefill_workers; ++i) {
+    prefill_.push_back(Proc{absl::StrCat("prefill-", i), Binary("kl-prefill"), {}, pick()});
+    prefill_.back().metrics_port = pick();
+    worker_args(prefill_.back(), true, i);
   }
   for (int i = 0; i < o_.decode_workers; ++i) {
-    Proc p{absl::StrCat("decode-", i), Binary("kl-decode"), {}, PickFreePort()};
-    p.metrics_port = PickFreePort();
-    p.args = {"--model=" + o_.model_dir, "--listen=" + Addr(p.port), threads,
-              absl::StrCat("--slots=", o_.decode_slots), "--metrics_listen=" + Addr(p.metrics_port)};
-    p.args.insert(p.args.end(), security_args.begin(), security_args.end());
-    if (!o_.worker_backend.empty()) {
-      p.args.push_back("--backend=" + o_.worker_backend);
-      p.args.push_back(absl::StrCat("--cuda_device=", o_.prefill_workers + i));
+    decode_.push_back(Proc{absl::StrCat("decode-", i), Binary("kl-decode"), {}, pick()});
+    decode_.back().metrics_port = pick();
+    worker_args(decode_.back(), false, i);
+  }
+  router_ = Proc{"router", Binary("kl-router"), {}, pick(), -1, pick()};
+  // A picked port is only free when picked: another process (a parallel test,
+  // an outgoing connection) may bind it before the child does. A child that
+  // cannot listen exits during start-up; it is started again on fresh ports,
+  // a few times, before Start gives up. (Servers refuse ports already bound,
+  // SO_REUSEPORT off, so a taken port always shows up this way.)
+  constexpr int kStartAttempts = 4;
+  // Starts `p` (unless `running`, already spawned) and waits until it serves;
+  // a child that exits during start-up is started again on fresh ports.
+  const auto start = [&](Proc& p, const std::function<void(Proc&)>& args,
+                         bool running) -> absl::Status {
+    absl::Status s;
+    for (int attempt = 0; attempt < kStartAttempts; ++attempt) {
+      if (attempt > 0) {
+        p.pid = -1;
+        p.port = pick();
+        p.metrics_port = pick();
+        args(p);
+      }
+      if (attempt > 0 || !running) {
+        if (s = Spawn(p); !s.ok()) return s;
+      }
+      s = WaitServing(p, o_.ready_timeout_seconds);
+      if (!absl::IsAborted(s)) return s;  // Aborted: the child exited
     }
-    p.args.insert(p.args.end(), o_.decode_args.begin(), o_.decode_args.end());
-    daddrs.push_back(RouterView(ClusterRole::kDecode, i, Addr(p.port)));
-    decode_.push_back(p);
-  }
-  router_ = Proc{"router", Binary("kl-router"), {}, PickFreePort()};
-  router_.metrics_port = PickFreePort();
-  router_.args = {"--model=" + o_.model_dir, "--listen=" + Addr(router_.port),
-                  "--prefill=" + absl::StrJoin(paddrs, ","), "--decode=" + absl::StrJoin(daddrs, ","),
-                  "--metrics_listen=" + Addr(router_.metrics_port)};
-  router_.args.insert(router_.args.end(), security_args.begin(), security_args.end());
-  if (!o_.tls_cert.empty()) {
-    router_.args.push_back("--tls_cert=" + o_.tls_cert);
-    router_.args.push_back("--tls_key=" + o_.tls_key);
-  }
-  if (!o_.api_keys_file.empty()) router_.args.push_back("--api_keys_file=" + o_.api_keys_file);
-  router_.args.insert(router_.args.end(), o_.router_args.begin(), o_.router_args.end());
+    return s;
+  };
+  // Workers start loading side by side, then each is waited for in turn.
   for (auto* group : {&prefill_, &decode_}) {
     for (auto& p : *group) {
       if (auto s = Spawn(p); !s.ok()) return s;
     }
   }
-  for (auto* group : {&prefill_, &decode_}) {
-    for (auto& p : *group) {
-      if (auto s = WaitServing(p, o_.ready_timeout_seconds); !s.ok()) return s;
-    }
+  for (int i = 0; i < o_.prefill_workers + o_.decode_workers; ++i) {
+    const bool prefill = i < o_.prefill_workers;
+    const int index = prefill ? i : i - o_.prefill_workers;
+    Proc& p = prefill ? prefill_[index] : decode_[index];
+    const auto args = [&](Proc& q) { worker_args(q, prefill, index); };
+    if (auto s = start(p, args, /*running=*/true); !s.ok()) return s;
   }
   // The router last, once every worker listens: its first health round (at
   // start-up) then finds them all ready instead of refused connections whose
   // reconnect backoff would keep them out of the pool for seconds.
-  if (auto s = Spawn(router_); !s.ok()) return s;
-  return WaitServing(router_, o_.ready_timeout_seconds);
+  router_args(router_);
+  return start(router_, router_args, /*running=*/false);
 }
 
 std::string LocalCluster::metrics_address(ClusterRole role, int i) const {

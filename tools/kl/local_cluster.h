@@ -48,6 +48,9 @@ struct LocalClusterOptions {
   // cut the worker off in between (tests/fault).
   std::function<std::string(ClusterRole role, int index, const std::string& address)>
       router_address_of;
+  // Where Start gets each loopback port; empty = PickFreePort. Tests hand out
+  // a taken port to check that Start moves the process to another one.
+  std::function<int()> pick_port;
 };
 
 class LocalCluster {
@@ -58,7 +61,9 @@ class LocalCluster {
   LocalCluster& operator=(const LocalCluster&) = delete;
 
   // Picks free loopback ports, starts every process, waits until each reports
-  // SERVING on grpc.health.v1.
+  // SERVING on grpc.health.v1. A process that exits during start-up (a port
+  // taken in between, by anyone) is started again on fresh ports, up to 4
+  // times in all.
   absl::Status Start();
   // SIGTERM to every child, SIGKILL after `grace_seconds`; waits for them.
   void Stop(double grace_seconds = 5);
@@ -105,7 +110,8 @@ class LocalCluster {
   std::vector<Proc> prefill_, decode_;
 };
 
-// A free TCP port on 127.0.0.1 (bound and released; fine for local use).
+// A free TCP port on 127.0.0.1 (bound and released, so free only when picked),
+// never one this process was given before; 0 if none.
 int PickFreePort();
 
 }  // namespace kl
