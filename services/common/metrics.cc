@@ -1,14 +1,20 @@
 #include "services/common/metrics.h"
 
-#include <exception>
-#include <mutex>
-#include <sstream>
-#include <utility>
-
+#include <netdb.h>
 #include <prometheus/collectable.h>
 #include <prometheus/exposer.h>
 #include <prometheus/metric_family.h>
 #include <prometheus/text_serializer.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <exception>
+#include <mutex>
+#include <sstream>
+#include <thread>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 
@@ -68,8 +74,48 @@ Metrics::Metrics()
     : registry_(std::make_shared<prometheus::Registry>()),
       callbacks_(std::make_shared<CallbackCollectable>()) {}
 
+namespace {
+
+// Opens and closes one TCP connection to host:port (best effort).
+void Knock(const std::string& host, int port) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  if (getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res) != 0) return;
+  for (addrinfo* a = res; a != nullptr; a = a->ai_next) {
+    const int fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) continue;
+    const bool ok = connect(fd, a->ai_addr, a->ai_addrlen) == 0;
+    close(fd);
+    if (ok) break;
+  }
+  freeaddrinfo(res);
+}
+
+}  // namespace
+
 Metrics::~Metrics() {
-  exposer_.reset();  // stop serving before the collectables go
+  if (exposer_ == nullptr) return;
+  // Stop serving before the collectables go. civetweb's listener thread
+  // polls with a 2 s timeout and looks at the stop flag only between polls,
+  // so stopping would take up to 2 s (every process's shutdown, every failed
+  // start). A connection wakes the poll: knock until the server is gone.
+  std::string host = host_;
+  if (host.empty() || host == "0.0.0.0" || host == "*") host = "127.0.0.1";
+  if (host == "[::]" || host == "::") host = "::1";
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  std::atomic<bool> stopped{false};
+  std::thread knocker([&] {
+    while (!stopped.load()) {
+      Knock(host, port_);
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  });
+  exposer_.reset();
+  stopped = true;
+  knocker.join();
 }
 
 std::unique_ptr<Metrics> Metrics::Unserved() { return std::unique_ptr<Metrics>(new Metrics()); }
@@ -92,6 +138,7 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Serve(const std::string& liste
   const std::vector<int> ports = m->exposer_->GetListeningPorts();
   if (ports.empty()) return absl::UnavailableError(absl::StrCat("metrics on ", listen, ": no port"));
   m->port_ = ports[0];
+  m->host_ = listen.substr(0, colon);
   return m;
 }
 

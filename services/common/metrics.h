@@ -67,6 +67,7 @@ class Metrics {
   std::shared_ptr<prometheus::Registry> registry_;
   std::shared_ptr<CallbackCollectable> callbacks_;
   std::unique_ptr<prometheus::Exposer> exposer_;
+  std::string host_;  // as given to Serve ("0.0.0.0", "[::]", an address, a name)
   int port_ = 0;
 };
 

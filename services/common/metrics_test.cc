@@ -1,6 +1,8 @@
 #include "services/common/metrics.h"
 
 #include <atomic>
+#include <chrono>
+#include <thread>
 
 #include "gtest/gtest.h"
 #include "services/common/http_get.h"
@@ -40,6 +42,24 @@ TEST(Metrics, ServesRegisteredFamiliesOnAnEphemeralPort) {
   (*m)->ClearCallbacks();
   EXPECT_EQ((*m)->Text().find("kl_test_depth"), std::string::npos);
   EXPECT_NE((*m)->Text().find("kl_test_things_total"), std::string::npos);
+}
+
+// civetweb's listener polls with a 2 s timeout; a process stopping (or failing
+// to start) must not wait that out. Each case destroys a server right after
+// it started, when the listener has just begun a poll.
+TEST(Metrics, StoppingDoesNotWaitForTheListenersPoll) {
+  for (const std::string listen : {"127.0.0.1:0", "0.0.0.0:0", "localhost:0"}) {
+    absl::StatusOr<std::unique_ptr<Metrics>> m = Metrics::Serve(listen);
+    ASSERT_TRUE(m.ok()) << listen << ": " << m.status();
+    const int port = (*m)->port();
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the poll has begun
+    const auto t0 = std::chrono::steady_clock::now();
+    m->reset();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    EXPECT_LT(s, 1.0) << listen;
+    // Stopped: nothing serves the port any more.
+    EXPECT_FALSE(HttpGet(absl::StrCat("127.0.0.1:", port), "/metrics").ok()) << listen;
+  }
 }
 
 TEST(Metrics, BadAddressesAreRefused) {
