@@ -7,7 +7,7 @@
 #   tools/fuzz.sh [--seconds N] [--junit FILE] [TARGET...]   (default: 25 s, all targets)
 #
 # Findings (crash-*, leak-*, timeout-*, oom-* inputs) and each target's log are
-# kept in $KL_FUZZ_ARTIFACTS (default /tmp/kl_fuzz_artifacts). Turn a finding
+# kept in $KL_FUZZ_ARTIFACTS (default /tmp/kl_fuzz_artifacts/<checkout hash>). Turn a finding
 # into a fix plus tests/fuzz/corpus/<target>/crash-<what> (README.md). With
 # --junit, writes one <testcase> per target for tools/ci/bazel_test_summary.py.
 # Ends with "N passed, N failed"; exit status 1 if any target failed.
@@ -32,7 +32,8 @@ fi
 
 # One output base per workspace, apart from the normal (gcc) one.
 OUTPUT_BASE="${KL_FUZZ_OUTPUT_BASE:-$HOME/.cache/bazel_fuzz/$(pwd -P | md5sum | cut -c1-12)}"
-ARTIFACTS="${KL_FUZZ_ARTIFACTS:-/tmp/kl_fuzz_artifacts}"
+# Findings and logs per workspace too: runs from two checkouts never clear each other's.
+ARTIFACTS="${KL_FUZZ_ARTIFACTS:-/tmp/kl_fuzz_artifacts/$(pwd -P | md5sum | cut -c1-12)}"
 mkdir -p "$ARTIFACTS"
 BZL=(bazel --output_base="$OUTPUT_BASE")
 trap '"${BZL[@]}" shutdown >/dev/null 2>&1' EXIT

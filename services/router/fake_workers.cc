@@ -87,10 +87,15 @@ grpc::Status FakeDecode::Reserve(grpc::ServerContext* ctx, const v1::ReserveRequ
 grpc::Status FakeDecode::Release(grpc::ServerContext* ctx, const v1::ReleaseRequest* request,
                                  v1::ReleaseResponse* /*response*/) {
   Record(*ctx);
-  ++releases;
-  if (dead) return Dead();
-  absl::MutexLock l(&mu_);
-  leases_.erase(request->lease_id());  // idempotent
+  if (dead) {
+    ++releases;
+    return Dead();
+  }
+  {
+    absl::MutexLock l(&mu_);
+    leases_.erase(request->lease_id());  // idempotent
+  }
+  ++releases;  // after the erase: a test that sees the count sees the lease gone
   return grpc::Status::OK;
 }
 

@@ -231,7 +231,8 @@ TEST_F(ClientLimitTest, ExtraStreamIsRefusedOthersUnaffectedSlotFreedOnCancel) {
 TEST_F(ClientLimitTest, SlotFreedOnDeadlineAndOnError) {
   StartRouter(/*with_keys=*/true);
   // Deadline: the held stream runs out of time.
-  std::unique_ptr<HeldStream> held = HoldOne("alice-secret-1", absl::Milliseconds(300));
+  // Long enough to reach the hung prefill on a loaded machine, short enough to wait out.
+  std::unique_ptr<HeldStream> held = HoldOne("alice-secret-1", absl::Seconds(2));
   EXPECT_EQ(held->reader->Finish().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
   EXPECT_TRUE(SlotsFree());
 

@@ -159,7 +159,9 @@ TEST_F(RouterServiceTest, FullQueueRejectsFast) {
   GenerateResult refused = h_.Generate(TokenRequest(1, 4));
   EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
       << refused.status.error_message();
-  EXPECT_LT(refused.seconds, 0.1);
+  // At once, not after a wait for a place (which never comes while the first
+  // request hangs); the bound leaves room for a loaded machine under ASan.
+  EXPECT_LT(refused.seconds, 1.0);
   EXPECT_EQ(h_.service().Stats().rejected_full, 1);
 
   running_ctx.TryCancel();

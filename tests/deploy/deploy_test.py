@@ -547,7 +547,7 @@ def health(mods, port):
         return mods["health_pb2"].HealthCheckResponse.ServingStatus.Name(r.status)
 
 
-def check_health_and_drain(root, work, local_port, procs, max_tokens=600):
+def check_health_and_drain(root, work, local_port, procs, max_tokens=3000):
     """Every process answers SERVING; SIGTERM to the router mid-stream: health turns
     NOT_SERVING, a new request gets UNAVAILABLE, the running stream still finishes."""
     import threading
@@ -592,8 +592,16 @@ def check_health_and_drain(root, work, local_port, procs, max_tokens=600):
     time.sleep(0.3)
     running = t.is_alive()
     if running:
-        st = health(mods, local_port[ROUTER])
+        try:
+            st = health(mods, local_port[ROUTER])
+        except grpc.RpcError as e:
+            # The router stops listening once the stream is done; only then
+            # may the probe find nobody there.
+            t.join(5)
+            assert not t.is_alive(), f"router unreachable while draining: {e.code()}"
+            st, running = "NOT_SERVING", False
         assert st == "NOT_SERVING", f"router health {st} while draining; want NOT_SERVING"
+    if running:
         try:
             list(stub.Generate(request("during-drain", 4), timeout=10))
             raise AssertionError("router accepted a new request while draining")
@@ -612,10 +620,18 @@ def check_health_and_drain(root, work, local_port, procs, max_tokens=600):
               "raise max_tokens to exercise the drain", flush=True)
 
 
+_ports_given = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port, never one handed out before (it is bound only later)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
 
 
 def supports_flag(binary, name):

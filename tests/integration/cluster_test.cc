@@ -205,17 +205,25 @@ TEST(Cluster, DecodeWorkerKilledMidStreamMigrates) {
   const std::string prompt = LongPrompt(40, 3);
   std::atomic<int> seen{0};
   std::atomic<bool> killed{false};
-  StreamResult r = client.Generate(Req(prompt, 120, true), 120, [&](const kl::v1::GenerateResponse& ch) {
-    seen += ch.token_ids_size();
-    if (seen >= 10 && !killed.exchange(true)) {
-      for (int i = 0; i < 2; ++i) {
-        if (DecodeStats(c->decode_address(i)).running() > 0) c->KillDecode(i);
-      }
-    }
-  });
+  // Long enough (about 0.5 s, several under ASan) that the stream is still on
+  // its first decode worker when that one is found and killed.
+  const int n = 1000;
+  StreamResult r =
+      client.Generate(Req(prompt, n, true), 120, [&](const kl::v1::GenerateResponse& ch) {
+        seen += ch.token_ids_size();
+        if (seen >= 10 && !killed.exchange(true)) {
+          for (int i = 0; i < 2; ++i) {
+            // Only the first one found: the stream soon runs on the other.
+            if (DecodeStats(c->decode_address(i)).running() > 0) {
+              c->KillDecode(i);
+              break;
+            }
+          }
+        }
+      });
   ASSERT_TRUE(killed);
   ASSERT_TRUE(r.status.ok()) << r.status.error_message();
-  EXPECT_EQ(r.tokens, Oracle::Get().Greedy(prompt, 120, true));
+  EXPECT_EQ(r.tokens, Oracle::Get().Greedy(prompt, n, true));
   ExpectContiguous(r);
   EXPECT_GE(r.usage.migrations(), 1);
 }
@@ -293,30 +301,6 @@ TEST(Cluster, BadRequestsGetPreciseStatusesAndHarmNothing) {
   EXPECT_TRUE(DecodeIdle(*c, 1, 5));
 }
 
-TEST(Cluster, FullQueueIsRejectedAtOnceAndNoWorkerIsUnavailable) {
-  auto c = StartCluster(1, 1, {"--max_queue=1", "--max_inflight=1"});
-  GenerationClient client(c->router_address());
-  std::thread busy([&] { client.Generate(Req(LongPrompt(30, 7), 100000, true), 3); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(500));
-  std::thread busy2([&] { client.Generate(Req(LongPrompt(30, 8), 100000, true), 3); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  const auto t0 = Clock::now();
-  StreamResult r = client.Generate(Req("one too many", 4), 10);
-  const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
-  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << r.status.error_message();
-  EXPECT_LT(dt, 0.2);
-  busy.join();
-  busy2.join();
-  c->KillDecode(0);
-  // Once the router's health check notices, new requests get UNAVAILABLE.
-  grpc::StatusCode code = grpc::StatusCode::OK;
-  for (int i = 0; i < 50 && code != grpc::StatusCode::UNAVAILABLE; ++i) {
-    code = client.Generate(Req("x", 2), 5).status.error_code();
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  EXPECT_EQ(code, grpc::StatusCode::UNAVAILABLE);
-}
-
 // Prometheus text of one process's /metrics, fetched over a plain socket.
 std::string Scrape(const std::string& address) {
   absl::StatusOr<HttpResponse> r = HttpGet(address, "/metrics");
@@ -338,6 +322,48 @@ double Sample(const std::string& text, const std::string& series) {
     }
   }
   return -1;
+}
+
+// Polls the sample `series` of the process at `metrics` until it equals
+// `want` (true) or `seconds` pass (false).
+bool SampleBecomes(const std::string& metrics, const std::string& series, double want,
+                   double seconds) {
+  const auto until = Clock::now() + std::chrono::duration<double>(seconds);
+  do {
+    absl::StatusOr<HttpResponse> r = HttpGet(metrics, "/metrics");
+    if (r.ok() && Sample(r->body, series) == want) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  } while (Clock::now() < until);
+  return false;
+}
+
+TEST(Cluster, FullQueueIsRejectedAtOnceAndNoWorkerIsUnavailable) {
+  auto c = StartCluster(1, 1, {"--max_queue=1", "--max_inflight=1"});
+  GenerationClient client(c->router_address());
+  const std::string metrics = c->metrics_address(ClusterRole::kRouter);
+  // One request runs, one waits in the queue (each ends at its 5 s deadline).
+  std::thread busy([&] { client.Generate(Req(LongPrompt(30, 7), 100000, true), 5); });
+  ASSERT_TRUE(SampleBecomes(metrics, "kl_num_requests_running{stage=\"router\"}", 1, 5));
+  std::thread busy2([&] { client.Generate(Req(LongPrompt(30, 8), 100000, true), 5); });
+  ASSERT_TRUE(SampleBecomes(metrics, "kl_num_requests_waiting{stage=\"router_queue\"}", 1, 5));
+  const auto t0 = Clock::now();
+  StreamResult r = client.Generate(Req("one too many", 4), 10);
+  const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << r.status.error_message();
+  // At once: not after waiting for a place (the busy streams hold theirs for
+  // seconds). The bound leaves room for a loaded 2-core machine under ASan.
+  EXPECT_LT(dt, 2.0);
+  busy.join();
+  busy2.join();
+  c->KillDecode(0);
+  // Once the router's health check notices, new requests get UNAVAILABLE.
+  grpc::StatusCode code = grpc::StatusCode::OK;
+  for (int i = 0; i < 50 && code != grpc::StatusCode::UNAVAILABLE; ++i) {
+    code = client.Generate(Req("x", 2), 5).status.error_code();
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_EQ(code, grpc::StatusCode::UNAVAILABLE);
 }
 
 // `promtool check metrics` on the text (Debian's prometheus package, installed
@@ -373,6 +399,9 @@ TEST(Cluster, EveryProcessServesPrometheusMetricsThatAddUp) {
     prompt_tokens += r.usage.prompt_tokens();
   }
   ASSERT_TRUE(DecodeIdle(*c, 2, 5));
+  // The router counts a request out of "running" just after its stream ends.
+  ASSERT_TRUE(SampleBecomes(c->metrics_address(ClusterRole::kRouter),
+                            "kl_num_requests_running{stage=\"router\"}", 0, 5));
 
   const std::string router = Scrape(c->metrics_address(ClusterRole::kRouter));
   PromtoolCheck(router, "router");

@@ -72,25 +72,28 @@ std::string LocalCluster::Binary(const std::string& base) const {
 }
 
 absl::Status LocalCluster::Spawn(Proc& p) {
+  // Everything the child needs is made before fork: between fork and exec a
+  // child of a threaded process may only make async-signal-safe calls (no
+  // allocation: another thread may have held the allocator's lock).
   std::vector<std::string> argv = {p.binary};
   argv.insert(argv.end(), p.args.begin(), p.args.end());
+  std::vector<char*> cargv;
+  for (auto& a : argv) cargv.push_back(a.data());
+  cargv.push_back(nullptr);
+  const std::string log = o_.log_dir.empty() ? "" : o_.log_dir + "/" + p.name + ".log";
   const pid_t parent = getpid();
   const pid_t pid = fork();
   if (pid < 0) return absl::InternalError("fork failed");
   if (pid == 0) {
     prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (getppid() != parent) _exit(1);
-    if (!o_.log_dir.empty()) {
-      const std::string log = o_.log_dir + "/" + p.name + ".log";
+    if (!log.empty()) {
       const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
       if (fd >= 0) {
         dup2(fd, 2);
         close(fd);
       }
     }
-    std::vector<char*> cargv;
-    for (auto& a : argv) cargv.push_back(a.data());
-    cargv.push_back(nullptr);
     execv(cargv[0], cargv.data());
     _exit(127);
   }
