@@ -98,6 +98,25 @@ TEST_F(ChatEncodeTest, SameAsEncodingTheRenderedTextWithSpecials) {
             tok_->Encode(RenderChat(long_chat, true), true));
 }
 
+// The prefill workers' prefix cache relies on this: a conversation's next
+// turn (the reply and a new message appended) encodes to the previous turn's
+// prompt ids followed by more ids, so the state kept for one turn's prompt is
+// a prefix of the next (services/prefill/prefix_cache.h).
+TEST_F(ChatEncodeTest, EachTurnsPromptIsATokenPrefixOfTheNext) {
+  std::vector<ChatMessage> chat = {{"user", "Tell me a story about 中文 and x += 1;"}};
+  const std::vector<std::string> replies = {"Once upon a time ", "  spaces\n\n", "!"};
+  for (const std::string& reply : replies) {
+    const auto before = tok_->EncodeChat(chat, /*add_generation_prompt=*/true);
+    ASSERT_TRUE(before.ok()) << before.status();
+    chat.push_back({"assistant", reply});
+    chat.push_back({"user", "and then? " + reply});
+    const auto after = tok_->EncodeChat(chat, true);
+    ASSERT_TRUE(after.ok()) << after.status();
+    ASSERT_GT(after->size(), before->size());
+    EXPECT_TRUE(std::equal(before->begin(), before->end(), after->begin())) << reply;
+  }
+}
+
 TEST_F(ChatEncodeTest, UserTextCannotForgeMarkers) {
   const int32_t im_end = tok_->im_end_id();
   const std::vector<ChatMessage> chat = {

@@ -27,6 +27,9 @@ ABSL_FLAG(std::string, model, "", "model folder (config.json, safetensors, token
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "host:port to serve on");
 ABSL_FLAG(int64_t, max_batch_tokens, 8192, "tokens per prefill forward (longer prompts are chunked)");
 ABSL_FLAG(int64_t, max_queue, 64, "queued requests before RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, prefix_cache_mb, 512,
+          "host memory (MiB) for prompt states kept so a prompt that extends one (the next "
+          "turn of a conversation) prefills only its new tokens; 0 = off");
 ABSL_FLAG(int, threads, 0, "CPU compute threads (0 = all cores)");
 ABSL_FLAG(std::string, bundle_dtype, "f32", "wire dtype of conv tails and MLA latents: f32|bf16");
 ABSL_FLAG(double, drain_grace_seconds, 30, "how long queued work may finish on SIGTERM");
@@ -50,6 +53,7 @@ int Main() {
   PrefillServiceOptions opts;
   opts.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   opts.max_queue = absl::GetFlag(FLAGS_max_queue);
+  opts.prefix_cache_bytes = absl::GetFlag(FLAGS_prefix_cache_mb) << 20;
   const std::string dtype = absl::GetFlag(FLAGS_bundle_dtype);
   if (dtype == "f32") {
     opts.bundle_dtype = DType::kF32;
@@ -59,9 +63,12 @@ int Main() {
     std::fprintf(stderr, "kl-prefill: --bundle_dtype must be f32 or bf16, got %s\n", dtype.c_str());
     return 2;
   }
-  if (absl::GetFlag(FLAGS_model).empty() || opts.max_batch_tokens < 1 || opts.max_queue < 1) {
+  if (absl::GetFlag(FLAGS_model).empty() || opts.max_batch_tokens < 1 || opts.max_queue < 1 ||
+      absl::GetFlag(FLAGS_prefix_cache_mb) < 0 ||
+      absl::GetFlag(FLAGS_prefix_cache_mb) > (1 << 24)) {
     std::fprintf(stderr,
-                 "kl-prefill: --model is required; --max_batch_tokens and --max_queue >= 1\n");
+                 "kl-prefill: --model is required; --max_batch_tokens and --max_queue >= 1; "
+                 "--prefix_cache_mb from 0 to 16777216\n");
     return 2;
   }
   // Mutual TLS (--cluster_*): callers must present a cluster certificate, and
@@ -134,8 +141,11 @@ int Main() {
   }
   if (metrics != nullptr) RegisterPrefillCallbacks(*metrics, service.get());
   server->SetServing(true);
-  KL_LOG(INFO).Field("port", server->port).Field("max_batch_tokens", opts.max_batch_tokens)
-      .Field("cluster_tls", cluster->enabled())
+  KL_LOG(INFO)
+          .Field("port", server->port)
+          .Field("max_batch_tokens", opts.max_batch_tokens)
+          .Field("prefix_cache_mb", absl::GetFlag(FLAGS_prefix_cache_mb))
+          .Field("cluster_tls", cluster->enabled())
       << "kl-prefill serving";
 
   const int sig = WaitForStopSignal();

@@ -62,6 +62,7 @@ class PrefillDecodeTest : public ::testing::Test {
   void SetUp() override {
     PrefillServiceOptions po;
     po.max_batch_tokens = kMaxBatchTokens;
+    po.prefix_cache_bytes = PrefixCacheBytes();
     CpuBackendOptions cpu;
     cpu.backend_sampling = BackendSampling();
     prefill_ = StartPrefillWorker(kTinySeed, po, cpu);
@@ -98,8 +99,8 @@ class PrefillDecodeTest : public ::testing::Test {
   }
 
   // The router's sequence for one request: all `n` tokens (prefill's + decode's).
-  std::vector<int32_t> Generate2(const std::vector<int32_t>& prompt, int n,
-                                 double temperature = 0, uint64_t seed = 0) {
+  std::vector<int32_t> Generate2(const std::vector<int32_t>& prompt, int n, double temperature = 0,
+                                 uint64_t seed = 0, int64_t* cached_tokens = nullptr) {
     const std::string lease = ReserveLease(*decode_->stub, prompt.size() + n);
     v1::PrefillResponse pr;
     const grpc::Status ps = CallPrefill(MakePrefill(prompt, lease, temperature, seed), &pr);
@@ -107,6 +108,7 @@ class PrefillDecodeTest : public ::testing::Test {
     if (!ps.ok()) return {};
     EXPECT_EQ(pr.num_tokens(), static_cast<int64_t>(prompt.size()));
     EXPECT_GT(pr.transfer_bytes(), 0);
+    if (cached_tokens != nullptr) *cached_tokens = pr.cached_tokens();
     std::vector<int32_t> out = {pr.token()};
     const DecodeOutcome d = RunDecode(
         *decode_->stub, MakeDecodeRequest(lease, pr.token(), 1, n - 1, temperature, seed));
@@ -140,6 +142,7 @@ class PrefillDecodeTest : public ::testing::Test {
 
   // Workers whose backend picks the tokens (the path of CUDA workers, kernels/cuda/sampling.h).
   virtual bool BackendSampling() const { return false; }
+  virtual int64_t PrefixCacheBytes() const { return 0; }
 
   std::unique_ptr<PrefillWorker> prefill_;
   std::unique_ptr<DecodeWorker> decode_;
@@ -371,6 +374,93 @@ TEST_F(PrefillDecodeTest, Bf16BundlesShipFewerBytes) {
   ASSERT_TRUE(s.ok()) << s.error_message();
   EXPECT_LT(bf16_resp.transfer_bytes(), f32_resp.transfer_bytes());
   EXPECT_EQ(bf16_resp.token(), f32_resp.token());  // the token comes from prefill's own logits
+}
+
+class PrefillDecodePrefixCacheTest : public PrefillDecodeTest {
+ protected:
+  int64_t PrefixCacheBytes() const override { return 64 << 20; }
+  // Waits until the prefill worker has kept `n` states (it keeps one after replying).
+  bool Kept(int64_t n) {
+    return WaitFor([&] { return prefill_->service->Snapshot().prefix_cache_entries() >= n; });
+  }
+};
+
+std::vector<int32_t> Concat(std::vector<int32_t> a, const std::vector<int32_t>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+// A conversation: each turn's prompt is the previous prompt, the reply and a
+// new message. From the second turn on the prefill starts from the state the
+// worker kept for the previous prompt, and the tokens are the single-process
+// engine's, greedy and seeded, batched and chunked (> kMaxBatchTokens).
+TEST_F(PrefillDecodePrefixCacheTest, ConversationTurnsStartFromThePreviousPromptsState) {
+  std::vector<int32_t> prompt = Prompt(40, 21);
+  int64_t cached = -1;
+  std::vector<int32_t> reply = Generate2(prompt, 8, 0, 0, &cached);
+  EXPECT_EQ(reply, Reference(prompt, 8));
+  EXPECT_EQ(cached, 0);
+  int64_t kept = 1, hit_tokens = 0;
+  ASSERT_TRUE(Kept(kept));
+  // Turn lengths: batched after a hit, then a hit whose rest is chunked, then
+  // a chunked prompt whose rest fits one forward.
+  const std::vector<std::pair<int, int>> turns = {{17, 0}, {3 * kMaxBatchTokens + 7, 1}, {25, 2}};
+  for (const auto& [n, i] : turns) {
+    const int64_t previous = static_cast<int64_t>(prompt.size());
+    prompt = Concat(Concat(prompt, reply), Prompt(n, 30 + i));
+    const double temperature = i == 1 ? 0.9 : 0;
+    reply = Generate2(prompt, 8, temperature, 77, &cached);
+    EXPECT_EQ(reply, Reference(prompt, 8, temperature, 77)) << "turn " << i;
+    EXPECT_EQ(cached, previous) << "turn " << i;
+    hit_tokens += previous;
+    ASSERT_TRUE(Kept(++kept));
+  }
+  const v1::WorkerStats st = prefill_->service->Snapshot();
+  EXPECT_EQ(st.prefix_cache_queries(), 4);
+  EXPECT_EQ(st.prefix_cache_hits(), 3);
+  EXPECT_EQ(st.prefix_cache_hit_tokens(), hit_tokens);
+  EXPECT_GT(st.prefix_cache_bytes(), 0);
+  EXPECT_TRUE(WaitFor([&] { return ClusterIdle(); }));
+  EXPECT_EQ(GetStats(*decode_->stub).integrity_failures(), 0);
+}
+
+// A state exists only where it was saved: the same prompt again has nothing
+// left to prefill for its first token's logits, so it is not a hit; a prompt
+// that shares only part of a cached one is not either.
+TEST_F(PrefillDecodePrefixCacheTest, OnlyAWholeCachedPromptFollowedByMoreTokensIsAHit) {
+  const auto prompt = Prompt(50, 5);
+  ASSERT_EQ(Generate2(prompt, 4), Reference(prompt, 4));
+  ASSERT_TRUE(Kept(1));
+  int64_t cached = -1;
+  EXPECT_EQ(Generate2(prompt, 4, 0, 0, &cached), Reference(prompt, 4));
+  EXPECT_EQ(cached, 0);
+  std::vector<int32_t> partial(prompt.begin(), prompt.begin() + 30);
+  partial = Concat(partial, Prompt(30, 6));
+  EXPECT_EQ(Generate2(partial, 4, 0, 0, &cached), Reference(partial, 4));
+  EXPECT_EQ(cached, 0);
+  EXPECT_EQ(prefill_->service->Snapshot().prefix_cache_hits(), 0);
+}
+
+// Prompts that hit and prompts that do not, submitted together (one batched
+// forward when they meet in the queue): every one gets its own tokens.
+TEST_F(PrefillDecodePrefixCacheTest, HitsAndMissesInOneBatch) {
+  std::vector<std::vector<int32_t>> bases = {Prompt(30, 40), Prompt(45, 41)};
+  for (const auto& b : bases) ASSERT_EQ(Generate2(b, 2), Reference(b, 2));
+  ASSERT_TRUE(Kept(2));
+  std::vector<std::vector<int32_t>> prompts = {Concat(bases[0], Prompt(9, 42)), Prompt(33, 43),
+                                               Concat(bases[1], Prompt(21, 44)), Prompt(12, 45)};
+  std::vector<std::vector<int32_t>> got(prompts.size());
+  std::vector<int64_t> cached(prompts.size(), -1);
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    threads.emplace_back([&, i] { got[i] = Generate2(prompts[i], 6, 0, 0, &cached[i]); });
+  }
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    EXPECT_EQ(got[i], Reference(prompts[i], 6)) << i;
+    EXPECT_EQ(cached[i], i % 2 == 0 ? static_cast<int64_t>(bases[i / 2].size()) : 0) << i;
+  }
+  EXPECT_TRUE(WaitFor([&] { return ClusterIdle(); }));
 }
 
 }  // namespace

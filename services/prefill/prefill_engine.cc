@@ -31,6 +31,9 @@ PrefillEngine::PrefillEngine(Model* model, PrefillEngineOptions options)
   const ModelConfig& c = model_->config();
   int64_t kda = 0, mla = 0;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) ordinal_.push_back(c.IsKda(l) ? kda++ : mla++);
+  if (options_.prefix_cache_bytes > 0) {
+    prefix_cache_ = std::make_unique<PrefixCache>(options_.prefix_cache_bytes);
+  }
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -178,7 +181,13 @@ std::shared_ptr<StatePusher> PrefillEngine::StartJob(const std::shared_ptr<Prefi
   job->result_.queue_seconds = absl::ToDoubleSeconds(job->started_ - job->enqueued_);
   if (options_.metrics != nullptr) options_.metrics->queue_time.Observe(job->result_.queue_seconds);
   job->result_.num_tokens = static_cast<int64_t>(spec.tokens.size());
-  job->state_ = std::make_shared<SequenceState>(model_->NewState());
+  std::shared_ptr<const PrefixCache::Entry> hit;
+  if (prefix_cache_ != nullptr) hit = prefix_cache_->Lookup(spec.tokens);
+  // A hit starts from a host copy of the cached state (adopted by a device
+  // backend like an imported bundle); the forward covers the rest.
+  job->state_ = std::make_shared<SequenceState>(hit ? hit->state : model_->NewState());
+  job->cached_ = hit ? static_cast<int64_t>(hit->tokens.size()) : 0;
+  job->result_.cached_tokens = job->cached_;
   BundleMeta meta;
   meta.request_id = spec.request_id.substr(0, kMaxRequestIdBytes);
   // The header goes out before the token is sampled, so it carries none; the
@@ -198,7 +207,7 @@ std::shared_ptr<StatePusher> PrefillEngine::StartJob(const std::shared_ptr<Prefi
   target.request_id = spec.request_id;
   target.deadline = spec.deadline;
   if (options_.fault_injector != nullptr) target.fault = options_.fault_injector->Next();
-  job->device_ = StartDeviceSend(*job, target);
+  if (job->cached_ == 0) job->device_ = StartDeviceSend(*job, target);
   target.device = job->device_;
   // `done` holds the job until the push ends (the pusher drops it after the call).
   auto done = [this, job](absl::StatusOr<PushResult> push) {
@@ -222,7 +231,14 @@ std::shared_ptr<StatePusher> PrefillEngine::StartJob(const std::shared_ptr<Prefi
     PrefillResult result = job->result_;
     result.transfer_seconds = push->transfer_seconds;
     result.transfer_bytes = push->bytes;
-    if (job->Complete(result)) completed_.fetch_add(1);
+    if (!job->Complete(result)) return;  // cancelled meanwhile
+    completed_.fetch_add(1);
+    // A state pushed from its host vectors is whole there: keep it for
+    // prompts that extend this one. After the reply (the copy does not delay
+    // the first token) and off the engine thread; nothing writes the state now.
+    if (prefix_cache_ != nullptr && job->device_ == nullptr && job->cacheable_.load()) {
+      prefix_cache_->Insert(job->spec().tokens, *job->state_);
+    }
   };
   std::shared_ptr<StatePusher> pusher =
       StatePusher::Start(model_->config(), *std::move(writer), job->state_, std::move(target),
@@ -261,7 +277,10 @@ void PrefillEngine::RunBatch(const std::vector<std::shared_ptr<PrefillJob>>& bat
   std::vector<TokenSampling> sampling(jobs.size());
   for (size_t i = 0; i < jobs.size(); ++i) {
     const auto& job = jobs[i];
-    items.push_back({job->state_.get(), job->spec().tokens, false, job->device_ == nullptr});
+    const std::vector<int32_t>& t = job->spec().tokens;
+    items.push_back({job->state_.get(),
+                     absl::MakeConstSpan(t.data() + job->cached_, t.size() - job->cached_), false,
+                     job->device_ == nullptr});
     if (SampleOnDevice(*job, &sampling[i])) items.back().sample = &sampling[i];
   }
   const ModelConfig& c = model_->config();
@@ -319,7 +338,8 @@ void PrefillEngine::RunChunked(const std::shared_ptr<PrefillJob>& job) {
   const int64_t n = static_cast<int64_t>(tokens.size());
   const int64_t chunk = options_.max_batch_tokens;
   ForwardOutput out;
-  for (int64_t begin = 0; begin < n; begin += chunk) {
+  const int64_t first = job->cached_;  // a prefix-cache hit starts past the cached tokens
+  for (int64_t begin = first; begin < n; begin += chunk) {
     // A cancelled job, or one whose push already failed, stops here.
     if (job->done() || pusher->failed()) return;
     const int64_t end = std::min(n, begin + chunk);
@@ -339,8 +359,10 @@ void PrefillEngine::RunChunked(const std::shared_ptr<PrefillJob>& job) {
       if (c.IsKda(layer)) {
         if (last) pusher->ShipKdaLayer(layer, ordinal_[layer]);  // final state only
       } else {
-        // Rows of this chunk; copied unless no later chunk can move them.
-        pusher->ShipMlaRows(layer, ordinal_[layer], begin, end, /*copy_now=*/!last);
+        // Rows of this chunk (the first also ships the cached rows); copied
+        // unless no later chunk can move them.
+        pusher->ShipMlaRows(layer, ordinal_[layer], begin == first ? 0 : begin, end,
+                            /*copy_now=*/!last);
       }
     };
     if (options_.metrics != nullptr) options_.metrics->batch_tokens.Observe(static_cast<double>(end - begin));
@@ -386,6 +408,7 @@ void PrefillEngine::FinishJob(PrefillJob& job, const ForwardOutput& out, size_t 
     job.result_.token = sampler.Sample(out.logits[item].data(), model_->config().vocab_size);
   }
   job.result_.prefill_seconds = absl::ToDoubleSeconds(absl::Now() - job.started_);
+  job.cacheable_ = true;  // before Finish: the push's completion reads it
   if (options_.metrics != nullptr) options_.metrics->prefill_time.Observe(job.result_.prefill_seconds);
   pusher->Finish();
 }

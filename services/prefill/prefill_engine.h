@@ -40,6 +40,7 @@
 #include "engine/state/bundle_writer.h"
 #include "services/prefill/channel_cache.h"
 #include "services/prefill/prefill_metrics.h"
+#include "services/prefill/prefix_cache.h"
 #include "services/prefill/state_pusher.h"
 
 namespace kl {
@@ -55,6 +56,7 @@ struct PrefillResult {
   double prefill_seconds = 0;
   double transfer_seconds = 0;
   int64_t transfer_bytes = 0;
+  int64_t cached_tokens = 0;  // prompt tokens taken from the prefix cache, not prefilled
 };
 
 // One Prefill request in flight. Shared by the RPC reactor, the engine thread
@@ -96,6 +98,9 @@ class PrefillJob {
   // Engine thread only.
   std::shared_ptr<SequenceState> state_;
   std::shared_ptr<DeviceSend> device_;  // set when the state goes over a device link
+  int64_t cached_ = 0;                  // prompt tokens the state started with (prefix cache)
+  // Set once the forward is done: the push's completion may keep the state.
+  std::atomic<bool> cacheable_{false};
   absl::Time started_;
   PrefillResult result_;
 };
@@ -117,6 +122,10 @@ struct PrefillEngineOptions {
   // Sample the first token on the device when the backend can (Backend::SampleTokens):
   // the same token as the host Sampler, without sorting the vocabulary on the host.
   bool device_sampling = true;
+  // Prompt states kept for prompts that extend them (prefix_cache.h); 0 = off.
+  // Entries are kept for states pushed over gRPC; a prompt that hits one is
+  // pushed over gRPC too (a device link's plan starts at the first token).
+  int64_t prefix_cache_bytes = 0;
 };
 
 struct PrefillEngineStats {
@@ -146,6 +155,8 @@ class PrefillEngine {
   // True once nothing is queued, running or being pushed (waits up to `timeout`).
   bool WaitIdle(absl::Duration timeout);
   PrefillEngineStats Stats() const;
+  // Null when the prefix cache is off.
+  const PrefixCache* prefix_cache() const { return prefix_cache_.get(); }
 
  private:
   void Loop();
@@ -170,6 +181,7 @@ class PrefillEngine {
   const PrefillEngineOptions options_;
   std::vector<int64_t> ordinal_;  // per layer: index into SequenceState::kda or ::mla
   ChannelCache channels_;
+  std::unique_ptr<PrefixCache> prefix_cache_;
   SenderTracker senders_;
 
   mutable absl::Mutex mu_;

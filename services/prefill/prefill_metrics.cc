@@ -64,6 +64,27 @@ void RegisterPrefillCallbacks(Metrics& m, const PrefillService* s) {
                        "link coming up, or the peer takes gRPC).",
                        {}, get(&v1::WorkerStats::device_fallbacks));
   RegisterDeviceTransportCallbacks(m, [s] { return s->Snapshot(); });
+  // The prefix cache, in vLLM's terms (its prefix_cache_queries / _hits count
+  // tokens), plus requests and the memory held.
+  m.AddCallbackCounter("kl_prefix_cache_queries_total",
+                       "Prompt tokens looked up in the prefix cache.", {},
+                       get(&v1::WorkerStats::prefix_cache_query_tokens));
+  m.AddCallbackCounter("kl_prefix_cache_hits_total",
+                       "Prompt tokens taken from the prefix cache instead of prefilled.", {},
+                       get(&v1::WorkerStats::prefix_cache_hit_tokens));
+  m.AddCallbackCounter("kl_prefix_cache_requests_total",
+                       "Prompts looked up in the prefix cache, by result.", {{"result", "hit"}},
+                       get(&v1::WorkerStats::prefix_cache_hits));
+  m.AddCallbackCounter(
+      "kl_prefix_cache_requests_total", "Prompts looked up in the prefix cache, by result.",
+      {{"result", "miss"}}, [s] {
+        const v1::WorkerStats w = s->Snapshot();
+        return static_cast<double>(w.prefix_cache_queries() - w.prefix_cache_hits());
+      });
+  m.AddCallbackGauge("kl_prefix_cache_bytes", "Host memory the prefix cache holds.", {},
+                     get(&v1::WorkerStats::prefix_cache_bytes));
+  m.AddCallbackGauge("kl_prefix_cache_entries", "Prompt states in the prefix cache.", {},
+                     get(&v1::WorkerStats::prefix_cache_entries));
 }
 
 }  // namespace kl

@@ -78,6 +78,7 @@ PrefillService::PrefillService(Model* model, uint64_t checkpoint_fingerprint,
   eo.push_security = options.push_security;
   eo.fault_injector = options.fault_injector;
   eo.transport = options.transport;
+  eo.prefix_cache_bytes = options.prefix_cache_bytes;
   engine_ = std::make_unique<PrefillEngine>(model_, eo);
 }
 
@@ -100,6 +101,15 @@ v1::WorkerStats PrefillService::Snapshot() const {
   s.set_state_fingerprint(FingerprintHex(StateFingerprint(model_->config())));
   s.set_checkpoint_fingerprint(FingerprintHex(checkpoint_fingerprint_));
   if (transport_ != nullptr) SetDeviceTransportStats(transport_->Stats(), &s);
+  if (const PrefixCache* cache = engine_->prefix_cache()) {
+    const PrefixCacheStats p = cache->Stats();
+    s.set_prefix_cache_queries(p.queries);
+    s.set_prefix_cache_hits(p.hits);
+    s.set_prefix_cache_hit_tokens(p.hit_tokens);
+    s.set_prefix_cache_bytes(p.bytes);
+    s.set_prefix_cache_entries(p.entries);
+    s.set_prefix_cache_query_tokens(p.query_tokens);
+  }
   return s;
 }
 
@@ -125,9 +135,13 @@ grpc::ServerUnaryReactor* PrefillService::Prefill(grpc::CallbackServerContext* c
   auto done = [reactor, response, request_id](const absl::StatusOr<PrefillResult>& r) {
     ScopedRequestId rid(request_id);
     if (r.ok()) {
-      KL_LOG(INFO).Field("tokens", r->num_tokens).Field("queue_s", r->queue_seconds)
-              .Field("prefill_s", r->prefill_seconds).Field("transfer_s", r->transfer_seconds)
+      KL_LOG(INFO)
+              .Field("tokens", r->num_tokens)
+              .Field("queue_s", r->queue_seconds)
+              .Field("prefill_s", r->prefill_seconds)
+              .Field("transfer_s", r->transfer_seconds)
               .Field("transfer_bytes", r->transfer_bytes)
+              .Field("cached_tokens", r->cached_tokens)
           << "prefill done";
     } else if (r.status().code() == absl::StatusCode::kCancelled) {
       KL_LOG(INFO) << "prefill cancelled: " << r.status().message();
@@ -142,6 +156,7 @@ grpc::ServerUnaryReactor* PrefillService::Prefill(grpc::CallbackServerContext* c
       response->set_prefill_seconds(r->prefill_seconds);
       response->set_transfer_seconds(r->transfer_seconds);
       response->set_transfer_bytes(r->transfer_bytes);
+      response->set_cached_tokens(r->cached_tokens);
     }
     reactor->Finish(ToGrpcStatus(r.status()));
   };

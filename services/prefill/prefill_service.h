@@ -39,6 +39,9 @@ struct PrefillServiceOptions {
   std::shared_ptr<StateFaultInjector> fault_injector;
   // GPU builds: device links to decode workers (NCCL); null: gRPC only.
   DeviceTransport* transport = nullptr;
+  // Host memory for prompt states kept for prompts that extend them
+  // (prefix_cache.h); 0 = off.
+  int64_t prefix_cache_bytes = 0;
 };
 
 class PrefillService final : public v1::Prefill::CallbackService {

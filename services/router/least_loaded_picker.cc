@@ -17,7 +17,8 @@ bool InTier(const WorkerLoad& w, int tier, const absl::flat_hash_set<std::string
 }  // namespace
 
 std::optional<size_t> PickWorker(const PoolSnapshot& snapshot,
-                                 const absl::flat_hash_set<std::string>& exclude) {
+                                 const absl::flat_hash_set<std::string>& exclude,
+                                 const std::string& preferred, int64_t slack) {
   for (int tier = 0; tier < 3; ++tier) {
     int64_t best = std::numeric_limits<int64_t>::max();
     std::vector<size_t> tied;
@@ -31,7 +32,16 @@ std::optional<size_t> PickWorker(const PoolSnapshot& snapshot,
       }
       if (load == best) tied.push_back(i);
     }
-    if (!tied.empty()) return tied[snapshot.rr_cursor % tied.size()];
+    if (tied.empty()) continue;
+    if (tier == 0 && !preferred.empty()) {
+      for (size_t i = 0; i < snapshot.workers.size(); ++i) {
+        const WorkerLoad& w = snapshot.workers[i];
+        if (w.address == preferred && InTier(w, 0, exclude) && w.effective_load() <= best + slack) {
+          return i;
+        }
+      }
+    }
+    return tied[snapshot.rr_cursor % tied.size()];
   }
   return std::nullopt;
 }

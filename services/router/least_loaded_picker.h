@@ -21,8 +21,14 @@ namespace kl {
 //      pool has a single member).
 // Within the tier: the smallest effective_load(); ties go round-robin, the
 // (rr_cursor % ties)-th tied worker in snapshot order.
+//
+// `preferred` (a worker that holds state this request can reuse, e.g. the
+// prefill worker that cached its conversation's previous prompt) wins when it
+// is a tier-1 candidate whose effective_load() is at most the least one plus
+// `slack`: affinity never piles work on one worker beyond that.
 std::optional<size_t> PickWorker(const PoolSnapshot& snapshot,
-                                 const absl::flat_hash_set<std::string>& exclude);
+                                 const absl::flat_hash_set<std::string>& exclude,
+                                 const std::string& preferred = "", int64_t slack = 0);
 
 }  // namespace kl
 

@@ -91,5 +91,33 @@ TEST(LeastLoadedPickerTest, WithoutReservationABurstPilesUp) {
   for (int i = 0; i < 5; ++i) EXPECT_EQ(PickWorker(s, {}), 0u);
 }
 
+TEST(LeastLoadedPickerTest, APreferredWorkerWinsWithinTheSlackOnly) {
+  const PoolSnapshot s = Pool({3, 1, 4});
+  EXPECT_EQ(PickWorker(s, {}, "w0", 2), 0u);  // 3 <= 1 + 2
+  EXPECT_EQ(PickWorker(s, {}, "w2", 2), 1u);  // 4 > 1 + 2: the least loaded instead
+  EXPECT_EQ(PickWorker(s, {}, "w2", 3), 2u);
+  EXPECT_EQ(PickWorker(s, {}, "w0", 0), 1u);  // no slack: only when it is the least loaded
+  EXPECT_EQ(PickWorker(s, {}, "gone", 5), 1u);
+  // Never one that failed this request, is suspect or not ready.
+  EXPECT_EQ(PickWorker(s, {"w0"}, "w0", 9), 1u);
+  PoolSnapshot t = s;
+  t.workers[0].suspect = true;
+  EXPECT_EQ(PickWorker(t, {}, "w0", 9), 1u);
+  t = s;
+  t.workers[0].ready = false;
+  EXPECT_EQ(PickWorker(t, {}, "w0", 9), 1u);
+  // Reservations count: a burst spreads once the preferred one is `slack` ahead.
+  PoolSnapshot b = Pool({0, 0});
+  std::map<size_t, int> picks;
+  for (int i = 0; i < 10; ++i) {
+    const size_t w = *PickWorker(b, {}, "w0", 2);
+    ++b.workers[w].reserved;
+    ++b.rr_cursor;
+    ++picks[w];
+  }
+  EXPECT_EQ(picks[0], 6);
+  EXPECT_EQ(picks[1], 4);
+}
+
 }  // namespace
 }  // namespace kl

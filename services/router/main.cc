@@ -41,6 +41,12 @@ ABSL_FLAG(int64_t, max_prompt_tokens, 0, "prompt length limit (0: model_max_leng
 ABSL_FLAG(int64_t, max_tokens_limit, 0, "largest sampling.max_tokens (0: model_max_length)");
 ABSL_FLAG(int64_t, default_max_tokens, 256, "sampling.max_tokens when unset");
 ABSL_FLAG(int, retries, 3, "extra worker-pair attempts before the first token");
+ABSL_FLAG(int64_t, prefix_affinity_entries, 65536,
+          "prompts remembered with the prefill worker that prefilled them, so a prompt that "
+          "extends one (a conversation's next turn) goes where its state is cached; 0 = off");
+ABSL_FLAG(int64_t, prefix_affinity_slack, 2,
+          "how much busier than the least loaded prefill worker (running + queued) the "
+          "remembered one may be and still be picked");
 ABSL_FLAG(int, max_migrations, 3, "decode-worker moves after the first token");
 ABSL_FLAG(int, health_interval_ms, 1000, "worker health / Stats polling period");
 ABSL_FLAG(int, dns_interval_ms, 5000, "DNS re-resolution period");
@@ -75,6 +81,8 @@ absl::StatusOr<RouterOptions> OptionsFromFlags() {
   o.max_tokens_limit = absl::GetFlag(FLAGS_max_tokens_limit);
   o.default_max_tokens = absl::GetFlag(FLAGS_default_max_tokens);
   o.retries = absl::GetFlag(FLAGS_retries);
+  o.prefix_affinity_entries = absl::GetFlag(FLAGS_prefix_affinity_entries);
+  o.prefix_affinity_slack = absl::GetFlag(FLAGS_prefix_affinity_slack);
   o.max_migrations = absl::GetFlag(FLAGS_max_migrations);
   o.max_concurrent_per_client = absl::GetFlag(FLAGS_max_concurrent_per_client);
   if (const std::string path = absl::GetFlag(FLAGS_api_keys_file); !path.empty()) {

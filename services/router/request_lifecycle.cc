@@ -114,6 +114,7 @@ class RequestRun {
   absl::Time last_write_;                   // of the last chunk with tokens (ITL)
   FinishReason finish_ = FinishReason::kNone;
   int migrations_ = 0;
+  int64_t cached_prompt_tokens_ = 0;  // of the prefill that gave the first token
 };
 
 void RequestRun::Run() {
@@ -144,9 +145,13 @@ void RequestRun::Run() {
       }
     }
   }
-  KL_LOG(INFO).Field("code", absl::StatusCodeToString(s.code()))
-          .Field("prompt_tokens", prompt_.size()).Field("completion_tokens", generated_.size())
-          .Field("ttft_s", absl::ToDoubleSeconds(ttft_)).Field("migrations", migrations_)
+  KL_LOG(INFO)
+          .Field("code", absl::StatusCodeToString(s.code()))
+          .Field("prompt_tokens", prompt_.size())
+          .Field("completion_tokens", generated_.size())
+          .Field("ttft_s", absl::ToDoubleSeconds(ttft_))
+          .Field("migrations", migrations_)
+          .Field("cached_prompt_tokens", cached_prompt_tokens_)
           .Field("e2e_s", absl::ToDoubleSeconds(absl::Now() - job_.received))
       << "request done" << (s.ok() ? "" : ": ") << s.message();
   job_.call->Finish(ToGrpcStatus(s));
@@ -210,7 +215,9 @@ absl::StatusOr<int32_t> RequestRun::PlaceAndPrefill(Exclusions ex) {
 absl::StatusOr<int32_t> RequestRun::TryPlace(const std::vector<int32_t>& tokens,
                                              Exclusions* ex, bool* retryable) {
   ASSIGN_OR_RETURN(Lease lease, Reserve(ex, retryable));
-  absl::StatusOr<std::shared_ptr<WorkerEndpoint>> picked = r_.prefill->Pick(ex->prefill);
+  const std::string preferred = r_.affinity != nullptr ? r_.affinity->Lookup(tokens) : "";
+  absl::StatusOr<std::shared_ptr<WorkerEndpoint>> picked =
+      r_.prefill->Pick(ex->prefill, preferred, r_.affinity_slack);
   if (!picked.ok()) {
     r_.releaser->Release(lease.worker, lease.id, job_.request_id);
     *retryable = false;
@@ -229,8 +236,18 @@ absl::StatusOr<int32_t> RequestRun::TryPlace(const std::vector<int32_t>& tokens,
   CancelToken::Tracked tracked(job_.cancel.get(), &ctx);
   v1::PrefillResponse response;
   const grpc::Status s = prefill->prefill()->Prefill(&ctx, request, &response);
+  if (!preferred.empty()) {
+    (preferred == prefill->address() ? r_.counters->affinity_followed
+                                     : r_.counters->affinity_overridden)
+        .fetch_add(1, std::memory_order_relaxed);
+  }
   if (s.ok() && tokenizer_.IsValidId(response.token())) {
+    if (r_.affinity != nullptr) r_.affinity->Record(tokens, prefill->address());
     lease_ = std::move(lease);
+    if (!first_sent_) {
+      cached_prompt_tokens_ =
+          std::clamp<int64_t>(response.cached_tokens(), 0, static_cast<int64_t>(prompt_.size()));
+    }
     return response.token();
   }
   // The failed lease is released; both workers of the pair are avoided next.
@@ -429,6 +446,7 @@ absl::Status RequestRun::WriteChunk(v1::GenerateResponse* chunk, FinishReason fi
     u->set_e2e_seconds(absl::ToDoubleSeconds(now - job_.received));
     u->set_seed(job_.sampling.seed.value_or(0));
     u->set_migrations(migrations_);
+    u->set_cached_prompt_tokens(cached_prompt_tokens_);
   }
   if (job_.call->Write(*chunk, job_.deadline)) {
     if (r_.metrics != nullptr && chunk->token_ids_size() > 0) {

@@ -22,6 +22,7 @@
 #include "services/router/generate_call.h"
 #include "services/router/lease_releaser.h"
 #include "services/router/model_meta.h"
+#include "services/router/prefix_affinity.h"
 #include "services/router/request_validation.h"
 #include "services/router/router_metrics.h"
 #include "services/router/router_stats.h"
@@ -51,6 +52,8 @@ struct RouterContext {
   RouterMetrics* metrics = nullptr;  // null: metrics off
   int retries = 3;         // extra worker-pair attempts before the first token
   int max_migrations = 3;  // decode-worker moves after the first token
+  PrefixAffinity* affinity = nullptr;  // null: prefill picks by load only
+  int64_t affinity_slack = 2;
 };
 
 // Runs `job` to its end and finishes job.call with the outcome. Blocking.

@@ -56,6 +56,13 @@ void RegisterRouterCallbacks(Metrics& m, const RouterService* s) {
                        stat(&RouterStats::migrations));
   m.AddCallbackCounter("kl_cancellations_total", "Requests the client cancelled.", {},
                        stat(&RouterStats::cancelled));
+  const std::string aff_help =
+      "Prefill picks for prompts extending one a prefill worker prefilled (its state is cached "
+      "there): sent there (followed) or, busier than the slack allows, elsewhere (overridden).";
+  m.AddCallbackCounter("kl_prefix_affinity_total", aff_help, {{"result", "followed"}},
+                       stat(&RouterStats::affinity_followed));
+  m.AddCallbackCounter("kl_prefix_affinity_total", aff_help, {{"result", "overridden"}},
+                       stat(&RouterStats::affinity_overridden));
   m.AddCallbackCounter("kl_stop_string_cancels_total",
                        "Decode streams the router cancelled at a stop string.", {},
                        stat(&RouterStats::stop_cancels));

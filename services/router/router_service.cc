@@ -24,6 +24,8 @@ absl::Status CheckOptions(const RouterOptions& o) {
   if (o.retries < 0) return bad("retries must be >= 0");
   if (o.max_migrations < 0) return bad("max_migrations must be >= 0");
   if (o.max_concurrent_per_client < 0) return bad("max_concurrent_per_client must be >= 0");
+  if (o.prefix_affinity_entries < 0) return bad("prefix_affinity_entries must be >= 0");
+  if (o.prefix_affinity_slack < 0) return bad("prefix_affinity_slack must be >= 0");
   return absl::OkStatus();
 }
 
@@ -78,6 +80,11 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(
   c.metrics = o.metrics;
   c.retries = o.retries;
   c.max_migrations = o.max_migrations;
+  if (o.prefix_affinity_entries > 0) {
+    r->affinity_ = std::make_unique<PrefixAffinity>(o.prefix_affinity_entries);
+    c.affinity = r->affinity_.get();
+    c.affinity_slack = o.prefix_affinity_slack;
+  }
   r->admission_ = std::make_unique<AdmissionQueue>(o.max_inflight, o.max_queue);
   return r;
 }
@@ -261,6 +268,8 @@ RouterStats RouterService::Stats() const {
   s.cancelled = get(counters_.cancelled);
   s.retries = get(counters_.retries);
   s.migrations = get(counters_.migrations);
+  s.affinity_followed = get(counters_.affinity_followed);
+  s.affinity_overridden = get(counters_.affinity_overridden);
   s.stop_cancels = get(counters_.stop_cancels);
   s.releases_sent = releaser_->issued();
   s.releases_failed = releaser_->failed();

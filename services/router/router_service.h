@@ -50,6 +50,11 @@ struct RouterOptions {
   std::shared_ptr<const ApiKeys> api_keys;
   // Generate streams one client may run at once (client_limiter.h); 0 = no limit.
   int64_t max_concurrent_per_client = 0;
+  // Prefix affinity (prefix_affinity.h): prompts extending one a prefill
+  // worker prefilled go back to it while its load is at most the least
+  // loaded worker's plus `prefix_affinity_slack`. 0 entries = off.
+  int64_t prefix_affinity_entries = 65536;
+  int64_t prefix_affinity_slack = 2;
 };
 
 class RouterService final : public v1::Generation::CallbackService {
@@ -102,6 +107,7 @@ class RouterService final : public v1::Generation::CallbackService {
   std::unique_ptr<WorkerPool> prefill_;
   std::unique_ptr<WorkerPool> decode_;
   std::unique_ptr<LeaseReleaser> releaser_;
+  std::unique_ptr<PrefixAffinity> affinity_;
   RouterContext context_;
   std::atomic<bool> draining_{false};
   const std::shared_ptr<ClientLimiter> client_limiter_;

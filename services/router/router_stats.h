@@ -23,6 +23,9 @@ struct RouterCounters {
   std::atomic<int64_t> retries{0};            // extra attempts before the first token
   std::atomic<int64_t> migrations{0};         // moves to another decode worker
   std::atomic<int64_t> stop_cancels{0};       // decode streams cancelled by a stop string
+  // Prefill picks where a worker held the prompt's prefix (prefix_affinity.h):
+  std::atomic<int64_t> affinity_followed{0};    // sent there
+  std::atomic<int64_t> affinity_overridden{0};  // sent elsewhere (busier than the slack allows)
 };
 
 struct RouterStats {
@@ -41,6 +44,8 @@ struct RouterStats {
   int64_t retries = 0;
   int64_t migrations = 0;
   int64_t stop_cancels = 0;
+  int64_t affinity_followed = 0;
+  int64_t affinity_overridden = 0;
   int64_t releases_sent = 0;    // Decode.Release calls issued
   int64_t releases_failed = 0;
   bool draining = false;

@@ -255,12 +255,12 @@ std::string WorkerPool::DescribeLocked() const {
 }
 
 absl::StatusOr<std::shared_ptr<WorkerEndpoint>> WorkerPool::Pick(
-    const absl::flat_hash_set<std::string>& exclude) {
+    const absl::flat_hash_set<std::string>& exclude, const std::string& preferred, int64_t slack) {
   // Snapshot, policy and reservation under one lock: two concurrent picks
   // never both see the same least-loaded worker.
   absl::MutexLock l(&mu_);
   const PoolSnapshot snapshot = SnapshotLocked();
-  const std::optional<size_t> i = PickWorker(snapshot, exclude);
+  const std::optional<size_t> i = PickWorker(snapshot, exclude, preferred, slack);
   const char* role = WorkerRoleName(options_.role);
   if (!i.has_value()) {
     bool any_incompatible = false;

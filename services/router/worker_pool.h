@@ -81,8 +81,10 @@ class WorkerPool {
   // addresses that already failed this request), with one unit of load
   // reserved on it until the next Stats sample. UNAVAILABLE when no worker is
   // ready; FAILED_PRECONDITION when the only ready ones serve another model.
+  // `preferred` / `slack`: see PickWorker.
   absl::StatusOr<std::shared_ptr<WorkerEndpoint>> Pick(
-      const absl::flat_hash_set<std::string>& exclude);
+      const absl::flat_hash_set<std::string>& exclude, const std::string& preferred = "",
+      int64_t slack = 0);
 
   // Passive health: a call to `address` failed as if the worker were gone.
   // It is picked only as a last resort until its next successful check.

@@ -20,12 +20,21 @@ TinyOracle::TinyOracle(const std::string& model_dir, uint64_t seed, int threads,
 
 std::vector<int32_t> TinyOracle::Greedy(const std::string& prompt, int64_t max_tokens,
                                         bool ignore_eos) {
+  std::vector<int32_t> ids;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    ids = engine_->tokenizer().Encode(prompt, /*allow_special=*/false);
+  }
+  return GreedyIds(ids, max_tokens, ignore_eos);
+}
+
+std::vector<int32_t> TinyOracle::GreedyIds(const std::vector<int32_t>& ids, int64_t max_tokens,
+                                           bool ignore_eos) {
   std::lock_guard<std::mutex> l(mu_);
   SamplingParams p;
   p.temperature = 0;
   p.max_tokens = max_tokens;
   p.ignore_eos = ignore_eos;
-  auto ids = engine_->tokenizer().Encode(prompt, /*allow_special=*/false);
   auto r = Generate(engine_->model(), engine_->tokenizer(), ids, p);
   EXPECT_TRUE(r.ok()) << r.status();
   return r.ok() ? r->tokens : std::vector<int32_t>{};

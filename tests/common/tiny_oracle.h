@@ -21,6 +21,9 @@ class TinyOracle {
              BackendSpec backend = {});
   // Greedy tokens of `prompt` (thread-safe).
   std::vector<int32_t> Greedy(const std::string& prompt, int64_t max_tokens, bool ignore_eos);
+  // The same for a prompt given as token ids.
+  std::vector<int32_t> GreedyIds(const std::vector<int32_t>& prompt, int64_t max_tokens,
+                                 bool ignore_eos);
 
  private:
   std::mutex mu_;

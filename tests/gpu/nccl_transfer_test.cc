@@ -333,5 +333,51 @@ TEST(NcclTransfer, WorkersOnOneGpuFallBackToGrpc) {
   EXPECT_TRUE(DecodeIdle(*c, 10));
 }
 
+// The prefix cache on GPU workers: with both on GPU 0 states go over gRPC, so
+// the prefill worker keeps each prompt's state; every later turn of a
+// conversation is adopted from that host copy (uploaded like an imported
+// bundle) and only its new tokens are prefilled, batched or chunked. Tokens
+// equal the single-process GPU engine's.
+TEST(NcclTransfer, PrefixCacheHitsOnGpuWorkersGiveTheSameTokens) {
+  if (GpuCount() < 1) GTEST_SKIP() << "needs a GPU";
+  auto c = Start({}, {"--cuda_device=0"});
+  GenerationClient client(c->router_address());
+  auto ids = [](int n, int salt) {
+    std::vector<int32_t> v;
+    for (int i = 0; i < n; ++i) v.push_back(100 + (i * 31 + salt * 57) % 2900);
+    return v;
+  };
+  std::vector<int32_t> prompt = ids(30, 1);
+  int64_t previous = 0;
+  // New tokens per turn: fits one forward (48), chunked, fits again.
+  for (int turn = 0; turn < 4; ++turn) {
+    v1::GenerateRequest req;
+    for (int32_t t : prompt) req.mutable_token_ids()->add_ids(t);
+    req.mutable_sampling()->set_temperature(0);
+    req.mutable_sampling()->set_max_tokens(8);
+    req.mutable_sampling()->set_ignore_eos(true);
+    StreamResult r = client.Generate(req, 120);
+    ASSERT_TRUE(r.status.ok()) << turn << ": " << r.status.error_message();
+    EXPECT_EQ(r.tokens, Oracle().GreedyIds(prompt, 8, true)) << "turn " << turn;
+    EXPECT_EQ(r.usage.cached_prompt_tokens(), previous) << "turn " << turn;
+    // The state is kept once the prefill worker replied: wait for it.
+    const auto until = Clock::now() + std::chrono::seconds(10);
+    while (Clock::now() < until) {
+      auto all = c->WorkerStatsAll();
+      if (all.ok() && (*all)[0].second.prefix_cache_entries() == turn + 1) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    previous = static_cast<int64_t>(prompt.size());
+    prompt.insert(prompt.end(), r.tokens.begin(), r.tokens.end());
+    const std::vector<int32_t> message = ids(turn == 1 ? 120 : 20, 10 + turn);
+    prompt.insert(prompt.end(), message.begin(), message.end());
+  }
+  auto all = c->WorkerStatsAll();
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ((*all)[0].second.prefix_cache_hits(), 3);
+  EXPECT_EQ(DecodeStats(c->decode_address(0)).integrity_failures(), 0);
+  EXPECT_TRUE(DecodeIdle(*c, 10));
+}
+
 }  // namespace
 }  // namespace kl

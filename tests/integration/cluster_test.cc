@@ -387,6 +387,66 @@ void PromtoolCheck(const std::string& text, const std::string& what) {
   EXPECT_EQ(rc, 0) << what << ": " << out;
 }
 
+// A conversation through the router: each turn's prompt is the previous
+// prompt, the reply and a new message. Of two prefill workers the router
+// sends every turn to the one that prefilled the previous turn (prefix
+// affinity), which starts from the state it kept; the client sees that in
+// Usage.cached_prompt_tokens, SREs in kl_prefix_cache_* and
+// kl_prefix_affinity_total, and the tokens are the single-process engine's.
+TEST(Cluster, ConversationTurnsReuseThePrefillWorkersCachedState) {
+  auto c = StartCluster(2, 1);
+  GenerationClient client(c->router_address());
+  auto ids = [](int n, int salt) {
+    std::vector<int32_t> v;
+    for (int i = 0; i < n; ++i) v.push_back(100 + (i * 31 + salt * 57) % 2900);
+    return v;
+  };
+  std::vector<int32_t> prompt = ids(40, 1);
+  int64_t previous = 0, cached_total = 0;
+  for (int turn = 0; turn < 3; ++turn) {
+    kl::v1::GenerateRequest req;
+    for (int32_t t : prompt) req.mutable_token_ids()->add_ids(t);
+    req.mutable_sampling()->set_temperature(0);
+    req.mutable_sampling()->set_max_tokens(6);
+    req.mutable_sampling()->set_ignore_eos(true);
+    StreamResult r = client.Generate(req, 60);
+    ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+    EXPECT_EQ(r.tokens, Oracle::Get().GreedyIds(prompt, 6, true)) << "turn " << turn;
+    EXPECT_EQ(r.usage.cached_prompt_tokens(), previous) << "turn " << turn;
+    EXPECT_EQ(r.usage.prompt_tokens(), static_cast<int64_t>(prompt.size()));
+    cached_total += previous;
+    // The worker keeps the state once it has replied: wait for it.
+    const auto until = Clock::now() + std::chrono::seconds(10);
+    int64_t entries = 0;
+    while (entries != turn + 1 && Clock::now() < until) {
+      auto all = c->WorkerStatsAll();
+      entries = 0;
+      if (all.ok()) {
+        for (int p = 0; p < 2; ++p) entries += (*all)[p].second.prefix_cache_entries();
+      }
+      if (entries != turn + 1) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    ASSERT_EQ(entries, turn + 1);
+    previous = static_cast<int64_t>(prompt.size());
+    prompt.insert(prompt.end(), r.tokens.begin(), r.tokens.end());
+    const std::vector<int32_t> message = ids(15 + 10 * turn, 10 + turn);
+    prompt.insert(prompt.end(), message.begin(), message.end());
+  }
+  // Every turn went to one worker.
+  const std::string p0 = Scrape(c->metrics_address(ClusterRole::kPrefill, 0));
+  const std::string text = Sample(p0, "kl_prefix_cache_entries") == 3
+                               ? p0
+                               : Scrape(c->metrics_address(ClusterRole::kPrefill, 1));
+  EXPECT_EQ(Sample(text, "kl_prefix_cache_hits_total"), cached_total) << text;
+  EXPECT_EQ(Sample(text, "kl_prefix_cache_requests_total{result=\"hit\"}"), 2);
+  EXPECT_EQ(Sample(text, "kl_prefix_cache_requests_total{result=\"miss\"}"), 1);
+  EXPECT_EQ(Sample(text, "kl_prefix_cache_entries"), 3);
+  EXPECT_GT(Sample(text, "kl_prefix_cache_bytes"), 0);
+  const std::string router = Scrape(c->metrics_address(ClusterRole::kRouter));
+  EXPECT_EQ(Sample(router, "kl_prefix_affinity_total{result=\"followed\"}"), 2) << router;
+  EXPECT_EQ(Sample(router, "kl_prefix_affinity_total{result=\"overridden\"}"), 0);
+}
+
 TEST(Cluster, EveryProcessServesPrometheusMetricsThatAddUp) {
   auto c = StartCluster(1, 2);
   GenerationClient client(c->router_address());

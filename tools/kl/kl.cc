@@ -286,19 +286,28 @@ nlohmann::json WorkerTransferReport(const LocalCluster& c) {
                    {"device_bytes", s.device_bytes()},
                    {"device_link_inits", s.device_link_inits()},
                    {"device_link_init_failures", s.device_link_init_failures()},
-                   {"device_link_init_seconds", s.device_link_init_seconds()}});
+                   {"device_link_init_seconds", s.device_link_init_seconds()},
+                   {"prefix_cache_queries", s.prefix_cache_queries()},
+                   {"prefix_cache_hits", s.prefix_cache_hits()},
+                   {"prefix_cache_hit_tokens", s.prefix_cache_hit_tokens()}});
     // Only a prefill worker chooses the transport (and counts its fallbacks).
     const std::string fallbacks =
         s.role() == "prefill" ? absl::StrCat(", ", s.device_fallbacks(), " sent over gRPC instead")
                               : "";
+    const std::string cache =
+        s.role() == "prefill"
+            ? absl::StrCat("; prefix cache ", s.prefix_cache_hits(), " hits of ",
+                           s.prefix_cache_queries(), " (", s.prefix_cache_hit_tokens(),
+                           " prompt tokens not prefilled)")
+            : "";
     std::fprintf(stderr,
                  "[%s: %lld requests; device transfers %lld ok, %lld failed%s; device links set "
-                 "up %lld (%.3f s in all), %lld failed]\n",
+                 "up %lld (%.3f s in all), %lld failed%s]\n",
                  name.c_str(), static_cast<long long>(s.requests_completed()),
                  static_cast<long long>(s.device_transfers()),
                  static_cast<long long>(s.device_transfer_failures()), fallbacks.c_str(),
                  static_cast<long long>(s.device_link_inits()), s.device_link_init_seconds(),
-                 static_cast<long long>(s.device_link_init_failures()));
+                 static_cast<long long>(s.device_link_init_failures()), cache.c_str());
   }
   return out;
 }
