@@ -189,6 +189,18 @@ class Backend {
   }
   // Bytes of weights this backend holds.
   virtual int64_t weight_bytes() const { return 0; }
+
+  // Where a backend keeps MLA latent rows in a fixed pool (a GPU's pages):
+  // how many rows all sequences can hold together, in what units a sequence
+  // takes them, and the most one sequence can hold. rows == 0: no fixed pool
+  // (host memory). A decode worker's leases reserve within it, so a sequence
+  // it admitted never runs out of rows mid-stream.
+  struct LatentCapacity {
+    int64_t rows = 0;
+    int64_t granularity = 1;
+    int64_t max_rows_per_sequence = 0;  // 0: no limit of its own
+  };
+  virtual LatentCapacity latent_capacity() const { return {}; }
   // Device-to-device state transports (NCCL) reach device-resident states
   // through this; null for host-resident backends.
   virtual DeviceStateAccess* device_state() { return nullptr; }

@@ -263,10 +263,15 @@ absl::StatusOr<const int32_t*> CudaBackend::StageBlockTable(const std::vector<in
 
 CudaGraphStats CudaBackend::graph_stats() const { return impl_->stats; }
 
+absl::Status CudaBackend::UseDevice() const {
+  KL_CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::BeginForward(const ForwardShape& shape) {
   Impl& m = *impl_;
   if (m.in_forward) return absl::FailedPreconditionError("CudaBackend: nested forward");
-  KL_CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
+  RETURN_IF_ERROR(UseDevice());
   if (!m.loose.empty()) {
     KL_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(m.stream));
     for (void* p : m.loose) cudaFree(p);
@@ -389,6 +394,7 @@ absl::StatusOr<Weight> CudaBackend::UploadWeight(const HostTensor& t) {
   if (t.rows < 0 || t.cols < 0 || (t.rows * t.cols > 0 && t.data == nullptr && !t.synthetic)) {
     return absl::InvalidArgumentError("UploadWeight: bad host tensor");
   }
+  RETURN_IF_ERROR(UseDevice());
   const int64_t n = t.rows * t.cols;
   // GEMM matrices keep (or get) bf16; everything small or element-wise is fp32.
   const bool matrix = t.rows >= 2 && t.cols >= 64;
@@ -444,6 +450,7 @@ absl::StatusOr<Weight> CudaBackend::UploadWeight(const HostTensor& t) {
 
 absl::StatusOr<Buffer> CudaBackend::Alloc(int64_t elems) {
   if (elems < 0) return absl::InvalidArgumentError("Alloc: negative size");
+  RETURN_IF_ERROR(UseDevice());
   if (impl_->in_forward) {
     ASSIGN_OR_RETURN(void* p, Scratch(elems * static_cast<int64_t>(sizeof(float))));
     // The Buffer's owner frees its frame (if still in the same forward).
@@ -465,6 +472,7 @@ absl::StatusOr<Buffer> CudaBackend::Alloc(int64_t elems) {
 
 absl::Status CudaBackend::Upload(const float* host, int64_t elems, float* dst) {
   if (elems <= 0) return absl::OkStatus();
+  RETURN_IF_ERROR(UseDevice());
   Impl& m = *impl_;
   if (!m.in_forward) {
     KL_CUDA_RETURN_IF_ERROR(
@@ -481,6 +489,7 @@ absl::Status CudaBackend::Upload(const float* host, int64_t elems, float* dst) {
 
 absl::Status CudaBackend::Download(const float* src, int64_t elems, float* host) {
   if (elems <= 0) return absl::OkStatus();
+  RETURN_IF_ERROR(UseDevice());
   Impl& m = *impl_;
   if (!m.in_forward) {
     KL_CUDA_RETURN_IF_ERROR(

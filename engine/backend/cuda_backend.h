@@ -84,6 +84,7 @@ class CudaBackend final : public Backend {
 
   // --- state residency
   absl::Status BindStates(const std::vector<SequenceState*>& states) override;
+  LatentCapacity latent_capacity() const override;
   absl::Status KdaRefs(const std::vector<SequenceState*>& states, int64_t kda_index,
                        std::vector<KdaStateRef>* refs) override;
   absl::Status MlaRefs(const std::vector<SequenceState*>& states, int64_t mla_index,
@@ -142,6 +143,9 @@ class CudaBackend final : public Backend {
  private:
   CudaBackend(const ModelConfig& config, const CudaBackendOptions& options);
   absl::Status Init();
+  // Makes this backend's GPU the calling thread's current device (entry points
+  // that may be a thread's first CUDA work call it).
+  absl::Status UseDevice() const;
   // Device scratch from the arena (inside a Forward; freed at the end of the
   // enclosing ScratchScope) or a standalone allocation (freed at the next sync).
   absl::StatusOr<void*> Scratch(int64_t bytes);

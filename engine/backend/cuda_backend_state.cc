@@ -29,6 +29,14 @@ void CudaBackend::FreeResidency(int32_t slot, const std::vector<int32_t>&) {
   impl_->free_slots.push_back(slot);
 }
 
+Backend::LatentCapacity CudaBackend::latent_capacity() const {
+  LatentCapacity c;
+  c.rows = impl_->latent_pages * options_.page_rows;
+  c.granularity = options_.page_rows;
+  c.max_rows_per_sequence = impl_->max_pages_per_seq * options_.page_rows;
+  return c;
+}
+
 absl::Status CudaBackend::EnsurePages(int32_t slot, int64_t rows) {
   Impl& m = *impl_;
   const int64_t need = (rows + options_.page_rows - 1) / options_.page_rows;
@@ -78,6 +86,11 @@ absl::StatusOr<std::shared_ptr<CudaResidency>> CudaBackend::TakeSlot() {
 }
 
 absl::Status CudaBackend::BindStates(const std::vector<SequenceState*>& states) {
+  // The calling thread may never have used this GPU: Model::Forward binds
+  // before BeginForward, and an adopted host state (a pushed bundle, a prefix
+  // cache hit) is the first CUDA work a worker thread does. Without this, a
+  // worker on GPU 1 staged through GPU 0's context (an illegal address).
+  RETURN_IF_ERROR(UseDevice());
   Impl& m = *impl_;
   const ModelConfig& c = config_;
   const int64_t lat = c.MlaLatentDim(), HKV = c.KdaStateElems(), tail = c.ConvTailElems();
@@ -208,6 +221,7 @@ absl::Status CudaBackend::MlaRowsToHost(int64_t mla_index, int32_t slot, int64_t
 
 absl::Status CudaBackend::SyncStateToHost(SequenceState* s) {
   if (s->device == nullptr) return absl::OkStatus();
+  RETURN_IF_ERROR(UseDevice());
   ASSIGN_OR_RETURN(int32_t slot, SlotOf(s));
   const ModelConfig& c = config_;
   s->kda.resize(c.NumKdaLayers());
@@ -230,6 +244,7 @@ absl::Status CudaBackend::SyncStateToHost(SequenceState* s) {
 absl::Status CudaBackend::SyncLayerToHost(SequenceState* s, bool kda, int64_t index,
                                           int64_t row_begin, int64_t row_end) {
   if (s->device == nullptr) return absl::OkStatus();
+  RETURN_IF_ERROR(UseDevice());
   ASSIGN_OR_RETURN(int32_t slot, SlotOf(s));
   Impl& m = *impl_;
   if (m.mode == Impl::Mode::kCapture || m.mode == Impl::Mode::kReplay) {
@@ -255,6 +270,7 @@ absl::Status CudaBackend::SyncLayerToHost(SequenceState* s, bool kda, int64_t in
 
 absl::Status CudaBackend::ReleaseState(SequenceState* s) {
   if (s->device == nullptr) return absl::OkStatus();
+  RETURN_IF_ERROR(UseDevice());
   RETURN_IF_ERROR(SlotOf(s).status());
   // Work queued on the slot must finish before another sequence can take it.
   KL_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(impl_->stream));

@@ -27,6 +27,7 @@ const bool kRegistered = RegisterBackend(
       o.kda_streamed_prefill = spec.kda_streamed;
       o.mla_tensor_cores = spec.fast;
       o.cuda_graphs = spec.graphs;
+      if (spec.latent_rows > 0) o.latent_pages = (spec.latent_rows + o.page_rows - 1) / o.page_rows;
       absl::StatusOr<std::unique_ptr<CudaBackend>> be = CudaBackend::Create(config, o);
       if (!be.ok()) return be.status();
       return std::unique_ptr<Backend>(std::move(*be));

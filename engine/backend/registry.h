@@ -28,6 +28,9 @@ struct BackendSpec {
   // Decode-shaped forwards from CUDA graphs. Off for prefill workers: their
   // layer-done callbacks copy or ship each layer, which a graph cannot do.
   bool graphs = true;
+  // MLA latent rows (tokens) the device pool holds for all sequences together,
+  // per MLA layer; 0 = the backend's default (CUDA: 4,096 per sequence slot).
+  int64_t latent_rows = 0;
 };
 
 using BackendFactory = std::function<absl::StatusOr<std::unique_ptr<Backend>>(

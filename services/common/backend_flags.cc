@@ -1,5 +1,6 @@
 #include "services/common/backend_flags.h"
 
+#include <algorithm>
 #include <string>
 
 #include "absl/flags/flag.h"
@@ -15,6 +16,11 @@ ABSL_FLAG(bool, cuda_kda_streamed, true,
           "sequence at the same time (faster; needs at least half of the GPU's SMs for this "
           "process: set false under MPS with an active-thread limit)");
 
+ABSL_FLAG(int64_t, cuda_latent_rows, 0,
+          "--backend=cuda: MLA latent rows (tokens) the GPU pool holds for all sequences "
+          "together (per MLA layer); 0 = 4096 per sequence slot. Long contexts need more: a "
+          "decode worker admits a request only while its prompt + max_tokens fit");
+
 namespace kl {
 
 BackendSpec BackendSpecFromFlags(int64_t max_seqs) {
@@ -24,6 +30,7 @@ BackendSpec BackendSpecFromFlags(int64_t max_seqs) {
   s.fast = absl::GetFlag(FLAGS_cuda_fast);
   s.kda_streamed = absl::GetFlag(FLAGS_cuda_kda_streamed);
   s.max_seqs = max_seqs;
+  s.latent_rows = std::max<int64_t>(0, absl::GetFlag(FLAGS_cuda_latent_rows));
   return s;
 }
 

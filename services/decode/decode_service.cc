@@ -18,6 +18,8 @@ DecodeService::DecodeService(Model* model, uint64_t checkpoint_fingerprint,
   lo.slots = options_.slots;
   lo.ttl = options_.lease_ttl;
   lo.latent_rows_capacity = options_.latent_rows_capacity;
+  lo.latent_row_granularity = options_.latent_row_granularity;
+  lo.max_rows_per_lease = options_.max_rows_per_lease;
   leases_ = std::make_unique<LeaseManager>(lo, options_.clock);
   state_pool_ = std::make_unique<StatePool>(options_.slots);
   DecodeEngineOptions eo;

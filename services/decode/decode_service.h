@@ -40,6 +40,8 @@ struct DecodeServiceOptions {
   int64_t max_batch = 0;               // sequences per step; 0 = slots
   int64_t stream_buffer_tokens = 64;   // per stream, before its sequence pauses
   int64_t latent_rows_capacity = 0;    // 0 = unbounded
+  int64_t latent_row_granularity = 1;  // LeaseManagerOptions
+  int64_t max_rows_per_lease = 0;
   absl::Duration reap_interval = absl::ZeroDuration();  // 0 = min(ttl / 4, 1 s)
   LeaseManager::Clock clock;           // tests; default absl::Now
   DecodeMetrics* metrics = nullptr;    // null: metrics off; must outlive the service

@@ -1,5 +1,6 @@
 #include "services/decode/lease_manager.h"
 
+#include <algorithm>
 #include <random>
 #include <utility>
 
@@ -48,7 +49,7 @@ void LeaseManager::EraseLocked(absl::flat_hash_map<std::string, Lease>::iterator
   if (lease.consumer) {
     deferred->push_back([c = std::move(lease.consumer), why] { c->OnLeaseRevoked(why); });
   }
-  reserved_rows_ -= lease.max_total_tokens;
+  reserved_rows_ -= lease.reserved_rows;
   // The state (if any) is freed with the lease, outside the lock via the
   // deferred list so a large free does not hold up other RPCs.
   if (lease.has_state) {
@@ -64,26 +65,32 @@ absl::StatusOr<LeaseGrant> LeaseManager::Reserve(const std::string& request_id,
     return absl::InvalidArgumentError(
         absl::StrCat("max_total_tokens must be >= 0, got ", max_total_tokens));
   }
+  if (options_.max_rows_per_lease > 0 && max_total_tokens > options_.max_rows_per_lease) {
+    return absl::OutOfRangeError(absl::StrCat("a sequence of up to ", max_total_tokens,
+                                              " tokens does not fit this worker's latent cache (",
+                                              options_.max_rows_per_lease, " rows at most)"));
+  }
+  const int64_t g = std::max<int64_t>(1, options_.latent_row_granularity);
+  const int64_t rows = (max_total_tokens + g - 1) / g * g;
   absl::MutexLock l(&mu_);
   if (draining_) return absl::UnavailableError("decode worker is draining");
   if (static_cast<int64_t>(leases_.size()) >= options_.slots) {
     return absl::ResourceExhaustedError(
         absl::StrCat("all ", options_.slots, " decode slots are leased"));
   }
-  if (options_.latent_rows_capacity > 0 &&
-      reserved_rows_ + max_total_tokens > options_.latent_rows_capacity) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("latent rows: ", max_total_tokens, " requested, ",
-                     options_.latent_rows_capacity - reserved_rows_, " of ",
-                     options_.latent_rows_capacity, " free"));
+  if (options_.latent_rows_capacity > 0 && reserved_rows_ + rows > options_.latent_rows_capacity) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "latent rows: ", rows, " requested, ", options_.latent_rows_capacity - reserved_rows_,
+        " of ", options_.latent_rows_capacity, " free"));
   }
   std::string id = NewRandomId();
   while (leases_.contains(id)) id = NewRandomId();
   Lease& lease = leases_[id];
   lease.request_id = request_id;
   lease.max_total_tokens = max_total_tokens;
+  lease.reserved_rows = rows;
   lease.expires = clock_() + options_.ttl;
-  reserved_rows_ += max_total_tokens;
+  reserved_rows_ += rows;
   return LeaseGrant{id, options_.ttl};
 }
 

@@ -60,8 +60,13 @@ struct LeaseManagerOptions {
   int64_t slots = 16;
   absl::Duration ttl = absl::Seconds(30);
   // Latent rows (tokens) all leases may hold together, checked at Reserve
-  // against the sum of max_total_tokens; 0 = unbounded.
+  // against the sum of max_total_tokens (each rounded up to whole units of
+  // `latent_row_granularity`, the backend's page); 0 = unbounded.
   int64_t latent_rows_capacity = 0;
+  int64_t latent_row_granularity = 1;
+  // The most rows one lease may reserve (one sequence's share of the pool);
+  // 0 = no limit. More is OUT_OF_RANGE: this worker can never hold it.
+  int64_t max_rows_per_lease = 0;
 };
 
 struct LeaseGrant {
@@ -148,6 +153,7 @@ class LeaseManager {
   struct Lease {
     std::string request_id;
     int64_t max_total_tokens = 0;
+    int64_t reserved_rows = 0;  // max_total_tokens rounded up to the granularity
     absl::Time expires;
     uint64_t push_id = 0;                     // of the push in flight; 0 = none
     std::shared_ptr<LeaseListener> push;      // its listener

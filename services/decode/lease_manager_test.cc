@@ -82,6 +82,32 @@ TEST_F(LeaseManagerTest, LatentRowBudgetIsEnforced) {
   EXPECT_TRUE(m.Reserve("b", 41).ok());
 }
 
+// A GPU pool hands out whole pages: reservations count in pages, and a
+// sequence longer than one slot may hold can never be admitted here.
+TEST_F(LeaseManagerTest, LatentRowsAreReservedInWholePagesUpToTheSequenceLimit) {
+  LeaseManagerOptions o;
+  o.slots = 8;
+  o.latent_rows_capacity = 4 * 64;  // four pages of 64 rows
+  o.latent_row_granularity = 64;
+  o.max_rows_per_lease = 3 * 64;
+  LeaseManager m(o, clock_.fn());
+  auto a = m.Reserve("a", 65);  // two pages
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(m.Stats().slots_used, 1);
+  auto b = m.Reserve("b", 64);  // one page
+  ASSERT_TRUE(b.ok());
+  // 129 rows free in rows, one page in pages: 2 pages do not fit.
+  const absl::Status c = m.Reserve("c", 65).status();
+  EXPECT_EQ(c.code(), absl::StatusCode::kResourceExhausted) << c;
+  EXPECT_TRUE(m.Reserve("d", 1).ok());  // the last page
+  EXPECT_EQ(m.Reserve("e", 1).status().code(), absl::StatusCode::kResourceExhausted);
+  const absl::Status too_long = m.Reserve("f", 3 * 64 + 1).status();
+  EXPECT_EQ(too_long.code(), absl::StatusCode::kOutOfRange) << too_long;
+  EXPECT_NE(too_long.message().find("192 rows at most"), std::string::npos) << too_long;
+  m.Release(a->lease_id);
+  EXPECT_TRUE(m.Reserve("c", 65).ok());  // its two pages are back
+}
+
 TEST_F(LeaseManagerTest, ReleaseIsIdempotentAndRevokesListeners) {
   LeaseManagerOptions o;
   LeaseManager m(o, clock_.fn());

@@ -100,6 +100,25 @@ int Main() {
     return 2;
   }
   opts.transport = transport->get();
+  // A backend with a fixed latent pool (a GPU's pages): leases reserve within
+  // it, so an admitted sequence never runs out of rows mid-stream.
+  if (const Backend::LatentCapacity cap = (*engine)->model().backend()->latent_capacity();
+      cap.rows > 0) {
+    if (opts.latent_rows_capacity == 0 || opts.latent_rows_capacity > cap.rows) {
+      if (opts.latent_rows_capacity > cap.rows) {
+        KL_LOG(WARNING).Field("latent_rows", opts.latent_rows_capacity).Field("pool_rows", cap.rows)
+            << "--latent_rows is more than the backend's latent pool holds; using the pool's size";
+      }
+      opts.latent_rows_capacity = cap.rows;
+    }
+    opts.latent_row_granularity = cap.granularity;
+    opts.max_rows_per_lease = cap.max_rows_per_sequence;
+    KL_LOG(INFO)
+            .Field("latent_rows", opts.latent_rows_capacity)
+            .Field("page_rows", cap.granularity)
+            .Field("max_rows_per_sequence", cap.max_rows_per_sequence)
+        << "leases reserve latent rows in the backend's pool";
+  }
   auto service = std::make_unique<DecodeService>(&(*engine)->model(),
                                                  (*engine)->checkpoint_fingerprint(), opts);
   ServerOptions so;

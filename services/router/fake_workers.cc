@@ -73,6 +73,9 @@ grpc::Status FakeDecode::Reserve(grpc::ServerContext* ctx, const v1::ReserveRequ
   if (TakeOne(&reserve_exhausted)) {
     return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "no free slot (injected)");
   }
+  if (reserve_out_of_range) {
+    return grpc::Status(grpc::StatusCode::OUT_OF_RANGE, "does not fit the latent cache (injected)");
+  }
   if (request->max_total_tokens() <= 0) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "max_total_tokens");
   }

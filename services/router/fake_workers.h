@@ -34,6 +34,7 @@ class FakeDecode final : public v1::Decode::Service {
  public:
   // --- knobs
   std::atomic<int> reserve_exhausted{0};  // refuse this many Reserves (RESOURCE_EXHAUSTED)
+  std::atomic<bool> reserve_out_of_range{false};  // refuse every Reserve with OUT_OF_RANGE
   std::atomic<int> token_delay_ms{0};     // before each streamed token
   // After this many tokens in one stream the worker "dies": health
   // NOT_SERVING and every RPC UNAVAILABLE from then on (-1: never). With

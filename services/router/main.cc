@@ -41,6 +41,9 @@ ABSL_FLAG(int64_t, max_prompt_tokens, 0, "prompt length limit (0: model_max_leng
 ABSL_FLAG(int64_t, max_tokens_limit, 0, "largest sampling.max_tokens (0: model_max_length)");
 ABSL_FLAG(int64_t, default_max_tokens, 256, "sampling.max_tokens when unset");
 ABSL_FLAG(int, retries, 3, "extra worker-pair attempts before the first token");
+ABSL_FLAG(double, decode_slot_wait_seconds, 30,
+          "how long a request waits for a decode slot while every decode worker is full "
+          "(then RESOURCE_EXHAUSTED); 0 = refuse at once");
 ABSL_FLAG(int64_t, prefix_affinity_entries, 65536,
           "prompts remembered with the prefill worker that prefilled them, so a prompt that "
           "extends one (a conversation's next turn) goes where its state is cached; 0 = off");
@@ -83,6 +86,7 @@ absl::StatusOr<RouterOptions> OptionsFromFlags() {
   o.retries = absl::GetFlag(FLAGS_retries);
   o.prefix_affinity_entries = absl::GetFlag(FLAGS_prefix_affinity_entries);
   o.prefix_affinity_slack = absl::GetFlag(FLAGS_prefix_affinity_slack);
+  o.decode_slot_wait = absl::Seconds(absl::GetFlag(FLAGS_decode_slot_wait_seconds));
   o.max_migrations = absl::GetFlag(FLAGS_max_migrations);
   o.max_concurrent_per_client = absl::GetFlag(FLAGS_max_concurrent_per_client);
   if (const std::string path = absl::GetFlag(FLAGS_api_keys_file); !path.empty()) {

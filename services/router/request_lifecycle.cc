@@ -69,6 +69,9 @@ v1::FinishReason ToProto(FinishReason r) {
 struct Exclusions {
   absl::flat_hash_set<std::string> prefill;
   absl::flat_hash_set<std::string> decode;
+  // Decode workers that refused Reserve for lack of room (also in `decode`):
+  // not failures, tried again after a wait.
+  absl::flat_hash_set<std::string> full;
 };
 
 class RequestRun {
@@ -115,6 +118,7 @@ class RequestRun {
   FinishReason finish_ = FinishReason::kNone;
   int migrations_ = 0;
   int64_t cached_prompt_tokens_ = 0;  // of the prefill that gave the first token
+  bool decode_full_ = false;  // the last Reserve failed because every decode worker was full
 };
 
 void RequestRun::Run() {
@@ -189,13 +193,30 @@ absl::StatusOr<int32_t> RequestRun::PlaceAndPrefill(Exclusions ex) {
   std::vector<int32_t> tokens = prompt_;
   tokens.insert(tokens.end(), generated_.begin(), generated_.end());
   absl::Status last;
+  const absl::Time wait_until = absl::Now() + r_.decode_slot_wait;
+  absl::Duration backoff = absl::Milliseconds(5);
   for (int attempt = 0; attempt <= r_.retries; ++attempt) {
     RETURN_IF_ERROR(Interrupted());
     if (attempt > 0) r_.counters->retries.fetch_add(1, std::memory_order_relaxed);
     bool retryable = false;
+    decode_full_ = false;
     absl::StatusOr<int32_t> token = TryPlace(tokens, &ex, &retryable);
     if (token.ok()) return token;
     last = token.status();
+    // Every decode worker is full: wait for a slot (a queue in all but name,
+    // bounded by --decode_slot_wait_seconds and the deadline), then try them
+    // again. Not an attempt: nothing failed.
+    if (decode_full_ && absl::Now() < wait_until) {
+      for (const std::string& a : ex.full) ex.decode.erase(a);
+      ex.full.clear();
+      r_.counters->waiting_decode_slot.fetch_add(1, std::memory_order_relaxed);
+      const absl::Time until = std::min(absl::Now() + backoff, wait_until);
+      while (absl::Now() < until && Interrupted().ok()) absl::SleepFor(absl::Milliseconds(2));
+      r_.counters->waiting_decode_slot.fetch_sub(1, std::memory_order_relaxed);
+      backoff = std::min(backoff * 2, absl::Milliseconds(100));
+      --attempt;
+      continue;
+    }
     KL_LOG(WARNING).Field("attempt", attempt + 1).Field("sample_index", generated())
             .Field("code", absl::StatusCodeToString(last.code()))
         << "placement failed" << (retryable ? ", retrying on another pair: " : ": ")
@@ -298,8 +319,13 @@ absl::StatusOr<RequestRun::Lease> RequestRun::Reserve(Exclusions* ex, bool* retr
     }
     ex->decode.insert(decode->address());
     if (s.error_code() == grpc::StatusCode::UNAVAILABLE) r_.decode->ReportFailure(decode->address());
-    if (s.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED && !tried_before) continue;
-    *retryable = s.error_code() != grpc::StatusCode::RESOURCE_EXHAUSTED &&
+    const bool full = s.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED;
+    if (full) ex->full.insert(decode->address());
+    // No room now (RESOURCE_EXHAUSTED) or never for this length (OUT_OF_RANGE):
+    // another decode worker may have it.
+    if ((full || s.error_code() == grpc::StatusCode::OUT_OF_RANGE) && !tried_before) continue;
+    decode_full_ = full;
+    *retryable = !full && s.error_code() != grpc::StatusCode::OUT_OF_RANGE &&
                  RetryableBeforeFirstToken(static_cast<absl::StatusCode>(s.error_code()));
     return Annotate(s, absl::StrCat("Reserve on ", decode->address()));
   }

@@ -52,6 +52,9 @@ struct RouterContext {
   RouterMetrics* metrics = nullptr;  // null: metrics off
   int retries = 3;         // extra worker-pair attempts before the first token
   int max_migrations = 3;  // decode-worker moves after the first token
+  // How long a request may wait for a decode slot when every decode worker is
+  // full (then RESOURCE_EXHAUSTED); the deadline bounds it too.
+  absl::Duration decode_slot_wait = absl::Seconds(30);
   PrefixAffinity* affinity = nullptr;  // null: prefill picks by load only
   int64_t affinity_slack = 2;
 };

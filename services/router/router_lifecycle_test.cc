@@ -113,7 +113,9 @@ TEST(RouterLifecycleTest, RetriesMoveToTheOtherPrefillWorker) {
 
 TEST(RouterLifecycleTest, ReserveExhaustedMovesToTheNextDecodeWorker) {
   RouterHarness h(1, 2);
-  h.StartRouter();
+  RouterOptions o = h.DefaultOptions();
+  o.decode_slot_wait = absl::ZeroDuration();  // refuse at once when every worker is full
+  h.StartRouter(o);
   h.decode(0).decode()->reserve_exhausted = 1000;
   h.decode(1).decode()->reserve_exhausted = 1000;
   GenerateResult full = h.Generate(TokenRequest(8, 4));
@@ -124,6 +126,67 @@ TEST(RouterLifecycleTest, ReserveExhaustedMovesToTheNextDecodeWorker) {
   ASSERT_TRUE(g.status.ok()) << g.status.error_message();
   EXPECT_EQ(g.tokens, ExpectedTokens(8, 4));
   EXPECT_EQ(h.prefill(0).prefill()->calls, 1);
+}
+
+// Every decode worker full: the request waits for a slot (counted in the
+// decode_slot gauge, not as a retry) and runs once one frees up; past
+// --decode_slot_wait_seconds it gets RESOURCE_EXHAUSTED.
+TEST(RouterLifecycleTest, EveryDecodeWorkerFullWaitsForASlot) {
+  RouterHarness h(1, 2);
+  RouterOptions o = h.DefaultOptions();
+  o.decode_slot_wait = absl::Seconds(20);
+  h.StartRouter(o);
+  h.decode(0).decode()->reserve_exhausted = 1000;
+  h.decode(1).decode()->reserve_exhausted = 1000;
+  GenerateResult g;
+  std::thread t([&] { g = h.Generate(TokenRequest(8, 4)); });
+  EXPECT_TRUE(PollUntil([&] { return h.service().Stats().waiting_decode_slot == 1; }));
+  EXPECT_TRUE(PollUntil([&] { return h.decode(1).decode()->reserves.load() >= 4; }));
+  h.decode(1).decode()->reserve_exhausted = 0;  // a slot frees up
+  t.join();
+  ASSERT_TRUE(g.status.ok()) << g.status.error_message();
+  EXPECT_EQ(g.tokens, ExpectedTokens(8, 4));
+  const RouterStats s = h.service().Stats();
+  EXPECT_EQ(s.waiting_decode_slot, 0);
+  EXPECT_EQ(s.retries, 0);  // waiting is not a failed attempt
+  EXPECT_EQ(h.prefill(0).prefill()->calls, 1);
+}
+
+TEST(RouterLifecycleTest, WaitingForADecodeSlotEndsAtItsLimit) {
+  RouterHarness h(1, 1);
+  RouterOptions o = h.DefaultOptions();
+  o.decode_slot_wait = absl::Milliseconds(400);
+  h.StartRouter(o);
+  h.decode(0).decode()->reserve_exhausted = 1 << 30;
+  const absl::Time start = absl::Now();
+  GenerateResult g = h.Generate(TokenRequest(8, 4));
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_EQ(g.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << g.status.error_message();
+  EXPECT_GE(took, absl::Milliseconds(400));
+  EXPECT_LT(took, absl::Seconds(10));
+  EXPECT_GT(h.decode(0).decode()->reserves.load(), 2);  // tried again while waiting
+  EXPECT_EQ(h.prefill(0).prefill()->calls, 0);
+  EXPECT_TRUE(PollUntil([&] { return h.service().Stats().in_flight == 0; }));
+}
+
+// A sequence no decode worker can hold (longer than its latent cache allows):
+// OUT_OF_RANGE at once, no waiting.
+TEST(RouterLifecycleTest, ASequenceNoDecodeWorkerCanHoldIsOutOfRange) {
+  RouterHarness h(1, 2);
+  h.StartRouter();
+  h.decode(0).decode()->reserve_out_of_range = true;
+  h.decode(1).decode()->reserve_out_of_range = true;
+  GenerateResult g = h.Generate(TokenRequest(8, 4));
+  EXPECT_EQ(g.status.error_code(), grpc::StatusCode::OUT_OF_RANGE) << g.status.error_message();
+  // Each worker asked once (and one again as the picker's last resort), no waiting.
+  const int asked = h.decode(0).decode()->reserves.load() + h.decode(1).decode()->reserves.load();
+  EXPECT_GE(asked, 2);
+  EXPECT_LE(asked, 3);
+  EXPECT_EQ(h.prefill(0).prefill()->calls, 0);
+  h.decode(1).decode()->reserve_out_of_range = false;  // one that can: used
+  GenerateResult ok = h.Generate(TokenRequest(8, 4));
+  ASSERT_TRUE(ok.status.ok()) << ok.status.error_message();
 }
 
 void ExpectMigration(bool kill_server) {

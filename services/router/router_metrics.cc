@@ -48,6 +48,8 @@ void RegisterRouterCallbacks(Metrics& m, const RouterService* s) {
                      {{"stage", "router"}}, stat(&RouterStats::in_flight));
   m.AddCallbackGauge("kl_num_requests_waiting", "Requests waiting, by stage.",
                      {{"stage", "router_queue"}}, stat(&RouterStats::queue_depth));
+  m.AddCallbackGauge("kl_num_requests_waiting", "Requests waiting, by stage.",
+                     {{"stage", "decode_slot"}}, stat(&RouterStats::waiting_decode_slot));
   m.AddCallbackCounter("kl_retries_total",
                        "Extra worker-pair attempts before the first token.", {},
                        stat(&RouterStats::retries));

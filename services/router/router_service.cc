@@ -26,6 +26,7 @@ absl::Status CheckOptions(const RouterOptions& o) {
   if (o.max_concurrent_per_client < 0) return bad("max_concurrent_per_client must be >= 0");
   if (o.prefix_affinity_entries < 0) return bad("prefix_affinity_entries must be >= 0");
   if (o.prefix_affinity_slack < 0) return bad("prefix_affinity_slack must be >= 0");
+  if (o.decode_slot_wait < absl::ZeroDuration()) return bad("decode_slot_wait must be >= 0");
   return absl::OkStatus();
 }
 
@@ -80,6 +81,7 @@ absl::StatusOr<std::unique_ptr<RouterService>> RouterService::Create(
   c.metrics = o.metrics;
   c.retries = o.retries;
   c.max_migrations = o.max_migrations;
+  c.decode_slot_wait = o.decode_slot_wait;
   if (o.prefix_affinity_entries > 0) {
     r->affinity_ = std::make_unique<PrefixAffinity>(o.prefix_affinity_entries);
     c.affinity = r->affinity_.get();
@@ -270,6 +272,7 @@ RouterStats RouterService::Stats() const {
   s.migrations = get(counters_.migrations);
   s.affinity_followed = get(counters_.affinity_followed);
   s.affinity_overridden = get(counters_.affinity_overridden);
+  s.waiting_decode_slot = get(counters_.waiting_decode_slot);
   s.stop_cancels = get(counters_.stop_cancels);
   s.releases_sent = releaser_->issued();
   s.releases_failed = releaser_->failed();

@@ -55,6 +55,9 @@ struct RouterOptions {
   // loaded worker's plus `prefix_affinity_slack`. 0 entries = off.
   int64_t prefix_affinity_entries = 65536;
   int64_t prefix_affinity_slack = 2;
+  // How long a request may wait for a decode slot while every decode worker
+  // is full (RESOURCE_EXHAUSTED after that); 0 = refuse at once.
+  absl::Duration decode_slot_wait = absl::Seconds(30);
 };
 
 class RouterService final : public v1::Generation::CallbackService {

@@ -26,6 +26,7 @@ struct RouterCounters {
   // Prefill picks where a worker held the prompt's prefix (prefix_affinity.h):
   std::atomic<int64_t> affinity_followed{0};    // sent there
   std::atomic<int64_t> affinity_overridden{0};  // sent elsewhere (busier than the slack allows)
+  std::atomic<int64_t> waiting_decode_slot{0};  // now: waiting because every decode worker is full
 };
 
 struct RouterStats {
@@ -46,6 +47,7 @@ struct RouterStats {
   int64_t stop_cancels = 0;
   int64_t affinity_followed = 0;
   int64_t affinity_overridden = 0;
+  int64_t waiting_decode_slot = 0;
   int64_t releases_sent = 0;    // Decode.Release calls issued
   int64_t releases_failed = 0;
   bool draining = false;

@@ -333,6 +333,27 @@ TEST(NcclTransfer, WorkersOnOneGpuFallBackToGrpc) {
   EXPECT_TRUE(DecodeIdle(*c, 10));
 }
 
+// Both workers on GPU 1: the state goes over gRPC and the decode worker's
+// first CUDA work is adopting it from host memory, on its engine thread. That
+// thread must use GPU 1 (it once staged through GPU 0 — an illegal address
+// that broke the worker's context for good; seen in the colocated layout).
+TEST(NcclTransfer, WorkersOnASecondGpuAdoptHostStates) {
+  if (!TwoGpus()) GTEST_SKIP() << "needs two GPUs";
+  auto c = Start({"--cuda_device=1"}, {"--cuda_device=1"});
+  GenerationClient client(c->router_address());
+  for (int i = 0; i < 3; ++i) {
+    const std::string p = Prompt(20 + 60 * i, i + 21);
+    StreamResult r = client.Generate(Req(p, 12), 120);
+    ASSERT_TRUE(r.status.ok()) << i << ": " << r.status.error_message();
+    EXPECT_EQ(r.tokens, Oracle().Greedy(p, 12, true)) << i;
+    EXPECT_EQ(r.usage.migrations(), 0) << i;
+  }
+  const v1::WorkerStats s = DecodeStats(c->decode_address(0));
+  EXPECT_EQ(s.device_transfers(), 0);
+  EXPECT_EQ(s.requests_completed(), 3);
+  EXPECT_TRUE(DecodeIdle(*c, 10));
+}
+
 // The prefix cache on GPU workers: with both on GPU 0 states go over gRPC, so
 // the prefill worker keeps each prompt's state; every later turn of a
 // conversation is adopted from that host copy (uploaded like an imported
