@@ -69,9 +69,13 @@ void DecodeEngine::Leave(Sequence& seq, const absl::Status& status) {
   seq.sink->End(status);
   // Pool the state before the lease is released: once the slot shows free, its
   // memory is available for the next push.
-  if (options_.state_pool) options_.state_pool->Give(std::move(seq.state));
-  leases_->Release(seq.spec.lease_id, status.ok() ? absl::CancelledError("decode finished")
-                                                  : status);
+  if (options_.state_pool) {
+    options_.state_pool->Give(std::move(seq.state));
+  } else {
+    seq.state = SequenceState();  // a device backend's slot and pages go back now
+  }
+  leases_->ReleaseHeld(seq.spec.lease_id,
+                       status.ok() ? absl::CancelledError("decode finished") : status);
 }
 
 void DecodeEngine::Loop() {

@@ -183,13 +183,14 @@ void DecodeCall::OnStateReady(SequenceState state) {
   }
   if (!joined) {
     // The stream went away while the state was on its way: free it all.
-    deps_.leases->Release(spec_.lease_id, absl::CancelledError("decode stream gone"));
+    state = SequenceState();
+    deps_.leases->ReleaseHeld(spec_.lease_id, absl::CancelledError("decode stream gone"));
     return;
   }
   absl::Status s = deps_.engine->Join(spec_, std::move(state), shared_from_this());
   if (!s.ok()) {
     End(s);
-    deps_.leases->Release(spec_.lease_id, s);
+    deps_.leases->ReleaseHeld(spec_.lease_id, s);
   }
 }
 

@@ -30,8 +30,8 @@ LeaseManager::~LeaseManager() {
   {
     absl::MutexLock l(&mu_);
     while (!leases_.empty()) {
-      EraseLocked(leases_.begin(), absl::UnavailableError("decode worker shutting down"),
-                  &deferred);
+      EraseLocked(leases_.begin(), /*held=*/false,
+                  absl::UnavailableError("decode worker shutting down"), &deferred);
     }
   }
   Run(deferred);
@@ -42,14 +42,21 @@ void LeaseManager::Run(Deferred& deferred) {
   deferred.clear();
 }
 
-void LeaseManager::EraseLocked(absl::flat_hash_map<std::string, Lease>::iterator it,
+void LeaseManager::EraseLocked(absl::flat_hash_map<std::string, Lease>::iterator it, bool held,
                                const absl::Status& why, Deferred* deferred) {
   Lease& lease = it->second;
   if (lease.push) deferred->push_back([p = std::move(lease.push), why] { p->OnLeaseRevoked(why); });
   if (lease.consumer) {
     deferred->push_back([c = std::move(lease.consumer), why] { c->OnLeaseRevoked(why); });
   }
-  reserved_rows_ -= lease.reserved_rows;
+  // A sequence already handed to the decode engine keeps its pages until the
+  // engine lets it go (its Release then comes for an erased lease): its rows
+  // stay reserved until then, so no new lease can count on them early.
+  if (lease.handed_over && !held && lease.reserved_rows > 0) {
+    draining_rows_[it->first] = lease.reserved_rows;
+  } else {
+    reserved_rows_ -= lease.reserved_rows;
+  }
   // The state (if any) is freed with the lease, outside the lock via the
   // deferred list so a large free does not hold up other RPCs.
   if (lease.has_state) {
@@ -71,7 +78,16 @@ absl::StatusOr<LeaseGrant> LeaseManager::Reserve(const std::string& request_id,
                                               options_.max_rows_per_lease, " rows at most)"));
   }
   const int64_t g = std::max<int64_t>(1, options_.latent_row_granularity);
-  const int64_t rows = (max_total_tokens + g - 1) / g * g;
+  // No bound given: the most one sequence may take.
+  const int64_t want = max_total_tokens > 0              ? max_total_tokens
+                       : options_.max_rows_per_lease > 0 ? options_.max_rows_per_lease
+                                                         : options_.latent_rows_capacity;
+  const int64_t rows = (want + g - 1) / g * g;
+  if (options_.latent_rows_capacity > 0 && rows > options_.latent_rows_capacity) {
+    return absl::OutOfRangeError(absl::StrCat("a sequence of up to ", want,
+                                              " tokens does not fit this worker's latent rows (",
+                                              options_.latent_rows_capacity, " in all)"));
+  }
   absl::MutexLock l(&mu_);
   if (draining_) return absl::UnavailableError("decode worker is draining");
   if (static_cast<int64_t>(leases_.size()) >= options_.slots) {
@@ -95,12 +111,27 @@ absl::StatusOr<LeaseGrant> LeaseManager::Reserve(const std::string& request_id,
 }
 
 bool LeaseManager::Release(const std::string& lease_id, const absl::Status& why) {
+  return ReleaseImpl(lease_id, why, /*held=*/false);
+}
+
+bool LeaseManager::ReleaseHeld(const std::string& lease_id, const absl::Status& why) {
+  return ReleaseImpl(lease_id, why, /*held=*/true);
+}
+
+bool LeaseManager::ReleaseImpl(const std::string& lease_id, const absl::Status& why, bool held) {
   Deferred deferred;
   {
     absl::MutexLock l(&mu_);
     auto it = leases_.find(lease_id);
-    if (it == leases_.end()) return false;
-    EraseLocked(it, why, &deferred);
+    if (it == leases_.end()) {
+      // The holder letting go of a state whose lease ended before: its rows now.
+      if (auto d = draining_rows_.find(lease_id); held && d != draining_rows_.end()) {
+        reserved_rows_ -= d->second;
+        draining_rows_.erase(d);
+      }
+      return false;
+    }
+    EraseLocked(it, held, why, &deferred);
   }
   Run(deferred);
   return true;
@@ -241,7 +272,7 @@ int64_t LeaseManager::ExpireOverdue() {
     for (auto it = leases_.begin(); it != leases_.end();) {
       auto cur = it++;
       if (cur->second.expires > now) continue;
-      EraseLocked(cur,
+      EraseLocked(cur, /*held=*/false,
                   absl::NotFoundError(absl::StrCat("lease ", cur->first, " expired after ",
                                                    absl::FormatDuration(options_.ttl),
                                                    " without progress")),

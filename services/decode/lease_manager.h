@@ -113,6 +113,12 @@ class LeaseManager {
   // Idempotent: false if there was no such lease.
   bool Release(const std::string& lease_id,
                const absl::Status& why = absl::CancelledError("lease released"));
+  // Release by the holder of a handed-over state (the decode engine letting a
+  // sequence go, or a decode stream that could not join it), once that state
+  // is freed. A lease released before (by the router, by expiry) while its
+  // state was still held keeps its latent rows reserved until this call, so
+  // no new lease counts on pages still in use.
+  bool ReleaseHeld(const std::string& lease_id, const absl::Status& why);
 
   // Starts filling the lease. A push already in flight on it is superseded
   // (its listener is revoked with ABORTED) so that a retry after a broken stream
@@ -168,8 +174,10 @@ class LeaseManager {
   static void Run(Deferred& deferred);
 
   // Removes the lease, queueing revocations of its listeners.
-  void EraseLocked(absl::flat_hash_map<std::string, Lease>::iterator it, const absl::Status& why,
-                   Deferred* deferred) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool ReleaseImpl(const std::string& lease_id, const absl::Status& why, bool held);
+  // `held`: the caller held the lease's handed-over state and freed it.
+  void EraseLocked(absl::flat_hash_map<std::string, Lease>::iterator it, bool held,
+                   const absl::Status& why, Deferred* deferred) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Lease*> FindPushLocked(const std::string& lease_id, uint64_t push_id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -180,6 +188,8 @@ class LeaseManager {
   absl::flat_hash_map<std::string, Lease> leases_ ABSL_GUARDED_BY(mu_);
   uint64_t next_push_id_ ABSL_GUARDED_BY(mu_) = 1;
   int64_t reserved_rows_ ABSL_GUARDED_BY(mu_) = 0;
+  // Rows of released leases whose state the decode engine still holds.
+  absl::flat_hash_map<std::string, int64_t> draining_rows_ ABSL_GUARDED_BY(mu_);
   int64_t expired_total_ ABSL_GUARDED_BY(mu_) = 0;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
 };

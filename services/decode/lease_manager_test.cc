@@ -108,6 +108,51 @@ TEST_F(LeaseManagerTest, LatentRowsAreReservedInWholePagesUpToTheSequenceLimit) 
   EXPECT_TRUE(m.Reserve("c", 65).ok());  // its two pages are back
 }
 
+// A lease released (router, expiry) while the decode engine still holds its
+// state keeps its rows until the holder lets the state go: its pages are in
+// use until then. A length the worker can never hold is OUT_OF_RANGE; a lease
+// without a bound takes the most one sequence may.
+TEST_F(LeaseManagerTest, RowsOfAHeldStateStayReservedUntilItsHolderReleases) {
+  LeaseManagerOptions o;
+  o.slots = 8;
+  o.latent_rows_capacity = 4 * 64;
+  o.latent_row_granularity = 64;
+  LeaseManager m(o, clock_.fn());
+  auto g = m.Reserve("a", 3 * 64);
+  ASSERT_TRUE(g.ok());
+  auto consumer = std::make_shared<Recorder>();
+  ASSERT_TRUE(m.Claim(g->lease_id, consumer).ok());
+  auto t = m.BeginPush(g->lease_id, std::make_shared<Recorder>());
+  ASSERT_TRUE(t.ok());
+  ASSERT_TRUE(m.AdoptState(g->lease_id, t->push_id, StateWithTokens(100)).ok());
+  ASSERT_TRUE(consumer->state_.has_value());  // handed to the decode stream / engine
+  EXPECT_TRUE(m.Release(g->lease_id));        // e.g. the router, at a stop string
+  EXPECT_EQ(m.Stats().slots_used, 0);
+  // Its three pages are still the engine's: only one is free.
+  EXPECT_EQ(m.Reserve("b", 2 * 64).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_FALSE(m.ReleaseHeld(g->lease_id, absl::CancelledError("done")));  // the engine lets go
+  EXPECT_TRUE(m.Reserve("b", 2 * 64).ok());
+  EXPECT_FALSE(m.ReleaseHeld(g->lease_id, absl::CancelledError("again")));  // counted once
+  EXPECT_EQ(m.Reserve("c", 3 * 64).status().code(), absl::StatusCode::kResourceExhausted);
+
+  // Released by the holder itself: the rows come back at once.
+  LeaseManager n(o, clock_.fn());
+  auto h = n.Reserve("a", 4 * 64);
+  ASSERT_TRUE(h.ok());
+  auto c2 = std::make_shared<Recorder>();
+  ASSERT_TRUE(n.Claim(h->lease_id, c2).ok());
+  auto t2 = n.BeginPush(h->lease_id, std::make_shared<Recorder>());
+  ASSERT_TRUE(n.AdoptState(h->lease_id, t2->push_id, StateWithTokens(10)).ok());
+  EXPECT_TRUE(n.ReleaseHeld(h->lease_id, absl::CancelledError("finished")));
+  EXPECT_TRUE(n.Reserve("b", 4 * 64).ok());
+
+  // Never fits / no bound.
+  LeaseManager k(o, clock_.fn());
+  EXPECT_EQ(k.Reserve("long", 4 * 64 + 1).status().code(), absl::StatusCode::kOutOfRange);
+  EXPECT_TRUE(k.Reserve("unbounded", 0).ok());  // takes the whole pool (no per-sequence limit)
+  EXPECT_EQ(k.Reserve("x", 1).status().code(), absl::StatusCode::kResourceExhausted);
+}
+
 TEST_F(LeaseManagerTest, ReleaseIsIdempotentAndRevokesListeners) {
   LeaseManagerOptions o;
   LeaseManager m(o, clock_.fn());

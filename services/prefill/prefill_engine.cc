@@ -305,7 +305,9 @@ void PrefillEngine::RunBatch(const std::vector<std::shared_ptr<PrefillJob>>& bat
   ForwardOutput out;
   if (options_.metrics != nullptr) {
     int64_t n = 0;
-    for (const auto& job : jobs) n += static_cast<int64_t>(job->spec().tokens.size());
+    for (const auto& job : jobs) {
+      n += static_cast<int64_t>(job->spec().tokens.size()) - job->cached_;  // tokens computed
+    }
     options_.metrics->batch_tokens.Observe(static_cast<double>(n));
   }
   const absl::Status s = model_->Forward(absl::MakeSpan(items), &out, on_layer);

@@ -41,6 +41,10 @@ std::shared_ptr<const PrefixCache::Entry> PrefixCache::Lookup(absl::Span<const i
 
 bool PrefixCache::Insert(absl::Span<const int32_t> tokens, const SequenceState& state) {
   if (tokens.empty() || state.num_tokens != static_cast<int64_t>(tokens.size())) return false;
+  // Too large for the whole cache: refused before anything is copied.
+  if (StateBytes(state) + static_cast<int64_t>(tokens.size() * sizeof(int32_t)) > capacity_) {
+    return false;
+  }
   auto e = std::make_shared<Entry>();
   e->tokens.assign(tokens.begin(), tokens.end());
   e->state.num_tokens = state.num_tokens;

@@ -195,9 +195,13 @@ absl::StatusOr<int32_t> RequestRun::PlaceAndPrefill(Exclusions ex) {
   absl::Status last;
   const absl::Time wait_until = absl::Now() + r_.decode_slot_wait;
   absl::Duration backoff = absl::Milliseconds(5);
+  int counted = 0;  // attempts counted as retries (a wait for a slot repeats one)
   for (int attempt = 0; attempt <= r_.retries; ++attempt) {
     RETURN_IF_ERROR(Interrupted());
-    if (attempt > 0) r_.counters->retries.fetch_add(1, std::memory_order_relaxed);
+    if (attempt > counted) {
+      r_.counters->retries.fetch_add(1, std::memory_order_relaxed);
+      counted = attempt;
+    }
     bool retryable = false;
     decode_full_ = false;
     absl::StatusOr<int32_t> token = TryPlace(tokens, &ex, &retryable);
@@ -290,6 +294,7 @@ absl::StatusOr<int32_t> RequestRun::TryPlace(const std::vector<int32_t>& tokens,
 // Step 2: a decode slot. RESOURCE_EXHAUSTED (no free slot) moves on to the
 // next decode worker within the same attempt.
 absl::StatusOr<RequestRun::Lease> RequestRun::Reserve(Exclusions* ex, bool* retryable) {
+  bool any_full = false;  // a worker that could hold it, were it not full
   for (;;) {
     absl::StatusOr<std::shared_ptr<WorkerEndpoint>> picked = r_.decode->Pick(ex->decode);
     if (!picked.ok()) {
@@ -321,10 +326,18 @@ absl::StatusOr<RequestRun::Lease> RequestRun::Reserve(Exclusions* ex, bool* retr
     if (s.error_code() == grpc::StatusCode::UNAVAILABLE) r_.decode->ReportFailure(decode->address());
     const bool full = s.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED;
     if (full) ex->full.insert(decode->address());
+    any_full |= full;
     // No room now (RESOURCE_EXHAUSTED) or never for this length (OUT_OF_RANGE):
     // another decode worker may have it.
     if ((full || s.error_code() == grpc::StatusCode::OUT_OF_RANGE) && !tried_before) continue;
-    decode_full_ = full;
+    // Too long for the worker asked last, but another one is only full: wait for it.
+    decode_full_ = full || (any_full && s.error_code() == grpc::StatusCode::OUT_OF_RANGE);
+    if (decode_full_ && !full) {
+      *retryable = false;
+      return absl::ResourceExhaustedError(
+          absl::StrCat("every decode worker that can hold the request is full; last: Reserve on ",
+                       decode->address(), ": ", s.error_message()));
+    }
     *retryable = !full && s.error_code() != grpc::StatusCode::OUT_OF_RANGE &&
                  RetryableBeforeFirstToken(static_cast<absl::StatusCode>(s.error_code()));
     return Annotate(s, absl::StrCat("Reserve on ", decode->address()));

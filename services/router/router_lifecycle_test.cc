@@ -189,6 +189,26 @@ TEST(RouterLifecycleTest, ASequenceNoDecodeWorkerCanHoldIsOutOfRange) {
   ASSERT_TRUE(ok.status.ok()) << ok.status.error_message();
 }
 
+// One decode worker can never hold the request, the other is only full: the
+// request waits for the second (not OUT_OF_RANGE, whichever was asked last).
+TEST(RouterLifecycleTest, TooLongForOneWorkerAndTheOtherFullWaits) {
+  RouterHarness h(1, 2);
+  RouterOptions o = h.DefaultOptions();
+  o.decode_slot_wait = absl::Seconds(20);
+  h.StartRouter(o);
+  h.decode(0).decode()->reserve_out_of_range = true;
+  h.decode(1).decode()->reserve_exhausted = 1000;
+  GenerateResult g;
+  std::thread t([&] { g = h.Generate(TokenRequest(9, 4)); });
+  EXPECT_TRUE(PollUntil([&] { return h.decode(1).decode()->reserves.load() >= 4; }));
+  EXPECT_TRUE(PollUntil([&] { return h.decode(0).decode()->reserves.load() >= 2; }));
+  h.decode(1).decode()->reserve_exhausted = 0;
+  t.join();
+  ASSERT_TRUE(g.status.ok()) << g.status.error_message();
+  EXPECT_EQ(g.tokens, ExpectedTokens(9, 4));
+  EXPECT_EQ(h.service().Stats().retries, 0);
+}
+
 void ExpectMigration(bool kill_server) {
   RouterHarness h(1, 2);
   h.StartRouter();

@@ -101,12 +101,13 @@ absl::Status LocalCluster::Spawn(Proc& p) {
   return absl::OkStatus();
 }
 
-absl::Status LocalCluster::WaitServing(const Proc& p, double seconds) {
+absl::Status LocalCluster::WaitServing(Proc& p, double seconds) {
   const ChannelSecurity& security = &p == &router_ ? router_security_ : worker_security_;
   const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
   while (std::chrono::steady_clock::now() < until) {
     int status;
     if (waitpid(p.pid, &status, WNOHANG) == p.pid) {
+      p.pid = -1;  // reaped: Stop must not signal the number again
       return absl::AbortedError(
           absl::StrCat(p.name, " exited during start-up (status ", status, "); see its log"));
     }

@@ -98,7 +98,7 @@ class LocalCluster {
   };
   static std::string Addr(int port) { return "127.0.0.1:" + std::to_string(port); }
   absl::Status Spawn(Proc& p);
-  absl::Status WaitServing(const Proc& p, double seconds);
+  absl::Status WaitServing(Proc& p, double seconds);  // pid = -1 if it exited
   void Signal(Proc& p, int sig);
   std::string Binary(const std::string& name) const;
   std::string RouterView(ClusterRole role, int i, const std::string& address) const;
