@@ -94,6 +94,15 @@ PrefillEngineStats PrefillEngine::Stats() const {
   return s;
 }
 
+int64_t PrefillEngine::TokensToCompute(PrefillJob& job) {
+  if (!job.looked_up_) {
+    job.looked_up_ = true;
+    if (prefix_cache_ != nullptr) job.hit_ = prefix_cache_->Lookup(job.spec().tokens);
+  }
+  const int64_t n = static_cast<int64_t>(job.spec().tokens.size());
+  return job.hit_ ? n - static_cast<int64_t>(job.hit_->tokens.size()) : n;
+}
+
 std::vector<std::shared_ptr<PrefillJob>> PrefillEngine::NextBatch() {
   std::vector<std::shared_ptr<PrefillJob>> batch;
   int64_t total = 0;
@@ -103,7 +112,9 @@ std::vector<std::shared_ptr<PrefillJob>> PrefillEngine::NextBatch() {
       queue_.pop_front();
       continue;
     }
-    const int64_t n = static_cast<int64_t>(job->spec().tokens.size());
+    // A prefix-cache hit counts only the tokens it computes: a long
+    // conversation's short new turn batches with other prompts.
+    const int64_t n = TokensToCompute(*job);
     if (batch.empty() && n > options_.max_batch_tokens) {  // runs alone, chunked
       batch.push_back(std::move(job));
       queue_.pop_front();
@@ -139,7 +150,7 @@ void PrefillEngine::Loop() {
     }
     if (batch.empty()) continue;
     running_ = static_cast<int64_t>(batch.size());
-    if (static_cast<int64_t>(batch[0]->spec().tokens.size()) > options_.max_batch_tokens) {
+    if (TokensToCompute(*batch[0]) > options_.max_batch_tokens) {
       RunChunked(batch[0]);
     } else {
       RunBatch(batch);
@@ -181,8 +192,8 @@ std::shared_ptr<StatePusher> PrefillEngine::StartJob(const std::shared_ptr<Prefi
   job->result_.queue_seconds = absl::ToDoubleSeconds(job->started_ - job->enqueued_);
   if (options_.metrics != nullptr) options_.metrics->queue_time.Observe(job->result_.queue_seconds);
   job->result_.num_tokens = static_cast<int64_t>(spec.tokens.size());
-  std::shared_ptr<const PrefixCache::Entry> hit;
-  if (prefix_cache_ != nullptr) hit = prefix_cache_->Lookup(spec.tokens);
+  TokensToCompute(*job);  // the lookup, if NextBatch did not do it
+  const std::shared_ptr<const PrefixCache::Entry> hit = std::move(job->hit_);
   // A hit starts from a host copy of the cached state (adopted by a device
   // backend like an imported bundle); the forward covers the rest.
   job->state_ = std::make_shared<SequenceState>(hit ? hit->state : model_->NewState());

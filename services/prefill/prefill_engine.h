@@ -99,6 +99,10 @@ class PrefillJob {
   std::shared_ptr<SequenceState> state_;
   std::shared_ptr<DeviceSend> device_;  // set when the state goes over a device link
   int64_t cached_ = 0;                  // prompt tokens the state started with (prefix cache)
+  // The prefix cache's entry for this prompt, looked up once when the engine
+  // first considers the job for a batch (its length sets the work to batch).
+  bool looked_up_ = false;
+  std::shared_ptr<const PrefixCache::Entry> hit_;
   // Set once the forward is done: the push's completion may keep the state.
   std::atomic<bool> cacheable_{false};
   absl::Time started_;
@@ -162,6 +166,9 @@ class PrefillEngine {
   void Loop();
   // Takes the next batch off the queue (engine thread).
   std::vector<std::shared_ptr<PrefillJob>> NextBatch() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Tokens the job's forward computes: its prompt less a prefix-cache hit
+  // (looked up here, once per job; engine thread).
+  int64_t TokensToCompute(PrefillJob& job);
   // A device transfer for `job`'s state, or null (the push goes over gRPC).
   std::shared_ptr<DeviceSend> StartDeviceSend(const PrefillJob& job, const PushTarget& target);
   // Creates the job's state, bundle writer and pusher (null if the job ended).
