@@ -25,6 +25,19 @@ inline uint64_t PrefixHash(absl::Span<const int32_t> tokens) {
   return h;
 }
 
+// Calls fn(length, hash) for each proper prefix of `tokens` (shorter than
+// it, at least one token) whose length `lengths` contains (a map or set
+// keyed by int64_t), in increasing length: one pass, hashes of the rest are
+// skipped past.
+template <typename Lengths, typename Fn>
+void ForEachKnownProperPrefix(absl::Span<const int32_t> tokens, const Lengths& lengths, Fn fn) {
+  uint64_t h = 0;
+  for (size_t len = 1; len < tokens.size() && !lengths.empty(); ++len) {
+    h = NextPrefixHash(h, tokens[len - 1]);
+    if (lengths.contains(static_cast<int64_t>(len))) fn(static_cast<int64_t>(len), h);
+  }
+}
+
 }  // namespace kl
 
 #endif  // KL_SERVICES_COMMON_TOKEN_PREFIX_HASH_H_

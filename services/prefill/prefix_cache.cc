@@ -22,16 +22,15 @@ std::shared_ptr<const PrefixCache::Entry> PrefixCache::Lookup(absl::Span<const i
   ++stats_.queries;
   stats_.query_tokens += static_cast<int64_t>(tokens.size());
   List::iterator best = lru_.end();
-  uint64_t h = 0;
   // Proper prefixes only: at least one token is left to prefill.
-  for (size_t len = 1; len < tokens.size() && !lengths_.empty(); ++len) {
-    h = NextPrefixHash(h, tokens[len - 1]);
-    if (!lengths_.contains(static_cast<int64_t>(len))) continue;
+  ForEachKnownProperPrefix(tokens, lengths_, [&](int64_t len, uint64_t h) {
     auto it = by_hash_.find(h);
-    if (it == by_hash_.end()) continue;
+    if (it == by_hash_.end()) return;
     const std::vector<int32_t>& t = (*it->second)->tokens;
-    if (t.size() == len && std::equal(t.begin(), t.end(), tokens.begin())) best = it->second;
-  }
+    if (static_cast<int64_t>(t.size()) == len && std::equal(t.begin(), t.end(), tokens.begin())) {
+      best = it->second;
+    }
+  });
   if (best == lru_.end()) return nullptr;
   lru_.splice(lru_.begin(), lru_, best);  // most recently used
   ++stats_.hits;

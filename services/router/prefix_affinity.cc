@@ -7,15 +7,10 @@ namespace kl {
 std::string PrefixAffinity::Lookup(absl::Span<const int32_t> tokens) const {
   absl::MutexLock l(&mu_);
   std::string best;
-  uint64_t h = 0;
-  for (size_t len = 1; len < tokens.size() && !lengths_.empty(); ++len) {
-    h = NextPrefixHash(h, tokens[len - 1]);
-    if (!lengths_.contains(static_cast<int64_t>(len))) continue;
+  ForEachKnownProperPrefix(tokens, lengths_, [&](int64_t len, uint64_t h) {
     auto it = by_hash_.find(h);
-    if (it != by_hash_.end() && it->second->length == static_cast<int64_t>(len)) {
-      best = it->second->worker;
-    }
-  }
+    if (it != by_hash_.end() && it->second->length == len) best = it->second->worker;
+  });
   return best;
 }
 

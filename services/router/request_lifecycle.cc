@@ -88,6 +88,9 @@ class RequestRun {
 
   absl::Status Generate();
   absl::StatusOr<int32_t> PlaceAndPrefill(Exclusions ex);
+  absl::StatusOr<int32_t> TryPlaceWaitingForSlot(const std::vector<int32_t>& tokens,
+                                                 absl::Time wait_until, Exclusions* ex,
+                                                 bool* retryable);
   absl::StatusOr<int32_t> TryPlace(const std::vector<int32_t>& tokens, Exclusions* ex,
                                    bool* retryable);
   absl::StatusOr<Lease> Reserve(Exclusions* ex, bool* retryable);
@@ -194,33 +197,13 @@ absl::StatusOr<int32_t> RequestRun::PlaceAndPrefill(Exclusions ex) {
   tokens.insert(tokens.end(), generated_.begin(), generated_.end());
   absl::Status last;
   const absl::Time wait_until = absl::Now() + r_.decode_slot_wait;
-  absl::Duration backoff = absl::Milliseconds(5);
-  int counted = 0;  // attempts counted as retries (a wait for a slot repeats one)
   for (int attempt = 0; attempt <= r_.retries; ++attempt) {
     RETURN_IF_ERROR(Interrupted());
-    if (attempt > counted) {
-      r_.counters->retries.fetch_add(1, std::memory_order_relaxed);
-      counted = attempt;
-    }
+    if (attempt > 0) r_.counters->retries.fetch_add(1, std::memory_order_relaxed);
     bool retryable = false;
-    decode_full_ = false;
-    absl::StatusOr<int32_t> token = TryPlace(tokens, &ex, &retryable);
+    absl::StatusOr<int32_t> token = TryPlaceWaitingForSlot(tokens, wait_until, &ex, &retryable);
     if (token.ok()) return token;
     last = token.status();
-    // Every decode worker is full: wait for a slot (a queue in all but name,
-    // bounded by --decode_slot_wait_seconds and the deadline), then try them
-    // again. Not an attempt: nothing failed.
-    if (decode_full_ && absl::Now() < wait_until) {
-      for (const std::string& a : ex.full) ex.decode.erase(a);
-      ex.full.clear();
-      r_.counters->waiting_decode_slot.fetch_add(1, std::memory_order_relaxed);
-      const absl::Time until = std::min(absl::Now() + backoff, wait_until);
-      while (absl::Now() < until && Interrupted().ok()) absl::SleepFor(absl::Milliseconds(2));
-      r_.counters->waiting_decode_slot.fetch_sub(1, std::memory_order_relaxed);
-      backoff = std::min(backoff * 2, absl::Milliseconds(100));
-      --attempt;
-      continue;
-    }
     KL_LOG(WARNING).Field("attempt", attempt + 1).Field("sample_index", generated())
             .Field("code", absl::StatusCodeToString(last.code()))
         << "placement failed" << (retryable ? ", retrying on another pair: " : ": ")
@@ -235,6 +218,34 @@ absl::StatusOr<int32_t> RequestRun::PlaceAndPrefill(Exclusions ex) {
   return absl::UnavailableError(absl::StrCat("no worker pair served the request in ",
                                              r_.retries + 1, " attempts; last: ",
                                              last.ToString()));
+}
+
+// TryPlace, again and again while every decode worker is full: a wait for a
+// slot (a queue in all but name, bounded by `wait_until` and the deadline),
+// counted in the decode_slot gauge for as long as it lasts. Not a retry:
+// nothing failed.
+absl::StatusOr<int32_t> RequestRun::TryPlaceWaitingForSlot(const std::vector<int32_t>& tokens,
+                                                           absl::Time wait_until, Exclusions* ex,
+                                                           bool* retryable) {
+  absl::Duration backoff = absl::Milliseconds(5);
+  bool waiting = false;
+  absl::StatusOr<int32_t> token;
+  for (;;) {
+    decode_full_ = false;
+    token = TryPlace(tokens, ex, retryable);
+    if (token.ok() || !decode_full_ || absl::Now() >= wait_until || !Interrupted().ok()) break;
+    if (!waiting) {
+      waiting = true;
+      r_.counters->waiting_decode_slot.fetch_add(1, std::memory_order_relaxed);
+    }
+    for (const std::string& a : ex->full) ex->decode.erase(a);  // full is not failed
+    ex->full.clear();
+    const absl::Time until = std::min(absl::Now() + backoff, wait_until);
+    while (absl::Now() < until && Interrupted().ok()) absl::SleepFor(absl::Milliseconds(2));
+    backoff = std::min(backoff * 2, absl::Milliseconds(100));
+  }
+  if (waiting) r_.counters->waiting_decode_slot.fetch_sub(1, std::memory_order_relaxed);
+  return token;
 }
 
 absl::StatusOr<int32_t> RequestRun::TryPlace(const std::vector<int32_t>& tokens,
